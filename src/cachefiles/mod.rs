@@ -1,0 +1,1 @@
+//! The cachefiles on-demand kernel ABI (`include/uapi/linux/cachefiles.h`).

@@ -1,0 +1,30 @@
+//! dedupd: a containerd snapshotter and kernel-facing cache daemon.
+//!
+//! OCI layers are converted into EROFS metadata images whose file data lives in
+//! content-addressed, deduplicated, lz4-compressed chunks ([`store`]). The kernel mounts
+//! the images lazily, through cachefiles on-demand ([`cachefiles`]) or fanotify
+//! pre-content events ([`fanotify`]), and the per-core io_uring data plane ([`serve`])
+//! turns its page-cache misses into verified bytes.
+//!
+//! Module map (one concern each):
+//! - [`digest`]: chunk digests (BLAKE3) and OCI digests (SHA-256).
+//! - [`erofs`]: the EROFS on-disk format and our image writer.
+//! - [`convert`]: OCI layer (tar, gzip, zstd) to EROFS image plus chunks.
+//! - [`store`]: the chunk store, blob chunk tables, layer records.
+//! - [`cachefiles`]: the `/dev/cachefiles` on-demand kernel ABI.
+//! - [`serve`]: the thread-per-core io_uring engine and the kernel simulator.
+//! - [`fanotify`]: the fanotify pre-content front end.
+//! - [`snapshotter`]: the containerd snapshots gRPC service.
+//! - [`daemon`]: `dedupd run`: front-end selection, blob registry, threads.
+//! - [`config`]: configuration with embedded defaults.
+
+pub mod cachefiles;
+pub mod config;
+pub mod convert;
+pub mod daemon;
+pub mod digest;
+pub mod erofs;
+pub mod fanotify;
+pub mod serve;
+pub mod snapshotter;
+pub mod store;

@@ -1,0 +1,1 @@
+//! The containerd snapshots service (`containerd.services.snapshots.v1`).

@@ -1,0 +1,219 @@
+//! The on-disk chunk record, and its decode-and-verify step used by every reader.
+//!
+//! A pack file is a sequence of records, each a fixed header followed by the payload:
+//!
+//! ```text
+//! offset size
+//!      0    4  magic "DDC1"
+//!      4    4  flags (bit 0: payload is an lz4 block)
+//!      8    4  raw_len: uncompressed length
+//!     12    4  stored_len: payload length
+//!     16   32  BLAKE3 of the uncompressed bytes
+//!     48    .  payload
+//! ```
+//!
+//! The header repeats what the index knows, so a reader can check that the index points at
+//! the record it thinks it does, and an index could be rebuilt from the packs alone.
+
+use crate::digest::ChunkDigest;
+
+/// Size of the record header in bytes.
+pub const RECORD_HEADER_BYTES: usize = 48;
+/// Record magic, little-endian "DDC1".
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DDC1");
+/// Flag: the payload is an lz4 block (no size prefix).
+pub const FLAG_LZ4: u32 = 1;
+/// The largest chunk the store accepts. Bounds every buffer that holds one chunk.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// The largest record: an incompressible chunk is stored raw, so never above this.
+pub const MAX_RECORD_BYTES: usize = RECORD_HEADER_BYTES + MAX_CHUNK_BYTES;
+
+/// Where a chunk's record lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    /// Pack file number.
+    pub pack: u32,
+    /// Byte offset of the record header in the pack.
+    pub offset: u64,
+    /// Payload length in bytes.
+    pub stored_len: u32,
+    /// Uncompressed length in bytes.
+    pub raw_len: u32,
+}
+
+impl ChunkLoc {
+    /// Bytes to read from `offset` to get the whole record.
+    pub fn record_len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.stored_len as usize
+    }
+}
+
+/// Why a chunk record could not be turned into verified bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    /// The record is shorter than its header says.
+    #[error("chunk record truncated: {got} of {want} bytes")]
+    Truncated {
+        /// Bytes available.
+        got: usize,
+        /// Bytes the header needs.
+        want: usize,
+    },
+    /// The header does not describe the chunk the index points at.
+    #[error("chunk record header does not match the index (magic, lengths or digest)")]
+    HeaderMismatch,
+    /// The payload does not decompress to exactly `raw_len` bytes.
+    #[error("chunk payload does not decompress to its length")]
+    Decompress,
+    /// The decompressed bytes do not hash to the chunk's digest.
+    #[error("chunk digest mismatch")]
+    DigestMismatch,
+    /// The output buffer is smaller than the chunk.
+    #[error("output buffer of {got} bytes is smaller than the chunk ({want})")]
+    BufferTooSmall {
+        /// Buffer size.
+        got: usize,
+        /// Chunk size.
+        want: usize,
+    },
+}
+
+/// Encodes a record for `data` into `out` (cleared first); compresses when that saves space.
+pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
+    assert!(
+        data.len() <= MAX_CHUNK_BYTES,
+        "chunk of {} bytes exceeds the limit",
+        data.len()
+    );
+    out.clear();
+    out.resize(RECORD_HEADER_BYTES, 0);
+    let compressed = lz4_flex::block::compress(data);
+    let (flags, payload): (u32, &[u8]) = if compressed.len() < data.len() {
+        (FLAG_LZ4, &compressed)
+    } else {
+        (0, data)
+    };
+    out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&flags.to_le_bytes());
+    out[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    out[16..48].copy_from_slice(&digest.0);
+    out.extend_from_slice(payload);
+}
+
+/// Decodes the record in `record` (header plus payload, as read from `loc`) into
+/// `out[..loc.raw_len]`, and verifies the digest. No byte of `out` is valid on error.
+pub fn decode_record(
+    record: &[u8],
+    loc: &ChunkLoc,
+    digest: &ChunkDigest,
+    out: &mut [u8],
+) -> Result<(), ChunkError> {
+    let want = loc.record_len();
+    if record.len() < want {
+        return Err(ChunkError::Truncated {
+            got: record.len(),
+            want,
+        });
+    }
+    let raw_len = loc.raw_len as usize;
+    if out.len() < raw_len {
+        return Err(ChunkError::BufferTooSmall {
+            got: out.len(),
+            want: raw_len,
+        });
+    }
+    let word = |i: usize| u32::from_le_bytes(record[i..i + 4].try_into().expect("4 bytes"));
+    if word(0) != RECORD_MAGIC
+        || word(8) != loc.raw_len
+        || word(12) != loc.stored_len
+        || record[16..48] != digest.0
+    {
+        return Err(ChunkError::HeaderMismatch);
+    }
+    let payload = &record[RECORD_HEADER_BYTES..want];
+    let out = &mut out[..raw_len];
+    if word(4) & FLAG_LZ4 != 0 {
+        match lz4_flex::block::decompress_into(payload, out) {
+            Ok(n) if n == raw_len => {}
+            _ => return Err(ChunkError::Decompress),
+        }
+    } else {
+        if payload.len() != raw_len {
+            return Err(ChunkError::Decompress);
+        }
+        out.copy_from_slice(payload);
+    }
+    if ChunkDigest::of(out) != *digest {
+        return Err(ChunkError::DigestMismatch);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(data: &[u8]) {
+        let digest = ChunkDigest::of(data);
+        let mut rec = Vec::new();
+        encode_record(data, &digest, &mut rec);
+        let stored_len = (rec.len() - RECORD_HEADER_BYTES) as u32;
+        let loc = ChunkLoc {
+            pack: 0,
+            offset: 0,
+            stored_len,
+            raw_len: data.len() as u32,
+        };
+        let mut out = vec![0u8; data.len()];
+        decode_record(&rec, &loc, &digest, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn compressible_and_incompressible_chunks_round_trip() {
+        round_trip(&vec![7u8; 65536]);
+        let noise: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        round_trip(&noise);
+        round_trip(b"x");
+    }
+
+    #[test]
+    fn a_flipped_payload_bit_is_caught() {
+        let data = vec![1u8; 8192];
+        let digest = ChunkDigest::of(&data);
+        let mut rec = Vec::new();
+        encode_record(&data, &digest, &mut rec);
+        let loc = ChunkLoc {
+            pack: 0,
+            offset: 0,
+            stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
+            raw_len: 8192,
+        };
+        let last = rec.len() - 1;
+        rec[last] ^= 0x40;
+        let mut out = vec![0u8; 8192];
+        let err = decode_record(&rec, &loc, &digest, &mut out).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Decompress | ChunkError::DigestMismatch),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_short_record_is_refused() {
+        let loc = ChunkLoc {
+            pack: 0,
+            offset: 0,
+            stored_len: 10,
+            raw_len: 10,
+        };
+        let mut out = [0u8; 10];
+        assert!(matches!(
+            decode_record(&[0u8; 20], &loc, &ChunkDigest([0; 32]), &mut out),
+            Err(ChunkError::Truncated { .. })
+        ));
+    }
+}

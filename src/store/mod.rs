@@ -1,0 +1,783 @@
+//! The chunk store: content-addressed, deduplicated, lz4-compressed file data, plus the
+//! records of converted layers and the chunk tables of their blobs.
+//!
+//! Layout under the root (default `/var/lib/dedupd`):
+//!
+//! ```text
+//! dedupd.redb             chunk index, pack lengths, blobs, layers (redb, transactional)
+//! chunks/NNNNNNNN.pack    append-only chunk records (see [`chunk`])
+//! layers/<hex>.erofs      EROFS metadata images, one per layer (diff_id hex)
+//! ```
+//!
+//! Crash safety: an [`Ingest`] appends records to the active pack, then at commit
+//! `fdatasync`s it, renames the layer's image into place, and commits one redb
+//! transaction that makes the chunks, the blob and the layer visible together. A crash
+//! before the commit leaves bytes past the pack's committed length, which the next
+//! ingest truncates away; an ingest dropped without commit truncates them at once.
+
+pub mod blob;
+pub mod chunk;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
+pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
+use crate::digest::ChunkDigest;
+
+/// Default chunk size: the unit of dedup, of verification, and of each fill.
+pub const DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
+/// A new pack is started once the active one reaches this size.
+const PACK_ROLL_BYTES: u64 = 1 << 30;
+
+/// digest -> (pack, offset, stored_len, raw_len, refs). `refs` counts blobs that hold it.
+const CHUNKS: TableDefinition<&[u8], (u32, u64, u32, u32, u32)> = TableDefinition::new("chunks");
+/// pack -> committed length.
+const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
+/// blob id -> encoded chunk table.
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// blob id -> number of layers that use it.
+const BLOB_REFS: TableDefinition<&str, u32> = TableDefinition::new("blob_refs");
+/// diff_id -> JSON [`LayerRecord`].
+const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
+/// compressed digest -> diff_id.
+const LAYER_ALIASES: TableDefinition<&str, &str> = TableDefinition::new("layer_aliases");
+
+/// Errors of the store. Messages name the root or the item involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Filesystem I/O on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The metadata database failed.
+    #[error("metadata database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: redb::Error,
+    },
+    /// Another process (a running daemon, or another convert) has the store open.
+    #[error("store {root} is in use by another dedupd process")]
+    InUse {
+        /// The root.
+        root: PathBuf,
+    },
+    /// A record in the database is malformed.
+    #[error("metadata database {path}: corrupt {what}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What was corrupt.
+        what: String,
+    },
+    /// A chunk could not be read back.
+    #[error("chunk {digest}: {source}")]
+    Chunk {
+        /// The chunk.
+        digest: ChunkDigest,
+        /// The cause.
+        #[source]
+        source: ChunkError,
+    },
+    /// A chunk the caller needs is not in the store.
+    #[error("chunk {0} is not in the store")]
+    MissingChunk(ChunkDigest),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// What the store knows of one converted layer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRecord {
+    /// `sha256:<hex>` of the uncompressed tar.
+    pub diff_id: String,
+    /// `sha256:<hex>` of each layer file (as given) that converted to this diff_id.
+    pub digests: Vec<String>,
+    /// Data blobs in EROFS device order (device 1 is `blobs[0]`).
+    pub blobs: Vec<String>,
+    /// Chunk size used for the layer's files.
+    pub chunk_bytes: u32,
+    /// Size of the metadata image in bytes.
+    pub image_bytes: u64,
+    /// Entries in the layer (all kinds).
+    pub files: u64,
+    /// Chunk references of its files (holes excluded).
+    pub chunks: u64,
+    /// Chunks this layer added to the store.
+    pub new_chunks: u64,
+    /// Bytes of file data in the layer (sparse holes excluded).
+    pub logical_bytes: u64,
+    /// Bytes this layer added to the packs.
+    pub stored_bytes: u64,
+}
+
+impl LayerRecord {
+    /// Hex of the diff_id: names the image file and serves as the EROFS fsid.
+    pub fn id_hex(&self) -> &str {
+        self.diff_id
+            .strip_prefix("sha256:")
+            .unwrap_or(&self.diff_id)
+    }
+}
+
+/// Totals of the store, as `dedupd store stats` prints them.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StoreStats {
+    /// Layers converted.
+    pub layers: u64,
+    /// File data bytes over all layers, before any dedup.
+    pub logical_bytes: u64,
+    /// Bytes of distinct chunks (uncompressed).
+    pub unique_bytes: u64,
+    /// Bytes of the committed pack files (compressed records and headers).
+    pub stored_bytes: u64,
+    /// Distinct chunks.
+    pub chunks: u64,
+    /// logical / unique.
+    pub dedup_ratio: f64,
+    /// logical / stored.
+    pub total_ratio: f64,
+}
+
+/// A blob the daemon can serve, keyed in a [`Registry`] by the name the kernel uses.
+#[derive(Debug)]
+pub enum BlobSource {
+    /// A data blob assembled from chunks.
+    Chunked(Arc<BlobTable>),
+    /// A layer's EROFS metadata image, served from its file.
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Size reported to the kernel: the file size rounded up to a block.
+        size_bytes: u64,
+    },
+}
+
+impl BlobSource {
+    /// The size to report to the kernel (stable across restarts).
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            BlobSource::Chunked(t) => t.size_bytes(),
+            BlobSource::Image { size_bytes, .. } => *size_bytes,
+        }
+    }
+}
+
+/// Every servable blob of a store, by kernel-visible name (data blob id, or a layer's
+/// fsid = diff_id hex for its metadata image). Read-mostly: built by the control side,
+/// shared with the data plane behind an `Arc` and replaced whole.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// name -> source.
+    pub blobs: HashMap<String, Arc<BlobSource>>,
+    /// Pack files by number, for the data plane to open.
+    pub packs: Vec<(u32, PathBuf)>,
+}
+
+/// An open store.
+pub struct Store {
+    root: PathBuf,
+    db_path: PathBuf,
+    db: redb::Database,
+    /// Serializes ingests: one layer is written at a time.
+    ingest_lock: Mutex<()>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        for dir in [root.to_path_buf(), root.join("chunks"), root.join("layers")] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        let db_path = root.join("dedupd.redb");
+        let db = match redb::Database::create(&db_path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse {
+                    root: root.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                return Err(StoreError::Db {
+                    path: db_path,
+                    source: e.into(),
+                })
+            }
+        };
+        let store = Store {
+            root: root.to_path_buf(),
+            db_path,
+            db,
+            ingest_lock: Mutex::new(()),
+        };
+        // Create every table so that readers never meet a missing one.
+        let txn = store.db.begin_write().map_err(store.db_err())?;
+        {
+            txn.open_table(CHUNKS).map_err(store.db_err())?;
+            txn.open_table(PACKS).map_err(store.db_err())?;
+            txn.open_table(BLOBS).map_err(store.db_err())?;
+            txn.open_table(BLOB_REFS).map_err(store.db_err())?;
+            txn.open_table(LAYERS).map_err(store.db_err())?;
+            txn.open_table(LAYER_ALIASES).map_err(store.db_err())?;
+        }
+        txn.commit().map_err(store.db_err())?;
+        Ok(store)
+    }
+
+    fn db_err<E: Into<redb::Error>>(&self) -> impl FnOnce(E) -> StoreError + '_ {
+        move |e| StoreError::Db {
+            path: self.db_path.clone(),
+            source: e.into(),
+        }
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.db_path.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of pack number `pack`.
+    pub fn pack_path(&self, pack: u32) -> PathBuf {
+        self.root.join("chunks").join(format!("{pack:08}.pack"))
+    }
+
+    /// Path of the metadata image of the layer with diff_id hex `id_hex`.
+    pub fn image_path(&self, id_hex: &str) -> PathBuf {
+        self.root.join("layers").join(format!("{id_hex}.erofs"))
+    }
+
+    /// Looks a layer up by diff_id or by the digest of a layer file; either may be given
+    /// with or without the `sha256:` prefix.
+    pub fn layer(&self, key: &str) -> Result<Option<LayerRecord>> {
+        let key = if key.starts_with("sha256:") {
+            key.to_string()
+        } else {
+            format!("sha256:{key}")
+        };
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let layers = txn.open_table(LAYERS).map_err(self.db_err())?;
+        let aliases = txn.open_table(LAYER_ALIASES).map_err(self.db_err())?;
+        let diff_id = match aliases.get(key.as_str()).map_err(self.db_err())? {
+            Some(d) => d.value().to_string(),
+            None => key,
+        };
+        match layers.get(diff_id.as_str()).map_err(self.db_err())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(v.value())
+                    .map_err(|_| self.corrupt(format!("layer {diff_id}")))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every converted layer.
+    pub fn layers(&self) -> Result<Vec<LayerRecord>> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let layers = txn.open_table(LAYERS).map_err(self.db_err())?;
+        let mut out = Vec::new();
+        for item in layers.iter().map_err(self.db_err())? {
+            let (k, v) = item.map_err(self.db_err())?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|_| self.corrupt(format!("layer {}", k.value())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Where chunk `digest` is stored, if it is.
+    pub fn locate(&self, digest: &ChunkDigest) -> Result<Option<ChunkLoc>> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        Ok(chunks
+            .get(digest.0.as_slice())
+            .map_err(self.db_err())?
+            .map(|v| {
+                let (pack, offset, stored_len, raw_len, _) = v.value();
+                ChunkLoc {
+                    pack,
+                    offset,
+                    stored_len,
+                    raw_len,
+                }
+            }))
+    }
+
+    /// The chunk table of blob `id`.
+    pub fn blob_entries(&self, id: &str) -> Result<Option<Vec<RawEntry>>> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
+        match blobs.get(id).map_err(self.db_err())? {
+            Some(v) => Ok(Some(
+                blob::decode_table(v.value()).ok_or_else(|| self.corrupt(format!("blob {id}")))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Loads blob `id` for serving, with every chunk location resolved.
+    pub fn blob_table(&self, id: &str) -> Result<Option<BlobTable>> {
+        let Some(entries) = self.blob_entries(id)? else {
+            return Ok(None);
+        };
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        let mut failed = None;
+        let table = BlobTable::new(id.to_string(), &entries, |d| {
+            match chunks.get(d.0.as_slice()) {
+                Ok(v) => v.map(|v| {
+                    let (pack, offset, stored_len, raw_len, _) = v.value();
+                    ChunkLoc {
+                        pack,
+                        offset,
+                        stored_len,
+                        raw_len,
+                    }
+                }),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(self.db_err()(e));
+        }
+        Ok(Some(table))
+    }
+
+    /// Reads chunk `entry` back into `out` (resized to its length), verified. The slow
+    /// path, for export and tests; the data plane has its own.
+    pub fn read_chunk(&self, digest: &ChunkDigest, out: &mut Vec<u8>) -> Result<()> {
+        let loc = self
+            .locate(digest)?
+            .ok_or(StoreError::MissingChunk(*digest))?;
+        let path = self.pack_path(loc.pack);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let mut record = vec![0u8; loc.record_len()];
+        let n = read_full_at(&file, &mut record, loc.offset).map_err(io_err(&path))?;
+        out.resize(loc.raw_len as usize, 0);
+        chunk::decode_record(&record[..n], &loc, digest, out).map_err(|source| StoreError::Chunk {
+            digest: *digest,
+            source,
+        })
+    }
+
+    /// Everything the data plane can serve: every layer's image and every blob.
+    pub fn registry(&self) -> Result<Registry> {
+        let mut reg = Registry::default();
+        for layer in self.layers()? {
+            let path = self.image_path(layer.id_hex());
+            let size_bytes = layer.image_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+            reg.blobs.insert(
+                layer.id_hex().to_string(),
+                Arc::new(BlobSource::Image { path, size_bytes }),
+            );
+            for id in &layer.blobs {
+                if reg.blobs.contains_key(id) {
+                    continue;
+                }
+                let table = self
+                    .blob_table(id)?
+                    .ok_or_else(|| self.corrupt(format!("missing blob {id}")))?;
+                reg.blobs
+                    .insert(id.clone(), Arc::new(BlobSource::Chunked(Arc::new(table))));
+            }
+        }
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let packs = txn.open_table(PACKS).map_err(self.db_err())?;
+        for item in packs.iter().map_err(self.db_err())? {
+            let (k, _) = item.map_err(self.db_err())?;
+            reg.packs.push((k.value(), self.pack_path(k.value())));
+        }
+        Ok(reg)
+    }
+
+    /// Totals over the whole store.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let layers = self.layers()?;
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        let packs = txn.open_table(PACKS).map_err(self.db_err())?;
+        let (mut unique_bytes, mut n) = (0u64, 0u64);
+        for item in chunks.iter().map_err(self.db_err())? {
+            let (_, v) = item.map_err(self.db_err())?;
+            unique_bytes += u64::from(v.value().3);
+            n += 1;
+        }
+        let mut stored_bytes = 0u64;
+        for item in packs.iter().map_err(self.db_err())? {
+            stored_bytes += item.map_err(self.db_err())?.1.value();
+        }
+        let logical_bytes: u64 = layers.iter().map(|l| l.logical_bytes).sum();
+        let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+        Ok(StoreStats {
+            layers: layers.len() as u64,
+            logical_bytes,
+            unique_bytes,
+            stored_bytes,
+            chunks: n,
+            dedup_ratio: ratio(logical_bytes, unique_bytes),
+            total_ratio: ratio(logical_bytes, stored_bytes),
+        })
+    }
+
+    /// Starts writing one layer's chunks. Only one ingest runs at a time per store.
+    pub fn ingest(&self) -> Result<Ingest<'_>> {
+        let guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let packs = txn.open_table(PACKS).map_err(self.db_err())?;
+        let last = packs
+            .last()
+            .map_err(self.db_err())?
+            .map(|(k, v)| (k.value(), v.value()));
+        let (pack, committed) = match last {
+            Some((p, len)) if len < PACK_ROLL_BYTES => (p, len),
+            Some((p, _)) => (p + 1, 0),
+            None => (1, 0),
+        };
+        let path = self.pack_path(pack);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // Drop whatever a crashed ingest appended past the committed length.
+        file.set_len(committed).map_err(io_err(&path))?;
+        Ok(Ingest {
+            store: self,
+            _guard: guard,
+            pack,
+            pack_path: path,
+            file,
+            committed,
+            len: committed,
+            pending: HashMap::new(),
+            record: Vec::with_capacity(chunk::MAX_RECORD_BYTES),
+            new_chunks: 0,
+            new_bytes: 0,
+            done: false,
+        })
+    }
+}
+
+/// Reads until `buf` is full or end of file; returns bytes read.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// What [`Ingest::put_chunk`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Put {
+    /// The chunk's digest.
+    pub digest: ChunkDigest,
+    /// True when this call stored it (it was in neither the store nor this ingest).
+    pub new: bool,
+}
+
+/// One layer being written. Dropping it without [`Ingest::commit`] removes every byte it
+/// appended.
+pub struct Ingest<'s> {
+    store: &'s Store,
+    _guard: MutexGuard<'s, ()>,
+    pack: u32,
+    pack_path: PathBuf,
+    file: File,
+    committed: u64,
+    len: u64,
+    pending: HashMap<ChunkDigest, ChunkLoc>,
+    record: Vec<u8>,
+    new_chunks: u64,
+    new_bytes: u64,
+    done: bool,
+}
+
+/// A layer to commit.
+pub struct LayerCommit<'a> {
+    /// The record (its `new_chunks` and `stored_bytes` are filled in by the commit).
+    pub record: LayerRecord,
+    /// The image, written to a temporary file in the same filesystem as the root; it is
+    /// renamed into place.
+    pub image_tmp: &'a Path,
+    /// The layer's data blobs: id and table, in device order (matching `record.blobs`).
+    pub blobs: Vec<(String, Vec<RawEntry>)>,
+}
+
+impl Ingest<'_> {
+    /// Stores `data` (at most [`MAX_CHUNK_BYTES`]) unless a chunk with its digest exists.
+    pub fn put_chunk(&mut self, data: &[u8]) -> Result<Put> {
+        let digest = ChunkDigest::of(data);
+        self.put_chunk_with_digest(data, digest)
+    }
+
+    /// As [`Ingest::put_chunk`], with a digest the caller already computed.
+    pub fn put_chunk_with_digest(&mut self, data: &[u8], digest: ChunkDigest) -> Result<Put> {
+        if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
+            return Ok(Put { digest, new: false });
+        }
+        chunk::encode_record(data, &digest, &mut self.record);
+        self.file
+            .write_all_at(&self.record, self.len)
+            .map_err(io_err(&self.pack_path))?;
+        let loc = ChunkLoc {
+            pack: self.pack,
+            offset: self.len,
+            stored_len: (self.record.len() - chunk::RECORD_HEADER_BYTES) as u32,
+            raw_len: data.len() as u32,
+        };
+        self.len += self.record.len() as u64;
+        self.pending.insert(digest, loc);
+        self.new_chunks += 1;
+        self.new_bytes += self.record.len() as u64;
+        Ok(Put { digest, new: true })
+    }
+
+    /// Chunks stored so far by this ingest.
+    pub fn new_chunks(&self) -> u64 {
+        self.new_chunks
+    }
+
+    /// Pack bytes appended so far by this ingest.
+    pub fn new_bytes(&self) -> u64 {
+        self.new_bytes
+    }
+
+    /// Makes the layer durable and visible: syncs the pack, renames the image into place,
+    /// and commits chunks, blobs and layer in one transaction. Returns the final record.
+    pub fn commit(mut self, commit: LayerCommit<'_>) -> Result<LayerRecord> {
+        let store = self.store;
+        self.file.sync_data().map_err(io_err(&self.pack_path))?;
+        let mut record = commit.record;
+        record.new_chunks = self.new_chunks;
+        record.stored_bytes = self.new_bytes;
+        let image = store.image_path(record.id_hex());
+        fs::rename(commit.image_tmp, &image).map_err(io_err(&image))?;
+        let layers_dir = store.root.join("layers");
+        File::open(&layers_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&layers_dir))?;
+
+        let result = (|| -> std::result::Result<(), redb::Error> {
+            let txn = store.db.begin_write()?;
+            {
+                let mut chunks = txn.open_table(CHUNKS)?;
+                for (d, l) in &self.pending {
+                    chunks.insert(
+                        d.0.as_slice(),
+                        (l.pack, l.offset, l.stored_len, l.raw_len, 0),
+                    )?;
+                }
+                let mut packs = txn.open_table(PACKS)?;
+                packs.insert(self.pack, self.len)?;
+                let mut blobs = txn.open_table(BLOBS)?;
+                let mut blob_refs = txn.open_table(BLOB_REFS)?;
+                let mut layers = txn.open_table(LAYERS)?;
+                let mut aliases = txn.open_table(LAYER_ALIASES)?;
+                let previous = layers
+                    .get(record.diff_id.as_str())?
+                    .map(|v| v.value().to_vec());
+                if let Some(prev) = previous {
+                    // Converted before: keep the first conversion, add this file's digest.
+                    if let Ok(mut prev) = serde_json::from_slice::<LayerRecord>(&prev) {
+                        for d in &record.digests {
+                            if !prev.digests.contains(d) {
+                                prev.digests.push(d.clone());
+                            }
+                        }
+                        prev.new_chunks = record.new_chunks;
+                        let json = serde_json::to_vec(&prev).expect("serializable");
+                        layers.insert(record.diff_id.as_str(), json.as_slice())?;
+                    }
+                } else {
+                    for (id, entries) in &commit.blobs {
+                        let refs = blob_refs.get(id.as_str())?.map(|v| v.value()).unwrap_or(0);
+                        if refs == 0 {
+                            blobs.insert(id.as_str(), blob::encode_table(entries).as_slice())?;
+                            let mut seen = std::collections::HashSet::new();
+                            for e in entries {
+                                if !seen.insert(e.digest) {
+                                    continue;
+                                }
+                                let v = chunks.get(e.digest.0.as_slice())?.map(|v| v.value());
+                                let Some((p, o, s, r, n)) = v else {
+                                    return Err(redb::Error::Corrupted(format!(
+                                        "blob {id} names chunk {} that is not stored",
+                                        e.digest
+                                    )));
+                                };
+                                chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n + 1))?;
+                            }
+                        }
+                        blob_refs.insert(id.as_str(), refs + 1)?;
+                    }
+                    let json = serde_json::to_vec(&record).expect("serializable");
+                    layers.insert(record.diff_id.as_str(), json.as_slice())?;
+                }
+                for d in &record.digests {
+                    aliases.insert(d.as_str(), record.diff_id.as_str())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            return Err(StoreError::Db {
+                path: store.db_path.clone(),
+                source: e,
+            });
+        }
+        self.committed = self.len;
+        self.done = true;
+        Ok(record)
+    }
+}
+
+impl Drop for Ingest<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.len != self.committed {
+            // Best effort: a failure here is repaired by the next ingest's truncate.
+            let _ = self.file.set_len(self.committed);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> LayerRecord {
+        let mut ing = store.ingest().unwrap();
+        let mut b = BlobBuilder::new();
+        for c in chunks {
+            let put = ing.put_chunk(c).unwrap();
+            b.add(put.digest, c.len() as u32);
+        }
+        let id = blob::blob_id(&b.encode());
+        let tmp = store.root().join("layers").join("img.tmp");
+        fs::write(&tmp, b"image").unwrap();
+        let record = LayerRecord {
+            diff_id: format!("sha256:{diff}"),
+            digests: vec![format!("sha256:{diff}00")],
+            blobs: vec![id.clone()],
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            image_bytes: 5,
+            files: chunks.len() as u64,
+            chunks: chunks.len() as u64,
+            new_chunks: 0,
+            logical_bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+            stored_bytes: 0,
+        };
+        ing.commit(LayerCommit {
+            record,
+            image_tmp: &tmp,
+            blobs: vec![(id, b.entries().to_vec())],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn chunks_are_stored_once_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = vec![vec![1u8; 65536], vec![2u8; 100]];
+        let r1 = commit_layer(&store, "aa", &a);
+        assert_eq!(r1.new_chunks, 2);
+        let r2 = commit_layer(&store, "bb", &[vec![1u8; 65536], vec![3u8; 7]]);
+        assert_eq!(r2.new_chunks, 1);
+        let mut out = Vec::new();
+        store.read_chunk(&ChunkDigest::of(&a[1]), &mut out).unwrap();
+        assert_eq!(out, a[1]);
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.chunks, 3);
+        assert_eq!(stats.logical_bytes, 65536 * 2 + 107);
+        assert_eq!(
+            store.layer("sha256:aa00").unwrap().unwrap().diff_id,
+            "sha256:aa"
+        );
+        let reg = store.registry().unwrap();
+        assert_eq!(reg.blobs.len(), 4);
+    }
+
+    #[test]
+    fn dropped_ingest_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        commit_layer(&store, "aa", &[vec![9u8; 5000]]);
+        let before = fs::metadata(store.pack_path(1)).unwrap().len();
+        {
+            let mut ing = store.ingest().unwrap();
+            ing.put_chunk(&[4u8; 9000]).unwrap();
+        }
+        assert_eq!(fs::metadata(store.pack_path(1)).unwrap().len(), before);
+        assert!(store
+            .locate(&ChunkDigest::of(&[4u8; 9000]))
+            .unwrap()
+            .is_none());
+        assert_eq!(store.stats().unwrap().chunks, 1);
+    }
+
+    #[test]
+    fn a_second_process_is_told_the_store_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::InUse { .. })
+        ));
+    }
+}
