@@ -11,6 +11,8 @@ mod dir;
 mod export;
 mod pieces;
 pub mod tar;
+#[cfg(test)]
+mod tests;
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};

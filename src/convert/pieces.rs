@@ -183,6 +183,20 @@ impl PieceReceiver {
     }
 }
 
+#[cfg(test)]
+impl PieceReceiver {
+    /// Consumes every piece without storing it; each piece's "address" is its sequence
+    /// number.
+    pub(crate) fn drain(self) -> Vec<u32> {
+        let mut addrs = Vec::new();
+        for piece in self.work.iter() {
+            addrs.push(piece.seq as u32);
+            let _ = self.free.send(piece.buf);
+        }
+        addrs
+    }
+}
+
 /// Replaces the sequence numbers the parser put in the tree by block addresses.
 pub(crate) fn resolve_addrs(tree: &mut Tree, addrs: &[u32]) {
     for id in 0..tree.arena_len() {
