@@ -57,7 +57,9 @@ impl TarWriter {
     }
 
     pub(crate) fn pax(&mut self, records: &[(&str, &[u8])]) {
-        self.b.append_pax_extensions(records.iter().copied()).unwrap();
+        self.b
+            .append_pax_extensions(records.iter().copied())
+            .unwrap();
     }
 
     pub(crate) fn finish(self) -> Vec<u8> {
@@ -157,7 +159,11 @@ fn tar_semantics_build_the_expected_tree() {
     assert_eq!(out.files, 13);
     assert_eq!(t.node(Tree::ROOT).meta.perm, 0o700);
     let a = lookup(t, "a").unwrap();
-    assert_eq!(t.node(a).meta.perm, 0o750, "re-declared dir takes new metadata");
+    assert_eq!(
+        t.node(a).meta.perm,
+        0o750,
+        "re-declared dir takes new metadata"
+    );
     assert!(t.child(a, b"b").is_some(), "and keeps its children");
     assert_eq!(
         t.node(a).meta.xattrs.get(OPAQUE_XATTR).map(|v| &v[..]),
@@ -175,7 +181,10 @@ fn tar_semantics_build_the_expected_tree() {
     );
     assert!(lookup(t, &long).is_some());
     let p = t.node(lookup(t, "p/pax-name-that-is-long").unwrap());
-    assert_eq!((p.meta.mtime, p.meta.mtime_nsec), (1_700_000_000, 250_000_000));
+    assert_eq!(
+        (p.meta.mtime, p.meta.mtime_nsec),
+        (1_700_000_000, 250_000_000)
+    );
     assert_eq!(p.meta.uid, 4_000_000_000);
     assert_eq!(p.meta.xattrs.get(&b"user.k"[..]).unwrap(), b"v\0binary");
     assert_eq!(
@@ -252,7 +261,11 @@ fn bad_input_is_refused_with_the_entry_named() {
     let tar = w.finish();
     assert_refused(&tar[..512 + 512 + 512 + 8000], "big", "truncated");
     // Cut at a header boundary: no end-of-archive marker.
-    assert_refused(&tar[..512 + 512 + 512 + 20480], "after \"big\"", "truncated");
+    assert_refused(
+        &tar[..512 + 512 + 512 + 20480],
+        "after \"big\"",
+        "truncated",
+    );
 
     let mut bad_sum = tar.clone();
     bad_sum[1024 + 10] ^= 1;
