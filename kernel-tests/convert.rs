@@ -112,7 +112,22 @@ fn os(p: &[u8]) -> &Path {
     Path::new(std::ffi::OsStr::from_bytes(p))
 }
 
-/// Writes the entries as a tar into `out`.
+/// Appends a GNU long name (`L`) or long link (`K`) entry.
+fn gnu_long<W: Write>(b: &mut tar::Builder<W>, ty: u8, value: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::new(ty));
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(value.len() as u64 + 1);
+    h.set_cksum();
+    b.append(&h, &[value, &b"\0"[..]].concat()[..]).unwrap();
+}
+
+/// Writes the entries as a tar into `out`. Names are written as bytes: in the header
+/// when they fit, else as a GNU long name or (when the entry asks) a PAX `path`.
 fn write_tar<W: Write>(entries: &[SEntry], out: W) -> W {
     use tar::EntryType as T;
     let mut b = tar::Builder::new(out);
@@ -130,12 +145,28 @@ fn write_tar<W: Write>(entries: &[SEntry], out: W) -> W {
                 v.clone(),
             ));
         }
+        let link: Option<&[u8]> = match &e.kind {
+            SKind::Symlink(t) => Some(t),
+            SKind::HardLink(i) => Some(&entries[*i].path),
+            _ => None,
+        };
         if e.pax_path {
             pax.push(("path".into(), e.path.clone()));
+            if let Some(l) = link.filter(|l| l.len() > 100) {
+                pax.push(("linkpath".into(), l.to_vec()));
+            }
         }
         if !pax.is_empty() {
             b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), &v[..])))
                 .unwrap();
+        }
+        if !e.pax_path {
+            if e.path.len() > 100 {
+                gnu_long(&mut b, b'L', &e.path);
+            }
+            if let Some(l) = link.filter(|l| l.len() > 100) {
+                gnu_long(&mut b, b'K', l);
+            }
         }
         let mut h = tar::Header::new_gnu();
         h.set_mode(e.perm);
@@ -144,41 +175,33 @@ fn write_tar<W: Write>(entries: &[SEntry], out: W) -> W {
         h.set_mtime(e.mtime);
         h.set_size(0);
         let name: &[u8] = if e.pax_path { b"pax-path" } else { &e.path };
+        let n = name.len().min(100);
+        h.as_old_mut().name[..n].copy_from_slice(&name[..n]);
+        if let Some(l) = link {
+            let n = l.len().min(100);
+            h.as_old_mut().linkname[..n].copy_from_slice(&l[..n]);
+        }
+        let mut data: Box<dyn Read> = Box::new(io::empty());
         match &e.kind {
             SKind::File(d) => {
                 h.set_entry_type(T::Regular);
                 h.set_size(d.size());
-                b.append_data(&mut h, os(name), d.reader()).unwrap();
+                data = d.reader();
             }
-            SKind::Dir => {
-                h.set_entry_type(T::Directory);
-                b.append_data(&mut h, os(name), io::empty()).unwrap();
-            }
-            SKind::Symlink(t) => {
-                h.set_entry_type(T::Symlink);
-                b.append_link(&mut h, os(name), os(t)).unwrap();
-            }
-            SKind::HardLink(i) => {
-                h.set_entry_type(T::Link);
-                b.append_link(&mut h, os(name), os(&entries[*i].path))
-                    .unwrap();
-            }
+            SKind::Dir => h.set_entry_type(T::Directory),
+            SKind::Symlink(_) => h.set_entry_type(T::Symlink),
+            SKind::HardLink(_) => h.set_entry_type(T::Link),
             SKind::Char(ma, mi) | SKind::Block(ma, mi) => {
                 let char_dev = matches!(e.kind, SKind::Char(..));
                 h.set_entry_type(if char_dev { T::Char } else { T::Block });
                 h.set_device_major(*ma).unwrap();
                 h.set_device_minor(*mi).unwrap();
-                b.append_data(&mut h, os(name), io::empty()).unwrap();
             }
-            SKind::Fifo => {
-                h.set_entry_type(T::Fifo);
-                b.append_data(&mut h, os(name), io::empty()).unwrap();
-            }
-            SKind::Marker => {
-                h.set_entry_type(T::Regular);
-                b.append_data(&mut h, os(name), io::empty()).unwrap();
-            }
+            SKind::Fifo => h.set_entry_type(T::Fifo),
+            SKind::Marker => h.set_entry_type(T::Regular),
         }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
     }
     b.into_inner().unwrap()
 }
@@ -340,7 +363,13 @@ fn xattrs_of(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let mut v = vec![0u8; 1 << 16];
         // SAFETY: both strings are NUL-terminated; `v` is writable for its length.
         let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(m >= 0, "lgetxattr {path:?}: {}", io::Error::last_os_error());
+        assert!(
+            m >= 0,
+            "lgetxattr {path:?} {:?} {}: {}",
+            fs::symlink_metadata(path).map(|m| m.file_type()),
+            show(name),
+            io::Error::last_os_error()
+        );
         v.truncate(m as usize);
         out.insert(name.to_vec(), v);
     }
@@ -520,11 +549,57 @@ impl Drop for Mounted {
     }
 }
 
-/// Mounts with the command line the issue documents: `mount -t erofs -o device=...`.
+/// Mounts the way `mount -t erofs -o device=BLOB IMAGE MNT` asks the kernel to: a
+/// file-backed EROFS mount whose extra devices are files. (util-linux 2.38's mount(8)
+/// would put the image on a loop device first, and then the kernel wants block devices
+/// for `device=` too; [`mount_cmd`] covers that form.)
 fn mount(e: &Exported, dir: &Path) -> Mounted {
     fs::create_dir_all(dir).unwrap();
+    let opts = e
+        .devices
+        .iter()
+        .map(|d| format!("device={}", d.display()))
+        .collect::<Vec<_>>()
+        .join(",");
+    nix::mount::mount(
+        Some(&e.image),
+        dir,
+        Some("erofs"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .unwrap_or_else(|err| panic!("mount -t erofs -o {opts} {:?}: {err}", e.image));
+    Mounted {
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// A loop device, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run(Command::new("losetup").arg("-d").arg(&self.0));
+    }
+}
+
+/// Mounts with the mount(8) command line: `mount -t erofs -o device=D IMAGE MNT`, each
+/// blob attached to a loop device as mount(8) does for the image.
+fn mount_cmd(e: &Exported, dir: &Path) -> (Mounted, Vec<Loop>) {
+    fs::create_dir_all(dir).unwrap();
+    let mut loops = vec![];
     let mut opts = vec!["ro".to_string()];
-    opts.extend(e.devices.iter().map(|d| format!("device={}", d.display())));
+    for d in &e.devices {
+        let out = run(Command::new("losetup").args(["-f", "--show", "-r"]).arg(d));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        opts.push(format!("device={dev}"));
+        loops.push(Loop(dev));
+    }
     let out = run(Command::new("mount")
         .args(["-t", "erofs", "-o", &opts.join(",")])
         .arg(&e.image)
@@ -535,9 +610,12 @@ fn mount(e: &Exported, dir: &Path) -> Mounted {
         e.image,
         String::from_utf8_lossy(&out.stderr)
     );
-    Mounted {
-        dir: dir.to_path_buf(),
-    }
+    (
+        Mounted {
+            dir: dir.to_path_buf(),
+        },
+        loops,
+    )
 }
 
 fn fsck(e: &Exported) {
@@ -603,14 +681,17 @@ fn random_name(rng: &mut StdRng, taken: &BTreeSet<Vec<u8>>) -> Vec<u8> {
     }
 }
 
-fn random_xattrs(rng: &mut StdRng) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// Random xattrs; `user.` only when `user_ok` (Linux hides `user.` xattrs of anything but
+/// regular files and directories: getxattr says ENODATA).
+fn random_xattrs(rng: &mut StdRng, user_ok: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
     let n = match rng.random_range(0..4) {
         0 => rng.random_range(1..6),
         _ => 0,
     };
     let mut out = BTreeMap::new();
     for _ in 0..n {
-        let ns = ["user.", "trusted.", "security."][rng.random_range(0..3)];
+        let ns =
+            ["trusted.", "security.", "user."][rng.random_range(0..if user_ok { 3 } else { 2 })];
         let name = format!("{ns}x{}", rng.random_range(0..1000));
         let len = match rng.random_range(0..5) {
             0 => rng.random_range(200..1500),
@@ -709,7 +790,8 @@ fn random_tree(seed: u64, chunk_bytes: usize) -> Vec<SEntry> {
         e.xattrs = if matches!(e.kind, SKind::Symlink(_) | SKind::HardLink(_)) {
             vec![]
         } else {
-            random_xattrs(&mut rng)
+            let user_ok = matches!(e.kind, SKind::File(_) | SKind::Dir);
+            random_xattrs(&mut rng, user_ok)
         };
         e.pax_path = rng.random_bool(0.2);
         if matches!(e.kind, SKind::Dir) {
@@ -757,10 +839,16 @@ fn package_layer(pkg: &str) -> Vec<SEntry> {
     );
     let mut paths = BTreeSet::new();
     for line in out.stdout.split(|&b| b == b'\n') {
-        let rel = line.strip_prefix(b"/").unwrap_or(line);
-        if rel.is_empty() || rel == b"." || fs::symlink_metadata(os(line)).is_err() {
+        if line.is_empty() || line == b"/." || fs::symlink_metadata(os(line)).is_err() {
             continue;
         }
+        // Usr-merged hosts list /bin/x where /bin is a symlink: use the real parent, as
+        // a layer must not put entries under a symlink.
+        let host = Path::new(os(line));
+        let parent = fs::canonicalize(host.parent().unwrap()).unwrap();
+        let real = parent.join(host.file_name().unwrap());
+        let real = real.as_os_str().as_bytes();
+        let rel = real.strip_prefix(b"/").unwrap_or(real);
         // Every ancestor too, so that no parent is implicit.
         let mut p = rel.to_vec();
         loop {
@@ -894,7 +982,7 @@ fn whiteouts_and_opaque_directories_become_overlay_markers() {
         let id = r["diff_id"].as_str().unwrap();
         let e = export(&root, id, &work.path().join(format!("ov-{}", &id[7..19])));
         let mnt = work.path().join(format!("ov-{}.mnt", &id[7..19]));
-        mounts.push(mount(&e, &mnt));
+        mounts.push(mount_cmd(&e, &mnt));
         dirs.push(mnt);
     }
     let merged = work.path().join("merged");

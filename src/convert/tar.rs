@@ -6,14 +6,13 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use super::pieces::{PieceError, PieceSender};
+use super::tarfmt::{EntryKind, Header, TarError, TarReader};
 use super::{check_xattr, ConvertError, Parsed, MAX_NAME_BYTES};
 use crate::digest::HashingReader;
 use crate::erofs::{Kind, Meta, Node, NodeId, Tree};
 
 /// Read buffer for the layer file.
 const INPUT_BUFFER_BYTES: usize = 256 * 1024;
-/// The tar block size.
-const BLOCK: u64 = 512;
 /// Overlay whiteout prefix (OCI image spec, "Whiteouts").
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// The opaque-directory marker.
@@ -138,6 +137,22 @@ fn stream_error(layer: &Path, entry: String, e: io::Error) -> ConvertError {
     }
 }
 
+fn tar_error(layer: &Path, entry: String, e: TarError) -> ConvertError {
+    match e {
+        TarError::Io(e) => stream_error(layer, entry, e),
+        TarError::Truncated(why) => ConvertError::Entry {
+            layer: layer.to_path_buf(),
+            entry,
+            rule: format!("truncated archive: {why}"),
+        },
+        TarError::Corrupt(why) => ConvertError::Entry {
+            layer: layer.to_path_buf(),
+            entry,
+            rule: format!("corrupt archive: {why}"),
+        },
+    }
+}
+
 /// Converts one layer file into a tree, sending file data down `pieces`.
 pub(crate) fn parse_layer(
     layer: &Path,
@@ -166,37 +181,24 @@ pub(crate) fn parse_layer(
         )),
     };
     // For a plain tar the file is the tar: one hash gives both digests.
-    let mut tar_reader = HashingReader::new(decoder);
+    let mut tar = TarReader::new(HashingReader::new(decoder));
     let mut builder = TreeBuilder::new(layer);
     let mut pos = Position {
         index: 0,
         last_path: None,
     };
-    let mut expected_end = 0u64;
-    {
-        let mut archive = ::tar::Archive::new(&mut tar_reader);
-        let entries = archive
-            .entries()
-            .map_err(|e| stream_error(layer, pos.next_entry(), e))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| stream_error(layer, pos.next_entry(), e))?;
-            let path = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&path).into_owned();
-            expected_end = entry.raw_file_position() + entry.size().div_ceil(BLOCK) * BLOCK;
-            builder.entry(&mut entry, &path, &shown, pieces)?;
-            pos.index += 1;
-            pos.last_path = Some(shown);
-        }
+    loop {
+        let header = match tar.next() {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            Err(e) => return Err(tar_error(layer, pos.next_entry(), e)),
+        };
+        let shown = String::from_utf8_lossy(&header.path).into_owned();
+        builder.entry(&header, &shown, &mut tar, pieces)?;
+        pos.index += 1;
+        pos.last_path = Some(shown);
     }
-    // The tar parser stops at the first zero block: it must have read exactly one past
-    // the last entry, or the archive ended without its end-of-archive marker.
-    if HashingReader::bytes(&tar_reader) != expected_end + BLOCK {
-        return Err(ConvertError::Entry {
-            layer: layer.to_path_buf(),
-            entry: pos.next_entry(),
-            rule: "truncated archive: it ends without the end-of-archive blocks".into(),
-        });
-    }
+    let mut tar_reader = tar.into_inner();
     // Hash what follows the marker (padding) so that diff_id covers the whole tar.
     let mut sink = vec![0u8; 64 * 1024];
     loop {
@@ -308,70 +310,37 @@ impl<'a> TreeBuilder<'a> {
         Ok(dir)
     }
 
-    fn meta<R: Read>(
-        &self,
-        entry: &mut ::tar::Entry<'_, R>,
-        shown: &str,
-    ) -> Result<Meta, ConvertError> {
-        let h = entry.header();
-        let bad = |what: &str, e: io::Error| self.err(shown, format!("bad {what} field: {e}"));
-        let perm = (h.mode().map_err(|e| bad("mode", e))? & 0o7777) as u16;
-        let uid = h.uid().map_err(|e| bad("uid", e))?;
-        let gid = h.gid().map_err(|e| bad("gid", e))?;
-        let uid =
-            u32::try_from(uid).map_err(|_| self.err(shown, format!("uid {uid} over 2^32")))?;
-        let gid =
-            u32::try_from(gid).map_err(|_| self.err(shown, format!("gid {gid} over 2^32")))?;
-        let header_mtime = h.mtime().map_err(|e| bad("mtime", e))?;
-        let mut mtime = i64::try_from(header_mtime)
-            .map_err(|_| self.err(shown, format!("mtime {header_mtime} out of range")))?;
-        let mut mtime_nsec = 0u32;
-        let mut xattrs = BTreeMap::new();
-        let pax = entry
-            .pax_extensions()
-            .map_err(|e| self.err(shown, format!("bad PAX header: {e}")))?;
-        if let Some(pax) = pax {
-            for ext in pax {
-                let ext = ext.map_err(|e| self.err(shown, format!("bad PAX record: {e}")))?;
-                let key = ext.key_bytes();
-                if key == b"mtime" {
-                    let v = String::from_utf8_lossy(ext.value_bytes());
-                    (mtime, mtime_nsec) = parse_pax_time(&v)
-                        .ok_or_else(|| self.err(shown, format!("bad PAX mtime {v:?}")))?;
-                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    check_xattr(name, ext.value_bytes()).map_err(|rule| self.err(shown, rule))?;
-                    xattrs.insert(name.to_vec(), ext.value_bytes().to_vec());
-                }
-            }
+    fn meta(&self, h: &Header, shown: &str) -> Result<Meta, ConvertError> {
+        let uid = u32::try_from(h.uid)
+            .map_err(|_| self.err(shown, format!("uid {} over 2^32", h.uid)))?;
+        let gid = u32::try_from(h.gid)
+            .map_err(|_| self.err(shown, format!("gid {} over 2^32", h.gid)))?;
+        for (name, value) in &h.xattrs {
+            check_xattr(name, value).map_err(|rule| self.err(shown, rule))?;
         }
         Ok(Meta {
-            perm,
+            perm: (h.mode & 0o7777) as u16,
             uid,
             gid,
-            mtime,
-            mtime_nsec,
-            xattrs,
+            mtime: h.mtime,
+            mtime_nsec: h.mtime_nsec,
+            xattrs: h.xattrs.clone(),
         })
     }
 
     fn entry<R: Read>(
         &mut self,
-        entry: &mut ::tar::Entry<'_, R>,
-        path: &[u8],
+        h: &Header,
         shown: &str,
+        data: &mut R,
         pieces: &mut PieceSender,
     ) -> Result<(), ConvertError> {
-        use ::tar::EntryType as T;
-        let ty = entry.header().entry_type();
-        if ty == T::XGlobalHeader || ty.as_byte() == b'V' {
-            return Ok(());
-        }
         self.files += 1;
-        let components = split_path(path).map_err(|rule| self.err(shown, rule))?;
-        let meta = self.meta(entry, shown)?;
+        let components = split_path(&h.path).map_err(|rule| self.err(shown, rule))?;
+        let meta = self.meta(h, shown)?;
         let Some((&name, parents)) = components.split_last() else {
             // The root itself: only its metadata can change.
-            if ty != T::Directory {
+            if h.kind != EntryKind::Dir {
                 return Err(self.err(shown, "the layer root can only be a directory"));
             }
             self.tree.node_mut(Tree::ROOT).meta = meta;
@@ -404,18 +373,8 @@ impl<'a> TreeBuilder<'a> {
             );
             return Ok(());
         }
-        let device = |this: &Self, e: &::tar::Entry<'_, R>| -> Result<(u32, u32), ConvertError> {
-            let h = e.header();
-            let major = h
-                .device_major()
-                .map_err(|e| this.err(shown, format!("bad device major: {e}")))?;
-            let minor = h
-                .device_minor()
-                .map_err(|e| this.err(shown, format!("bad device minor: {e}")))?;
-            Ok((major.unwrap_or(0), minor.unwrap_or(0)))
-        };
-        let kind = match ty {
-            T::Directory => {
+        let kind = match h.kind {
+            EntryKind::Dir => {
                 if let Some(id) = self.tree.child(dir, name) {
                     if self.tree.node(id).is_dir() {
                         // Re-declared: new metadata, same children.
@@ -425,9 +384,8 @@ impl<'a> TreeBuilder<'a> {
                 }
                 Kind::Dir(BTreeMap::new())
             }
-            T::Regular | T::Continuous | T::GNUSparse => {
-                let size = entry.size();
-                let data = pieces.file(entry, size).map_err(|e| match e {
+            EntryKind::File => {
+                let file = pieces.file(data, h.size).map_err(|e| match e {
                     PieceError::Read(e) => stream_error(self.layer, format!("{shown:?}"), e),
                     PieceError::Short { got, want } => self.err(
                         shown,
@@ -438,41 +396,28 @@ impl<'a> TreeBuilder<'a> {
                         self.err(shown, "the layer has more than 2^32 chunks")
                     }
                 })?;
-                Kind::File(data)
+                Kind::File(file)
             }
-            T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.err(shown, "a symlink without a target"))?;
-                if target.is_empty() {
+            EntryKind::Symlink => {
+                if h.link.is_empty() {
                     return Err(self.err(shown, "a symlink with an empty target"));
                 }
-                Kind::Symlink(target.into_owned())
+                Kind::Symlink(h.link.clone())
             }
-            T::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.err(shown, "a hard link without a target"))?
-                    .into_owned();
-                let id = self.hard_link_target(&target, shown)?;
+            EntryKind::HardLink => {
+                let id = self.hard_link_target(&h.link, shown)?;
                 self.tree.link(dir, name, id);
                 return Ok(());
             }
-            T::Char => {
-                let (major, minor) = device(self, entry)?;
-                Kind::CharDev { major, minor }
-            }
-            T::Block => {
-                let (major, minor) = device(self, entry)?;
-                Kind::BlockDev { major, minor }
-            }
-            T::Fifo => Kind::Fifo,
-            other => {
-                return Err(self.err(
-                    shown,
-                    format!("unsupported tar entry type {:?}", other.as_byte() as char),
-                ))
-            }
+            EntryKind::Char => Kind::CharDev {
+                major: h.dev_major,
+                minor: h.dev_minor,
+            },
+            EntryKind::Block => Kind::BlockDev {
+                major: h.dev_major,
+                minor: h.dev_minor,
+            },
+            EntryKind::Fifo => Kind::Fifo,
         };
         self.tree.insert(dir, name, Node { meta, kind });
         Ok(())
