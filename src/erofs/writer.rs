@@ -19,6 +19,9 @@ const CHUNK_BITS_MAX: u8 = format::BLOCK_BITS + format::CHUNK_FORMAT_BLKBITS_MAS
 const SHARED_PER_INODE_MAX: usize = u8::MAX as usize;
 /// `i_xattr_icount` is a u16: header + (icount - 1) * 4 bytes.
 const XATTR_IBODY_MAX_BYTES: usize = format::XATTR_IBODY_HEADER_BYTES + 4 * (u16::MAX as usize - 1);
+/// `XATTR_NAME_MAX`: longest full xattr name the VFS accepts.
+const XATTR_NAME_MAX_BYTES: usize = 255;
+const _: () = assert!(XATTR_NAME_MAX_BYTES <= u8::MAX as usize);
 /// `PATH_MAX` including the terminating NUL: the longest symlink target is one less.
 const SYMLINK_MAX_BYTES: usize = 4095;
 /// Device tags are the 64-byte `tag` of a device slot.
@@ -219,7 +222,7 @@ fn plan<'t>(
     let mut counts: HashMap<(&[u8], &[u8]), u32> = HashMap::new();
     for &(id, _) in &reachable {
         for (name, value) in &tree.node(id).meta.xattrs {
-            let Some((_, suffix)) = split_xattr_name(name) else {
+            if split_xattr_name(name).is_none() {
                 return Err(names.err(
                     id,
                     format!(
@@ -227,13 +230,16 @@ fn plan<'t>(
                         String::from_utf8_lossy(name)
                     ),
                 ));
-            };
-            if suffix.len() > usize::from(u8::MAX) {
+            }
+            // The VFS reads names of at most XATTR_NAME_MAX (255) bytes, prefix included;
+            // that also keeps the suffix within the u8 `e_name_len`.
+            if name.len() > XATTR_NAME_MAX_BYTES {
                 return Err(names.err(
                     id,
                     format!(
-                        "xattr name {:?} is longer than 255 bytes after its prefix",
-                        String::from_utf8_lossy(name)
+                        "xattr name {:?} is {} bytes, over 255",
+                        String::from_utf8_lossy(name),
+                        name.len()
                     ),
                 ));
             }
@@ -244,6 +250,19 @@ fn plan<'t>(
                         "xattr {:?} value is {} bytes, over 65535",
                         String::from_utf8_lossy(name),
                         value.len()
+                    ),
+                ));
+            }
+            // The VFS serves user.* only on regular files and directories (ENODATA
+            // elsewhere), so such an xattr on another type would be listed but unreadable.
+            if name.starts_with(b"user.")
+                && !matches!(tree.node(id).kind, Kind::File(_) | Kind::Dir(_))
+            {
+                return Err(names.err(
+                    id,
+                    format!(
+                        "xattr {:?}: user.* xattrs exist only on regular files and directories",
+                        String::from_utf8_lossy(name)
                     ),
                 ));
             }
@@ -262,6 +281,16 @@ fn plan<'t>(
         let meta = &node.meta;
         if meta.perm & !0o7777 != 0 {
             return Err(names.err(id, format!("mode bits {:o} beyond 07777", meta.perm)));
+        }
+        if meta.uid == u32::MAX || meta.gid == u32::MAX {
+            // (uid_t)-1 is the kernel's invalid id: it would read back as the overflow id.
+            return Err(names.err(
+                id,
+                format!(
+                    "uid/gid {}/{} uses the reserved id 4294967295",
+                    meta.uid, meta.gid
+                ),
+            ));
         }
         if meta.mtime_nsec >= 1_000_000_000 {
             return Err(names.err(
