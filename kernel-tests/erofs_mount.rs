@@ -147,6 +147,12 @@ fn check_tree(tree: &Tree, chunk_bits: u8, blobs: &[Blob], scratch: &Path) {
     let mnt = common::mount_erofs(&image, &device_paths).unwrap_or_else(|e| panic!("{e}"));
     let actual = common::walk_mounted(mnt.path()).expect("walking the mount");
     common::assert_manifests_equal(&expected, &actual);
+    eprintln!(
+        "image of {} inodes, {} bytes: {} paths match",
+        info.inodes,
+        info.bytes,
+        actual.len()
+    );
     mnt.unmount().expect("unmounting");
 }
 
@@ -426,6 +432,9 @@ fn every_kind_mounts_and_matches() {
         b".hidden".to_vec(),
         b"...".to_vec(),
         b"-.".to_vec(),
+        b".-".to_vec(),
+        vec![b'.', 1],
+        vec![b'.', 0xff],
     ] {
         t.insert(
             names,

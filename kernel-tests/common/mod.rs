@@ -55,10 +55,26 @@ impl MountGuard {
         &self.mnt
     }
 
-    /// Unmounts now, reporting errors.
+    /// Unmounts now, reporting errors. A mount kept busy for a moment (a process forked
+    /// by a parallel test holds copies of our descriptors until it execs) is retried,
+    /// then detached lazily.
     pub fn unmount(mut self) -> io::Result<()> {
         self.mounted = false;
-        nix::mount::umount(&self.mnt).map_err(io::Error::from)
+        const TRIES: u32 = 50;
+        for _ in 0..TRIES {
+            match nix::mount::umount(&self.mnt) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        eprintln!(
+            "{} still busy after {TRIES} tries: detaching lazily",
+            self.mnt.display()
+        );
+        nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
     }
 }
 

@@ -134,9 +134,11 @@ fn dir_entries<'t>(tree: &'t Tree, dir: NodeId, parent: NodeId) -> Vec<(&'t [u8]
     let mut v: Vec<(&[u8], NodeId)> = tree.children(dir).collect();
     let dot: &'static [u8] = b".";
     let dotdot: &'static [u8] = b"..";
+    // Names such as ".-" sort between "." and "..": place each by search.
     let at = v.partition_point(|(n, _)| *n < dot);
     v.insert(at, (dot, dir));
-    v.insert(at + 1, (dotdot, parent));
+    let at = v.partition_point(|(n, _)| *n < dotdot);
+    v.insert(at, (dotdot, parent));
     v
 }
 
