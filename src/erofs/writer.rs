@@ -28,7 +28,7 @@ const SYMLINK_MAX_BYTES: usize = 4095;
 const DEVICE_TAG_MAX_BYTES: usize = 64;
 /// Where the device table starts: right after the 128-byte superblock.
 const DEVT_OFFSET: u64 = (format::SUPER_OFFSET + format::SUPER_BYTES) as u64;
-const _: () = assert!(DEVT_OFFSET % format::DEVICE_SLOT_BYTES as u64 == 0);
+const _: () = assert!(DEVT_OFFSET.is_multiple_of(format::DEVICE_SLOT_BYTES as u64));
 
 /// One xattr split into its EROFS name index and the name suffix after the prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,7 +130,7 @@ impl Names<'_> {
 }
 
 /// A directory's entries in on-disk order: `.` and `..` merged into the sorted children.
-fn dir_entries<'t>(tree: &'t Tree, dir: NodeId, parent: NodeId) -> Vec<(&'t [u8], NodeId)> {
+fn dir_entries(tree: &Tree, dir: NodeId, parent: NodeId) -> Vec<(&[u8], NodeId)> {
     let mut v: Vec<(&[u8], NodeId)> = tree.children(dir).collect();
     let dot: &'static [u8] = b".";
     let dotdot: &'static [u8] = b"..";
@@ -144,7 +144,7 @@ fn dir_entries<'t>(tree: &'t Tree, dir: NodeId, parent: NodeId) -> Vec<(&'t [u8]
 
 /// Splits directory entries (given by name length) into blocks: returns the exclusive end
 /// index of each block's entries, and the bytes used in the last block.
-fn pack_dir(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) {
+pub(super) fn pack_dir(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) {
     let mut ends = Vec::new();
     let mut used = 0u64;
     let mut i = 0usize;
