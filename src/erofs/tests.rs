@@ -134,13 +134,19 @@ fn inode(img: &[u8], nid: u64) -> RawInode {
 
 /// All entries of a FLAT_PLAIN directory, in on-disk order: (name, nid, file type).
 fn dirents(img: &[u8], d: &RawInode) -> Vec<(Vec<u8>, u64, u8)> {
-    assert_eq!(d.layout, format::DATALAYOUT_FLAT_PLAIN);
     let mut out = Vec::new();
     let blocks = d.size.div_ceil(BLOCK_BYTES);
     for b in 0..blocks {
-        let start = ((u64::from(d.i_u) + b) * BLOCK_BYTES) as usize;
+        let start = match d.layout {
+            format::DATALAYOUT_FLAT_PLAIN => ((u64::from(d.i_u) + b) * BLOCK_BYTES) as usize,
+            format::DATALAYOUT_FLAT_INLINE => {
+                assert_eq!(blocks, 1, "only one-block directories are inline");
+                d.pos + d.bytes() + d.xattr_bytes()
+            }
+            other => panic!("directory layout {other}"),
+        };
         let max = (d.size - b * BLOCK_BYTES).min(BLOCK_BYTES) as usize;
-        let blk = &img[start..start + BLOCK_BYTES as usize];
+        let blk = &img[start..(start + BLOCK_BYTES as usize).min(img.len())];
         let n = usize::from(le16(blk, 8)) / 12;
         for i in 0..n {
             let e = &blk[i * 12..];
@@ -227,6 +233,8 @@ fn no_device_table_without_devices() {
     assert_eq!(le16(&img, 1024 + 88), 0);
     let r = root(&img);
     assert_eq!(r.nlink, 2);
+    assert_eq!(r.layout, format::DATALAYOUT_FLAT_INLINE);
+    assert_eq!(r.size, 2 * 12 + 3);
     let names: Vec<Vec<u8>> = dirents(&img, &r).into_iter().map(|e| e.0).collect();
     assert_eq!(names, vec![b".".to_vec(), b"..".to_vec()]);
 }
@@ -374,6 +382,7 @@ fn big_directories_span_sorted_blocks() {
     let img = write(&t, &opts(vec![])).unwrap();
     let r = root(&img);
     assert_eq!(r.nlink, 2 + 60);
+    assert_eq!(r.layout, format::DATALAYOUT_FLAT_PLAIN);
     assert!(r.size > 20 * BLOCK_BYTES, "size {}", r.size);
     let got = dirents(&img, &r);
     let names: Vec<Vec<u8>> = got.iter().map(|e| e.0.clone()).collect();

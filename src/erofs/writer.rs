@@ -70,8 +70,9 @@ enum Body {
     None,
     /// Chunk-based regular file with this many 8-byte indexes.
     Chunks(u64),
-    /// Symlink target stored right after the xattrs (FLAT_INLINE).
-    InlineSymlink(usize),
+    /// All the data (a symlink target, a one-block directory) stored right after the
+    /// xattrs, in the same block as the inode (FLAT_INLINE).
+    Inline(usize),
     /// Data in `count` blocks of the data area (directories, long symlinks); FLAT_PLAIN.
     Blocks { count: u64 },
 }
@@ -372,13 +373,14 @@ fn plan<'t>(
                 let (ends, last_used) = pack_dir(entries.iter().map(|(n, _)| n.len()));
                 let count = ends.len() as u64;
                 let size = (count - 1) * BLOCK_BYTES + last_used;
-                (
-                    nlink,
-                    size,
-                    Body::Blocks { count },
-                    format::DATALAYOUT_FLAT_PLAIN,
-                    0,
-                )
+                // A directory of one block is stored inline when it fits next to its
+                // inode (checked below); bigger ones take whole blocks.
+                let (body, layout) = if count == 1 {
+                    (Body::Inline(size as usize), format::DATALAYOUT_FLAT_INLINE)
+                } else {
+                    (Body::Blocks { count }, format::DATALAYOUT_FLAT_PLAIN)
+                };
+                (nlink, size, body, layout, 0)
             }
             Kind::File(data) => {
                 let chunk_bytes = 1u64 << chunk_bits;
@@ -443,7 +445,7 @@ fn plan<'t>(
                 (
                     links,
                     target.len() as u64,
-                    Body::InlineSymlink(target.len()),
+                    Body::Inline(target.len()),
                     format::DATALAYOUT_FLAT_INLINE,
                     0,
                 )
@@ -488,8 +490,9 @@ fn plan<'t>(
             pos: 0,
             blkaddr: 0,
         };
-        // A symlink too long to sit in one block with its inode goes to a data block.
-        if let Body::InlineSymlink(len) = p.body {
+        // Inline data must not cross a block: what cannot sit in one block with its
+        // inode and xattrs goes to a data block of its own.
+        if let Body::Inline(len) = p.body {
             if p.core.bytes() + p.xattr_bytes + len > BLOCK_BYTES as usize {
                 p.body = Body::Blocks { count: 1 };
                 p.core.datalayout = format::DATALAYOUT_FLAT_PLAIN;
@@ -508,7 +511,7 @@ fn plan<'t>(
     for p in &mut inodes {
         let core = p.core.bytes() as u64;
         let inline_tail = match p.body {
-            Body::InlineSymlink(len) => len as u64,
+            Body::Inline(len) => len as u64,
             _ => 0,
         };
         let head = core + p.xattr_bytes as u64 + inline_tail;
@@ -526,7 +529,7 @@ fn plan<'t>(
                 end = align_up(end, format::CHUNK_INDEX_BYTES as u64)
                     + n * format::CHUNK_INDEX_BYTES as u64
             }
-            Body::InlineSymlink(len) => end += len as u64,
+            Body::Inline(len) => end += len as u64,
             Body::None | Body::Blocks { .. } => {}
         }
         pos = align_up(end, format::INODE_SLOT_BYTES);
@@ -567,6 +570,29 @@ fn plan<'t>(
         xattr_blkaddr: xattr_blkaddr as u32,
         total_blocks: next_block,
     })
+}
+
+/// Encodes one directory block (`BLOCK_BYTES`, zero-padded) into `buf`: the dirents,
+/// then the names, each name ending where the next begins (the last at the first NUL or
+/// the directory size).
+fn dir_block(buf: &mut Vec<u8>, block: &[(&[u8], NodeId)], tree: &Tree, nids: &[u64]) {
+    buf.clear();
+    let mut nameoff = block.len() * format::DIRENT_BYTES;
+    for &(name, child) in block {
+        let nid = nids[child as usize];
+        debug_assert_ne!(nid, u64::MAX);
+        buf.extend_from_slice(&format::encode_dirent(
+            nid,
+            nameoff as u16,
+            file_type(tree.node(child)),
+        ));
+        nameoff += name.len();
+    }
+    for &(name, _) in block {
+        buf.extend_from_slice(name);
+    }
+    debug_assert!(buf.len() <= BLOCK_BYTES as usize);
+    buf.resize(BLOCK_BYTES as usize, 0);
 }
 
 /// Streams the image block by block; holds block 0 until full to checksum it.
@@ -748,7 +774,12 @@ pub(super) fn write<W: Write>(
                     sink.write(&idx)?;
                 }
             }
-            (Body::InlineSymlink(_), Kind::Symlink(target)) => sink.write(target)?,
+            (Body::Inline(_), Kind::Symlink(target)) => sink.write(target)?,
+            (Body::Inline(len), Kind::Dir(_)) => {
+                let entries = dir_entries(tree, p.id, names.parent(p.id));
+                dir_block(&mut buf, &entries, tree, &layout.nids);
+                sink.write(&buf[..len])?;
+            }
             _ => {}
         }
     }
@@ -774,24 +805,7 @@ pub(super) fn write<W: Write>(
                 debug_assert_eq!(ends.len() as u64, count);
                 let mut start = 0;
                 for end in ends {
-                    let block = &entries[start..end];
-                    buf.clear();
-                    let mut nameoff = block.len() * format::DIRENT_BYTES;
-                    for &(name, child) in block {
-                        let nid = layout.nids[child as usize];
-                        debug_assert_ne!(nid, u64::MAX);
-                        buf.extend_from_slice(&format::encode_dirent(
-                            nid,
-                            nameoff as u16,
-                            file_type(tree.node(child)),
-                        ));
-                        nameoff += name.len();
-                    }
-                    for &(name, _) in block {
-                        buf.extend_from_slice(name);
-                    }
-                    debug_assert!(buf.len() <= BLOCK_BYTES as usize);
-                    buf.resize(BLOCK_BYTES as usize, 0);
+                    dir_block(&mut buf, &entries[start..end], tree, &layout.nids);
                     sink.write(&buf)?;
                     start = end;
                 }
