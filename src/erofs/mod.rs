@@ -9,6 +9,9 @@ pub mod format;
 pub mod tree;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::io::{Seek, Write};
 
 pub use self::tree::{ChunkAddr, FileData, Kind, Meta, Node, NodeId, Tree};

@@ -19,13 +19,16 @@ const CHUNK_BITS_MAX: u8 = format::BLOCK_BITS + format::CHUNK_FORMAT_BLKBITS_MAS
 const SHARED_PER_INODE_MAX: usize = u8::MAX as usize;
 /// `i_xattr_icount` is a u16: header + (icount - 1) * 4 bytes.
 const XATTR_IBODY_MAX_BYTES: usize = format::XATTR_IBODY_HEADER_BYTES + 4 * (u16::MAX as usize - 1);
+/// `XATTR_NAME_MAX`: longest full xattr name the VFS accepts.
+const XATTR_NAME_MAX_BYTES: usize = 255;
+const _: () = assert!(XATTR_NAME_MAX_BYTES <= u8::MAX as usize);
 /// `PATH_MAX` including the terminating NUL: the longest symlink target is one less.
 const SYMLINK_MAX_BYTES: usize = 4095;
 /// Device tags are the 64-byte `tag` of a device slot.
 const DEVICE_TAG_MAX_BYTES: usize = 64;
 /// Where the device table starts: right after the 128-byte superblock.
 const DEVT_OFFSET: u64 = (format::SUPER_OFFSET + format::SUPER_BYTES) as u64;
-const _: () = assert!(DEVT_OFFSET % format::DEVICE_SLOT_BYTES as u64 == 0);
+const _: () = assert!(DEVT_OFFSET.is_multiple_of(format::DEVICE_SLOT_BYTES as u64));
 
 /// One xattr split into its EROFS name index and the name suffix after the prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,8 +70,9 @@ enum Body {
     None,
     /// Chunk-based regular file with this many 8-byte indexes.
     Chunks(u64),
-    /// Symlink target stored right after the xattrs (FLAT_INLINE).
-    InlineSymlink(usize),
+    /// All the data (a symlink target, a one-block directory) stored right after the
+    /// xattrs, in the same block as the inode (FLAT_INLINE).
+    Inline(usize),
     /// Data in `count` blocks of the data area (directories, long symlinks); FLAT_PLAIN.
     Blocks { count: u64 },
 }
@@ -127,19 +131,21 @@ impl Names<'_> {
 }
 
 /// A directory's entries in on-disk order: `.` and `..` merged into the sorted children.
-fn dir_entries<'t>(tree: &'t Tree, dir: NodeId, parent: NodeId) -> Vec<(&'t [u8], NodeId)> {
+fn dir_entries(tree: &Tree, dir: NodeId, parent: NodeId) -> Vec<(&[u8], NodeId)> {
     let mut v: Vec<(&[u8], NodeId)> = tree.children(dir).collect();
     let dot: &'static [u8] = b".";
     let dotdot: &'static [u8] = b"..";
+    // Names such as ".-" sort between "." and "..": place each by search.
     let at = v.partition_point(|(n, _)| *n < dot);
     v.insert(at, (dot, dir));
-    v.insert(at + 1, (dotdot, parent));
+    let at = v.partition_point(|(n, _)| *n < dotdot);
+    v.insert(at, (dotdot, parent));
     v
 }
 
 /// Splits directory entries (given by name length) into blocks: returns the exclusive end
 /// index of each block's entries, and the bytes used in the last block.
-fn pack_dir(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) {
+pub(super) fn pack_dir(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) {
     let mut ends = Vec::new();
     let mut used = 0u64;
     let mut i = 0usize;
@@ -219,7 +225,7 @@ fn plan<'t>(
     let mut counts: HashMap<(&[u8], &[u8]), u32> = HashMap::new();
     for &(id, _) in &reachable {
         for (name, value) in &tree.node(id).meta.xattrs {
-            let Some((_, suffix)) = split_xattr_name(name) else {
+            if split_xattr_name(name).is_none() {
                 return Err(names.err(
                     id,
                     format!(
@@ -227,13 +233,16 @@ fn plan<'t>(
                         String::from_utf8_lossy(name)
                     ),
                 ));
-            };
-            if suffix.len() > usize::from(u8::MAX) {
+            }
+            // The VFS reads names of at most XATTR_NAME_MAX (255) bytes, prefix included;
+            // that also keeps the suffix within the u8 `e_name_len`.
+            if name.len() > XATTR_NAME_MAX_BYTES {
                 return Err(names.err(
                     id,
                     format!(
-                        "xattr name {:?} is longer than 255 bytes after its prefix",
-                        String::from_utf8_lossy(name)
+                        "xattr name {:?} is {} bytes, over 255",
+                        String::from_utf8_lossy(name),
+                        name.len()
                     ),
                 ));
             }
@@ -244,6 +253,19 @@ fn plan<'t>(
                         "xattr {:?} value is {} bytes, over 65535",
                         String::from_utf8_lossy(name),
                         value.len()
+                    ),
+                ));
+            }
+            // The VFS serves user.* only on regular files and directories (ENODATA
+            // elsewhere), so such an xattr on another type would be listed but unreadable.
+            if name.starts_with(b"user.")
+                && !matches!(tree.node(id).kind, Kind::File(_) | Kind::Dir(_))
+            {
+                return Err(names.err(
+                    id,
+                    format!(
+                        "xattr {:?}: user.* xattrs exist only on regular files and directories",
+                        String::from_utf8_lossy(name)
                     ),
                 ));
             }
@@ -262,6 +284,16 @@ fn plan<'t>(
         let meta = &node.meta;
         if meta.perm & !0o7777 != 0 {
             return Err(names.err(id, format!("mode bits {:o} beyond 07777", meta.perm)));
+        }
+        if meta.uid == u32::MAX || meta.gid == u32::MAX {
+            // (uid_t)-1 is the kernel's invalid id: it would read back as the overflow id.
+            return Err(names.err(
+                id,
+                format!(
+                    "uid/gid {}/{} uses the reserved id 4294967295",
+                    meta.uid, meta.gid
+                ),
+            ));
         }
         if meta.mtime_nsec >= 1_000_000_000 {
             return Err(names.err(
@@ -341,13 +373,14 @@ fn plan<'t>(
                 let (ends, last_used) = pack_dir(entries.iter().map(|(n, _)| n.len()));
                 let count = ends.len() as u64;
                 let size = (count - 1) * BLOCK_BYTES + last_used;
-                (
-                    nlink,
-                    size,
-                    Body::Blocks { count },
-                    format::DATALAYOUT_FLAT_PLAIN,
-                    0,
-                )
+                // A directory of one block is stored inline when it fits next to its
+                // inode (checked below); bigger ones take whole blocks.
+                let (body, layout) = if count == 1 {
+                    (Body::Inline(size as usize), format::DATALAYOUT_FLAT_INLINE)
+                } else {
+                    (Body::Blocks { count }, format::DATALAYOUT_FLAT_PLAIN)
+                };
+                (nlink, size, body, layout, 0)
             }
             Kind::File(data) => {
                 let chunk_bytes = 1u64 << chunk_bits;
@@ -412,7 +445,7 @@ fn plan<'t>(
                 (
                     links,
                     target.len() as u64,
-                    Body::InlineSymlink(target.len()),
+                    Body::Inline(target.len()),
                     format::DATALAYOUT_FLAT_INLINE,
                     0,
                 )
@@ -457,8 +490,9 @@ fn plan<'t>(
             pos: 0,
             blkaddr: 0,
         };
-        // A symlink too long to sit in one block with its inode goes to a data block.
-        if let Body::InlineSymlink(len) = p.body {
+        // Inline data must not cross a block: what cannot sit in one block with its
+        // inode and xattrs goes to a data block of its own.
+        if let Body::Inline(len) = p.body {
             if p.core.bytes() + p.xattr_bytes + len > BLOCK_BYTES as usize {
                 p.body = Body::Blocks { count: 1 };
                 p.core.datalayout = format::DATALAYOUT_FLAT_PLAIN;
@@ -477,7 +511,7 @@ fn plan<'t>(
     for p in &mut inodes {
         let core = p.core.bytes() as u64;
         let inline_tail = match p.body {
-            Body::InlineSymlink(len) => len as u64,
+            Body::Inline(len) => len as u64,
             _ => 0,
         };
         let head = core + p.xattr_bytes as u64 + inline_tail;
@@ -495,7 +529,7 @@ fn plan<'t>(
                 end = align_up(end, format::CHUNK_INDEX_BYTES as u64)
                     + n * format::CHUNK_INDEX_BYTES as u64
             }
-            Body::InlineSymlink(len) => end += len as u64,
+            Body::Inline(len) => end += len as u64,
             Body::None | Body::Blocks { .. } => {}
         }
         pos = align_up(end, format::INODE_SLOT_BYTES);
@@ -536,6 +570,29 @@ fn plan<'t>(
         xattr_blkaddr: xattr_blkaddr as u32,
         total_blocks: next_block,
     })
+}
+
+/// Encodes one directory block (`BLOCK_BYTES`, zero-padded) into `buf`: the dirents,
+/// then the names, each name ending where the next begins (the last at the first NUL or
+/// the directory size).
+fn dir_block(buf: &mut Vec<u8>, block: &[(&[u8], NodeId)], tree: &Tree, nids: &[u64]) {
+    buf.clear();
+    let mut nameoff = block.len() * format::DIRENT_BYTES;
+    for &(name, child) in block {
+        let nid = nids[child as usize];
+        debug_assert_ne!(nid, u64::MAX);
+        buf.extend_from_slice(&format::encode_dirent(
+            nid,
+            nameoff as u16,
+            file_type(tree.node(child)),
+        ));
+        nameoff += name.len();
+    }
+    for &(name, _) in block {
+        buf.extend_from_slice(name);
+    }
+    debug_assert!(buf.len() <= BLOCK_BYTES as usize);
+    buf.resize(BLOCK_BYTES as usize, 0);
 }
 
 /// Streams the image block by block; holds block 0 until full to checksum it.
@@ -717,7 +774,12 @@ pub(super) fn write<W: Write>(
                     sink.write(&idx)?;
                 }
             }
-            (Body::InlineSymlink(_), Kind::Symlink(target)) => sink.write(target)?,
+            (Body::Inline(_), Kind::Symlink(target)) => sink.write(target)?,
+            (Body::Inline(len), Kind::Dir(_)) => {
+                let entries = dir_entries(tree, p.id, names.parent(p.id));
+                dir_block(&mut buf, &entries, tree, &layout.nids);
+                sink.write(&buf[..len])?;
+            }
             _ => {}
         }
     }
@@ -743,24 +805,7 @@ pub(super) fn write<W: Write>(
                 debug_assert_eq!(ends.len() as u64, count);
                 let mut start = 0;
                 for end in ends {
-                    let block = &entries[start..end];
-                    buf.clear();
-                    let mut nameoff = block.len() * format::DIRENT_BYTES;
-                    for &(name, child) in block {
-                        let nid = layout.nids[child as usize];
-                        debug_assert_ne!(nid, u64::MAX);
-                        buf.extend_from_slice(&format::encode_dirent(
-                            nid,
-                            nameoff as u16,
-                            file_type(tree.node(child)),
-                        ));
-                        nameoff += name.len();
-                    }
-                    for &(name, _) in block {
-                        buf.extend_from_slice(name);
-                    }
-                    debug_assert!(buf.len() <= BLOCK_BYTES as usize);
-                    buf.resize(BLOCK_BYTES as usize, 0);
+                    dir_block(&mut buf, &entries[start..end], tree, &layout.nids);
                     sink.write(&buf)?;
                     start = end;
                 }
