@@ -221,7 +221,7 @@ where
             let parsed = parse(&mut sender);
             (parsed, sender.chunks, sender.logical_bytes)
         });
-        let stored = receiver.run(&mut ingest, &mut builder);
+        let stored = receiver.run(store, &mut ingest, &mut builder);
         let parsed = parser.join();
         (stored, parsed)
     });

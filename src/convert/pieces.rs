@@ -7,17 +7,21 @@
 //! The parser does not wait for a piece's block address: it records the piece's sequence
 //! number in the tree, and [`resolve_addrs`] swaps in the real addresses at the end.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::digest::ChunkDigest;
 use crate::erofs::{ChunkAddr, FileData, Kind, Tree};
-use crate::store::{BlobBuilder, Ingest, StoreError};
+use crate::store::chunk::encode_record;
+use crate::store::{BlobBuilder, Ingest, Store, StoreError};
 
 /// Buffers in flight between the two sides. Bounds the pipeline's memory to this many
 /// chunks (at most 1 MiB each).
-pub(crate) const PIPELINE_BUFFERS: usize = 8;
+pub(crate) const PIPELINE_BUFFERS: usize = 16;
+/// At most this many hashing and compressing threads.
+const MAX_WORKERS: usize = 4;
 
 /// One non-zero piece of file data on its way to the store.
 pub(crate) struct Piece {
@@ -160,26 +164,88 @@ impl PieceSender {
     }
 }
 
+/// A piece after a worker hashed it (and compressed it, unless the store has it).
+struct Hashed {
+    seq: u64,
+    buf: Vec<u8>,
+    len: usize,
+    digest: ChunkDigest,
+    /// The encoded record; `None` when the store already holds the chunk.
+    record: Result<Option<Vec<u8>>, StoreError>,
+}
+
+/// Hashes pieces and encodes (compresses) the ones the store lacks.
+fn hash_worker(store: &Store, work: Receiver<Piece>, done: Sender<Hashed>) {
+    for p in work.iter() {
+        let data = &p.buf[..p.len];
+        let digest = ChunkDigest::of(data);
+        let record = store.locate(&digest).map(|found| {
+            found.is_none().then(|| {
+                let mut r = Vec::new();
+                encode_record(data, &digest, &mut r);
+                r
+            })
+        });
+        let h = Hashed {
+            seq: p.seq,
+            buf: p.buf,
+            len: p.len,
+            digest,
+            record,
+        };
+        if done.send(h).is_err() {
+            return;
+        }
+    }
+}
+
 impl PieceReceiver {
     /// Stores every piece until the sender is dropped; returns the block address of each
-    /// piece by sequence number. On error the pipeline is torn down (the sender sees
+    /// piece by sequence number. Hashing and compression run on `workers` threads; the
+    /// pieces are appended and placed in the blob in sequence order, so the result is
+    /// deterministic. On error the pipeline is torn down (the sender sees
     /// [`PieceError::StoreGone`]).
     pub(crate) fn run(
         self,
+        store: &Store,
         ingest: &mut Ingest<'_>,
         builder: &mut BlobBuilder,
     ) -> Result<Vec<u32>, StoreError> {
-        let mut addrs = Vec::new();
-        for piece in self.work.iter() {
-            debug_assert_eq!(piece.seq, addrs.len() as u64);
-            let data = &piece.buf[..piece.len];
-            let digest = ChunkDigest::of(data);
-            ingest.put_chunk_with_digest(data, digest)?;
-            addrs.push(builder.add(digest, piece.len as u32));
-            // The sender may already be gone; then the buffer is simply dropped.
-            let _ = self.free.send(piece.buf);
-        }
-        Ok(addrs)
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_WORKERS);
+        let PieceReceiver { work, free } = self;
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<Hashed>(PIPELINE_BUFFERS);
+        // `move`: on return the closure drops `done_rx` and `free`, before the scope joins.
+        std::thread::scope(move |s| {
+            for _ in 0..workers {
+                let (work, done) = (work.clone(), done_tx.clone());
+                s.spawn(move || hash_worker(store, work, done));
+            }
+            drop(done_tx);
+            drop(work);
+            let mut addrs = Vec::new();
+            // Out-of-order arrivals; at most PIPELINE_BUFFERS are in flight.
+            let mut waiting = BTreeMap::new();
+            for h in done_rx.iter() {
+                waiting.insert(h.seq, h);
+                while let Some(h) = waiting.remove(&(addrs.len() as u64)) {
+                    match h.record {
+                        Ok(Some(record)) => {
+                            ingest.put_encoded(h.digest, h.len as u32, &record)?;
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(e),
+                    }
+                    addrs.push(builder.add(h.digest, h.len as u32));
+                    // The sender may already be gone; then the buffer is simply dropped.
+                    let _ = free.send(h.buf);
+                }
+            }
+            // Returning (also on error) drops `done_rx` and `free`: blocked workers and
+            // the parser wake up and stop.
+            Ok(addrs)
+        })
     }
 }
 
