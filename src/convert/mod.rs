@@ -191,6 +191,24 @@ impl Drop for TempFile {
     }
 }
 
+/// Removes temporary images that crashed conversions of other processes left behind (the
+/// store is open by one process at a time, so another pid's file is abandoned).
+fn remove_stale_temp_files(store: &Store) {
+    let ours = format!(".convert-{}-", std::process::id());
+    let Ok(dir) = fs::read_dir(store.root().join("layers")) else {
+        return;
+    };
+    for entry in dir.flatten().take(10_000) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".convert-") && name.ends_with(".tmp") && !name.starts_with(&ours) {
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::warn!("removing stale {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
+
 /// Converts the layer file at `layer` into the store with chunks of `chunk_bytes`.
 pub fn convert_layer(store: &Store, layer: &Path, chunk_bytes: u32) -> Result<Report> {
     let chunk_bytes = check_chunk_bytes(u64::from(chunk_bytes))?;
@@ -214,6 +232,7 @@ where
 {
     let start = Instant::now();
     let mut ingest = store.ingest()?;
+    remove_stale_temp_files(store);
     let mut builder = BlobBuilder::new();
     let (mut sender, receiver) = pieces::pipeline(chunk_bytes);
     let (stored, parsed) = std::thread::scope(|s| {

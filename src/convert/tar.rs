@@ -183,6 +183,19 @@ pub(crate) fn parse_layer(
         source,
     })?;
     let compression = Compression::detect(head);
+    let unsupported = [
+        (&b"BZh"[..], "bzip2"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz"),
+    ];
+    if let Some((_, name)) = unsupported.iter().find(|(m, _)| head.starts_with(m)) {
+        return Err(ConvertError::Entry {
+            layer: layer.to_path_buf(),
+            entry: "#1 (the first header)".into(),
+            rule: format!(
+                "the layer is {name}-compressed; OCI layers are tar, tar+gzip or tar+zstd"
+            ),
+        });
+    }
     let input = HashingReader::new(buffered);
     let decoder = match compression {
         Compression::None => Decoder::Plain(input),
