@@ -1125,6 +1125,13 @@ fn shared_files_are_stored_once() {
     assert_eq!(again["new_chunks"].as_u64(), Some(0), "{again}");
     assert_eq!(again["stored_bytes"].as_u64(), Some(0), "{again}");
     assert_eq!(again["already_converted"].as_bool(), Some(true), "{again}");
+    for e in fs::read_dir(root.join("layers")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(".erofs") && !name.starts_with('.'),
+            "left behind: {name}"
+        );
+    }
 
     let stats = store_stats(&root);
     let logical = stats["logical_bytes"].as_u64().unwrap();

@@ -169,6 +169,8 @@ pub fn check_chunk_bytes(chunk_bytes: u64) -> Result<u32> {
 struct TempFile {
     path: PathBuf,
     armed: bool,
+    /// Whether the file still exists (and must go) once the commit renamed it.
+    armed_after_commit: bool,
 }
 
 impl TempFile {
@@ -179,7 +181,11 @@ impl TempFile {
             .root()
             .join("layers")
             .join(format!(".convert-{}-{n}.tmp", std::process::id()));
-        TempFile { path, armed: true }
+        TempFile {
+            path,
+            armed: true,
+            armed_after_commit: true,
+        }
     }
 }
 
@@ -258,52 +264,25 @@ where
     } = parsed?;
     pieces::resolve_addrs(&mut tree, &addrs);
 
-    let tmp = TempFile::new(store);
-    let devices = if builder.is_empty() {
-        vec![]
-    } else {
-        let blocks = u32::try_from(builder.blocks()).map_err(|_| ConvertError::Entry {
-            layer: layer.to_path_buf(),
-            entry: "(all)".into(),
-            rule: "the layer's data exceeds 16 TiB".into(),
-        })?;
-        vec![Device {
-            tag: blob_id(&builder.encode()),
-            blocks,
-        }]
+    let mut tmp = TempFile::new(store);
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ConvertError::Io { path, source }
     };
-    let opts = ImageOptions {
-        chunk_bits: chunk_bytes.trailing_zeros() as u8,
-        devices: devices.clone(),
-        build_time: 0,
-    };
-    let io_err = |source| ConvertError::Io {
-        path: tmp.path.clone(),
-        source,
-    };
-    let file = File::create(&tmp.path).map_err(io_err)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let info =
-        erofs::write_image(&tree, &opts, &mut out).map_err(|source| ConvertError::Image {
-            layer: layer.to_path_buf(),
-            source,
-        })?;
-    let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    drop(tree);
-
     let previous = store.layer(&diff_id)?;
     let already_converted = previous.is_some();
     let (record, blobs) = match previous {
         Some(prev) => {
             // Converted before (perhaps from another compression of the same tar, or with
-            // another chunk size): keep the first conversion and store nothing.
+            // another chunk size): keep the first conversion, store nothing, and only
+            // record this file's digest. The "new" image is a hard link to the old one,
+            // so the commit's rename changes nothing (and the link is removed after).
             if ingest.new_chunks() > 0 {
                 drop(ingest);
                 ingest = store.ingest()?;
             }
-            fs::copy(store.image_path(prev.id_hex()), &tmp.path).map_err(io_err)?;
+            let image = store.image_path(prev.id_hex());
+            fs::hard_link(&image, &tmp.path).map_err(io_err(&image))?;
             let record = LayerRecord {
                 digests: vec![digest.clone()],
                 ..prev
@@ -311,14 +290,46 @@ where
             (record, vec![])
         }
         None => {
-            let blobs = devices
+            let devices = if builder.is_empty() {
+                vec![]
+            } else {
+                let blocks = u32::try_from(builder.blocks()).map_err(|_| ConvertError::Entry {
+                    layer: layer.to_path_buf(),
+                    entry: "(all)".into(),
+                    rule: "the layer's data exceeds 16 TiB".into(),
+                })?;
+                vec![Device {
+                    tag: blob_id(&builder.encode()),
+                    blocks,
+                }]
+            };
+            let opts = ImageOptions {
+                chunk_bits: chunk_bytes.trailing_zeros() as u8,
+                devices,
+                build_time: 0,
+            };
+            let file = File::create(&tmp.path).map_err(io_err(&tmp.path))?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let info = erofs::write_image(&tree, &opts, &mut out).map_err(|source| {
+                ConvertError::Image {
+                    layer: layer.to_path_buf(),
+                    source,
+                }
+            })?;
+            let file = out
+                .into_inner()
+                .map_err(|e| io_err(&tmp.path)(e.into_error()))?;
+            file.sync_all().map_err(io_err(&tmp.path))?;
+            tmp.armed_after_commit = false;
+            let blobs = opts
+                .devices
                 .iter()
                 .map(|d| (d.tag.clone(), builder.entries().to_vec()))
                 .collect::<Vec<_>>();
             let record = LayerRecord {
                 diff_id: diff_id.clone(),
                 digests: vec![digest.clone()],
-                blobs: devices.iter().map(|d| d.tag.clone()).collect(),
+                blobs: opts.devices.iter().map(|d| d.tag.clone()).collect(),
                 chunk_bytes,
                 image_bytes: info.bytes,
                 files,
@@ -330,13 +341,13 @@ where
             (record, blobs)
         }
     };
+    drop(tree);
     let committed = ingest.commit(LayerCommit {
         record,
         image_tmp: &tmp.path,
         blobs,
     })?;
-    let mut tmp = tmp;
-    tmp.armed = false;
+    tmp.armed = tmp.armed_after_commit;
     Ok(Report {
         layer: layer.display().to_string(),
         digest,
