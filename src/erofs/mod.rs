@@ -24,8 +24,7 @@
 //!   inode core at least starts and ends in one block.
 //! - **Regular files**: always `CHUNK_BASED`, format `EROFS_CHUNK_FORMAT_INDEXES` with
 //!   `chunk_bits` minus 12 as blkbits, followed (8-byte aligned, after the xattrs) by one
-//!   8-byte
-//!   `{advise 0, device_id, blkaddr}` per chunk; holes are `device_id 0, blkaddr
+//!   8-byte `{advise 0, device_id, blkaddr}` per chunk; holes are `device_id 0, blkaddr
 //!   EROFS_NULL_ADDR`. Empty files have no indexes. Every blob chunk must lie inside its
 //!   device's `blocks`.
 //! - **Directories**: entries sorted bytewise with `.` and `..` merged in, packed greedily
