@@ -771,3 +771,27 @@ fn hard_links_share_one_inode_with_nlink() {
     assert_eq!(g.pos, lookup(&img, &dd, b"h").pos);
     assert_eq!(g.nlink, 3);
 }
+
+#[test]
+fn many_links_need_an_extended_inode() {
+    let mut t = Tree::new(meta(0o755));
+    let f = t.insert(Tree::ROOT, b"f", fifo());
+    for i in 1..70_000u32 {
+        t.link(Tree::ROOT, format!("l{i}").as_bytes(), f);
+    }
+    let img = write(&t, &opts(vec![])).unwrap();
+    let i = lookup(&img, &root(&img), b"l69999");
+    assert!(i.extended);
+    assert_eq!(i.nlink, 70_000);
+}
+
+#[test]
+fn root_nid_must_fit_16_bits() {
+    let t = Tree::new(meta(0o755));
+    // Root nid = (1152 + 128 * devices) / 32 = 36 + 4 * devices.
+    let fits = opts(vec![dev(1); 16_374]);
+    let img = write(&t, &fits).unwrap();
+    assert_eq!(le16(&img, 1024 + 14), 65_532);
+    let msg = unrepresentable(&t, &opts(vec![dev(1); 16_375]));
+    assert!(msg.contains("beyond the 16-bit root_nid"), "{msg}");
+}
