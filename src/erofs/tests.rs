@@ -795,3 +795,28 @@ fn root_nid_must_fit_16_bits() {
     let msg = unrepresentable(&t, &opts(vec![dev(1); 16_375]));
     assert!(msg.contains("beyond the 16-bit root_nid"), "{msg}");
 }
+
+#[test]
+fn one_block_directories_fall_back_to_a_block_when_they_do_not_fit_inline() {
+    let mut t = Tree::new(meta(0o755));
+    let mut m = meta(0o755);
+    m.xattrs.insert(b"trusted.pad".to_vec(), vec![b'p'; 100]);
+    let d = t.insert(
+        Tree::ROOT,
+        b"d",
+        Node {
+            meta: m,
+            kind: Kind::Dir(BTreeMap::new()),
+        },
+    );
+    for i in 0..15u8 {
+        t.insert(d, &[b'a' + i; 255], fifo());
+    }
+    let img = write(&t, &opts(vec![])).unwrap();
+    let di = lookup(&img, &root(&img), b"d");
+    // 15 * (12 + 255) + 12 + 1 + 12 + 2 = 4032 bytes: one block, but not beside
+    // 32 + 12 + 108 bytes of inode and xattrs.
+    assert_eq!(di.size, 4032);
+    assert_eq!(di.layout, format::DATALAYOUT_FLAT_PLAIN);
+    assert_eq!(dirents(&img, &di).len(), 17);
+}
