@@ -50,7 +50,14 @@ fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
 }
 
 fn compressible(rng: &mut StdRng, n: usize) -> Vec<u8> {
-    let words = ["alpha ", "beta ", "gamma ", "/usr/lib/", "libc.so.6 ", "\0\0\0\0"];
+    let words = [
+        "alpha ",
+        "beta ",
+        "gamma ",
+        "/usr/lib/",
+        "libc.so.6 ",
+        "\0\0\0\0",
+    ];
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
         v.extend_from_slice(words[rng.random_range(0..words.len())].as_bytes());
@@ -102,7 +109,10 @@ fn commit_layer(store: &Store, layer: usize, chunks: &[Vec<u8>], image: &[u8]) -
         b.add(put.digest, c.len() as u32);
     }
     let id = blob_id(&b.encode());
-    let tmp = store.root().join("layers").join(format!("layer{layer}.tmp"));
+    let tmp = store
+        .root()
+        .join("layers")
+        .join(format!("layer{layer}.tmp"));
     fs::write(&tmp, image).unwrap();
     let diff = format!("{:064x}", layer + 1);
     let record = LayerRecord {
@@ -183,9 +193,10 @@ fn fixture() -> Fixture {
         }
     });
     let missing_entry = t1.entries()[7];
-    registry
-        .blobs
-        .insert(names[1].1.clone(), Arc::new(BlobSource::Chunked(Arc::new(t1))));
+    registry.blobs.insert(
+        names[1].1.clone(),
+        Arc::new(BlobSource::Chunked(Arc::new(t1))),
+    );
 
     let mut blobs = Vec::new();
     for (i, (fsid, blob)) in names.iter().enumerate() {
@@ -317,7 +328,11 @@ fn serve_everything(f: &Fixture, r: &Running, seed: u64) -> StatsSnapshot {
         let mut off = 0;
         while off < size {
             let len = (128 << 10).min(size - off);
-            tickets.push((off, len, r.sim.submit_read(objects[&b.name], off, len).unwrap()));
+            tickets.push((
+                off,
+                len,
+                r.sim.submit_read(objects[&b.name], off, len).unwrap(),
+            ));
             off += len;
         }
         for (off, len, t) in tickets {
@@ -352,7 +367,12 @@ fn serve_everything(f: &Fixture, r: &Running, seed: u64) -> StatsSnapshot {
     // Everything but the bad slots is cached.
     for b in &f.blobs {
         let bad: u64 = b.bad.iter().map(|(s, e)| e - s).sum();
-        assert_eq!(r.sim.cached_bytes(&b.name), b.expected.len() as u64 - bad, "blob {}", b.name);
+        assert_eq!(
+            r.sim.cached_bytes(&b.name),
+            b.expected.len() as u64 - bad,
+            "blob {}",
+            b.name
+        );
     }
     r.engine.stats()
 }
@@ -368,7 +388,10 @@ fn assert_counts(s: &StatsSnapshot, threads: u64) {
     assert_eq!(s.distinct_blobs_opened, 8, "{s:?}");
     assert!(s.opens >= 16, "{s:?}");
     assert!(s.bytes_written > 0 && s.chunks_fetched > 0, "{s:?}");
-    assert!(s.in_flight_hwm >= 1 && s.latency_us_p99 >= s.latency_us_p50, "{s:?}");
+    assert!(
+        s.in_flight_hwm >= 1 && s.latency_us_p99 >= s.latency_us_p50,
+        "{s:?}"
+    );
 }
 
 fn run_config(threads: usize, strategy: WriteStrategy, read_around: bool, seed: u64) {
@@ -446,7 +469,10 @@ fn malformed_messages_are_counted_and_survived() {
     // An OPEN of a blob the registry does not have.
     let unknown = "0".repeat(64);
     r.sim.add_blob(&unknown, vec![0u8; 4096].into()).unwrap();
-    assert_eq!(r.sim.open(&unknown, T), Err(SimError::OpenRefused(libc::ENOENT)));
+    assert_eq!(
+        r.sim.open(&unknown, T),
+        Err(SimError::OpenRefused(libc::ENOENT))
+    );
 
     // Still serving, on every thread.
     for i in 0..16u64 {
@@ -494,7 +520,9 @@ fn a_full_disk_fails_requests_without_wrong_bytes() {
         }
         fn read_msg(&self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = self.0.read_msg(buf)?;
-            if let Ok(dedupd::cachefiles::Msg::Open { fd, .. }) = dedupd::cachefiles::parse(&buf[..n]) {
+            if let Ok(dedupd::cachefiles::Msg::Open { fd, .. }) =
+                dedupd::cachefiles::parse(&buf[..n])
+            {
                 // Swap the anon fd for a read-only one on the same file: writes get EBADF.
                 let path = format!("/proc/self/fd/{fd}");
                 let ro = fs::File::open(Path::new(&path)).unwrap();

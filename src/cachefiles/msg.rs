@@ -88,7 +88,9 @@ pub enum MsgError {
         want: usize,
     },
     /// OPEN key sizes do not add up to the payload.
-    #[error("OPEN {msg_id}: volume key {volume} + cookie key {cookie} bytes != {rest} bytes of keys")]
+    #[error(
+        "OPEN {msg_id}: volume key {volume} + cookie key {cookie} bytes != {rest} bytes of keys"
+    )]
     KeySizes {
         /// Request id.
         msg_id: u32,
@@ -284,7 +286,13 @@ pub fn encode_read(msg_id: u32, object_id: u32, off: u64, len: u64) -> Vec<u8> {
 /// Encodes a CLOSE (the kernel gives it a msg_id too, though nothing answers it).
 pub fn encode_close(msg_id: u32, object_id: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(MSG_HEADER_BYTES);
-    header(&mut out, msg_id, CACHEFILES_OP_CLOSE, MSG_HEADER_BYTES, object_id);
+    header(
+        &mut out,
+        msg_id,
+        CACHEFILES_OP_CLOSE,
+        MSG_HEADER_BYTES,
+        object_id,
+    );
     out
 }
 
@@ -341,7 +349,10 @@ mod tests {
         let mut short_read = encode_read(1, 1, 0, 4096);
         short_read.truncate(24);
         short_read[8] = 24;
-        assert!(matches!(parse(&short_read), Err(MsgError::BadPayload { .. })));
+        assert!(matches!(
+            parse(&short_read),
+            Err(MsgError::BadPayload { .. })
+        ));
         let mut close_payload = encode_close(1, 1);
         close_payload.extend_from_slice(&[0; 4]);
         close_payload[8] = 20;

@@ -25,7 +25,10 @@ impl BufPool {
     /// Allocates `count` slots of `slot_bytes` (rounded up to a page) plus the zero slot.
     /// Panics only on configuration errors checked by the engine before calling.
     pub fn new(count: usize, slot_bytes: usize) -> BufPool {
-        assert!(count >= 2 && count < u16::MAX as usize, "buffer count {count}");
+        assert!(
+            count >= 2 && count < u16::MAX as usize,
+            "buffer count {count}"
+        );
         let slot_bytes = slot_bytes.div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
         let total = slot_bytes
             .checked_mul(count + 1)

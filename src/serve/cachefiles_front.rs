@@ -136,7 +136,10 @@ impl CachefilesFront {
                 Err(libc::ENOENT)
             }
             Some(b) => FillSource::open(b).map_err(|e| {
-                tracing::warn!(blob = cookie_key, "OPEN: cannot open the blob's source: {e}");
+                tracing::warn!(
+                    blob = cookie_key,
+                    "OPEN: cannot open the blob's source: {e}"
+                );
                 libc::EIO
             }),
         };

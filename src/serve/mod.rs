@@ -311,8 +311,9 @@ impl Engine {
         }
         // SAFETY: `raw` is a fresh fd we own.
         let stop_fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let counters: Arc<[ThreadCounters]> =
-            (0..cfg.threads).map(|_| ThreadCounters::default()).collect();
+        let counters: Arc<[ThreadCounters]> = (0..cfg.threads)
+            .map(|_| ThreadCounters::default())
+            .collect();
         let cfg = Arc::new(cfg);
         let cpus = online_cpus();
         let mut threads = Vec::with_capacity(cfg.threads);

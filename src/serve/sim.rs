@@ -331,7 +331,13 @@ impl Sim {
         self.submit(object_id, off, len, false)
     }
 
-    fn submit(&self, object_id: u32, off: u64, len: u64, check: bool) -> Result<ReadTicket, SimError> {
+    fn submit(
+        &self,
+        object_id: u32,
+        off: u64,
+        len: u64,
+        check: bool,
+    ) -> Result<ReadTicket, SimError> {
         let mut st = lock(&self.state);
         let (blob, size) = match st.objects.get(&object_id) {
             Some((b, Some(size))) => (b.clone(), *size),
@@ -339,8 +345,8 @@ impl Sim {
         };
         let rounded = size.div_ceil(SIM_PAGE_BYTES) * SIM_PAGE_BYTES;
         if check
-            && (off % SIM_PAGE_BYTES != 0
-                || len % SIM_PAGE_BYTES != 0
+            && (!off.is_multiple_of(SIM_PAGE_BYTES)
+                || !len.is_multiple_of(SIM_PAGE_BYTES)
                 || len == 0
                 || off.checked_add(len).is_none_or(|e| e > rounded))
         {
@@ -358,7 +364,10 @@ impl Sim {
             cv: Condvar::new(),
         });
         st.reads.insert(msg_id, slot.clone());
-        if let Err(e) = self.enqueue(&mut st, Queued::Raw(encode_read(msg_id, object_id, off, len))) {
+        if let Err(e) = self.enqueue(
+            &mut st,
+            Queued::Raw(encode_read(msg_id, object_id, off, len)),
+        ) {
             st.reads.remove(&msg_id);
             return Err(e);
         }
@@ -465,7 +474,10 @@ impl Sim {
             return 0;
         };
         let len = b.check.metadata().map(|m| m.len()).unwrap_or(0);
-        data_ranges(&b.check, 0, len).iter().map(|(a, e)| e - a).sum()
+        data_ranges(&b.check, 0, len)
+            .iter()
+            .map(|(a, e)| e - a)
+            .sum()
     }
 }
 
@@ -569,7 +581,8 @@ impl Device for Sim {
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                bytes[OPEN_FD_OFFSET..OPEN_FD_OFFSET + 4].copy_from_slice(&(fd as u32).to_ne_bytes());
+                bytes[OPEN_FD_OFFSET..OPEN_FD_OFFSET + 4]
+                    .copy_from_slice(&(fd as u32).to_ne_bytes());
                 buf[..need].copy_from_slice(&bytes);
             }
         }

@@ -244,7 +244,11 @@ mod tests {
             let b = bucket_of(v);
             assert!(b >= last || v > 100_000, "v {v}");
             last = b;
-            assert!(bucket_upper(b) >= v, "v {v} b {b} upper {}", bucket_upper(b));
+            assert!(
+                bucket_upper(b) >= v,
+                "v {v} b {b} upper {}",
+                bucket_upper(b)
+            );
             if b > 0 && b < LATENCY_BUCKETS - 1 {
                 assert!(bucket_upper(b - 1) < v, "v {v}");
             }

@@ -89,7 +89,11 @@ enum Op {
         data_bytes: u64,
     },
     /// A write of `len` bytes from `buf` (None: the zero buffer) is in flight.
-    Write { req: u32, buf: Option<u16>, len: u32 },
+    Write {
+        req: u32,
+        buf: Option<u16>,
+        len: u32,
+    },
 }
 
 struct Request<T> {
@@ -138,10 +142,12 @@ impl<F: FrontEnd> Worker<F> {
         counters: Arc<[ThreadCounters]>,
         stop_fd: RawFd,
     ) -> Result<Worker<F>, EngineError> {
-        let setup = |what| move |source| EngineError::Setup {
-            thread: id,
-            what,
-            source,
+        let setup = |what| {
+            move |source| EngineError::Setup {
+                thread: id,
+                what,
+                source,
+            }
         };
         let entries = cfg.ring_entries.next_power_of_two();
         let ring = IoUring::builder()
@@ -155,7 +161,10 @@ impl<F: FrontEnd> Worker<F> {
         let fixed = match unsafe { ring.submitter().register_buffers(&iovecs) } {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(thread = id, "registering buffers failed ({e}); using plain reads and writes");
+                tracing::warn!(
+                    thread = id,
+                    "registering buffers failed ({e}); using plain reads and writes"
+                );
                 false
             }
         };
@@ -551,7 +560,7 @@ impl<F: FrontEnd> Worker<F> {
             return;
         }
         let target = q.target.clone();
-        debug_assert!(off % PAGE_BYTES == 0 && u64::from(len) % PAGE_BYTES == 0);
+        debug_assert!(off.is_multiple_of(PAGE_BYTES) && u64::from(len).is_multiple_of(PAGE_BYTES));
         let slot = buf.unwrap_or(self.pool.zero_index());
         match self.cfg.write_strategy {
             WriteStrategy::Sync => {
@@ -613,7 +622,11 @@ impl<F: FrontEnd> Worker<F> {
 
     fn op_done(&mut self, i: u32, res: i32) {
         let Some(op) = self.ops.remove(i) else {
-            tracing::error!(thread = self.id, user_data = i, "completion for no operation");
+            tracing::error!(
+                thread = self.id,
+                user_data = i,
+                "completion for no operation"
+            );
             return;
         };
         match op {
