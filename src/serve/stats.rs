@@ -70,6 +70,9 @@ pub fn bucket_of(v: u64) -> usize {
 
 /// The largest value that falls in bucket `b`.
 pub fn bucket_upper(b: usize) -> u64 {
+    if b >= LATENCY_BUCKETS - 1 {
+        return u64::MAX; // the last bucket also takes everything above it
+    }
     if b < 8 {
         return b as u64;
     }
