@@ -312,3 +312,31 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_file_round_trips_and_flattens_the_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("run")).unwrap();
+        let path = stats_path(dir.path());
+        let mut s = DaemonStatus {
+            pid: 7,
+            front_end_reason: "forced".into(),
+            running: true,
+            ..DaemonStatus::default()
+        };
+        s.stats.reads = 3;
+        s.stats.front_end = "cachefiles".into();
+        write_status(&path, &s).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["reads"], 3, "counters sit at the top level: {text}");
+        assert_eq!(v["front_end"], "cachefiles");
+        assert_eq!(serde_json::from_str::<DaemonStatus>(&text).unwrap(), s);
+        status(dir.path()).unwrap();
+        assert!(status(&dir.path().join("nothing")).is_err());
+    }
+}
