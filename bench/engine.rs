@@ -221,6 +221,7 @@ fn bench_engine(c: &mut Criterion, s: &Setup, results: &Results) {
             let mut cfg = EngineConfig::new(s.root.join("chunks"));
             cfg.threads = threads;
             cfg.write_strategy = strategy;
+            cfg.read_around = false; // the same bytes as the limit and the sync loop
             let engine = Engine::start(cfg, front).unwrap();
             let (object, _) = sim.open(&s.name, WAIT).unwrap();
             prefill(&sim, object);

@@ -49,9 +49,9 @@ pub struct RunArgs {
     /// How cache-file writes are issued.
     #[arg(long, value_enum, default_value = "uring")]
     pub write_strategy: WriteStrategy,
-    /// Fill the whole chunks around each requested range.
+    /// Fill only the requested pages instead of the whole chunks around them.
     #[arg(long)]
-    pub read_around: bool,
+    pub no_read_around: bool,
 }
 
 impl RunArgs {
@@ -170,7 +170,7 @@ fn start_front_end(
     let mut ecfg = EngineConfig::new(config.root.join("chunks"));
     ecfg.threads = config.thread_count();
     ecfg.write_strategy = args.write_strategy;
-    ecfg.read_around = args.read_around;
+    ecfg.read_around = !args.no_read_around;
     match front {
         FrontEnd::Cachefiles => {
             let dev = open_cachefiles(config)?;

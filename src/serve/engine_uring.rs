@@ -13,6 +13,10 @@ pub(super) fn cap_workers(ring: &IoUring, workers: u32) -> std::io::Result<()> {
 
 /// The SQE writing `len` bytes at `ptr` (inside registered buffer `buf_index`, or
 /// unregistered when `None`) to `fd` at `off`.
+///
+/// Marked IOSQE_ASYNC: the kernel's anon fd would send it to io-wq anyway (no
+/// FMODE_NOWAIT), and the flag makes a simulator's plain ext4 file behave the same
+/// instead of taking ext4's non-blocking direct-I/O path.
 pub(super) fn write_entry(
     fd: i32,
     ptr: *const u8,
@@ -25,10 +29,12 @@ pub(super) fn write_entry(
         Some(i) => opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
             .offset(off)
             .build()
+            .flags(squeue::Flags::ASYNC)
             .user_data(user_data),
         None => opcode::Write::new(types::Fd(fd), ptr, len)
             .offset(off)
             .build()
+            .flags(squeue::Flags::ASYNC)
             .user_data(user_data),
     }
 }

@@ -221,7 +221,9 @@ pub struct EngineConfig {
     pub ring_entries: u32,
     /// io-wq workers per ring (bounded and unbounded), for io_uring writes.
     pub iowq_workers: u32,
-    /// Fill whole chunks around each request.
+    /// Fill the whole chunks around each request (default): the chunk is decompressed
+    /// and verified anyway, and once its slot is cached the kernel sends no READ for the
+    /// rest of it (see `bench/RESULTS.md`, reader_seq).
     pub read_around: bool,
     /// Directory of the store's pack files (`<root>/chunks`).
     pub packs_dir: PathBuf,
@@ -241,7 +243,7 @@ impl EngineConfig {
             max_requests_per_thread: 64,
             ring_entries: 256,
             iowq_workers: 4,
-            read_around: false,
+            read_around: true,
             packs_dir,
         }
     }
