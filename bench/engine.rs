@@ -206,35 +206,99 @@ fn prefill(sim: &Sim, object: u32) {
     }
 }
 
-fn bench_engine(c: &mut Criterion, s: &Setup, results: &Results) {
-    let mut g = c.benchmark_group("engine");
+/// A running engine behind its own simulator.
+struct Served {
+    key: String,
+    sim: Arc<Sim>,
+    object: u32,
+    engine: Option<Engine>,
+    _cache: tempfile::TempDir,
+}
+
+fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy) -> Served {
+    let (cache, sim) = new_sim(s);
+    let front = Arc::new(CachefilesFront::new(
+        sim.clone(),
+        Arc::new(RegistryHandle::new(Registry {
+            blobs: s.registry.blobs.clone(),
+            packs: s.registry.packs.clone(),
+        })),
+    ));
+    let mut cfg = EngineConfig::new(s.root.join("chunks"));
+    cfg.threads = threads;
+    cfg.write_strategy = strategy;
+    cfg.read_around = false; // the same bytes as the limit and the sync loop
+    let engine = Engine::start(cfg, front).unwrap();
+    let (object, _) = sim.open(&s.name, WAIT).unwrap();
+    prefill(&sim, object);
+    Served {
+        key: format!("engine/{}/{}t", strategy.name(), threads),
+        sim,
+        object,
+        engine: Some(engine),
+        _cache: cache,
+    }
+}
+
+/// Per request size, side by side: the limit, the sync loop, and the four engines.
+fn bench_sizes(c: &mut Criterion, s: &Setup, results: &Results) {
+    let mut served = Vec::new();
     for strategy in [WriteStrategy::Uring, WriteStrategy::Sync] {
         for threads in [1usize, 2] {
-            let (_cache, sim) = new_sim(s);
-            let front = Arc::new(CachefilesFront::new(
-                sim.clone(),
-                Arc::new(RegistryHandle::new(Registry {
-                    blobs: s.registry.blobs.clone(),
-                    packs: s.registry.packs.clone(),
-                })),
-            ));
-            let mut cfg = EngineConfig::new(s.root.join("chunks"));
-            cfg.threads = threads;
-            cfg.write_strategy = strategy;
-            cfg.read_around = false; // the same bytes as the limit and the sync loop
-            let engine = Engine::start(cfg, front).unwrap();
-            let (object, _) = sim.open(&s.name, WAIT).unwrap();
-            prefill(&sim, object);
-            for len in SIZES {
-                let key = format!("{}/{}t/{}", strategy.name(), threads, kib(len));
-                g.throughput(Throughput::Bytes(len));
-                let mut rng = StdRng::seed_from_u64(len);
-                g.bench_function(&key, |b| {
+            served.push(start_engine(s, threads, strategy));
+        }
+    }
+    let (_loop_cache, loop_sim) = new_sim(s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let f = direct_file(dir.path());
+    let mut buf = Aligned::new(2 << 20);
+    std::thread::scope(|scope| {
+        let (sim2, stop2) = (loop_sim.clone(), stop.clone());
+        scope.spawn(move || sync_loop(sim2, s, stop2));
+        let (loop_object, _) = loop_sim.open(&s.name, WAIT).unwrap();
+        prefill(&loop_sim, loop_object);
+        for len in SIZES {
+            let mut g = c.benchmark_group(format!("read_{}", kib(len)));
+            g.throughput(Throughput::Bytes(len));
+            let mut rng = StdRng::seed_from_u64(len);
+            g.bench_function("limit", |b| {
+                b.iter_custom(|iters| {
+                    let el = limit_run(s, &f, &mut buf, len, iters, &mut rng);
+                    record(
+                        results,
+                        &format!("limit/{}", kib(len)),
+                        iters * len,
+                        iters,
+                        el,
+                        &[],
+                    );
+                    el
+                })
+            });
+            g.bench_function("sync_loop/1t", |b| {
+                b.iter_custom(|iters| {
+                    let (el, lat) =
+                        drive(&loop_sim, loop_object, len, iters, depth_for(len), &mut rng);
+                    record(
+                        results,
+                        &format!("sync_loop/1t/{}", kib(len)),
+                        iters * len,
+                        iters,
+                        el,
+                        &lat,
+                    );
+                    el
+                })
+            });
+            for sv in &served {
+                g.bench_function(&sv.key, |b| {
                     b.iter_custom(|iters| {
-                        let (el, lat) = drive(&sim, object, len, iters, depth_for(len), &mut rng);
+                        let (el, lat) =
+                            drive(&sv.sim, sv.object, len, iters, depth_for(len), &mut rng);
                         record(
                             results,
-                            &format!("engine/{key}"),
+                            &format!("{}/{}", sv.key, kib(len)),
                             iters * len,
                             iters,
                             el,
@@ -244,11 +308,14 @@ fn bench_engine(c: &mut Criterion, s: &Setup, results: &Results) {
                     })
                 });
             }
-            let st = engine.stop();
-            assert_eq!(st.reads_failed, 0, "{st:?}");
+            g.finish();
         }
+        stop.store(true, Ordering::Relaxed);
+    });
+    for mut sv in served {
+        let st = sv.engine.take().unwrap().stop();
+        assert_eq!(st.reads_failed, 0, "{st:?}");
     }
-    g.finish();
 }
 
 fn kib(len: u64) -> String {
@@ -304,46 +371,30 @@ fn direct_file(dir: &std::path::Path) -> File {
 
 /// lz4-decompress the chunks of each request and pwrite the requested bytes: the work
 /// with nothing around it (records already in memory, no verification, no messages).
-fn bench_limit(c: &mut Criterion, s: &Setup, results: &Results) {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let f = direct_file(dir.path());
-    let mut buf = Aligned::new(2 << 20);
-    let mut g = c.benchmark_group("limit");
-    for len in SIZES {
-        g.throughput(Throughput::Bytes(len));
-        let mut rng = StdRng::seed_from_u64(len);
-        let key = kib(len);
-        g.bench_function(&key, |b| {
-            b.iter_custom(|iters| {
-                let slots = BLOB_BYTES as u64 / len;
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let off = rng.random_range(0..slots) * len;
-                    let first = (off / CHUNK_BYTES as u64) as usize;
-                    let last = ((off + len - 1) / CHUNK_BYTES as u64) as usize;
-                    let out = buf.slice();
-                    for (k, i) in (first..=last).enumerate() {
-                        let rec = &s.records[i];
-                        let dst = &mut out[k * CHUNK_BYTES..(k + 1) * CHUNK_BYTES];
-                        lz4_flex::block::decompress_into(&rec[48..], dst).unwrap();
-                    }
-                    let at = (off - first as u64 * CHUNK_BYTES as u64) as usize;
-                    f.write_all_at(&out[at..at + len as usize], off).unwrap();
-                }
-                let el = start.elapsed();
-                record(
-                    results,
-                    &format!("limit/{key}"),
-                    iters * len,
-                    iters,
-                    el,
-                    &[],
-                );
-                el
-            })
-        });
+fn limit_run(
+    s: &Setup,
+    f: &File,
+    buf: &mut Aligned,
+    len: u64,
+    iters: u64,
+    rng: &mut StdRng,
+) -> Duration {
+    let slots = BLOB_BYTES as u64 / len;
+    let start = Instant::now();
+    for _ in 0..iters {
+        let off = rng.random_range(0..slots) * len;
+        let first = (off / CHUNK_BYTES as u64) as usize;
+        let last = ((off + len - 1) / CHUNK_BYTES as u64) as usize;
+        let out = buf.slice();
+        for (k, i) in (first..=last).enumerate() {
+            let rec = &s.records[i];
+            let dst = &mut out[k * CHUNK_BYTES..(k + 1) * CHUNK_BYTES];
+            lz4_flex::block::decompress_into(&rec[48..], dst).unwrap();
+        }
+        let at = (off - first as u64 * CHUNK_BYTES as u64) as usize;
+        f.write_all_at(&out[at..at + len as usize], off).unwrap();
     }
-    g.finish();
+    start.elapsed()
 }
 
 /// One thread, one request at a time: read a message, read each chunk record, verify
@@ -417,39 +468,6 @@ fn sync_loop(dev: Arc<Sim>, s: &Setup, stop: Arc<AtomicBool>) {
             }
         }
     }
-}
-
-fn bench_sync_loop(c: &mut Criterion, s: &Setup, results: &Results) {
-    let (_cache, sim) = new_sim(s);
-    let stop = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        let (sim2, stop2) = (sim.clone(), stop.clone());
-        scope.spawn(move || sync_loop(sim2, s, stop2));
-        let (object, _) = sim.open(&s.name, WAIT).unwrap();
-        prefill(&sim, object);
-        let mut g = c.benchmark_group("sync_loop");
-        for len in [4u64 << 10, 128 << 10] {
-            g.throughput(Throughput::Bytes(len));
-            let mut rng = StdRng::seed_from_u64(len);
-            let key = kib(len);
-            g.bench_function(&key, |b| {
-                b.iter_custom(|iters| {
-                    let (el, lat) = drive(&sim, object, len, iters, depth_for(len), &mut rng);
-                    record(
-                        results,
-                        &format!("sync_loop/1t/{key}"),
-                        iters * len,
-                        iters,
-                        el,
-                        &lat,
-                    );
-                    el
-                })
-            });
-        }
-        g.finish();
-        stop.store(true, Ordering::Relaxed);
-    });
 }
 
 /// A reader reading the blob sequentially in 4 KiB reads, served by the kernel from the
@@ -557,9 +575,7 @@ fn summary(results: &Results) {
 fn benches(c: &mut Criterion) {
     let s = setup();
     let results: Results = Arc::default();
-    bench_limit(c, &s, &results);
-    bench_sync_loop(c, &s, &results);
-    bench_engine(c, &s, &results);
+    bench_sizes(c, &s, &results);
     bench_read_around(c, &s, &results);
     summary(&results);
 }
