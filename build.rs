@@ -15,7 +15,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // No `connect()`: the library needs no client transport; tests bring their own.
         .build_transport(false)
-        .extern_path(".containerd.types", "crate::snapshotter::proto::types")
         .compile_fds(fds)?;
     Ok(())
 }
