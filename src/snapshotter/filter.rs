@@ -124,7 +124,11 @@ impl Filter {
                     while i < chars.len() && chars[i] != ',' {
                         i += 1;
                     }
-                    chars[start..i].iter().collect::<String>().trim().to_string()
+                    chars[start..i]
+                        .iter()
+                        .collect::<String>()
+                        .trim()
+                        .to_string()
                 };
                 match op_text.as_str() {
                     "==" => Op::Eq(value),
@@ -205,7 +209,12 @@ mod tests {
         for y in yes {
             assert!(Filter::parse(y).unwrap().matches(&f), "{y}");
         }
-        let no = ["kind==active", "parent", "labels.zz", "kind==committed,labels.a==b"];
+        let no = [
+            "kind==active",
+            "parent",
+            "labels.zz",
+            "kind==committed,labels.a==b",
+        ];
         for n in no {
             assert!(!Filter::parse(n).unwrap().matches(&f), "{n}");
         }

@@ -243,9 +243,7 @@ impl Meta {
             if !parent.is_empty() {
                 let p = match t.get(parent).map_err(self.err())? {
                     Some(v) => self.decode(parent, v.value())?,
-                    None => {
-                        return Err(SnapError::NotFound(format!("parent snapshot {parent:?}")))
-                    }
+                    None => return Err(SnapError::NotFound(format!("parent snapshot {parent:?}"))),
                 };
                 if p.kind != Kind::Committed {
                     return Err(SnapError::InvalidArgument(format!(
@@ -256,7 +254,10 @@ impl Meta {
             if t.get(key).map_err(self.err())?.is_some() {
                 return Err(SnapError::AlreadyExists(format!("snapshot {key:?}")));
             }
-            let id = c.get("next_id").map_err(self.err())?.map_or(1, |v| v.value());
+            let id = c
+                .get("next_id")
+                .map_err(self.err())?
+                .map_or(1, |v| v.value());
             c.insert("next_id", id + 1).map_err(self.err())?;
             let now = Stamp::now();
             let snap = Snap {
@@ -489,7 +490,10 @@ mod tests {
             Err(SnapError::NotFound(_))
         ));
         m.create(Kind::View, "v", "c", none.clone()).unwrap();
-        assert!(matches!(m.remove("c"), Err(SnapError::FailedPrecondition(_))));
+        assert!(matches!(
+            m.remove("c"),
+            Err(SnapError::FailedPrecondition(_))
+        ));
         assert_eq!(m.ancestors("c").unwrap().len(), 1);
         m.remove("v").unwrap();
         m.remove("c").unwrap();

@@ -383,9 +383,7 @@ impl Snapshotter {
                 );
             }
             self.meta.disown_layer(hex)?;
-            self.mounter
-                .release_blobs(&self.store)
-                .map_err(internal)?;
+            self.mounter.release_blobs(&self.store).map_err(internal)?;
         }
         Ok(())
     }
@@ -457,8 +455,10 @@ impl Snapshotter {
         let snaps = self.meta.list()?;
         let ids: std::collections::HashSet<String> =
             snaps.iter().map(|(_, s)| s.id.to_string()).collect();
-        let layers: std::collections::HashSet<&str> =
-            snaps.iter().filter_map(|(_, s)| s.layer.as_deref()).collect();
+        let layers: std::collections::HashSet<&str> = snaps
+            .iter()
+            .filter_map(|(_, s)| s.layer.as_deref())
+            .collect();
         let sdir = self.root.join("snapshots");
         for e in fs::read_dir(&sdir).map_err(io_internal(&sdir))? {
             let e = e.map_err(io_internal(&sdir))?;
@@ -486,10 +486,7 @@ impl Snapshotter {
                 report.layers += 1;
             }
         }
-        report.blob_files = self
-            .mounter
-            .release_blobs(&self.store)
-            .map_err(internal)?;
+        report.blob_files = self.mounter.release_blobs(&self.store).map_err(internal)?;
         Ok(report)
     }
 }

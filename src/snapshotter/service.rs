@@ -87,7 +87,9 @@ impl pb::snapshots_server::Snapshots for Service {
         let m = self
             .run(move |s| s.create(Kind::Active, &r.key, &r.parent, labels(r.labels)))
             .await?;
-        Ok(Response::new(pb::PrepareSnapshotResponse { mounts: mounts(m) }))
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
     async fn view(
@@ -98,7 +100,9 @@ impl pb::snapshots_server::Snapshots for Service {
         let m = self
             .run(move |s| s.create(Kind::View, &r.key, &r.parent, labels(r.labels)))
             .await?;
-        Ok(Response::new(pb::ViewSnapshotResponse { mounts: mounts(m) }))
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
     async fn mounts(

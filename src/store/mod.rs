@@ -879,8 +879,13 @@ mod tests {
         assert!(store.layer("sha256:aa00").unwrap().is_none());
         assert!(!store.image_path("aa").exists());
         let mut out = Vec::new();
-        store.read_chunk(&ChunkDigest::of(&[1u8; 65536]), &mut out).unwrap();
-        assert!(store.locate(&ChunkDigest::of(&[2u8; 100])).unwrap().is_none());
+        store
+            .read_chunk(&ChunkDigest::of(&[1u8; 65536]), &mut out)
+            .unwrap();
+        assert!(store
+            .locate(&ChunkDigest::of(&[2u8; 100]))
+            .unwrap()
+            .is_none());
         assert_eq!(store.stats().unwrap().chunks, 2);
         store.remove_layer("sha256:bb").unwrap().unwrap();
         assert_eq!(store.stats().unwrap().chunks, 0);
