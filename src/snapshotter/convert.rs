@@ -43,7 +43,7 @@ pub enum ConvertError {
         layer: String,
         /// The cause.
         #[source]
-        source: crate::store::StoreError,
+        source: Box<crate::store::StoreError>,
     },
     /// The tree exceeds [`MAX_LAYER_ENTRIES`].
     #[error("{path}: more than {MAX_LAYER_ENTRIES} entries")]
@@ -154,7 +154,7 @@ pub fn convert_layer(
         .len();
     let store_err = |source| ConvertError::Store {
         layer: hex.to_string(),
-        source,
+        source: Box::new(source),
     };
     let ingest = store.ingest().map_err(store_err)?;
     let record = LayerRecord {

@@ -32,7 +32,7 @@ pub enum MountError {
         layer: String,
         /// The cause.
         #[source]
-        source: crate::store::StoreError,
+        source: Box<crate::store::StoreError>,
     },
     /// A blob the layer names is not in the store.
     #[error("layer {layer}: blob {blob} is not in the store")]
@@ -137,7 +137,7 @@ impl LocalMounter {
         }
         let store_err = |source| MountError::Store {
             layer: layer.to_string(),
-            source,
+            source: Box::new(source),
         };
         let table = self
             .store
@@ -222,7 +222,7 @@ impl LayerMounter for LocalMounter {
             let keep = !name.ends_with(".tmp")
                 && store.has_blob(id).map_err(|source| MountError::Store {
                     layer: "-".into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if !keep {
                 let p = entry.path();
