@@ -9,5 +9,8 @@ fn containerd_pulls_and_runs_through_the_dedup_snapshotter() {
         .env("DEDUPD", env!("CARGO_BIN_EXE_dedupd"))
         .status()
         .expect("kernel-tests/snapshotter-e2e runs");
-    assert!(status.success(), "kernel-tests/snapshotter-e2e failed: {status}");
+    assert!(
+        status.success(),
+        "kernel-tests/snapshotter-e2e failed: {status}"
+    );
 }

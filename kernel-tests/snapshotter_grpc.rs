@@ -251,6 +251,21 @@ fn every_rpc_over_a_unix_socket() {
             Some("x")
         );
         let layer1_mnt = root.path().join("mnt").join(hex::encode([1u8; 32]));
+        // The remote-snapshot fast path: the same chain again is AlreadyExists, and
+        // containerd's follow-up List filter finds the committed snapshot.
+        let again = prepare(
+            &mut c,
+            "extract-1b",
+            "",
+            labels(&[("containerd.io/snapshot.ref", &chain(1))]),
+        )
+        .await;
+        assert_eq!(again.unwrap_err().code(), Code::AlreadyExists);
+        let f = format!(
+            "labels.\"containerd.io/snapshot.ref\"=={},parent==\"\"",
+            chain(1)
+        );
+        assert_eq!(list(&mut c, &[&f]).await.unwrap(), ["layer1"]);
         assert_eq!(
             fs::read(layer1_mnt.join("etc/passwd")).unwrap(),
             b"root:x:0:0\n"

@@ -169,7 +169,9 @@ impl Filter {
             let value = value.filter(|v| !v.is_empty());
             match &s.op {
                 Op::Present => value.is_some(),
-                Op::Eq(want) => value == Some(want.as_str()),
+                // `parent==""` (containerd's remote-snapshot lookup for a base layer)
+                // matches an absent parent.
+                Op::Eq(want) => value.unwrap_or("") == want,
                 Op::Ne(want) => value != Some(want.as_str()),
                 Op::Re(re) => value.is_some_and(|v| re.is_match(v)),
             }
@@ -205,6 +207,7 @@ mod tests {
             "labels.a==\"b c\"",
             "parent!=foo",
             "name~=^default/",
+            "parent==\"\"",
         ];
         for y in yes {
             assert!(Filter::parse(y).unwrap().matches(&f), "{y}");

@@ -200,6 +200,11 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<MountSpec>, SnapError> {
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
+                self.check_remote(target, parent)?;
+            }
+        }
         let snap = self.meta.create(kind, key, parent, labels)?;
         let dir = self.snap_dir(snap.id);
         let made = (|| {
@@ -217,6 +222,30 @@ impl Snapshotter {
             return Err(io_internal(&dir)(e));
         }
         self.mounts_of(&snap)
+    }
+
+    /// containerd's remote-snapshot fast path: an unpack Prepare labelled with chain id
+    /// `target` gets AlreadyExists when a committed snapshot with that label and parent
+    /// exists (pulled in another namespace, say); containerd then finds it with a List
+    /// filter on the label and parent, and neither downloads nor applies the layer.
+    fn check_remote(&self, target: &str, parent: &str) -> Result<(), SnapError> {
+        let found = self.meta.list()?.into_iter().find(|(_, s)| {
+            s.kind == Kind::Committed
+                && s.parent == parent
+                && s.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+        });
+        match found {
+            Some((name, s)) => {
+                if let Some(hex) = &s.layer {
+                    self.mount_layer(hex)?;
+                }
+                tracing::info!(target, snapshot = %name, "layer already present: remote snapshot");
+                Err(SnapError::AlreadyExists(format!(
+                    "target snapshot {target:?} (as {name:?})"
+                )))
+            }
+            None => Ok(()),
+        }
     }
 
     /// The mounts of active or view snapshot `key`.
@@ -272,20 +301,28 @@ impl Snapshotter {
         }])
     }
 
-    /// The layer id of an active snapshot being committed: the chain id containerd's
-    /// unpacker labels it with, else a digest of the committed name and the snapshot's
-    /// creation time (a container commit: unique).
-    fn layer_id(active: &Snap, name: &str, labels: &BTreeMap<String, String>) -> String {
+    /// The layer id of an active snapshot being committed: its chain id, taken from
+    /// containerd's `containerd.io/snapshot.ref` label, else from the names containerd's
+    /// unpacker uses (committed name `<ns>/<n>/sha256:<chain id>`, key
+    /// `<ns>/<n>/extract-<...> sha256:<chain id>`); else a digest of the committed name
+    /// and the snapshot's creation (a container commit: unique). The chain id names the
+    /// layer's content together with all its parents, so equal ids mean equal trees.
+    fn layer_id(active: &Snap, key: &str, name: &str, labels: &BTreeMap<String, String>) -> String {
+        let chain_hex = |s: &str| -> Option<String> {
+            let hex = s.strip_prefix("sha256:")?;
+            (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| hex.to_ascii_lowercase())
+        };
         let label = labels
             .get(LABEL_SNAPSHOT_REF)
             .or_else(|| active.labels.get(LABEL_SNAPSHOT_REF));
         if let Some(r) = label {
-            if let Some(hex) = r.strip_prefix("sha256:") {
-                if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return hex.to_ascii_lowercase();
-                }
-            }
-            return hex::encode(sha2::Sha256::digest(r.as_bytes()));
+            return chain_hex(r).unwrap_or_else(|| hex::encode(sha2::Sha256::digest(r.as_bytes())));
+        }
+        let from_name = name.rsplit('/').next().and_then(chain_hex);
+        let from_key = key.rsplit(' ').next().and_then(chain_hex);
+        if let Some(hex) = from_name.or(from_key) {
+            return hex;
         }
         let seed = format!(
             "dedupd commit {name} {}.{:09} {}",
@@ -303,14 +340,21 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
         parent: &str,
     ) -> Result<(), SnapError> {
+        let mut labels = labels;
         meta::check_labels(&labels)?;
         let active = self.meta.check_commit(key, name)?;
+        // Keep the chain id on the committed snapshot: the fast path looks it up there.
+        if let Some(r) = active.labels.get(LABEL_SNAPSHOT_REF) {
+            labels
+                .entry(LABEL_SNAPSHOT_REF.to_string())
+                .or_insert_with(|| r.clone());
+        }
         if !parent.is_empty() && parent != active.parent {
             return Err(SnapError::InvalidArgument(format!(
                 "commit of {key:?} onto parent {parent:?}: rebase is not supported"
             )));
         }
-        let hex = Self::layer_id(&active, name, &labels);
+        let hex = Self::layer_id(&active, key, name, &labels);
         let dir = self.snap_dir(active.id);
         let upper = dir.join("fs");
         let (size_bytes, inodes) = convert::disk_usage(&upper).map_err(internal)?;

@@ -84,6 +84,7 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
+        tracing::debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "prepare");
         let m = self
             .run(move |s| s.create(Kind::Active, &r.key, &r.parent, labels(r.labels)))
             .await?;
@@ -119,6 +120,7 @@ impl pb::snapshots_server::Snapshots for Service {
         request: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
+        tracing::debug!(key = %r.key, name = %r.name, labels = ?r.labels, "commit");
         self.run(move |s| s.commit(&r.key, &r.name, labels(r.labels), &r.parent))
             .await?;
         Ok(Response::new(()))
