@@ -5,7 +5,12 @@
 //! is the layout EROFS reads over fscache, over fanotify-filled files, and with
 //! `-o device=` on a plain mount.
 
+pub mod format;
 pub mod tree;
+mod writer;
+
+#[cfg(test)]
+mod tests;
 
 use std::io::{Seek, Write};
 
@@ -60,8 +65,5 @@ pub fn write_image<W: Write + Seek>(
     opts: &ImageOptions,
     out: &mut W,
 ) -> Result<ImageInfo, WriteError> {
-    let _ = (tree, opts, out);
-    Err(WriteError::Unrepresentable(
-        "writer not implemented yet".into(),
-    ))
+    writer::write(tree, opts, out)
 }
