@@ -60,12 +60,13 @@ struct Server {
     task: tokio::task::JoinHandle<()>,
     client: SnapshotsClient<Channel>,
     socket: PathBuf,
+    store: Arc<Store>,
 }
 
 async fn start(root: &Path) -> Server {
     let store = Arc::new(Store::open(root).unwrap());
     let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone()).unwrap());
-    let snap = Arc::new(Snapshotter::open(root, store, mounter, 65536).unwrap());
+    let snap = Arc::new(Snapshotter::open(root, store.clone(), mounter).unwrap());
     let socket = root.join("run").join("dedupd.sock");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let sock = socket.clone();
@@ -101,12 +102,14 @@ async fn start(root: &Path) -> Server {
         task,
         client: SnapshotsClient::new(channel),
         socket,
+        store,
     }
 }
 
 impl Server {
     async fn stop(mut self) {
         drop(self.client);
+        drop(self.store);
         let _ = self.shutdown.take().unwrap().send(());
         self.task.await.unwrap();
     }
@@ -299,6 +302,13 @@ fn every_rpc_over_a_unix_socket() {
         fs::write(upper.join("etc/conf.d/b"), b"b").unwrap();
         fs::write(upper.join("new"), b"new file").unwrap();
         commit(&mut c, "extract-2", "layer2").await.unwrap();
+
+        let stats = server.store.stats().unwrap();
+        assert_eq!(stats.layers, 2);
+        assert!(
+            stats.chunks >= 4,
+            "layer files are stored as chunks: {stats:?}"
+        );
 
         // A container on top: overlay of both layers plus its own upper.
         let m = prepare(&mut c, "ctr-1", "layer2", HashMap::new())

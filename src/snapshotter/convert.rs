@@ -1,22 +1,17 @@
-//! The one place the snapshotter turns a committed directory into a converted layer.
-//!
-//! The layer conversion module (`crate::convert`) is being written in parallel; until its
-//! `convert_dir` lands, this adapter builds the layer's EROFS image with `mkfs.erofs`
-//! (erofs-utils) and records it in the store as a layer whose file data is inline in the
-//! image (no data blobs, no chunks). Everything around it (store record, mounts, GC) is
-//! the final code path; swapping in `convert_dir` changes only [`convert_layer`].
+//! The one place the snapshotter turns a committed directory into a converted layer:
+//! [`convert_layer`] hands the tree to the layer conversion of [`crate::convert`]
+//! (`convert_dir`: EROFS metadata image plus deduplicated chunks in the store).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 
-use crate::store::{LayerCommit, LayerRecord, Store};
+use crate::store::{LayerRecord, Store};
 
-/// Most directory entries one layer may hold (bounds the walks).
+/// Most directory entries a tree may hold for [`disk_usage`] (bounds the walk).
 pub const MAX_LAYER_ENTRIES: u64 = 16 << 20;
 
-/// Errors of conversion. Messages name the layer.
+/// Errors of conversion. Messages name the layer or path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// I/O on a path.
@@ -28,22 +23,14 @@ pub enum ConvertError {
         #[source]
         source: std::io::Error,
     },
-    /// The image builder failed.
-    #[error("layer {layer}: mkfs.erofs failed: {why}")]
-    Mkfs {
-        /// Layer hex id.
-        layer: String,
-        /// Its exit status and output.
-        why: String,
-    },
-    /// The store refused the layer.
+    /// The conversion failed.
     #[error("layer {layer}: {source}")]
-    Store {
+    Convert {
         /// Layer hex id.
         layer: String,
         /// The cause.
         #[source]
-        source: Box<crate::store::StoreError>,
+        source: Box<crate::convert::ConvertError>,
     },
     /// The tree exceeds [`MAX_LAYER_ENTRIES`].
     #[error("{path}: more than {MAX_LAYER_ENTRIES} entries")]
@@ -83,97 +70,13 @@ pub fn disk_usage(dir: &Path) -> Result<(u64, u64), ConvertError> {
     Ok((bytes, inodes))
 }
 
-/// Logical bytes of regular files and the entry count of the tree at `dir`.
-fn file_totals(dir: &Path) -> Result<(u64, u64), ConvertError> {
-    let mut stack = vec![dir.to_path_buf()];
-    let (mut bytes, mut entries) = (0u64, 0u64);
-    while let Some(p) = stack.pop() {
-        let m = fs::symlink_metadata(&p).map_err(|source| ConvertError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        entries += 1;
-        if entries > MAX_LAYER_ENTRIES {
-            return Err(ConvertError::TooLarge {
-                path: dir.to_path_buf(),
-            });
-        }
-        if m.is_file() {
-            bytes += m.len();
-        } else if m.is_dir() {
-            let rd = fs::read_dir(&p).map_err(|source| ConvertError::Io {
-                path: p.clone(),
-                source,
-            })?;
-            for e in rd {
-                stack.push(
-                    e.map_err(|source| ConvertError::Io {
-                        path: p.clone(),
-                        source,
-                    })?
-                    .path(),
-                );
-            }
-        }
-    }
-    Ok((bytes, entries))
-}
-
 /// Converts the tree at `dir` (overlay whiteouts and opaque xattrs included) into layer
-/// `hex` of `store` and returns its record.
-pub fn convert_layer(
-    store: &Store,
-    dir: &Path,
-    hex: &str,
-    chunk_bytes: u32,
-) -> Result<LayerRecord, ConvertError> {
-    let (logical_bytes, files) = file_totals(dir)?;
-    let tmp = store.root().join("layers").join(format!("{hex}.tmp"));
-    let out = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg("--preserve-mtime")
-        .arg(&tmp)
-        .arg(dir)
-        .output()
-        .map_err(|source| ConvertError::Io {
-            path: "mkfs.erofs".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err(ConvertError::Mkfs {
+/// `hex` of `store` (diff_id `sha256:<hex>`) and returns its record.
+pub fn convert_layer(store: &Store, dir: &Path, hex: &str) -> Result<LayerRecord, ConvertError> {
+    crate::convert::convert_dir(store, dir, &format!("sha256:{hex}")).map_err(|source| {
+        ConvertError::Convert {
             layer: hex.to_string(),
-            why: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
-        });
-    }
-    let image_bytes = fs::metadata(&tmp)
-        .map_err(|source| ConvertError::Io {
-            path: tmp.clone(),
-            source,
-        })?
-        .len();
-    let store_err = |source| ConvertError::Store {
-        layer: hex.to_string(),
-        source: Box::new(source),
-    };
-    let ingest = store.ingest().map_err(store_err)?;
-    let record = LayerRecord {
-        diff_id: format!("sha256:{hex}"),
-        digests: Vec::new(),
-        blobs: Vec::new(),
-        chunk_bytes,
-        image_bytes,
-        files,
-        chunks: 0,
-        new_chunks: 0,
-        logical_bytes,
-        stored_bytes: 0,
-    };
-    ingest
-        .commit(LayerCommit {
-            record,
-            image_tmp: &tmp,
-            blobs: Vec::new(),
-        })
-        .map_err(store_err)
+            source: Box::new(source),
+        }
+    })
 }

@@ -135,7 +135,6 @@ pub struct Snapshotter {
     meta: meta::Meta,
     store: Arc<Store>,
     mounter: Arc<dyn LayerMounter>,
-    chunk_bytes: u32,
 }
 
 impl Snapshotter {
@@ -146,7 +145,6 @@ impl Snapshotter {
         root: &Path,
         store: Arc<Store>,
         mounter: Arc<dyn LayerMounter>,
-        chunk_bytes: u32,
     ) -> Result<Snapshotter, SnapError> {
         let snaps = root.join("snapshots");
         fs::create_dir_all(&snaps).map_err(io_internal(&snaps))?;
@@ -156,7 +154,6 @@ impl Snapshotter {
             meta,
             store,
             mounter,
-            chunk_bytes,
         };
         for (key, snap) in s.meta.list()? {
             if let Some(hex) = &snap.layer {
@@ -365,8 +362,7 @@ impl Snapshotter {
             }
             None => {
                 self.meta.own_layer(&hex)?;
-                let record = convert::convert_layer(&self.store, &upper, &hex, self.chunk_bytes)
-                    .map_err(internal)?;
+                let record = convert::convert_layer(&self.store, &upper, &hex).map_err(internal)?;
                 tracing::info!(
                     snapshot = %name,
                     layer = %hex,
@@ -591,12 +587,7 @@ pub struct SnapshotterArgs {
 pub fn run_cmd(args: &SnapshotterArgs) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&args.root)?);
     let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone())?);
-    let snap = Arc::new(Snapshotter::open(
-        &args.root,
-        store,
-        mounter,
-        crate::store::DEFAULT_CHUNK_BYTES,
-    )?);
+    let snap = Arc::new(Snapshotter::open(&args.root, store, mounter)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(8)
