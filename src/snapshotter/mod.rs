@@ -135,6 +135,9 @@ pub struct Snapshotter {
     meta: meta::Meta,
     store: Arc<Store>,
     mounter: Arc<dyn LayerMounter>,
+    /// Held while layers are created or dropped (Commit, Remove of a committed snapshot,
+    /// Cleanup), so that a layer being converted or reused is never dropped under it.
+    layers_lock: std::sync::Mutex<()>,
 }
 
 impl Snapshotter {
@@ -154,6 +157,7 @@ impl Snapshotter {
             meta,
             store,
             mounter,
+            layers_lock: std::sync::Mutex::new(()),
         };
         for (key, snap) in s.meta.list()? {
             if let Some(hex) = &snap.layer {
@@ -352,6 +356,7 @@ impl Snapshotter {
             )));
         }
         let hex = Self::layer_id(&active, key, name, &labels);
+        let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.snap_dir(active.id);
         let upper = dir.join("fs");
         let (size_bytes, inodes) = convert::disk_usage(&upper).map_err(internal)?;
@@ -395,6 +400,7 @@ impl Snapshotter {
             Err(e) => tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display()),
         }
         if let Some(hex) = &snap.layer {
+            let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
             if !self.layer_referenced(hex)? {
                 self.drop_layer(hex)?;
             }
@@ -492,6 +498,7 @@ impl Snapshotter {
     /// chunks), and blob files of blobs the store no longer has.
     pub fn cleanup(&self) -> Result<CleanupReport, SnapError> {
         let mut report = CleanupReport::default();
+        let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snaps = self.meta.list()?;
         let ids: std::collections::HashSet<String> =
             snaps.iter().map(|(_, s)| s.id.to_string()).collect();
