@@ -135,8 +135,9 @@ pub struct Snapshotter {
     meta: meta::Meta,
     store: Arc<Store>,
     mounter: Arc<dyn LayerMounter>,
-    /// Held while layers are created or dropped (Commit, Remove of a committed snapshot,
-    /// Cleanup), so that a layer being converted or reused is never dropped under it.
+    /// Held while layers or snapshot directories are created or dropped (Prepare/View,
+    /// Commit, Remove of a committed snapshot, Cleanup), so that Cleanup never takes a
+    /// new directory for an orphan and a layer being converted or reused is never dropped.
     layers_lock: std::sync::Mutex<()>,
 }
 
@@ -206,6 +207,8 @@ impl Snapshotter {
                 self.check_remote(target, parent)?;
             }
         }
+        // Under the layers lock: Cleanup must not take the new directory for an orphan.
+        let layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.meta.create(kind, key, parent, labels)?;
         let dir = self.snap_dir(snap.id);
         let made = (|| {
@@ -222,6 +225,7 @@ impl Snapshotter {
             let _ = fs::remove_dir_all(&dir);
             return Err(io_internal(&dir)(e));
         }
+        drop(layers);
         self.mounts_of(&snap)
     }
 
