@@ -61,6 +61,7 @@ struct Server {
     client: SnapshotsClient<Channel>,
     socket: PathBuf,
     store: Arc<Store>,
+    snap: Arc<Snapshotter>,
 }
 
 async fn start(root: &Path) -> Server {
@@ -70,8 +71,9 @@ async fn start(root: &Path) -> Server {
     let socket = root.join("run").join("dedupd.sock");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let sock = socket.clone();
+    let served = snap.clone();
     let task = tokio::spawn(async move {
-        dedupd::snapshotter::serve(&sock, snap, async {
+        dedupd::snapshotter::serve(&sock, served, async {
             let _ = rx.await;
         })
         .await
@@ -103,6 +105,7 @@ async fn start(root: &Path) -> Server {
         client: SnapshotsClient::new(channel),
         socket,
         store,
+        snap,
     }
 }
 
@@ -110,6 +113,7 @@ impl Server {
     async fn stop(mut self) {
         drop(self.client);
         drop(self.store);
+        drop(self.snap);
         let _ = self.shutdown.take().unwrap().send(());
         self.task.await.unwrap();
     }
@@ -303,6 +307,14 @@ fn every_rpc_over_a_unix_socket() {
         fs::write(upper.join("new"), b"new file").unwrap();
         commit(&mut c, "extract-2", "layer2").await.unwrap();
 
+        let st = server.snap.status().unwrap();
+        assert_eq!((st.committed, st.active, st.layers.len()), (2, 0, 2));
+        assert!(
+            st.layers
+                .iter()
+                .all(|l| l.converted && l.mounted && l.files > 0),
+            "{st:?}"
+        );
         let stats = server.store.stats().unwrap();
         assert_eq!(stats.layers, 2);
         assert!(

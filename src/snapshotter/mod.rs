@@ -129,6 +129,40 @@ pub struct CleanupReport {
     pub blob_files: u64,
 }
 
+/// What the snapshotter holds, for `dedupd status` and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// Front end mounting layers.
+    pub front_end: String,
+    /// Active snapshots (containers, layers being unpacked).
+    pub active: u64,
+    /// Views.
+    pub views: u64,
+    /// Committed snapshots.
+    pub committed: u64,
+    /// Converted layers the committed snapshots use, with what the store knows of them.
+    pub layers: Vec<LayerStatus>,
+}
+
+/// One converted layer in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerStatus {
+    /// Layer id (chain id hex): names its image, its mountpoint and its fsid.
+    pub id: String,
+    /// Committed snapshots that use it.
+    pub snapshots: u64,
+    /// Converted: the store has its record and image.
+    pub converted: bool,
+    /// Its EROFS mount is in place.
+    pub mounted: bool,
+    /// Entries, chunk references and data bytes, from the store.
+    pub files: u64,
+    /// See `files`.
+    pub chunks: u64,
+    /// See `files`.
+    pub logical_bytes: u64,
+}
+
 /// The snapshotter: metadata, the chunk store, and the layer mounter.
 pub struct Snapshotter {
     root: PathBuf,
@@ -173,6 +207,39 @@ impl Snapshotter {
     /// The front end mounting layers.
     pub fn mounter_name(&self) -> &'static str {
         self.mounter.name()
+    }
+
+    /// Counts of snapshots and the state of every layer they use.
+    pub fn status(&self) -> Result<Status, SnapError> {
+        let mut st = Status {
+            front_end: self.mounter.name().to_string(),
+            ..Status::default()
+        };
+        let mut uses: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, s) in self.meta.list()? {
+            match s.kind {
+                Kind::Active => st.active += 1,
+                Kind::View => st.views += 1,
+                Kind::Committed => st.committed += 1,
+            }
+            if let Some(hex) = s.layer {
+                *uses.entry(hex).or_default() += 1;
+            }
+        }
+        for (id, snapshots) in uses {
+            let record = self.store.layer(&id).map_err(internal)?;
+            let mounted = mounter::is_mountpoint(&self.mounter.mountpoint(&id));
+            st.layers.push(LayerStatus {
+                snapshots,
+                converted: record.is_some(),
+                mounted,
+                files: record.as_ref().map_or(0, |r| r.files),
+                chunks: record.as_ref().map_or(0, |r| r.chunks),
+                logical_bytes: record.as_ref().map_or(0, |r| r.logical_bytes),
+                id,
+            });
+        }
+        Ok(st)
     }
 
     /// The metadata store (for status and tests).
@@ -545,7 +612,12 @@ impl Snapshotter {
 /// Binds `socket` (parent directory created, a stale socket replaced, mode 0600).
 pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
-        fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            // A directory we create is ours alone, which also closes the window between
+            // bind and chmod below.
+            fs::create_dir_all(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
     }
     match fs::remove_file(socket) {
         Ok(()) => {}
@@ -599,6 +671,16 @@ pub fn run_cmd(args: &SnapshotterArgs) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&args.root)?);
     let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone())?);
     let snap = Arc::new(Snapshotter::open(&args.root, store, mounter)?);
+    let st = snap.status()?;
+    tracing::info!(
+        front_end = %st.front_end,
+        why = "dedupd snapshotter always uses local (blobs materialized, file-backed EROFS)",
+        committed = st.committed,
+        active = st.active,
+        layers = st.layers.len(),
+        mounted = st.layers.iter().filter(|l| l.mounted).count(),
+        "snapshotter state"
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(8)
@@ -619,4 +701,52 @@ pub fn run_cmd(args: &SnapshotterArgs) -> anyhow::Result<()> {
         serve(&args.socket, snap, shutdown).await
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active() -> Snap {
+        Snap {
+            id: 7,
+            kind: Kind::Active,
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            created: meta::Stamp { secs: 1, nanos: 2 },
+            updated: meta::Stamp::default(),
+            layer: None,
+            size_bytes: 0,
+            inodes: 0,
+        }
+    }
+
+    #[test]
+    fn layer_ids_come_from_chain_ids() {
+        let chain = "ab".repeat(32);
+        let none = BTreeMap::new();
+        // containerd 1.6's unpacker: no labels, chain id in the names.
+        let name = format!("default/4/sha256:{chain}");
+        let key = format!("default/3/extract-1-x sha256:{chain}");
+        assert_eq!(Snapshotter::layer_id(&active(), &key, &name, &none), chain);
+        assert_eq!(
+            Snapshotter::layer_id(&active(), &key, "ns/9/other", &none),
+            chain
+        );
+        // The label wins.
+        let other = "cd".repeat(32);
+        let mut l = BTreeMap::new();
+        l.insert(LABEL_SNAPSHOT_REF.to_string(), format!("sha256:{other}"));
+        assert_eq!(Snapshotter::layer_id(&active(), &key, &name, &l), other);
+        // A container commit: unique per snapshot, never a chain id.
+        let a = Snapshotter::layer_id(&active(), "default/5/c1", "default/6/img", &none);
+        let mut b_snap = active();
+        b_snap.id = 8;
+        let b = Snapshotter::layer_id(&b_snap, "default/5/c1", "default/6/img", &none);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        // Malformed digests are not taken for chain ids.
+        let bad = "default/4/sha256:xyz";
+        assert_ne!(Snapshotter::layer_id(&active(), "k", bad, &none), "xyz");
+    }
 }
