@@ -32,7 +32,7 @@ use std::sync::Arc;
 use sha2::Digest;
 
 pub use self::meta::{Kind, Snap};
-pub use self::mounter::{LayerMounter, LocalMounter};
+pub use self::mounter::{FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh};
 pub use self::service::Service;
 use crate::store::Store;
 
