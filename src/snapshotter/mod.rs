@@ -375,8 +375,8 @@ impl Snapshotter {
 
     /// The layer id of an active snapshot being committed: its chain id, taken from
     /// containerd's `containerd.io/snapshot.ref` label, else from the names containerd's
-    /// unpacker uses (committed name `<ns>/<n>/sha256:<chain id>`, key
-    /// `<ns>/<n>/extract-<...> sha256:<chain id>`); else a digest of the committed name
+    /// unpacker uses (committed name `<ns>/<n>/sha256:<chain id>` and key
+    /// `<ns>/<n>/extract-<...> sha256:<chain id>`, both); else a digest of the committed name
     /// and the snapshot's creation (a container commit: unique). The chain id names the
     /// layer's content together with all its parents, so equal ids mean equal trees.
     fn layer_id(active: &Snap, key: &str, name: &str, labels: &BTreeMap<String, String>) -> String {
@@ -391,10 +391,20 @@ impl Snapshotter {
         if let Some(r) = label {
             return chain_hex(r).unwrap_or_else(|| hex::encode(sha2::Sha256::digest(r.as_bytes())));
         }
+        // Only the unpacker's own pattern counts (the same chain id in both names): a
+        // container commit merely *named* like a chain id must not be taken for a layer
+        // that exists, or its content would be replaced by that layer's.
         let from_name = name.rsplit('/').next().and_then(chain_hex);
-        let from_key = key.rsplit(' ').next().and_then(chain_hex);
-        if let Some(hex) = from_name.or(from_key) {
-            return hex;
+        let from_key = key
+            .rsplit('/')
+            .next()
+            .filter(|k| k.starts_with("extract-"))
+            .and_then(|k| k.rsplit(' ').next())
+            .and_then(chain_hex);
+        if let (Some(a), Some(b)) = (&from_name, &from_key) {
+            if a == b {
+                return a.clone();
+            }
         }
         let seed = format!(
             "dedupd commit {name} {}.{:09} {}",
@@ -729,8 +739,13 @@ mod tests {
         let name = format!("default/4/sha256:{chain}");
         let key = format!("default/3/extract-1-x sha256:{chain}");
         assert_eq!(Snapshotter::layer_id(&active(), &key, &name, &none), chain);
-        assert_eq!(
+        // One name alone is not enough.
+        assert_ne!(
             Snapshotter::layer_id(&active(), &key, "ns/9/other", &none),
+            chain
+        );
+        assert_ne!(
+            Snapshotter::layer_id(&active(), "ns/3/mine", &name, &none),
             chain
         );
         // The label wins.
