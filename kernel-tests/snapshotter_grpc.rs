@@ -779,3 +779,51 @@ fn cleanup_removes_what_a_crash_leaves() {
         server.stop().await;
     });
 }
+
+/// The daemon's control thread serves and stops cleanly, and the socket goes with it.
+#[test]
+fn control_thread_serves_and_stops() {
+    let root = Root::new();
+    let store = Arc::new(Store::open(root.path()).unwrap());
+    let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone()).unwrap());
+    let snap = Arc::new(Snapshotter::open(root.path(), store, mounter).unwrap());
+    let socket = root.path().join("ctl/dedupd.sock");
+    let control = dedupd::snapshotter::ControlThread::spawn(socket.clone(), snap).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let path = socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut c = SnapshotsClient::new(channel);
+        assert_eq!(code(stat(&mut c, "nope").await), Code::NotFound);
+        assert_eq!(list(&mut c, &[]).await.unwrap().len(), 0);
+    });
+    assert!(control.is_running());
+    let dir_mode = fs::metadata(root.path().join("ctl"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        dir_mode, 0o700,
+        "a socket directory dedupd creates is private"
+    );
+    control.stop().unwrap();
+    assert!(!socket.exists());
+}

@@ -656,13 +656,94 @@ pub async fn serve(
     );
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let svc = proto::snapshots::snapshots_server::SnapshotsServer::new(Service::new(snapshotter));
-    tonic::transport::Server::builder()
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let server = tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(internal)?;
+        .serve_with_incoming_shutdown(incoming, async move { stopped.notified().await });
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut server => r.map_err(internal),
+        () = &mut shutdown => {
+            // Graceful: in-flight calls finish, clients get GOAWAY. Bounded, because a
+            // client that keeps its connection open (containerd does) would hold it forever.
+            stop.notify_one();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r.map_err(internal),
+                Err(_) => {
+                    tracing::warn!("snapshotter: clients still connected after {SHUTDOWN_GRACE:?}; closing");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = fs::remove_file(socket);
-    Ok(())
+    result
+}
+
+/// How long a stopping server waits for clients to finish and disconnect.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The daemon's control thread: a current-thread tokio runtime serving the snapshotter
+/// (snapshot operations on its bounded blocking pool). Stop it with [`ControlThread::stop`].
+pub struct ControlThread {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), SnapError>>>,
+}
+
+/// Threads of the control runtime's blocking pool (conversions, file and DB work).
+pub const CONTROL_BLOCKING_THREADS: usize = 8;
+
+impl ControlThread {
+    /// Starts serving `snapshotter` on `socket` in a new thread named `control`.
+    pub fn spawn(socket: PathBuf, snapshotter: Arc<Snapshotter>) -> io::Result<ControlThread> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .max_blocking_threads(CONTROL_BLOCKING_THREADS)
+                    .build()
+                    .map_err(internal)?;
+                rt.block_on(serve(&socket, snapshotter, async {
+                    let _ = rx.await;
+                }))
+            })?;
+        Ok(ControlThread {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// True while the server runs (false after a bind or serve error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops serving (in-flight requests finish) and joins the thread.
+    pub fn stop(mut self) -> Result<(), SnapError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(SnapError::Internal("control thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `dedupd snapshotter` arguments: the snapshotter alone, with the `local` front end.
