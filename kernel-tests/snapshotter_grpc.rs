@@ -814,6 +814,8 @@ fn control_thread_serves_and_stops() {
         assert_eq!(code(stat(&mut c, "nope").await), Code::NotFound);
         assert_eq!(list(&mut c, &[]).await.unwrap().len(), 0);
     });
+    // The client's connection lives on this runtime: dropping it disconnects.
+    drop(rt);
     assert!(control.is_running());
     let dir_mode = fs::metadata(root.path().join("ctl"))
         .unwrap()
