@@ -246,6 +246,7 @@ fn every_rpc_over_a_unix_socket() {
         fs::write(l1.join("etc/passwd"), b"root:x:0:0\n").unwrap();
         fs::write(l1.join("etc/conf.d/a"), b"a").unwrap();
         fs::write(l1.join("gone"), b"deleted later").unwrap();
+        std::os::unix::fs::chown(&l1, Some(1234), Some(4321)).unwrap();
         commit(&mut c, "extract-1", "layer1").await.unwrap();
         assert!(
             !l1.exists(),
@@ -289,6 +290,13 @@ fn every_rpc_over_a_unix_socket() {
         .unwrap();
         assert_eq!(m[0].r#type, "overlay");
         let upper = PathBuf::from(option(&m[0], "upperdir").unwrap());
+        let md = fs::metadata(&upper).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (1234, 4321),
+            "upper takes the parent root's owner"
+        );
         assert!(option(&m[0], "workdir").is_some());
         assert_eq!(
             option(&m[0], "lowerdir").unwrap(),

@@ -274,6 +274,21 @@ impl Snapshotter {
                 self.check_remote(target, parent)?;
             }
         }
+        // The merged root takes its owner from the upper dir: give it the parent's, as
+        // containerd's overlayfs snapshotter does (images whose root is not root's).
+        let owner = match self.meta.get(parent)? {
+            Some(Snap {
+                kind: Kind::Committed,
+                layer: Some(hex),
+                ..
+            }) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = self.mount_layer(&hex)?;
+                let md = fs::metadata(&m).map_err(io_internal(&m))?;
+                Some((md.uid(), md.gid()))
+            }
+            _ => None,
+        };
         // Under the layers lock: Cleanup must not take the new directory for an orphan.
         let layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.meta.create(kind, key, parent, labels)?;
@@ -281,6 +296,9 @@ impl Snapshotter {
         let made = (|| {
             fs::create_dir_all(dir.join("fs"))?;
             fs::set_permissions(dir.join("fs"), fs::Permissions::from_mode(0o755))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(dir.join("fs"), Some(uid), Some(gid))?;
+            }
             if kind == Kind::Active {
                 fs::create_dir_all(dir.join("work"))?;
                 fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o711))?;
