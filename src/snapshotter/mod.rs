@@ -15,6 +15,22 @@
 //! committed snapshot is its layer mount. Layer ids come from containerd's
 //! `containerd.io/snapshot.ref` label (the chain id), so the same layer is never
 //! converted twice.
+//!
+//! Running it inside `dedupd run` (one process with the data plane; the store is opened
+//! once and shared):
+//!
+//! ```text
+//! let store = Arc::new(Store::open(&config.root)?);
+//! let mounter: Arc<dyn LayerMounter> = match front_end {
+//!     Local => Arc::new(LocalMounter::new(store.clone())?),
+//!     Cachefiles => Arc::new(FscacheMounter::new(&config.root, domain, refresh)?),
+//!     ...
+//! };
+//! let snap = Arc::new(Snapshotter::open(&config.root, store.clone(), mounter)?);
+//! let control = ControlThread::spawn(config.socket.clone(), snap)?;
+//! ... // data plane runs; on SIGTERM:
+//! control.stop()?;
+//! ```
 
 pub mod convert;
 pub mod filter;
