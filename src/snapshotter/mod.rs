@@ -476,9 +476,8 @@ impl Snapshotter {
         let upper = dir.join("fs");
         let (size_bytes, inodes) = convert::disk_usage(&upper).map_err(internal)?;
         match self.store.layer(&hex).map_err(internal)? {
-            Some(record) => {
+            Some(_) => {
                 tracing::info!(snapshot = %name, layer = %hex, "layer already converted");
-                let _ = record;
             }
             None => {
                 self.meta.own_layer(&hex)?;
