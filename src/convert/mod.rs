@@ -243,13 +243,17 @@ where
     let (mut sender, receiver) = pieces::pipeline(chunk_bytes);
     let (stored, parsed) = std::thread::scope(|s| {
         let parser = s.spawn(move || {
-            let parsed = parse(&mut sender);
+            let parsed = parse(&mut sender).and_then(|p| {
+                sender.flush().map_err(|_| ConvertError::StoreStopped)?;
+                Ok(p)
+            });
             (parsed, sender.chunks, sender.logical_bytes)
         });
         let stored = receiver.run(store, &mut ingest, &mut builder);
         let parsed = parser.join();
         (stored, parsed)
     });
+    let stored_at = start.elapsed();
     let (parsed, chunks, logical_bytes) = match parsed {
         Ok(p) => p,
         Err(panic) => std::panic::resume_unwind(panic),
@@ -342,12 +346,20 @@ where
         }
     };
     drop(tree);
+    let imaged_at = start.elapsed();
     let committed = ingest.commit(LayerCommit {
         record,
         image_tmp: &tmp.path,
         blobs,
     })?;
     tmp.armed = tmp.armed_after_commit;
+    tracing::debug!(
+        "converted {}: data {:.3}s, image {:.3}s, commit {:.3}s",
+        layer.display(),
+        stored_at.as_secs_f64(),
+        (imaged_at - stored_at).as_secs_f64(),
+        (start.elapsed() - imaged_at).as_secs_f64()
+    );
     Ok(Report {
         layer: layer.display().to_string(),
         digest,

@@ -80,6 +80,7 @@ fn parse_file(path: &Path) -> Result<Out, ConvertError> {
     std::thread::scope(|s| {
         let drain = s.spawn(move || receiver.drain());
         let r = parse_layer(path, &mut sender);
+        sender.flush().unwrap();
         drop(sender);
         let addrs = drain.join().unwrap();
         r.map(|(mut p, compression)| {
