@@ -446,6 +446,23 @@ fn every_kind_mounts_and_matches() {
         );
     }
 
+    // One block of entries that no longer fits beside its inode and xattrs: FLAT_PLAIN.
+    let mut fm = meta(0o755, 0, 0, 0, 0);
+    fm.xattrs.insert(b"trusted.pad".to_vec(), vec![b'p'; 100]);
+    let fallback = t.insert(Tree::ROOT, b"one-block-plain", dir_node(fm));
+    for i in 0..15u8 {
+        let mut name = vec![b'a' + i; 255];
+        name[0] = b'f';
+        t.insert(
+            fallback,
+            &name,
+            Node {
+                meta: meta(0o644, 0, 0, 0, 0),
+                kind: Kind::Fifo,
+            },
+        );
+    }
+
     // A directory spanning many blocks.
     let big = t.insert(Tree::ROOT, b"bigdir", dir_node(meta(0o755, 0, 0, 0, 0)));
     for i in 0..3000 {

@@ -452,6 +452,39 @@ pub fn tree_manifest(tree: &Tree, chunk_bits: u8, devices: &[PathBuf]) -> io::Re
     Ok(m)
 }
 
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The fields in which two entries differ, as "field: expected X, actual Y".
+pub fn entry_diff(e: &Entry, a: &Entry) -> String {
+    let mut out = Vec::new();
+    let mut field = |name: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{name}: expected {x}, actual {y}"));
+        }
+    };
+    field("kind", format!("{:?}", e.kind), format!("{:?}", a.kind));
+    field("perm", format!("{:o}", e.perm), format!("{:o}", a.perm));
+    field("uid", e.uid.to_string(), a.uid.to_string());
+    field("gid", e.gid.to_string(), a.gid.to_string());
+    field(
+        "mtime",
+        format!("{}.{:09}", e.mtime, e.mtime_nsec),
+        format!("{}.{:09}", a.mtime, a.mtime_nsec),
+    );
+    field("nlink", e.nlink.to_string(), a.nlink.to_string());
+    let xattrs = |x: &BTreeMap<Vec<u8>, Vec<u8>>| {
+        x.iter()
+            .map(|(k, v)| format!("{}={}", lossy(k), hex::encode(v)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    field("xattrs", xattrs(&e.xattrs), xattrs(&a.xattrs));
+    field("link_group", lossy(&e.link_group), lossy(&a.link_group));
+    out.join("; ")
+}
+
 /// Panics with a readable list of differences (at most 20) if the manifests differ.
 pub fn assert_manifests_equal(expected: &Manifest, actual: &Manifest) {
     let mut diffs = Vec::new();
@@ -459,8 +492,9 @@ pub fn assert_manifests_equal(expected: &Manifest, actual: &Manifest) {
         match actual.get(p) {
             None => diffs.push(format!("missing {}", String::from_utf8_lossy(p))),
             Some(a) if a != e => diffs.push(format!(
-                "{}:\n  expected {e:?}\n  actual   {a:?}",
-                String::from_utf8_lossy(p)
+                "{}: {}",
+                String::from_utf8_lossy(p),
+                entry_diff(e, a)
             )),
             Some(_) => {}
         }

@@ -201,14 +201,14 @@ impl PieceSender {
     }
 }
 
-/// A piece's digest, and its encoded record (`None`: the store holds the chunk).
-type PieceResult = (ChunkDigest, Option<Vec<u8>>);
+/// Per piece: its digest, and its encoded record (`None`: the store holds it).
+type HashedPieces = Vec<(ChunkDigest, Option<Vec<u8>>)>;
 
 /// A batch after a worker hashed it (and compressed the chunks the store lacks).
 struct Hashed {
     batch: Batch,
-    /// One result per piece.
-    results: Result<Vec<PieceResult>, StoreError>,
+    /// Per piece: its digest, and its encoded record (`None`: the store holds it).
+    results: Result<HashedPieces, StoreError>,
 }
 
 /// Hashes pieces and encodes (compresses) the ones the store lacks.

@@ -771,3 +771,52 @@ fn hard_links_share_one_inode_with_nlink() {
     assert_eq!(g.pos, lookup(&img, &dd, b"h").pos);
     assert_eq!(g.nlink, 3);
 }
+
+#[test]
+fn many_links_need_an_extended_inode() {
+    let mut t = Tree::new(meta(0o755));
+    let f = t.insert(Tree::ROOT, b"f", fifo());
+    for i in 1..70_000u32 {
+        t.link(Tree::ROOT, format!("l{i}").as_bytes(), f);
+    }
+    let img = write(&t, &opts(vec![])).unwrap();
+    let i = lookup(&img, &root(&img), b"l69999");
+    assert!(i.extended);
+    assert_eq!(i.nlink, 70_000);
+}
+
+#[test]
+fn root_nid_must_fit_16_bits() {
+    let t = Tree::new(meta(0o755));
+    // Root nid = (1152 + 128 * devices) / 32 = 36 + 4 * devices.
+    let fits = opts(vec![dev(1); 16_374]);
+    let img = write(&t, &fits).unwrap();
+    assert_eq!(le16(&img, 1024 + 14), 65_532);
+    let msg = unrepresentable(&t, &opts(vec![dev(1); 16_375]));
+    assert!(msg.contains("beyond the 16-bit root_nid"), "{msg}");
+}
+
+#[test]
+fn one_block_directories_fall_back_to_a_block_when_they_do_not_fit_inline() {
+    let mut t = Tree::new(meta(0o755));
+    let mut m = meta(0o755);
+    m.xattrs.insert(b"trusted.pad".to_vec(), vec![b'p'; 100]);
+    let d = t.insert(
+        Tree::ROOT,
+        b"d",
+        Node {
+            meta: m,
+            kind: Kind::Dir(BTreeMap::new()),
+        },
+    );
+    for i in 0..15u8 {
+        t.insert(d, &[b'a' + i; 255], fifo());
+    }
+    let img = write(&t, &opts(vec![])).unwrap();
+    let di = lookup(&img, &root(&img), b"d");
+    // 15 * (12 + 255) + 12 + 1 + 12 + 2 = 4032 bytes: one block, but not beside
+    // 32 + 12 + 108 bytes of inode and xattrs.
+    assert_eq!(di.size, 4032);
+    assert_eq!(di.layout, format::DATALAYOUT_FLAT_PLAIN);
+    assert_eq!(dirents(&img, &di).len(), 17);
+}
