@@ -302,3 +302,48 @@ fn bad_input_is_refused_with_the_entry_named() {
     w.file("after-bad-pax", b"x");
     assert_refused(&w.finish(), "#1", "malformed PAX record");
 }
+
+fn sample_tar() -> Vec<u8> {
+    use ::tar::EntryType as T;
+    let mut w = TarWriter::new();
+    w.dir("d", 0o755);
+    w.file("d/f", &[3u8; 5000]);
+    w.pax(&[("path", b"d/pax"), ("SCHILY.xattr.user.x", b"1\n2")]);
+    w.file("ignored", b"pax data");
+    w.file(&"l".repeat(150), b"long");
+    w.link(T::Link, "d/h", "d/f");
+    w.link(T::Symlink, "s", "d");
+    w.finish()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// Corrupt archives and compressed streams give errors, never panics.
+    #[test]
+    fn mutated_archives_never_panic(
+        flips in proptest::collection::vec((0usize..8192, proptest::prelude::any::<u8>()), 1..6),
+        cut in proptest::prelude::any::<Option<u16>>(),
+        compress in 0u8..3,
+        post_flip in proptest::prelude::any::<Option<(usize, u8)>>(),
+    ) {
+        let mut tar = sample_tar();
+        for (at, v) in flips {
+            let i = at % tar.len();
+            tar[i] = v;
+        }
+        if let Some(c) = cut {
+            tar.truncate(c as usize % (tar.len() + 1));
+        }
+        let mut bytes = match compress {
+            0 => tar,
+            1 => gzip(&tar),
+            _ => zstd(&tar),
+        };
+        if let Some((at, v)) = post_flip.filter(|_| !bytes.is_empty()) {
+            let i = at % bytes.len();
+            bytes[i] ^= v;
+        }
+        let _ = parse(&bytes);
+    }
+}
