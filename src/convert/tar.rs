@@ -276,6 +276,7 @@ pub(crate) fn split_path(path: &[u8]) -> Result<Vec<&[u8]>, String> {
         match c {
             b"" | b"." => {}
             b".." => return Err("a `..` component would escape the layer root".into()),
+            c if c.contains(&0) => return Err("a name component holds a NUL byte".into()),
             c if c.len() > MAX_NAME_BYTES => {
                 return Err(format!(
                     "a name component is {} bytes, over the limit of {MAX_NAME_BYTES}",
@@ -438,8 +439,8 @@ impl<'a> TreeBuilder<'a> {
                 Kind::File(file)
             }
             EntryKind::Symlink => {
-                if h.link.is_empty() {
-                    return Err(self.err(shown, "a symlink with an empty target"));
+                if h.link.is_empty() || h.link.contains(&0) {
+                    return Err(self.err(shown, "a symlink target is empty or holds a NUL byte"));
                 }
                 Kind::Symlink(h.link.clone())
             }
@@ -562,6 +563,7 @@ mod tests {
         assert!(split_path(b"a/../../b").is_err());
         assert!(split_path(&[b'a'; 256]).is_err());
         assert!(split_path(&[b'a'; 255]).is_ok());
+        assert!(split_path(b"a/b\0c").is_err());
     }
 
     #[test]
