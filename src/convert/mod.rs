@@ -1,11 +1,12 @@
 //! OCI layer conversion: tar (plain, gzip or zstd, detected by content) to an EROFS
 //! metadata image plus deduplicated chunks in the store.
 //!
-//! Two threads share the work: the parser thread reads, decompresses and hashes the layer,
-//! parses the tar and builds the [`Tree`] (metadata only); the calling thread hashes,
-//! compresses and appends each chunk of file data ([`pieces`]). Nothing reaches the store
-//! unless the whole layer converts: on any error the ingest is dropped (the pack is
-//! truncated back) and the temporary image removed.
+//! The work is split across threads ([`pieces`]): a parser thread reads, decompresses and
+//! hashes the layer (SHA-256 of the file and of the tar), parses the tar ([`tarfmt`]) and
+//! builds the [`Tree`] (metadata only); worker threads hash (BLAKE3) and lz4-compress the
+//! chunks of file data in batches; the calling thread appends them to the store in order.
+//! Nothing becomes visible in the store unless the whole layer converts: on any error the
+//! ingest is dropped (the pack is truncated back) and the temporary image removed.
 
 mod dir;
 mod export;
