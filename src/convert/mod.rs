@@ -1,8 +1,8 @@
 //! OCI layer conversion: tar (plain, gzip or zstd, detected by content) to an EROFS
 //! metadata image plus deduplicated chunks in the store.
 //!
-//! The work is split across threads ([`pieces`]): a parser thread reads, decompresses and
-//! hashes the layer (SHA-256 of the file and of the tar), parses the tar ([`tarfmt`]) and
+//! The work is split across threads (see `pieces`): a parser thread reads, decompresses and
+//! hashes the layer (SHA-256 of the file and of the tar), parses the tar (`tarfmt`) and
 //! builds the [`Tree`] (metadata only); worker threads hash (BLAKE3) and lz4-compress the
 //! chunks of file data in batches; the calling thread appends them to the store in order.
 //! Nothing becomes visible in the store unless the whole layer converts: on any error the
