@@ -98,7 +98,18 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;
-    tracing::info!(continued = fe.continued(), "fanotify front end started");
+    let st = fe.stats();
+    tracing::info!(
+        continued = st.continued,
+        journaled = st.recovered_journaled,
+        orphans = st.recovered_orphans,
+        "fanotify front end started"
+    );
+    // For tests and operators: what was left pending by a previous daemon.
+    println!(
+        "RECOVERED journaled={} orphans={}",
+        st.recovered_journaled, st.recovered_orphans
+    );
     let mut mounted = Vec::new();
     for layer in &layers {
         let mnt = mountpoint(&args.mount_dir, layer);
