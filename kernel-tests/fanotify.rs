@@ -66,11 +66,17 @@ fn layer_files(k: u64) -> Files {
             let mut z = vec![0u8; 1 << 20];
             z.extend_from_slice(&random_bytes(&mut rng, 70_000));
             f.insert("zeros-then-data".into(), z);
-            f.insert("shared.bin".into(), random_bytes(&mut rand::rngs::StdRng::seed_from_u64(99), 500_000));
+            f.insert(
+                "shared.bin".into(),
+                random_bytes(&mut rand::rngs::StdRng::seed_from_u64(99), 500_000),
+            );
         }
         1 => {
             f.insert("big.bin".into(), random_bytes(&mut rng, 5 << 20));
-            f.insert("shared.bin".into(), random_bytes(&mut rand::rngs::StdRng::seed_from_u64(99), 500_000));
+            f.insert(
+                "shared.bin".into(),
+                random_bytes(&mut rand::rngs::StdRng::seed_from_u64(99), 500_000),
+            );
             f.insert("exact-chunk".into(), random_bytes(&mut rng, 65536));
         }
         3 => {
@@ -105,7 +111,11 @@ fn make_layer(store: &dedupd::store::Store, dir: &Path, files: &Files) -> String
         .arg(&src)
         .output()
         .expect("mkfs.erofs runs");
-    assert!(out.status.success(), "mkfs.erofs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mkfs.erofs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rec = dedupd::fanotify::import::import_erofs(store, &image, &blob, 65536).unwrap();
     rec.id_hex().to_string()
 }
@@ -175,7 +185,10 @@ impl Daemon {
             lines,
             recovered: (0, 0),
         };
-        let l = d.lines.recv_timeout(Duration::from_secs(120)).expect("daemon said RECOVERED");
+        let l = d
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("daemon said RECOVERED");
         let nums: Vec<u64> = l
             .strip_prefix("RECOVERED ")
             .unwrap_or_else(|| panic!("unexpected line {l:?}"))
@@ -183,7 +196,10 @@ impl Daemon {
             .map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap())
             .collect();
         d.recovered = (nums[0], nums[1]);
-        let l = d.lines.recv_timeout(Duration::from_secs(120)).expect("daemon said READY");
+        let l = d
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("daemon said READY");
         assert_eq!(l, "READY");
         d
     }
@@ -195,10 +211,17 @@ impl Daemon {
     /// SIGTERM; returns the counters it printed.
     fn stop(mut self) -> serde_json::Value {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let status = child.wait().unwrap();
         assert!(status.success(), "daemon exit: {status}");
-        let l = self.lines.recv_timeout(Duration::from_secs(10)).expect("stats line");
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("stats line");
         serde_json::from_str(&l).expect("stats JSON")
     }
 
@@ -229,7 +252,10 @@ impl Drop for Setup {
         }
         if let Ok(pid) = fs::read_to_string(self.root.join("fanotify/holder.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -265,12 +291,17 @@ fn drop_caches() {
 }
 
 fn num(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("stats has no {k}: {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("stats has no {k}: {v}"))
 }
 
 /// Asserts that every event was answered, and returns the counters.
 fn all_answered(v: &serde_json::Value) {
-    assert_eq!(num(v, "events"), num(v, "allowed") + num(v, "denied"), "{v}");
+    assert_eq!(
+        num(v, "events"),
+        num(v, "allowed") + num(v, "denied"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -293,7 +324,10 @@ fn every_file_of_several_layers_reads_back_and_remount_does_no_refetch() {
     all_answered(&first);
     assert_eq!(num(&first, "denied"), 0, "{first}");
     assert!(num(&first, "chunks_fetched") > 0, "{first}");
-    assert!(num(&first, "unmarked") >= 3, "every blob was read whole: {first}");
+    assert!(
+        num(&first, "unmarked") >= 3,
+        "every blob was read whole: {first}"
+    );
     for (id, _) in &s.layers {
         assert!(!mounted(&s.mnt.join(id)), "unmounted on SIGTERM");
     }
@@ -308,8 +342,16 @@ fn every_file_of_several_layers_reads_back_and_remount_does_no_refetch() {
     drop_caches();
     check_all(&s);
     let second = d.stop();
-    assert_eq!(num(&second, "chunks_fetched"), 0, "remount refetched: {second}");
-    assert_eq!(num(&second, "events"), 0, "complete blobs are not marked: {second}");
+    assert_eq!(
+        num(&second, "chunks_fetched"),
+        0,
+        "remount refetched: {second}"
+    );
+    assert_eq!(
+        num(&second, "events"),
+        0,
+        "complete blobs are not marked: {second}"
+    );
 }
 
 #[test]
@@ -344,7 +386,11 @@ fn concurrent_readers_at_random_offsets() {
                     let f = fs::File::open(path).unwrap();
                     let mut buf = vec![0u8; len];
                     f.read_exact_at(&mut buf, off as u64).unwrap();
-                    assert!(buf == want[off..off + len], "{} at {off}+{len}", path.display());
+                    assert!(
+                        buf == want[off..off + len],
+                        "{} at {off}+{len}",
+                        path.display()
+                    );
                 }
             })
         })
@@ -371,7 +417,11 @@ fn a_corrupt_chunk_gives_eio_and_everything_else_is_served() {
         let e = table.entries()[20];
         let loc = e.loc.unwrap();
         let pack = store.pack_path(loc.pack);
-        let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .unwrap();
         let at = loc.offset + 48 + u64::from(loc.stored_len) / 2;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
@@ -404,7 +454,10 @@ fn a_corrupt_chunk_gives_eio_and_everything_else_is_served() {
         [(a, x), (b, y)] => a == b && x + 1 == *y,
         _ => false,
     };
-    assert!(ok, "only the corrupt chunk (blob offset {victim}) fails: {failed:?}");
+    assert!(
+        ok,
+        "only the corrupt chunk (blob offset {victim}) fails: {failed:?}"
+    );
     let st = d.stop();
     all_answered(&st);
     assert!(num(&st, "denied") >= 1, "{st}");
@@ -427,7 +480,8 @@ fn marks_come_before_mounts_and_shutdown_unmounts_first() {
     let f = fs::File::open(&store_blob).unwrap();
     let size = f.metadata().unwrap().len();
     // SAFETY: lseek on an open fd.
-    let first_hole = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_HOLE) };
+    let first_hole =
+        unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_HOLE) };
     assert!((first_hole as u64) < size, "blob is sparse at mount time");
     drop(f);
     let want = &files["random.bin"];
@@ -437,11 +491,18 @@ fn marks_come_before_mounts_and_shutdown_unmounts_first() {
     // the group with the holder (exits with an error), and the mount keeps working.
     let busy = fs::File::open(s.mnt.join(id).join("dir/text.txt")).unwrap();
     let pid = d.pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let mut d = d;
     let status = d.child.take().unwrap().wait().unwrap();
     assert!(!status.success(), "a busy mount makes shutdown fail loudly");
-    assert!(holder_alive(&s), "the holder keeps the group while a mount is busy");
+    assert!(
+        holder_alive(&s),
+        "the holder keeps the group while a mount is busy"
+    );
     assert!(mounted(&s.mnt.join(id)));
     // A successor takes over the live mount and serves it.
     let d = Daemon::start(&s, &[]);
@@ -560,7 +621,14 @@ fn kill_9_loop_never_shows_wrong_bytes() {
     let deadline = Instant::now() + Duration::from_secs(60);
     for r in readers {
         while !r.is_finished() {
-            assert!(Instant::now() < deadline, "a reader is stuck: {:?}", progress.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>());
+            assert!(
+                Instant::now() < deadline,
+                "a reader is stuck: {:?}",
+                progress
+                    .iter()
+                    .map(|p| p.load(Ordering::Relaxed))
+                    .collect::<Vec<_>>()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         r.join().unwrap();
@@ -571,7 +639,11 @@ fn kill_9_loop_never_shows_wrong_bytes() {
         eio.load(Ordering::Relaxed),
         mismatches.load(Ordering::Relaxed)
     );
-    assert_eq!(mismatches.load(Ordering::Relaxed), 0, "a reader saw wrong bytes");
+    assert_eq!(
+        mismatches.load(Ordering::Relaxed),
+        0,
+        "a reader saw wrong bytes"
+    );
     assert!(reads.load(Ordering::Relaxed) > 0);
     // After the storm, everything reads back exactly.
     drop_caches();

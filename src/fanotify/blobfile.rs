@@ -42,7 +42,10 @@ pub fn check_cache_fs(dir: &Path) -> Result<(), FanotifyError> {
     })?;
     let magic = st.filesystem_type().0 as i64;
     let magic32 = magic as u32 as i32 as i64;
-    if SUPPORTED_FS.iter().any(|(m, _)| *m == magic || *m == magic32) {
+    if SUPPORTED_FS
+        .iter()
+        .any(|(m, _)| *m == magic || *m == magic32)
+    {
         return Ok(());
     }
     Err(FanotifyError::UnsupportedFs {
@@ -164,7 +167,8 @@ impl PageMap {
 
     /// Whether page `p` holds data.
     pub fn get(&self, p: u64) -> bool {
-        p < self.pages && self.bits[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+        p < self.pages
+            && self.bits[(p / 64) as usize].load(Ordering::Acquire) & (1 << (p % 64)) != 0
     }
 
     /// True when every page of `[first, end)` holds data.
@@ -225,7 +229,14 @@ mod tests {
     fn set_and_all_agree_with_a_naive_model() {
         let m = PageMap::new(300 * PAGE_BYTES);
         let mut model = vec![false; 300];
-        for (a, b) in [(0u64, 1u64), (5, 70), (63, 65), (128, 192), (250, 300), (70, 70)] {
+        for (a, b) in [
+            (0u64, 1u64),
+            (5, 70),
+            (63, 65),
+            (128, 192),
+            (250, 300),
+            (70, 70),
+        ] {
             m.set(a, b);
             for x in model.iter_mut().take(b as usize).skip(a as usize) {
                 *x = true;

@@ -120,7 +120,10 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
                 continue;
             }
             // A mount whose group is gone may have read holes as zeros: never reuse it.
-            tracing::warn!("{} was mounted under a lost group; detaching it", mnt.display());
+            tracing::warn!(
+                "{} was mounted under a lost group; detaching it",
+                mnt.display()
+            );
             let _ = unmount(&mnt, true);
         }
         let devices: Vec<PathBuf> = layer
@@ -132,10 +135,13 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("layer {}: blob {id} is not served", layer.diff_id))
             })
             .collect::<anyhow::Result<_>>()?;
-        let image = args.root.join("layers").join(format!("{}.erofs", layer.id_hex()));
+        let image = args
+            .root
+            .join("layers")
+            .join(format!("{}.erofs", layer.id_hex()));
         if let Err(e) = mount_erofs(&image, &devices, &mnt) {
             unmount_all(&mounted);
-            drop(fe.shutdown(false));
+            let _ = fe.shutdown(false);
             return Err(e.into());
         }
         mounted.push(mnt);
@@ -169,7 +175,10 @@ pub fn serve_local(args: &ServeArgs) -> anyhow::Result<()> {
             let _ = unmount(&mnt, true);
         }
         let devices: Vec<PathBuf> = layer.blobs.iter().map(|id| blobs[id].clone()).collect();
-        let image = args.root.join("layers").join(format!("{}.erofs", layer.id_hex()));
+        let image = args
+            .root
+            .join("layers")
+            .join(format!("{}.erofs", layer.id_hex()));
         if let Err(e) = mount_erofs(&image, &devices, &mnt) {
             unmount_all(&mounted);
             return Err(e.into());

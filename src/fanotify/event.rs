@@ -3,8 +3,8 @@
 //! the buffer: a bad buffer gives an error, never a panic or an out-of-bounds read.
 
 use super::sys::{
-    EVENT_METADATA_BYTES, FANOTIFY_METADATA_VERSION, FAN_EVENT_INFO_TYPE_RANGE,
-    INFO_HEADER_BYTES, INFO_RANGE_BYTES,
+    EVENT_METADATA_BYTES, FANOTIFY_METADATA_VERSION, FAN_EVENT_INFO_TYPE_RANGE, INFO_HEADER_BYTES,
+    INFO_RANGE_BYTES,
 };
 
 /// One event, as far as the front end cares.
@@ -128,7 +128,12 @@ pub fn parse(buf: &[u8], out: &mut Vec<Event>) -> Result<(), ParseError> {
 
 /// Encodes an event as the kernel would (for tests and fuzzing).
 pub fn encode(ev: &Event, out: &mut Vec<u8>) {
-    let len = EVENT_METADATA_BYTES + if ev.range.is_some() { INFO_RANGE_BYTES } else { 0 };
+    let len = EVENT_METADATA_BYTES
+        + if ev.range.is_some() {
+            INFO_RANGE_BYTES
+        } else {
+            0
+        };
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.push(FANOTIFY_METADATA_VERSION);
     out.push(0);
@@ -164,11 +169,7 @@ mod tests {
 
     #[test]
     fn parses_a_batch_with_and_without_ranges() {
-        let evs = [
-            ev(5, Some((4096, 65536))),
-            ev(6, None),
-            ev(7, Some((0, 1))),
-        ];
+        let evs = [ev(5, Some((4096, 65536))), ev(6, None), ev(7, Some((0, 1)))];
         let mut buf = Vec::new();
         for e in &evs {
             encode(e, &mut buf);
@@ -200,11 +201,17 @@ mod tests {
 
         let mut too_long = good.clone();
         too_long[0..4].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(parse(&too_long, &mut out), Err(ParseError::BadLength { .. })));
+        assert!(matches!(
+            parse(&too_long, &mut out),
+            Err(ParseError::BadLength { .. })
+        ));
 
         let mut too_short = good.clone();
         too_short[0..4].copy_from_slice(&8u32.to_le_bytes());
-        assert!(matches!(parse(&too_short, &mut out), Err(ParseError::BadLength { .. })));
+        assert!(matches!(
+            parse(&too_short, &mut out),
+            Err(ParseError::BadLength { .. })
+        ));
 
         let mut meta_past_event = good.clone();
         meta_past_event[6..8].copy_from_slice(&200u16.to_le_bytes());
@@ -212,9 +219,15 @@ mod tests {
 
         let mut version = good.clone();
         version[4] = 2;
-        assert!(matches!(parse(&version, &mut out), Err(ParseError::Version { .. })));
+        assert!(matches!(
+            parse(&version, &mut out),
+            Err(ParseError::Version { .. })
+        ));
 
-        assert!(matches!(parse(&good[..10], &mut out), Err(ParseError::Short { .. })));
+        assert!(matches!(
+            parse(&good[..10], &mut out),
+            Err(ParseError::Short { .. })
+        ));
 
         // An info record whose length runs past the event: the event stays, rangeless.
         let mut bad_info = good.clone();

@@ -147,14 +147,14 @@ impl PackFiller {
             digest: e.digest.to_string(),
             offset: e.blob_offset,
         })?;
-        let (path, file) = self
-            .packs
-            .files
-            .get(&loc.pack)
-            .ok_or_else(|| FillError::MissingPack {
-                blob: blob.id().to_string(),
-                pack: loc.pack,
-            })?;
+        let (path, file) =
+            self.packs
+                .files
+                .get(&loc.pack)
+                .ok_or_else(|| FillError::MissingPack {
+                    blob: blob.id().to_string(),
+                    pack: loc.pack,
+                })?;
         let want = loc.record_len();
         let n = read_full_at(file, &mut self.record[..want], loc.offset).map_err(|source| {
             FillError::Read {
@@ -221,7 +221,10 @@ pub fn write_all_at(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote 0 bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwrite wrote 0 bytes",
+            ));
         }
         buf = &buf[n as usize..];
         offset += n as u64;

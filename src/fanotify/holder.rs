@@ -213,7 +213,10 @@ pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
                     drop(unsafe { OwnedFd::from_raw_fd(ev.fd) });
                 }
             }
-            tracing::error!(events = evs.len(), "fanotify holder: no daemon; answered EIO");
+            tracing::error!(
+                events = evs.len(),
+                "fanotify holder: no daemon; answered EIO"
+            );
             continue;
         }
         if listen_ready && !matches!(state, State::Attached(_)) {

@@ -83,7 +83,10 @@ pub fn import_erofs(
     }
     let diff_id = format!("sha256:{}", hex::encode(sha.finalize()));
     let id = blob_id(&encode_table(&entries));
-    let tmp = store.root().join("layers").join(format!(".import-{}", std::process::id()));
+    let tmp = store
+        .root()
+        .join("layers")
+        .join(format!(".import-{}", std::process::id()));
     fs::write(&tmp, &image_bytes).map_err(io_err(&tmp))?;
     let record = LayerRecord {
         diff_id,

@@ -65,7 +65,8 @@ impl Journal {
     /// Creates a new zeroed journal memfd (the holder does this once per group).
     pub fn create() -> io::Result<OwnedFd> {
         // SAFETY: the name is a NUL-terminated literal; on success the fd is new.
-        let fd = unsafe { libc::memfd_create(c"dedupd-fanotify-journal".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd =
+            unsafe { libc::memfd_create(c"dedupd-fanotify-journal".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -116,7 +117,10 @@ impl Journal {
         };
         let magic = j.word(0).load(Ordering::Acquire);
         if magic != MAGIC && magic != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "journal has a bad magic"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "journal has a bad magic",
+            ));
         }
         Ok(j)
     }

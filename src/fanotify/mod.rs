@@ -38,8 +38,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -123,7 +123,13 @@ pub fn probe(cache_dir: &Path) -> Result<(), Reason> {
     })?;
     let path = cache_dir.join(format!(".probe-{}", std::process::id()));
     let f = File::create(&path).map_err(|e| Reason(format!("{}: {e}", path.display())))?;
-    let r = sys::mark(group.as_fd(), sys::FAN_MARK_ADD, sys::FAN_PRE_ACCESS, f.as_fd()).map_err(|e| {
+    let r = sys::mark(
+        group.as_fd(),
+        sys::FAN_MARK_ADD,
+        sys::FAN_PRE_ACCESS,
+        f.as_fd(),
+    )
+    .map_err(|e| {
         Reason(format!(
             "fanotify_mark(FAN_PRE_ACCESS) on {}: {e} (needs Linux 6.14+)",
             path.display()
@@ -512,9 +518,7 @@ enum Answer {
 impl Shared {
     fn blob_of_fd(&self, fd: BorrowedFd<'_>) -> Option<usize> {
         let st = nix::sys::stat::fstat(fd).ok()?;
-        self.by_inode
-            .get(&(st.st_dev, st.st_ino))
-            .copied()
+        self.by_inode.get(&(st.st_dev, st.st_ino)).copied()
     }
 
     /// Answers what a dead daemon left: journaled events are filled (through the blob's
@@ -545,7 +549,10 @@ impl Shared {
             .recovered_orphans
             .fetch_add(orphans, Ordering::Relaxed);
         if orphans > 0 {
-            tracing::warn!(orphans, "denied (EIO) events a dead daemon read but had not journaled");
+            tracing::warn!(
+                orphans,
+                "denied (EIO) events a dead daemon read but had not journaled"
+            );
         }
     }
 

@@ -35,7 +35,12 @@ pub fn mount_erofs(image: &Path, devices: &[PathBuf], mnt: &Path) -> io::Result<
         MsFlags::MS_RDONLY,
         Some(data.as_str()),
     )
-    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("mounting {} on {}: {e}", image.display(), mnt.display())))
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("mounting {} on {}: {e}", image.display(), mnt.display()),
+        )
+    })
 }
 
 /// Whether something is mounted exactly at `mnt`.
