@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// How long the holder keeps the group for a successor before failing reads with EIO.
     #[arg(long, default_value_t = 30_000)]
     pub grace_ms: u64,
+    /// Keep complete blobs marked (benchmarks: the cost of events on filled ranges).
+    #[arg(long, hide = true)]
+    pub keep_marks: bool,
 }
 
 /// `dedupd fanotify-holder` arguments (started by `serve-fanotify`).
@@ -96,6 +99,7 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         workers: args.workers,
         grace: Duration::from_millis(args.grace_ms),
         holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
+        unmark_complete: !args.keep_marks,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;
     let st = fe.stats();

@@ -151,6 +151,9 @@ pub struct Options {
     pub grace: Duration,
     /// The `dedupd` binary, to start the holder (`dedupd fanotify-holder`).
     pub holder_exe: PathBuf,
+    /// Unmark blobs once complete (always, except to measure the cost of events on
+    /// filled ranges).
+    pub unmark_complete: bool,
 }
 
 /// Counters, as `serve-fanotify` prints them on exit.
@@ -217,6 +220,7 @@ struct Shared {
     packs: Arc<Packs>,
     counters: Counters,
     continued: bool,
+    unmark_complete: bool,
 }
 
 /// The running front end.
@@ -366,7 +370,7 @@ impl FanotifyFrontEnd {
             })?;
             by_inode.insert((md.dev(), md.ino()), i);
             by_id.insert(b.id_bin, i);
-            if b.map.complete() {
+            if b.map.complete() && opts.unmark_complete {
                 // Complete from an earlier run: no events at all.
                 let _ = sys::mark(
                     att.group.as_fd(),
@@ -405,6 +409,7 @@ impl FanotifyFrontEnd {
             packs: packs.clone(),
             counters: Counters::default(),
             continued,
+            unmark_complete: opts.unmark_complete,
         });
         shared.recover(&mut PackFiller::new(packs.clone()));
         let mut workers = Vec::new();
@@ -731,7 +736,7 @@ impl Shared {
             }
             i = j;
         }
-        if b.map.complete() && b.marked.swap(false, Ordering::AcqRel) {
+        if self.unmark_complete && b.map.complete() && b.marked.swap(false, Ordering::AcqRel) {
             match sys::mark(
                 self.group.as_fd(),
                 sys::FAN_MARK_REMOVE,
