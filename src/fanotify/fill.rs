@@ -155,22 +155,23 @@ impl PackFiller {
         target: BorrowedFd<'_>,
     ) -> Result<u64, FillError> {
         let first = run[0].loc.expect("runs hold located entries");
-        let (path, file) = self
-            .packs
-            .files
-            .get(&first.pack)
-            .ok_or_else(|| FillError::MissingPack {
-                blob: blob.id().to_string(),
-                pack: first.pack,
-            })?;
+        let (path, file) =
+            self.packs
+                .files
+                .get(&first.pack)
+                .ok_or_else(|| FillError::MissingPack {
+                    blob: blob.id().to_string(),
+                    pack: first.pack,
+                })?;
         let last = run[run.len() - 1].loc.expect("located");
         let rec_bytes = (last.offset + last.record_len() as u64 - first.offset) as usize;
-        let n = read_full_at(file, &mut self.record[..rec_bytes], first.offset).map_err(
-            |source| FillError::Read {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        let n =
+            read_full_at(file, &mut self.record[..rec_bytes], first.offset).map_err(|source| {
+                FillError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let mut out_at = 0usize;
         for e in run {
             let loc = e.loc.expect("located");
@@ -340,7 +341,9 @@ mod tests {
         let chunks: Vec<Vec<u8>> = (0..40u32)
             .map(|i| {
                 let len = if i % 7 == 3 { 5000 } else { 65536 };
-                (0..len).map(|k| (k as u32 ^ i.wrapping_mul(2654435761)) as u8).collect()
+                (0..len)
+                    .map(|k| (k as u32 ^ i.wrapping_mul(2654435761)) as u8)
+                    .collect()
             })
             .collect();
         let (store, reg, id) = store_with(dir.path(), &chunks);
@@ -392,10 +395,15 @@ mod tests {
             .open(&fresh)
             .unwrap();
         out2.set_len(t.size_bytes()).unwrap();
-        let err = filler.fill(&t, 0, t.size_bytes(), out2.as_fd()).unwrap_err();
+        let err = filler
+            .fill(&t, 0, t.size_bytes(), out2.as_fd())
+            .unwrap_err();
         assert!(matches!(err, FillError::Corrupt { .. }), "{err}");
         let mut slot = vec![0u8; e.slot_len() as usize];
         out2.read_exact_at(&mut slot, e.blob_offset).unwrap();
-        assert!(slot.iter().all(|&x| x == 0), "no byte of a corrupt chunk is written");
+        assert!(
+            slot.iter().all(|&x| x == 0),
+            "no byte of a corrupt chunk is written"
+        );
     }
 }
