@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dedupd::fanotify::journal::{self, Journal};
+use dedupd::fanotify::respond::Responder;
 use dedupd::fanotify::{event, sys};
 use io_uring::{opcode, types, IoUring};
 
@@ -174,6 +176,38 @@ fn uring(rig: &Rig, ring: &mut IoUring, events: u64) -> Duration {
     t.elapsed()
 }
 
+/// The worker's own path: poll + read(2), then [`Responder`] (journal slots cleared
+/// between the response and the close, as in the daemon).
+fn responder(rig: &Rig, r: &mut Responder, journal: &Journal, events: u64) -> Duration {
+    let mut buf = vec![0u8; 64 * 24];
+    let mut evs = Vec::with_capacity(64);
+    let t = Instant::now();
+    let mut done = 0;
+    while done < events {
+        wait_readable(rig.group.as_fd());
+        let Ok(n) = nix::unistd::read(&rig.group, &mut buf) else {
+            continue;
+        };
+        evs.clear();
+        event::parse(&buf[..n], &mut evs).unwrap();
+        for (i, e) in evs.iter().enumerate() {
+            journal.record(
+                i,
+                &journal::Entry {
+                    fd: e.fd,
+                    offset: 0,
+                    count: 0,
+                    blob: [0; 32],
+                },
+            );
+            r.answer(rig.group.as_fd(), journal, i, e.fd, sys::FAN_ALLOW);
+        }
+        r.finish(rig.group.as_fd(), journal);
+        done += evs.len() as u64;
+    }
+    t.elapsed()
+}
+
 fn bench(c: &mut Criterion) {
     let Some(rig) = Rig::new() else {
         return;
@@ -187,6 +221,15 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("io_uring_batched", |b| {
         b.iter_custom(|n| uring(&rig, &mut ring, n))
+    });
+    let journal = Journal::map(Journal::create().unwrap()).unwrap();
+    let mut plain_r = Responder::new(false);
+    g.bench_function("worker_responder_plain", |b| {
+        b.iter_custom(|n| responder(&rig, &mut plain_r, &journal, n))
+    });
+    let mut uring_r = Responder::new(true);
+    g.bench_function("worker_responder_io_uring", |b| {
+        b.iter_custom(|n| responder(&rig, &mut uring_r, &journal, n))
     });
     g.finish();
     drop(rig);

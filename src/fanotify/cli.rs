@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Keep complete blobs marked (benchmarks: the cost of events on filled ranges).
     #[arg(long, hide = true)]
     pub keep_marks: bool,
+    /// Answer events with write(2) each instead of batching through io_uring.
+    #[arg(long, hide = true)]
+    pub plain_responses: bool,
 }
 
 /// `dedupd fanotify-holder` arguments (started by `serve-fanotify`).
@@ -100,6 +103,7 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         grace: Duration::from_millis(args.grace_ms),
         holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
         unmark_complete: !args.keep_marks,
+        uring_responses: !args.plain_responses,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;
     let st = fe.stats();

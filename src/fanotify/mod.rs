@@ -31,12 +31,13 @@ pub mod import;
 pub mod journal;
 pub mod local;
 pub mod mount;
+pub mod respond;
 pub mod sys;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,7 @@ use serde::Serialize;
 use self::blobfile::{PageMap, PAGE_BYTES};
 use self::fill::{Filler, PackFiller, Packs};
 use self::journal::{Entry, Journal, SLOTS};
+use self::respond::Responder;
 use crate::store::{BlobSource, BlobTable, Registry};
 
 /// Events read per `read(2)`: the buffer holds at most this many (an event is at least
@@ -154,6 +156,8 @@ pub struct Options {
     /// Unmark blobs once complete (always, except to measure the cost of events on
     /// filled ranges).
     pub unmark_complete: bool,
+    /// Write responses through a per-worker io_uring, batched (else write(2) each).
+    pub uring_responses: bool,
 }
 
 /// Counters, as `serve-fanotify` prints them on exit.
@@ -221,6 +225,7 @@ struct Shared {
     counters: Counters,
     continued: bool,
     unmark_complete: bool,
+    uring_responses: bool,
 }
 
 /// The running front end.
@@ -410,6 +415,7 @@ impl FanotifyFrontEnd {
             counters: Counters::default(),
             continued,
             unmark_complete: opts.unmark_complete,
+            uring_responses: opts.uring_responses,
         });
         shared.recover(&mut PackFiller::new(packs.clone()));
         let mut workers = Vec::new();
@@ -562,6 +568,7 @@ impl Shared {
     }
 
     fn worker(&self, w: usize, mut filler: PackFiller) {
+        let mut responder = Responder::new(self.uring_responses);
         let mut buf = vec![0u8; EVENTS_PER_READ * sys::EVENT_METADATA_BYTES];
         let mut evs = Vec::with_capacity(EVENTS_PER_READ);
         let mut stopping = false;
@@ -597,11 +604,17 @@ impl Shared {
             if let Err(e) = event::parse(&buf[..n], &mut evs) {
                 tracing::error!("fanotify event buffer: {e}");
             }
-            self.handle_batch(w, &evs, &mut filler);
+            self.handle_batch(w, &evs, &mut filler, &mut responder);
         }
     }
 
-    fn handle_batch(&self, w: usize, evs: &[event::Event], filler: &mut PackFiller) {
+    fn handle_batch(
+        &self,
+        w: usize,
+        evs: &[event::Event],
+        filler: &mut PackFiller,
+        responder: &mut Responder,
+    ) {
         // Journal the whole batch before filling anything.
         let mut todo: Vec<(usize, &event::Event, Option<usize>)> = Vec::with_capacity(evs.len());
         for (i, ev) in evs.iter().enumerate().take(EVENTS_PER_READ) {
@@ -634,6 +647,10 @@ impl Shared {
                 _ if ev.mask & sys::FAN_PRE_ACCESS == 0 => Answer::Deny,
                 (Some(bi), Some((offset, count))) => {
                     self.adopt_writer(bi, fd);
+                    if !self.is_filled(bi, offset, count) {
+                        // Readers answered so far must not wait for this fill.
+                        responder.flush();
+                    }
                     self.fill_range(bi, offset, count, fd, filler)
                 }
                 _ => Answer::Deny,
@@ -651,13 +668,16 @@ impl Shared {
                     sys::FAN_DENY_EIO
                 }
             };
-            if let Err(e) = sys::respond(self.group.as_fd(), ev.fd, response) {
-                tracing::error!(fd = ev.fd, "fanotify response: {e}");
-            }
-            self.journal.clear(slot);
-            // SAFETY: we own the event fd (installed by our read); closed exactly once.
-            drop(unsafe { OwnedFd::from_raw_fd(ev.fd as RawFd) });
+            responder.answer(self.group.as_fd(), &self.journal, slot, ev.fd, response);
         }
+        responder.finish(self.group.as_fd(), &self.journal);
+    }
+
+    /// True when every page of the range is filled already.
+    fn is_filled(&self, bi: usize, offset: u64, count: u64) -> bool {
+        let b = &self.blobs[bi];
+        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES))
     }
 
     /// Keeps a dup of the first event fd of a blob as its write fd, and gives it to the
