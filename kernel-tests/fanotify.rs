@@ -651,3 +651,70 @@ fn kill_9_loop_never_shows_wrong_bytes() {
     let st = d.stop();
     all_answered(&st);
 }
+
+/// The kernel facts the crash design rests on, checked on this kernel: a permission
+/// event stays pending after the fd it was delivered with is closed (as when its reader
+/// dies), any holder of the group can answer it by that fd *number*, and the orphan
+/// probe answers it with EIO.
+#[test]
+fn pending_events_outlive_their_reader_and_are_answered_by_fd_number() {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    use dedupd::fanotify::{event, holder, journal::Journal, sys};
+    if !can_run("pending_events_outlive_their_reader") {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.path().join("marked");
+    let f = fs::File::create(&path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let group = sys::init_group().unwrap();
+    sys::mark(
+        group.as_fd(),
+        sys::FAN_MARK_ADD,
+        sys::FAN_PRE_ACCESS,
+        f.as_fd(),
+    )
+    .unwrap();
+    let read_one = |g: &OwnedFd| -> event::Event {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "no event");
+            if let Ok(n) = nix::unistd::read(g, &mut buf) {
+                let mut evs = Vec::new();
+                event::parse(&buf[..n], &mut evs).unwrap();
+                assert_eq!(evs.len(), 1);
+                return evs[0];
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for (response, want_ok) in [(sys::FAN_ALLOW, true), (sys::FAN_DENY_EIO, false)] {
+        let p = path.clone();
+        let reader = std::thread::spawn(move || {
+            let f = fs::File::open(&p).unwrap();
+            let mut b = [0u8; 10];
+            f.read_at(&mut b, 8192).map_err(|e| e.raw_os_error())
+        });
+        let ev = read_one(&group);
+        assert_eq!(ev.range.map(|r| r.0), Some(8192));
+        // The "dead daemon" closes its event fd without answering.
+        // SAFETY: the fd was installed for us by the read; closed once.
+        drop(unsafe { OwnedFd::from_raw_fd(ev.fd) });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !reader.is_finished(),
+            "the event stays pending after its fd closed"
+        );
+        if want_ok {
+            assert!(sys::respond(group.as_fd(), ev.fd, response).unwrap());
+            assert_eq!(reader.join().unwrap(), Ok(10));
+        } else {
+            let journal = Journal::map(Journal::create().unwrap()).unwrap();
+            journal.raise_probe_fd_limit(1024);
+            assert_eq!(holder::probe_orphans(group.as_fd(), &journal), 1);
+            assert_eq!(reader.join().unwrap(), Err(Some(libc::EIO)));
+        }
+    }
+}
