@@ -126,6 +126,18 @@ enum State {
 /// Runs the holder until a daemon says `BYE`. Creates the group and the journal,
 /// listens on `socket_path`.
 pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
+    // A holder that dies on a stray signal closes the group and exposes holes as zeros:
+    // it ends only on BYE (or SIGKILL, which an operator sends after unmounting).
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGPIPE,
+    ] {
+        // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety
+        // concern arises.
+        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }?;
+    }
     let group = sys::init_group()?;
     let journal_fd = Journal::create()?;
     let journal = Journal::map(journal_fd.try_clone()?)?;
