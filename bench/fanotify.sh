@@ -2,11 +2,11 @@
 # fanotify front end vs the same image fully materialized and mounted locally (the
 # limit), on this machine's kernel, side by side in one run. As root:
 #
-#   bench/fanotify.sh [DATA_MIB]      (default 512)
+#   [ROUNDS=5] [SOURCE=mem|disk] bench/fanotify.sh [DATA_MIB]      (default 512)
 #
 # Builds the release binary, makes one layer of DATA_MIB of random data in 4 files with
 # mkfs.erofs --chunksize=65536 --blobdev, imports it into a fresh store, and runs fio
-# (buffered, page cache dropped before every run):
+# (buffered; see prep() for what is cached before each run):
 #   seq128k  sequential 128 KiB reads of every file
 #   rand4k   random 4 KiB reads (io_size DATA_MIB/8)
 # for: local (materialized blobs), fanotify cold (empty sparse blobs), fanotify warm
@@ -47,13 +47,15 @@ stop() {
   kill -TERM "$DAEMON"; cat <&"$DOUT" >"$W/last-stats" || true; wait "$DAEMON" || true; DAEMON=
 }
 files() { local d; d=$(ls -d "$W"/mnt/*); echo "$d/f0:$d/f1:$d/f2:$d/f3"; }
-cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-# This machine is a VM whose disk is cached by the host: the guest's drop_caches does
-# not reach that cache, so which file happens to be in it would decide the result.
-# Before every run the source of that run's bytes (the local blob, the packs, or the
-# filled fanotify blob) is read once, with no daemon running, so every run reads from
-# an equally warm host cache and an empty guest page cache.
-prewarm() { cat "$@" >/dev/null; }
+# prep FILES...: empties the guest page cache, then (SOURCE=mem, the default) reads the
+# source of the next run's bytes -- the local blob, the packs, or the filled fanotify
+# blob -- back into it, with no daemon running. Every mount starts with an empty page
+# cache of its own. SOURCE=mem measures the front end's own cost against the same bytes
+# served from memory. SOURCE=disk leaves the sources uncached; on this VM the disk sits
+# on the host's page cache, which the guest cannot drop, so disk numbers mostly measure
+# which file the host happened to keep.
+SOURCE=${SOURCE:-mem}
+prep() { sync; echo 3 >/proc/sys/vm/drop_caches; [ "$SOURCE" = mem ] && cat "$@" >/dev/null; true; }
 fio_run() { # fio_run NAME: prints MiB/s
   local args=(--name=b --readonly --ioengine=psync --filename="$(files)" --output-format=json)
   case $1 in
@@ -67,23 +69,23 @@ declare -A R   # R[run,test] = space-separated MiB/s of every round
 start local; stop   # materialize the local blobs once
 for round in $(seq "$ROUNDS"); do
   for t in seq128k rand4k; do
-    prewarm "$W"/root/local/*
-    start local; cold; R[local,$t]+="$(fio_run $t) "; stop
+    prep "$W"/root/local/*
+    start local; R[local,$t]+="$(fio_run $t) "; stop
     rm -rf "$W/root/fanotify/blobs"
-    prewarm "$W"/root/chunks/*.pack
-    start fanotify; cold; R[cold,$t]+="$(fio_run $t) "; stop
+    prep "$W"/root/chunks/*.pack
+    start fanotify; R[cold,$t]+="$(fio_run $t) "; stop
     # Warm: blobs complete on disk, page cache dropped; first with marks kept (every
     # read raises an event answered from the page map), then unmarked.
     start fanotify; cat "$W"/mnt/*/f* >/dev/null; stop
-    prewarm "$W"/root/fanotify/blobs/*
-    start fanotify --keep-marks; cold; R[warm_marked,$t]+="$(fio_run $t) "; stop
+    prep "$W"/root/fanotify/blobs/*
+    start fanotify --keep-marks; R[warm_marked,$t]+="$(fio_run $t) "; stop
     cp "$W/last-stats" "$W/stats-warm-marked-$t"
-    prewarm "$W"/root/fanotify/blobs/*
-    start fanotify; cold; R[warm_unmarked,$t]+="$(fio_run $t) "; stop
+    prep "$W"/root/fanotify/blobs/*
+    start fanotify; R[warm_unmarked,$t]+="$(fio_run $t) "; stop
   done
 done
 med() { python3 -c "import statistics,sys; print('%.1f' % statistics.median(map(float, sys.argv[1:])))" $1; }
-echo "data: ${MIB} MiB random in 4 files, chunk 64 KiB, $(uname -r), $(nproc) CPUs, median of $ROUNDS interleaved rounds"
+echo "data: ${MIB} MiB random in 4 files, chunk 64 KiB, $(uname -r), $(nproc) CPUs, SOURCE=$SOURCE, median of $ROUNDS interleaved rounds"
 printf '%-30s %16s %16s\n' "run (MiB/s)" "seq128k" "rand4k"
 for k in local cold warm_marked warm_unmarked; do
   printf '%-30s %16s %16s\n' "$k" "$(med "${R[$k,seq128k]}")" "$(med "${R[$k,rand4k]}")"

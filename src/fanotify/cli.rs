@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Answer events with write(2) each instead of batching through io_uring.
     #[arg(long, hide = true)]
     pub plain_responses: bool,
+    /// Do not fill ahead of sequential readers.
+    #[arg(long, hide = true)]
+    pub no_prefetch: bool,
 }
 
 /// `dedupd fanotify-holder` arguments (started by `serve-fanotify`).
@@ -104,6 +107,7 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
         unmark_complete: !args.keep_marks,
         uring_responses: !args.plain_responses,
+        prefetch: !args.no_prefetch,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;
     let st = fe.stats();

@@ -158,6 +158,8 @@ pub struct Options {
     pub unmark_complete: bool,
     /// Write responses through a per-worker io_uring, batched (else write(2) each).
     pub uring_responses: bool,
+    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]) on a separate thread.
+    pub prefetch: bool,
 }
 
 /// Counters, as `serve-fanotify` prints them on exit.
@@ -210,7 +212,14 @@ struct Blob {
     /// A write fd on which writes raise no events (a dup of an event fd), kept by the
     /// holder for successors, which need it to fill ranges left in the journal.
     writer: OnceLock<OwnedFd>,
+    /// End of the last event range: an event starting there is sequential.
+    next_seq: AtomicU64,
 }
+
+/// How far ahead of a sequential reader the prefetcher fills.
+pub const PREFETCH_BYTES: u64 = 4 << 20;
+/// Prefetch requests queued at most (dropped when full: prefetch is only a hint).
+const PREFETCH_QUEUE: usize = 16;
 
 struct Shared {
     group: OwnedFd,
@@ -226,6 +235,8 @@ struct Shared {
     continued: bool,
     unmark_complete: bool,
     uring_responses: bool,
+    /// Ranges to fill ahead of sequential readers (blob index, offset, length).
+    prefetch: Option<crossbeam_channel::Sender<(usize, u64, u64)>>,
 }
 
 /// The running front end.
@@ -364,6 +375,7 @@ impl FanotifyFrontEnd {
                 map,
                 marked: AtomicBool::new(false),
                 writer,
+                next_seq: AtomicU64::new(u64::MAX),
             });
         }
         let mut by_inode = HashMap::new();
@@ -402,6 +414,12 @@ impl FanotifyFrontEnd {
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
         )
         .map_err(|e| kerr("eventfd")(e.into()))?;
+        let (prefetch_tx, prefetch_rx) = if opts.prefetch {
+            let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             group: att.group,
             journal,
@@ -416,6 +434,7 @@ impl FanotifyFrontEnd {
             continued,
             unmark_complete: opts.unmark_complete,
             uring_responses: opts.uring_responses,
+            prefetch: prefetch_tx,
         });
         shared.recover(&mut PackFiller::new(packs.clone()));
         let mut workers = Vec::new();
@@ -427,6 +446,16 @@ impl FanotifyFrontEnd {
                     .name(format!("fanotify-{w}"))
                     .spawn(move || s.worker(w, filler))
                     .map_err(kerr("spawning a worker"))?,
+            );
+        }
+        if let Some(rx) = prefetch_rx {
+            let s = shared.clone();
+            let filler = PackFiller::new(packs.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name("fanotify-prefetch".into())
+                    .spawn(move || s.prefetcher(rx, filler))
+                    .map_err(kerr("spawning the prefetcher"))?,
             );
         }
         let fe = FanotifyFrontEnd { shared, workers };
@@ -651,7 +680,9 @@ impl Shared {
                         // Readers answered so far must not wait for this fill.
                         responder.flush();
                     }
-                    self.fill_range(bi, offset, count, fd, filler)
+                    let answer = self.fill_range(bi, offset, count, fd, filler);
+                    self.note_sequential(bi, offset, count);
+                    answer
                 }
                 _ => Answer::Deny,
             };
@@ -699,6 +730,52 @@ impl Shared {
         if let Err(e) = holder::send(conn.as_fd(), msg.as_bytes(), &[raw]) {
             if self.holder_alive.swap(false, Ordering::AcqRel) {
                 tracing::error!("the fanotify holder is gone ({e}): a daemon crash would now expose unfilled ranges");
+            }
+        }
+    }
+
+    /// Fills ranges ahead of sequential readers through the blobs' write fds, so that
+    /// their next events find the range filled and are answered at once (the reader
+    /// copies while this thread fills: the two overlap on two cores).
+    fn prefetcher(
+        &self,
+        rx: crossbeam_channel::Receiver<(usize, u64, u64)>,
+        mut filler: PackFiller,
+    ) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((bi, offset, len)) => {
+                    let Some(w) = self.blobs[bi].writer.get() else {
+                        continue;
+                    };
+                    if !self.is_filled(bi, offset, len) {
+                        let _ = self.fill_range(bi, offset, len, w.as_fd(), &mut filler);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+                    if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) > 0 {
+                        return;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Notes the event range; when it continues the previous one, asks the prefetcher
+    /// for what follows.
+    fn note_sequential(&self, bi: usize, offset: u64, count: u64) {
+        let Some(tx) = &self.prefetch else {
+            return;
+        };
+        let b = &self.blobs[bi];
+        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        let prev = b.next_seq.swap(end, Ordering::AcqRel);
+        if prev == offset && end < b.table.size_bytes() {
+            let len = PREFETCH_BYTES.min(b.table.size_bytes() - end);
+            if !self.is_filled(bi, end, len) {
+                let _ = tx.try_send((bi, end, len));
             }
         }
     }
