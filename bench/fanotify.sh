@@ -74,6 +74,9 @@ for round in $(seq "$ROUNDS"); do
     rm -rf "$W/root/fanotify/blobs"
     prep "$W"/root/chunks/*.pack
     start fanotify; R[cold,$t]+="$(fio_run $t) "; stop
+    rm -rf "$W/root/fanotify/blobs"
+    prep "$W"/root/chunks/*.pack
+    start fanotify --no-prefetch; R[cold_noprefetch,$t]+="$(fio_run $t) "; stop
     # Warm: blobs complete on disk, page cache dropped; first with marks kept (every
     # read raises an event answered from the page map), then unmarked.
     start fanotify; cat "$W"/mnt/*/f* >/dev/null; stop
@@ -87,13 +90,13 @@ done
 med() { python3 -c "import statistics,sys; print('%.1f' % statistics.median(map(float, sys.argv[1:])))" $1; }
 echo "data: ${MIB} MiB random in 4 files, chunk 64 KiB, $(uname -r), $(nproc) CPUs, SOURCE=$SOURCE, median of $ROUNDS interleaved rounds"
 printf '%-30s %16s %16s\n' "run (MiB/s)" "seq128k" "rand4k"
-for k in local cold warm_marked warm_unmarked; do
+for k in local cold cold_noprefetch warm_marked warm_unmarked; do
   printf '%-30s %16s %16s\n' "$k" "$(med "${R[$k,seq128k]}")" "$(med "${R[$k,rand4k]}")"
 done
-for k in cold warm_marked warm_unmarked; do
+for k in cold cold_noprefetch warm_marked warm_unmarked; do
   printf '%-30s %16s %16s\n' "ratio $k/local" \
     "$(python3 -c "print('%.2f' % ($(med "${R[$k,seq128k]}")/$(med "${R[local,seq128k]}")))")" \
     "$(python3 -c "print('%.2f' % ($(med "${R[$k,rand4k]}")/$(med "${R[local,rand4k]}")))")"
 done
-for k in local cold warm_marked warm_unmarked; do echo "all rounds $k: seq128k ${R[$k,seq128k]}/ rand4k ${R[$k,rand4k]}"; done
+for k in local cold cold_noprefetch warm_marked warm_unmarked; do echo "all rounds $k: seq128k ${R[$k,seq128k]}/ rand4k ${R[$k,rand4k]}"; done
 echo "warm_marked seq128k daemon counters: $(cat "$W/stats-warm-marked-seq128k")"
