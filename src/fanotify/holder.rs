@@ -138,6 +138,25 @@ pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
         // concern arises.
         unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }?;
     }
+    // One holder per socket: a second one (two daemons racing to start it) leaves.
+    let lock_path = socket_path.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    // Held until this function returns (the holder's whole life).
+    let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            tracing::info!(
+                "fanotify holder: another holder owns {}",
+                lock_path.display()
+            );
+            return Ok(());
+        }
+        Err((_, e)) => return Err(e.into()),
+    };
     let group = sys::init_group()?;
     let journal_fd = Journal::create()?;
     let journal = Journal::map(journal_fd.try_clone()?)?;
