@@ -718,3 +718,36 @@ fn pending_events_outlive_their_reader_and_are_answered_by_fd_number() {
         }
     }
 }
+
+#[test]
+fn a_dead_holder_is_replaced_and_the_group_survives_a_daemon_crash() {
+    if !can_run("a_dead_holder_is_replaced") {
+        return;
+    }
+    let s = setup(&[1]);
+    let d = Daemon::start(&s, &["--grace-ms", "60000"]);
+    let pid_file = s.root.join("fanotify/holder.pid");
+    let old = fs::read_to_string(&pid_file).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.trim().parse().unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(fs::read_to_string(&pid_file).unwrap() != old && holder_alive(&s)) {
+        assert!(Instant::now() < deadline, "no replacement holder");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Now the daemon dies too: the replacement holder must still hold the group.
+    d.kill9();
+    let d = Daemon::start(&s, &[]);
+    drop_caches();
+    check_all(&s);
+    let st = d.stop();
+    all_answered(&st);
+    assert_eq!(
+        st["continued"],
+        serde_json::Value::Bool(true),
+        "the group survived: {st}"
+    );
+}

@@ -47,6 +47,9 @@ pub struct HolderArgs {
     /// Grace period for a successor daemon.
     #[arg(long, default_value_t = 30_000)]
     pub grace_ms: u64,
+    /// Take the group from the first daemon that connects (replaces a dead holder).
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 /// `dedupd fanotify-import` arguments.
@@ -208,8 +211,12 @@ pub fn serve_local(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// Runs `dedupd fanotify-holder`.
 pub fn holder_cmd(args: &HolderArgs) -> anyhow::Result<()> {
-    super::holder::run(&args.socket, Duration::from_millis(args.grace_ms))
-        .with_context(|| format!("fanotify holder on {}", args.socket.display()))
+    super::holder::run(
+        &args.socket,
+        Duration::from_millis(args.grace_ms),
+        args.adopt,
+    )
+    .with_context(|| format!("fanotify holder on {}", args.socket.display()))
 }
 
 /// Runs `dedupd fanotify-import`: prints the layer record as JSON.

@@ -9,6 +9,8 @@
 //! - holder -> daemon on attach: `GROUP` with fds [group, journal memfd]; then zero or
 //!   more `WRITERS id id ...` each with one fd per id (a write fd per blob, see
 //!   [`super::FanotifyFrontEnd`]); then `END`.
+//! - daemon -> a holder started with `--adopt` (the previous holder died while the
+//!   daemon ran): `ADOPT` with fds [group, journal memfd], then `KEEP`s as below.
 //! - daemon -> holder: `KEEP id` with one fd (keep this blob's write fd for successors);
 //!   `BYE` (clean shutdown: mounts are gone, the holder exits and the group closes).
 //!
@@ -125,7 +127,7 @@ enum State {
 
 /// Runs the holder until a daemon says `BYE`. Creates the group and the journal,
 /// listens on `socket_path`.
-pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
+pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     // A holder that dies on a stray signal closes the group and exposes holes as zeros:
     // it ends only on BYE (or SIGKILL, which an operator sends after unmounting).
     for sig in [
@@ -157,16 +159,32 @@ pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
         }
         Err((_, e)) => return Err(e.into()),
     };
-    let group = sys::init_group()?;
-    let journal_fd = Journal::create()?;
-    let journal = Journal::map(journal_fd.try_clone()?)?;
     let _ = std::fs::remove_file(socket_path);
     let listener = seqpacket()?;
     socket::bind(listener.as_raw_fd(), &UnixAddr::new(socket_path)?)?;
     socket::listen(&listener, Backlog::new(16).expect("valid backlog"))?;
-    tracing::info!(socket = %socket_path.display(), "fanotify holder: group created, listening");
     let mut writers: HashMap<String, OwnedFd> = HashMap::new();
-    let mut state = State::Waiting(Instant::now());
+    let (group, journal, mut state) = if adopt {
+        // A replacement for a holder that died: the running daemon gives us its group.
+        let conn = accept(&listener)?;
+        let mut buf = vec![0u8; MESSAGE_BYTES];
+        let (n, mut fds) = recv(conn.as_fd(), &mut buf)?;
+        if &buf[..n] != b"ADOPT" || fds.len() != 2 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected ADOPT with 2 fds",
+            ));
+        }
+        let journal = Journal::map(fds.pop().expect("2 fds"))?;
+        let group = fds.pop().expect("2 fds");
+        tracing::warn!(socket = %socket_path.display(), "fanotify holder: adopted a running daemon's group");
+        (group, journal, State::Attached(conn))
+    } else {
+        let group = sys::init_group()?;
+        let journal = Journal::map(Journal::create()?)?;
+        tracing::info!(socket = %socket_path.display(), "fanotify holder: group created, listening");
+        (group, journal, State::Waiting(Instant::now()))
+    };
     let mut buf = vec![0u8; MESSAGE_BYTES];
     let mut evbuf = vec![0u8; 64 * sys::EVENT_METADATA_BYTES];
     let mut evs = Vec::new();
@@ -251,10 +269,8 @@ pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
             continue;
         }
         if listen_ready && !matches!(state, State::Attached(_)) {
-            let conn = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-                // SAFETY: accept4 returned a new fd owned by nobody else.
-                Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-                Err(_) => continue,
+            let Ok(conn) = accept(&listener) else {
+                continue;
             };
             match hand_over(conn.as_fd(), &group, &journal, &writers) {
                 Ok(()) => {
@@ -277,6 +293,12 @@ pub fn run(socket_path: &Path, grace: Duration) -> io::Result<()> {
             }
         }
     }
+}
+
+fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    let fd = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 returned a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn hand_over(

@@ -259,43 +259,57 @@ fn attach(opts: &Options) -> Result<holder::Attached, FanotifyError> {
     };
     let conn = match holder::connect(&socket) {
         Ok(c) => c,
-        Err(_) => {
-            let log = opts.cache_dir.join("holder.log");
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .map_err(|e| herr(format!("{}: {e}", log.display())))?;
-            let child = Command::new(&opts.holder_exe)
-                .arg("fanotify-holder")
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--grace-ms")
-                .arg(opts.grace.as_millis().to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                // Its own process group: a signal to the daemon's group spares it.
-                .process_group(0)
-                .spawn()
-                .map_err(|e| herr(format!("starting {}: {e}", opts.holder_exe.display())))?;
-            let pid_path = opts.cache_dir.join("holder.pid");
-            let _ = std::fs::write(&pid_path, child.id().to_string());
-            // The holder is not waited for: it must outlive us.
-            drop(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match holder::connect(&socket) {
-                    Ok(c) => break c,
-                    Err(e) if Instant::now() > deadline => {
-                        return Err(herr(format!("did not come up: {e}")))
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
+        Err(_) => spawn_holder(opts, false)?,
     };
     holder::receive(conn).map_err(|e| herr(e.to_string()))
+}
+
+/// Starts `dedupd fanotify-holder` (with `adopt`, as a replacement that takes the
+/// group from us) and connects to it.
+fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
+    let socket = opts.cache_dir.join("holder.sock");
+    let herr = |reason: String| FanotifyError::Holder {
+        socket: socket.clone(),
+        reason,
+    };
+    let log = opts.cache_dir.join("holder.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| herr(format!("{}: {e}", log.display())))?;
+    let mut cmd = Command::new(&opts.holder_exe);
+    cmd.arg("fanotify-holder")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--grace-ms")
+        .arg(opts.grace.as_millis().to_string());
+    if adopt {
+        cmd.arg("--adopt");
+        // The dead holder's socket file is stale; the new holder binds a fresh one.
+        let _ = std::fs::remove_file(&socket);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group: a signal to the daemon's group spares it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| herr(format!("starting {}: {e}", opts.holder_exe.display())))?;
+    let _ = std::fs::write(opts.cache_dir.join("holder.pid"), child.id().to_string());
+    // Not waited for: it must outlive us.
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match holder::connect(&socket) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(herr(format!("did not come up: {e}")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 /// Keeps fd numbers of this process below [`FD_LIMIT`] so that recovery can probe them.
@@ -446,6 +460,16 @@ impl FanotifyFrontEnd {
                     .name(format!("fanotify-{w}"))
                     .spawn(move || s.worker(w, filler))
                     .map_err(kerr("spawning a worker"))?,
+            );
+        }
+        {
+            let s = shared.clone();
+            let opts = opts.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("fanotify-holder-watch".into())
+                    .spawn(move || s.watch_holder(&opts))
+                    .map_err(kerr("spawning the holder watcher"))?,
             );
         }
         if let Some(rx) = prefetch_rx {
@@ -732,6 +756,72 @@ impl Shared {
                 tracing::error!("the fanotify holder is gone ({e}): a daemon crash would now expose unfilled ranges");
             }
         }
+    }
+
+    /// Replaces the holder if it dies while we run: a new holder adopts our group, so
+    /// that a later crash of ours still leaves the group alive.
+    fn watch_holder(&self, opts: &Options) {
+        // Bounded by the daemon's life; each round waits for an event.
+        loop {
+            let conn_raw = self
+                .holder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_raw_fd();
+            // SAFETY: the connection fd is only replaced by this thread, below.
+            let conn = unsafe { BorrowedFd::borrow_raw(conn_raw) };
+            let mut fds = [
+                PollFd::new(conn, PollFlags::POLLIN),
+                PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return;
+            }
+            if fds[0].revents().is_none_or(|r| r.is_empty()) {
+                continue;
+            }
+            tracing::error!(
+                "the fanotify holder died; starting a replacement that adopts our group"
+            );
+            self.holder_alive.store(false, Ordering::Release);
+            match self.replace_holder(opts) {
+                Ok(new) => {
+                    *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = new;
+                    self.holder_alive.store(true, Ordering::Release);
+                    tracing::warn!("a replacement fanotify holder holds the group");
+                }
+                Err(e) => {
+                    tracing::error!("no replacement holder ({e}): a crash of this daemon would expose unfilled ranges");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn replace_holder(&self, opts: &Options) -> Result<OwnedFd, FanotifyError> {
+        let conn = spawn_holder(opts, true)?;
+        let herr = |e: io::Error| FanotifyError::Holder {
+            socket: opts.cache_dir.join("holder.sock"),
+            reason: e.to_string(),
+        };
+        holder::send(
+            conn.as_fd(),
+            b"ADOPT",
+            &[self.group.as_raw_fd(), self.journal.fd().as_raw_fd()],
+        )
+        .map_err(herr)?;
+        for b in &self.blobs {
+            if let Some(w) = b.writer.get() {
+                let msg = format!("KEEP {}", b.id);
+                holder::send(conn.as_fd(), msg.as_bytes(), &[w.as_raw_fd()]).map_err(herr)?;
+            }
+        }
+        Ok(conn)
     }
 
     /// Fills ranges ahead of sequential readers through the blobs' write fds, so that
