@@ -21,6 +21,33 @@
 //! On shutdown the mounts go first, then the workers, then the group (the holder is
 //! told `BYE`). If a mount cannot be removed the holder keeps the group and, after its
 //! grace period, fails reads with EIO.
+//!
+//! # Crash safety
+//! The kernel allows every pending event when a group's last fd closes, and a hole then
+//! reads as zeros. So the group lives in the holder ([`holder`]), and:
+//! - a pending permission event survives the death of the process that read it; the
+//!   kernel matches a response by the event's fd *number* alone, whoever writes it
+//!   (checked on this kernel by the `pending_events_outlive_their_reader...` test);
+//! - workers journal every event they read (fd number, blob, range) in memory shared
+//!   with the holder ([`journal`]) before filling, and clear the entry after the
+//!   response and before closing the fd ([`respond`]);
+//! - a successor answers journaled events first (filling through the blob's kept write
+//!   fd, a dup of an earlier event fd on which writes raise no events), then denies with
+//!   EIO whatever else is pending below the fd limit (events read but not journaled),
+//!   and only then reads new events, so no old fd number can be taken for a new one;
+//! - with no successor within the grace period the holder answers everything with EIO;
+//! - if the holder dies, the daemon starts a replacement that adopts the group.
+//!
+//! # Routing fills through the serving engine
+//! Everything that touches the store is [`fill::Filler::fill`]: "write the whole,
+//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`". To
+//! move it onto the io_uring engine: submit (blob table, missing slot run, target fd,
+//! token = worker + journal slot) instead of calling it inline; on completion set the
+//! page map bits of the run, then answer through [`respond::Responder`] (response
+//! written -> journal slot cleared -> event fd closed, in that order). The target can
+//! be the blob's kept write fd (`Blob::writer`, one per blob, registrable as a fixed
+//! file) rather than each event's fd, which then only needs to stay open until its
+//! response. The prefetcher already fills that way.
 
 pub mod blobfile;
 pub mod cli;
