@@ -34,6 +34,12 @@ enum Command {
     /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
     #[command(hide = true)]
     FanotifyImport(dedupd::fanotify::cli::ImportArgs),
+    /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
+    Status {
+        /// Store root.
+        #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
+        root: std::path::PathBuf,
+    },
     /// Inspect the chunk store.
     Store {
         #[command(subcommand)]
@@ -68,6 +74,7 @@ fn main() -> ExitCode {
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
+        Command::Status { root } => dedupd::daemon::status(root),
         Command::Store {
             command: StoreCommand::Stats { root },
         } => store_stats(root),

@@ -39,15 +39,28 @@
 //! - if the holder dies, the daemon starts a replacement that adopts the group.
 //!
 //! # Routing fills through the serving engine
-//! Everything that touches the store is [`fill::Filler::fill`]: "write the whole,
-//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`". To
-//! move it onto the io_uring engine: submit (blob table, missing slot run, target fd,
-//! token = worker + journal slot) instead of calling it inline; on completion set the
-//! page map bits of the run, then answer through [`respond::Responder`] (response
-//! written -> journal slot cleared -> event fd closed, in that order). The target can
-//! be the blob's kept write fd (`Blob::writer`, one per blob, registrable as a fixed
-//! file) rather than each event's fd, which then only needs to stay open until its
-//! response. The prefetcher already fills that way.
+//! Everything here that touches the store is [`fill::Filler::fill`]: "write the whole,
+//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`", called
+//! inline by the workers. Mapping this front end onto [`crate::serve::FrontEnd`]:
+//! - `poll_fd`: the group fd (non-blocking).
+//! - `next`: per engine thread (`Local`), read up to [`EVENTS_PER_READ`] events into a
+//!   local queue, journal each one at once (fd number, blob, range; see [`journal`]),
+//!   then pop one per call. An event whose range is filled already is answered inside
+//!   `next` (-> `Handled`); otherwise `Next::Fill` with `source = Chunked(table)`,
+//!   `offset`/`len` = the slot-aligned cover of the missing chunks (so that the page
+//!   map can be set exactly for what the engine wrote), `target` = the event fd (or the
+//!   blob's kept write fd, `Blob::writer`, on which writes raise no events), and a token
+//!   naming the journal slot, blob and range.
+//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
+//!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
+//!   the request (closing the event fd) after `complete` returns, which keeps the order
+//!   response -> slot cleared -> fd closed that recovery relies on.
+//! - Journal slots per engine thread: `max_requests_per_thread` in flight plus one read
+//!   batch queued, so at most [`journal::SLOTS`] / (that sum) threads; never read more
+//!   events than there are free slots.
+//! - Before the engine starts: holder attach, blob files, marks and recovery (as in
+//!   [`FanotifyFrontEnd::start`]); after it starts: priming the write fds, then mounts.
+//!   The prefetcher can stay a side thread writing through the kept write fds.
 
 pub mod blobfile;
 pub mod cli;
