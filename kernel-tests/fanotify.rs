@@ -734,8 +734,15 @@ fn a_dead_holder_is_replaced_and_the_group_survives_a_daemon_crash() {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(fs::read_to_string(&pid_file).unwrap() != old && holder_alive(&s)) {
-        assert!(Instant::now() < deadline, "no replacement holder");
+    let adopted = || {
+        fs::read_to_string(s.root.join("fanotify/holder.log"))
+            .is_ok_and(|l| l.contains("adopted a running daemon's group"))
+    };
+    while !(fs::read_to_string(&pid_file).unwrap() != old && holder_alive(&s) && adopted()) {
+        assert!(
+            Instant::now() < deadline,
+            "no replacement holder adopted the group"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Now the daemon dies too: the replacement holder must still hold the group.

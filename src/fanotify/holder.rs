@@ -166,14 +166,22 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     let mut writers: HashMap<String, OwnedFd> = HashMap::new();
     let (group, journal, mut state) = if adopt {
         // A replacement for a holder that died: the running daemon gives us its group.
+        // The daemon that started us connects first. If it died before saying ADOPT, a
+        // successor may connect instead and wait for a GROUP we do not have: give up
+        // after a bound, so that it sees the connection close and starts a fresh holder.
+        let bad = || {
+            let _ = std::fs::remove_file(socket_path);
+            io::Error::new(io::ErrorKind::InvalidData, "expected ADOPT with 2 fds")
+        };
         let conn = accept(&listener)?;
+        let mut pfd = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        if nix::poll::poll(&mut pfd, PollTimeout::from(5000u16))? == 0 {
+            return Err(bad());
+        }
         let mut buf = vec![0u8; MESSAGE_BYTES];
         let (n, mut fds) = recv(conn.as_fd(), &mut buf)?;
         if &buf[..n] != b"ADOPT" || fds.len() != 2 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "expected ADOPT with 2 fds",
-            ));
+            return Err(bad());
         }
         let journal = Journal::map(fds.pop().expect("2 fds"))?;
         let group = fds.pop().expect("2 fds");

@@ -297,11 +297,24 @@ fn attach(opts: &Options) -> Result<holder::Attached, FanotifyError> {
         socket: socket.clone(),
         reason,
     };
-    let conn = match holder::connect(&socket) {
-        Ok(c) => c,
-        Err(_) => spawn_holder(opts, false)?,
-    };
-    holder::receive(conn).map_err(|e| herr(e.to_string()))
+    // Bounded: a holder that accepts but cannot hand over (a replacement whose adopting
+    // daemon died) closes the connection; the next attempt starts a fresh one.
+    let mut last = None;
+    for _ in 0..3 {
+        let conn = match holder::connect(&socket) {
+            Ok(c) => c,
+            Err(_) => spawn_holder(opts, false)?,
+        };
+        match holder::receive(conn) {
+            Ok(a) => return Ok(a),
+            Err(e) => {
+                tracing::warn!("fanotify holder hand-over failed ({e}); retrying");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Err(herr(last.map(|e| e.to_string()).unwrap_or_default()))
 }
 
 /// Starts `dedupd fanotify-holder` (with `adopt`, as a replacement that takes the
