@@ -1,9 +1,9 @@
 //! The fanotify front end on this machine's kernel (6.14+), natively, as root: real
 //! EROFS file-backed mounts over sparse blob files filled on `FAN_PRE_ACCESS` events.
 //!
-//! Layers are made with `mkfs.erofs --chunksize=65536 --blobdev=BLOB DIR` and imported
-//! into the store (`dedupd::fanotify::import`) until `dedupd convert` lands; the daemon
-//! is the real binary (`dedupd serve-fanotify`), so that it can be killed.
+//! Layers are converted from tars with `dedupd convert` (and, for coverage of another
+//! EROFS writer, made with `mkfs.erofs --chunksize=65536 --blobdev` and imported); the
+//! daemon is the real binary (`dedupd serve-fanotify`), so that it can be killed.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -95,14 +95,53 @@ fn layer_files(k: u64) -> Files {
     f
 }
 
-/// Writes `files` under `dir/src`, runs mkfs.erofs, imports; returns the diff_id hex.
-fn make_layer(store: &dedupd::store::Store, dir: &Path, files: &Files) -> String {
-    let src = dir.join("src");
+fn write_tree(src: &Path, files: &Files) {
     for (rel, data) in files {
         let p = src.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, data).unwrap();
     }
+}
+
+/// Writes `files` under `dir/src`, tars them, runs `dedupd convert`; returns the
+/// diff_id hex.
+fn convert_layer(root: &Path, dir: &Path, files: &Files) -> String {
+    let src = dir.join("src");
+    write_tree(&src, files);
+    let tar = dir.join("layer.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar runs");
+    assert!(st.success());
+    let out = Command::new(DEDUPD)
+        .arg("convert")
+        .arg("--root")
+        .arg(root)
+        .arg(&tar)
+        .env("DEDUPD_LOG", "warn")
+        .output()
+        .expect("dedupd convert runs");
+    assert!(
+        out.status.success(),
+        "dedupd convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    let diff_id = v["diff_id"].as_str().unwrap();
+    diff_id.strip_prefix("sha256:").unwrap().to_string()
+}
+
+/// Writes `files` under `dir/src`, runs `mkfs.erofs --blobdev`, imports the image and
+/// blob; returns the diff_id hex. Keeps images from another EROFS writer covered.
+fn mkfs_layer(root: &Path, dir: &Path, files: &Files) -> String {
+    let src = dir.join("src");
+    write_tree(&src, files);
     let (image, blob) = (dir.join("image.erofs"), dir.join("blob"));
     let out = Command::new("mkfs.erofs")
         .arg("--chunksize=65536")
@@ -116,7 +155,8 @@ fn make_layer(store: &dedupd::store::Store, dir: &Path, files: &Files) -> String
         "mkfs.erofs: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rec = dedupd::fanotify::import::import_erofs(store, &image, &blob, 65536).unwrap();
+    let store = dedupd::store::Store::open(root).unwrap();
+    let rec = dedupd::fanotify::import::import_erofs(&store, &image, &blob, 65536).unwrap();
     rec.id_hex().to_string()
 }
 
@@ -128,16 +168,21 @@ struct Setup {
     layers: Vec<(String, Files)>,
 }
 
-fn setup(kinds: &[u64]) -> Setup {
+/// Layers of the standard set: `converted` through `dedupd convert`, `mkfs` through
+/// mkfs.erofs and an import.
+fn setup_with(converted: &[u64], mkfs: &[u64]) -> Setup {
     let dir = scratch();
     let root = dir.path().join("root");
     let mnt = dir.path().join("mnt");
-    let store = dedupd::store::Store::open(&root).unwrap();
     let mut layers = Vec::new();
-    for &k in kinds {
+    for &k in converted {
         let files = layer_files(k);
-        let ldir = dir.path().join(format!("layer{k}"));
-        let id = make_layer(&store, &ldir, &files);
+        let id = convert_layer(&root, &dir.path().join(format!("layer{k}")), &files);
+        layers.push((id, files));
+    }
+    for &k in mkfs {
+        let files = layer_files(k);
+        let id = mkfs_layer(&root, &dir.path().join(format!("mkfs{k}")), &files);
         layers.push((id, files));
     }
     Setup {
@@ -146,6 +191,10 @@ fn setup(kinds: &[u64]) -> Setup {
         mnt,
         layers,
     }
+}
+
+fn setup(converted: &[u64]) -> Setup {
+    setup_with(converted, &[])
 }
 
 /// A running `dedupd serve-fanotify`.
@@ -309,7 +358,7 @@ fn every_file_of_several_layers_reads_back_and_remount_does_no_refetch() {
     if !can_run("every_file_of_several_layers_reads_back") {
         return;
     }
-    let s = setup(&[0, 1, 2]);
+    let s = setup_with(&[0, 1, 2], &[0, 2]);
     let d = Daemon::start(&s, &[]);
     for (id, _) in &s.layers {
         assert!(mounted(&s.mnt.join(id)));
