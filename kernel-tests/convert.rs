@@ -1043,6 +1043,7 @@ fn whiteouts_and_opaque_directories_become_overlay_markers() {
     for r in &reports {
         let id = r["diff_id"].as_str().unwrap();
         let e = export(&root, id, &work.path().join(format!("ov-{}", &id[7..19])));
+        fsck(&e);
         let mnt = work.path().join(format!("ov-{}.mnt", &id[7..19]));
         mounts.push(mount_cmd(&e, &mnt));
         dirs.push(mnt);
