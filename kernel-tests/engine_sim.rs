@@ -457,6 +457,9 @@ fn malformed_messages_are_counted_and_survived() {
     // An insane READ on a real object: completed with nothing written.
     let insane = r.sim.submit_read_unchecked(id, 0, 1 << 40).unwrap();
     assert_eq!(insane.wait(T).unwrap().0, ReadOutcome::Eio);
+    // A READ that starts past the object's end.
+    let past = r.sim.submit_read_unchecked(id, 1 << 30, 4096).unwrap();
+    assert_eq!(past.wait(T).unwrap().0, ReadOutcome::Eio);
     // An unaligned READ is widened to pages and served.
     let odd = r.sim.submit_read_unchecked(id, 100, 5000).unwrap();
     assert_eq!(odd.wait(T).unwrap().0, ReadOutcome::Served);
@@ -491,7 +494,7 @@ fn malformed_messages_are_counted_and_survived() {
     let s = r.engine.stats();
     assert!(s.malformed_messages >= 5, "{s:?}");
     assert!(s.unknown_objects >= 1, "{s:?}");
-    assert!(s.insane_reads >= 1, "{s:?}");
+    assert!(s.insane_reads >= 2, "{s:?}");
     assert!(s.opens_failed >= 1, "{s:?}");
     assert_eq!(s.complete_errors, 0, "{s:?}");
     let (_, einval) = r.sim.completion_counts();
