@@ -29,6 +29,8 @@ enum Command {
         #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
         root: std::path::PathBuf,
     },
+    /// Serve only the containerd snapshotter (`local` front end), for tests and debugging.
+    Snapshotter(dedupd::snapshotter::SnapshotterArgs),
     /// Inspect the chunk store.
     Store {
         #[command(subcommand)]
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
         Command::Export(a) => dedupd::convert::export_cmd(a),
         Command::Status { root } => dedupd::daemon::status(root),
+        Command::Snapshotter(a) => dedupd::snapshotter::run_cmd(a),
         Command::Store {
             command: StoreCommand::Stats { root },
         } => store_stats(root),
