@@ -25,7 +25,8 @@
 //! clipped to the source's size, is written in full with verified bytes (zeros past the
 //! data), or the request completes as failed; a chunk that fails its digest or is missing
 //! is never written (other, verified chunks of the same request may be). With
-//! [`EngineConfig::read_around`], the whole chunks that cover the range are written.
+//! [`EngineConfig::read_around`], the whole chunks that cover the range are written (for
+//! a plain-file source, the aligned 128 KiB window around it).
 //!
 //! # Threads
 //!

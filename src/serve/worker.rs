@@ -30,6 +30,8 @@ const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
 /// Events read from the front end per loop turn before completions are looked at again.
 const DRAIN_BATCH: usize = 256;
+/// Read-around window for plain-file sources (metadata images).
+const FILE_READ_AROUND_BYTES: u64 = 128 << 10;
 /// Pack files kept open per thread.
 const MAX_OPEN_PACKS: usize = 4096;
 
@@ -336,11 +338,22 @@ impl<F: FrontEnd> Worker<F> {
             .saturating_mul(PAGE_BYTES)
             .min(size.div_ceil(PAGE_BYTES) * PAGE_BYTES);
         if self.cfg.read_around && start < end {
-            if let FillSource::Chunked(t) = &r.source {
-                let touched = t.overlapping(start, end - start);
-                if let (Some(a), Some(b)) = (touched.first(), touched.last()) {
-                    start = start.min(a.blob_offset);
-                    end = end.max(b.blob_offset + b.slot_len());
+            match &r.source {
+                FillSource::Chunked(t) => {
+                    let touched = t.overlapping(start, end - start);
+                    if let (Some(a), Some(b)) = (touched.first(), touched.last()) {
+                        start = start.min(a.blob_offset);
+                        end = end.max(b.blob_offset + b.slot_len());
+                    }
+                }
+                FillSource::File { size_bytes, .. } => {
+                    // Metadata images are read 4 KiB at a time, synchronously, while the
+                    // kernel mounts: fill the aligned window around each READ.
+                    start = start / FILE_READ_AROUND_BYTES * FILE_READ_AROUND_BYTES;
+                    end = end
+                        .div_ceil(FILE_READ_AROUND_BYTES)
+                        .saturating_mul(FILE_READ_AROUND_BYTES)
+                        .min(size_bytes.div_ceil(PAGE_BYTES) * PAGE_BYTES);
                 }
             }
         }
