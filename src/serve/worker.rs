@@ -48,10 +48,13 @@ impl<T> Slab<T> {
             free: (0..cap as u32).rev().collect(),
         }
     }
-    fn insert(&mut self, t: T) -> Option<u32> {
-        let i = self.free.pop()?;
+    /// Stores `t`, or hands it back when the slab is full.
+    fn insert(&mut self, t: T) -> Result<u32, T> {
+        let Some(i) = self.free.pop() else {
+            return Err(t);
+        };
         self.items[i as usize] = Some(t);
-        Some(i)
+        Ok(i)
     }
     fn remove(&mut self, i: u32) -> Option<T> {
         let t = self.items.get_mut(i as usize)?.take()?;
@@ -368,10 +371,19 @@ impl<F: FrontEnd> Worker<F> {
             queued: true,
             started: Instant::now(),
         };
-        let Some(i) = self.reqs.insert(req) else {
-            // can_admit() was checked; keep the invariant visible anyway.
-            tracing::error!(thread = self.id, "request slab full");
-            return;
+        let i = match self.reqs.insert(req) {
+            Ok(i) => i,
+            Err(mut req) => {
+                // can_admit() was checked; should it not hold, the kernel still hears.
+                tracing::error!(thread = self.id, "request slab full");
+                if let Some(token) = req.token.take() {
+                    let failed = FillOutcome::Failed(FillError::Source);
+                    let c = &self.counters[self.id];
+                    self.front
+                        .complete(&mut self.local, token, &req.target, failed, c);
+                }
+                return;
+            }
         };
         self.c().note_in_flight(self.reqs.len() as u64);
         self.pending.push_back(i);
@@ -459,7 +471,13 @@ impl<F: FrontEnd> Worker<F> {
                 };
                 let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
                     (Some(a), Some(b)) => (a, b),
-                    _ => unreachable!("two buffers were available"),
+                    (a, b) => {
+                        // Checked above; give back whatever was taken.
+                        for x in [a, b].into_iter().flatten() {
+                            self.pool.give(x);
+                        }
+                        return Step::Blocked;
+                    }
                 };
                 let op = Op::PackRead {
                     req: r,
@@ -513,9 +531,13 @@ impl<F: FrontEnd> Worker<F> {
 
     /// Inserts `op`, pushes its SQE (user_data patched in) and advances the cursor.
     fn submit_op(&mut self, r: u32, op: Op, entry: squeue::Entry, new_cursor: u64) -> Step {
-        let Some(i) = self.ops.insert(op) else {
-            // Checked by the caller; give the buffers back.
-            return Step::Blocked;
+        let i = match self.ops.insert(op) {
+            Ok(i) => i,
+            Err(op) => {
+                // The caller checked for room; should it not hold, give the buffers back.
+                self.release(&op);
+                return Step::Blocked;
+            }
         };
         let entry = entry.user_data(u64::from(i));
         if let Err(err) = self.push(&entry) {
@@ -587,7 +609,7 @@ impl<F: FrontEnd> Worker<F> {
                 self.write_done(r, buf, res.map(|()| len as usize), true);
             }
             WriteStrategy::Uring => {
-                let Some(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
+                let Ok(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
                     self.write_done(r, buf, Err(io::Error::other("no op slot")), true);
                     return;
                 };
