@@ -683,3 +683,30 @@ fn converted_layers_are_served_byte_for_byte() {
         assert_eq!(s.reads_failed + s.chunk_errors + s.write_errors, 0, "{s:?}");
     }
 }
+
+#[test]
+fn dedupd_run_says_why_it_cannot_serve_without_the_device() {
+    if Path::new("/dev/cachefiles").exists() {
+        eprintln!("SKIP: this kernel has /dev/cachefiles; the VM suite runs the daemon on it");
+        return;
+    }
+    let dir = tempfile::tempdir_in(tmp_base()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dedupd"))
+        .args(["run", "--front-end", "cachefiles", "--root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/dev/cachefiles does not exist") && err.contains("CACHEFILES_ONDEMAND"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dedupd"))
+        .args(["status", "--root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no stats"));
+}
