@@ -23,6 +23,8 @@ enum Command {
     Convert(dedupd::convert::ConvertArgs),
     /// Write a converted layer's image and data blobs as plain files.
     Export(dedupd::convert::ExportArgs),
+    /// Serve only the containerd snapshotter (`local` front end), for tests and debugging.
+    Snapshotter(dedupd::snapshotter::SnapshotterArgs),
     /// Inspect the chunk store.
     Store {
         #[command(subcommand)]
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
         Command::Export(a) => dedupd::convert::export_cmd(a),
+        Command::Snapshotter(a) => dedupd::snapshotter::run_cmd(a),
         Command::Store {
             command: StoreCommand::Stats { root },
         } => store_stats(root),

@@ -1,1 +1,767 @@
-//! The containerd snapshots service (`containerd.services.snapshots.v1`).
+//! The containerd snapshots service (`containerd.services.snapshots.v1`), snapshotter
+//! name `dedup`.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! snapshots.redb          snapshot metadata (its own redb file, see [`meta`])
+//! snapshots/<id>/fs       upper directory of an active snapshot (or an unpacking layer)
+//! snapshots/<id>/work     overlay work directory
+//! mnt/<layer hex>         a converted layer's EROFS mount (see [`mounter`])
+//! ```
+//!
+//! Committing an active snapshot converts its directory into an EROFS image plus chunks
+//! in the store (once per layer id), mounts the layer, and removes the unpacked files: a
+//! committed snapshot is its layer mount. Layer ids come from containerd's
+//! `containerd.io/snapshot.ref` label (the chain id), so the same layer is never
+//! converted twice.
+
+pub mod convert;
+pub mod filter;
+pub mod meta;
+pub mod mounter;
+mod service;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::Digest;
+
+pub use self::meta::{Kind, Snap};
+pub use self::mounter::{FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh};
+pub use self::service::Service;
+use crate::store::Store;
+
+/// Generated protobuf and gRPC code of `proto/`, in modules that mirror the packages.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    /// `containerd.*`.
+    pub mod containerd {
+        /// `containerd.types`.
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        /// `containerd.services.*`.
+        pub mod services {
+            /// `containerd.services.snapshots`.
+            pub mod snapshots {
+                /// `containerd.services.snapshots.v1`.
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+    pub use self::containerd::services::snapshots::v1 as snapshots;
+    pub use self::containerd::types;
+}
+
+/// The label containerd's unpacker puts on the snapshot it prepares for a layer: the
+/// layer's chain id.
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+/// Errors of the snapshotter, one per gRPC code containerd's snapshotters use.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    /// A snapshot (or parent) does not exist.
+    #[error("{0}: not found")]
+    NotFound(String),
+    /// A snapshot by that name exists.
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    /// The snapshot is in the wrong state for the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The daemon failed (I/O, database, conversion, mount).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<SnapError> for tonic::Status {
+    fn from(e: SnapError) -> tonic::Status {
+        let msg = e.to_string();
+        match e {
+            SnapError::NotFound(_) => tonic::Status::not_found(msg),
+            SnapError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            SnapError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            SnapError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            SnapError::Internal(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> SnapError {
+    SnapError::Internal(e.to_string())
+}
+
+fn io_internal(path: &Path) -> impl FnOnce(io::Error) -> SnapError + '_ {
+    move |e| SnapError::Internal(format!("{}: {e}", path.display()))
+}
+
+/// One mount of a snapshot's mount list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    /// Filesystem type (`bind`, `overlay`).
+    pub kind: String,
+    /// Source.
+    pub source: String,
+    /// Options.
+    pub options: Vec<String>,
+}
+
+/// What Cleanup removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Snapshot directories with no snapshot.
+    pub dirs: u64,
+    /// Layer mounts no snapshot references.
+    pub mounts: u64,
+    /// Owned layers no snapshot references.
+    pub layers: u64,
+    /// Blob files of blobs the store no longer has.
+    pub blob_files: u64,
+}
+
+/// What the snapshotter holds, for `dedupd status` and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// Front end mounting layers.
+    pub front_end: String,
+    /// Active snapshots (containers, layers being unpacked).
+    pub active: u64,
+    /// Views.
+    pub views: u64,
+    /// Committed snapshots.
+    pub committed: u64,
+    /// Converted layers the committed snapshots use, with what the store knows of them.
+    pub layers: Vec<LayerStatus>,
+}
+
+/// One converted layer in [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerStatus {
+    /// Layer id (chain id hex): names its image, its mountpoint and its fsid.
+    pub id: String,
+    /// Committed snapshots that use it.
+    pub snapshots: u64,
+    /// Converted: the store has its record and image.
+    pub converted: bool,
+    /// Its EROFS mount is in place.
+    pub mounted: bool,
+    /// Entries, chunk references and data bytes, from the store.
+    pub files: u64,
+    /// See `files`.
+    pub chunks: u64,
+    /// See `files`.
+    pub logical_bytes: u64,
+}
+
+/// The snapshotter: metadata, the chunk store, and the layer mounter.
+pub struct Snapshotter {
+    root: PathBuf,
+    meta: meta::Meta,
+    store: Arc<Store>,
+    mounter: Arc<dyn LayerMounter>,
+    /// Held while layers or snapshot directories are created or dropped (Prepare/View,
+    /// Commit, Remove of a committed snapshot, Cleanup), so that Cleanup never takes a
+    /// new directory for an orphan and a layer being converted or reused is never dropped.
+    layers_lock: std::sync::Mutex<()>,
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter at `root` over `store` (whose root is usually the same),
+    /// and mounts every layer a committed snapshot references (a restart keeps mounts
+    /// made by the previous run).
+    pub fn open(
+        root: &Path,
+        store: Arc<Store>,
+        mounter: Arc<dyn LayerMounter>,
+    ) -> Result<Snapshotter, SnapError> {
+        let snaps = root.join("snapshots");
+        fs::create_dir_all(&snaps).map_err(io_internal(&snaps))?;
+        let meta = meta::Meta::open(&root.join("snapshots.redb"))?;
+        let s = Snapshotter {
+            root: root.to_path_buf(),
+            meta,
+            store,
+            mounter,
+            layers_lock: std::sync::Mutex::new(()),
+        };
+        for (key, snap) in s.meta.list()? {
+            if let Some(hex) = &snap.layer {
+                if let Err(e) = s.mount_layer(hex) {
+                    tracing::error!(snapshot = %key, layer = %hex, "cannot mount layer: {e}");
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The front end mounting layers.
+    pub fn mounter_name(&self) -> &'static str {
+        self.mounter.name()
+    }
+
+    /// Counts of snapshots and the state of every layer they use.
+    pub fn status(&self) -> Result<Status, SnapError> {
+        let mut st = Status {
+            front_end: self.mounter.name().to_string(),
+            ..Status::default()
+        };
+        let mut uses: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, s) in self.meta.list()? {
+            match s.kind {
+                Kind::Active => st.active += 1,
+                Kind::View => st.views += 1,
+                Kind::Committed => st.committed += 1,
+            }
+            if let Some(hex) = s.layer {
+                *uses.entry(hex).or_default() += 1;
+            }
+        }
+        for (id, snapshots) in uses {
+            let record = self.store.layer(&id).map_err(internal)?;
+            let mounted = mounter::is_mountpoint(&self.mounter.mountpoint(&id));
+            st.layers.push(LayerStatus {
+                snapshots,
+                converted: record.is_some(),
+                mounted,
+                files: record.as_ref().map_or(0, |r| r.files),
+                chunks: record.as_ref().map_or(0, |r| r.chunks),
+                logical_bytes: record.as_ref().map_or(0, |r| r.logical_bytes),
+                id,
+            });
+        }
+        Ok(st)
+    }
+
+    /// The metadata store (for status and tests).
+    pub fn meta(&self) -> &meta::Meta {
+        &self.meta
+    }
+
+    fn snap_dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn mount_layer(&self, hex: &str) -> Result<PathBuf, SnapError> {
+        let record = self
+            .store
+            .layer(hex)
+            .map_err(internal)?
+            .ok_or_else(|| SnapError::Internal(format!("layer {hex} is not in the store")))?;
+        self.mounter.mount(&record).map_err(internal)
+    }
+
+    /// Prepare (`kind` Active) or View: records the snapshot, makes its directories, and
+    /// returns its mounts.
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<MountSpec>, SnapError> {
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
+                self.check_remote(target, parent)?;
+            }
+        }
+        // Under the layers lock: Cleanup must not take the new directory for an orphan.
+        let layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.meta.create(kind, key, parent, labels)?;
+        let dir = self.snap_dir(snap.id);
+        let made = (|| {
+            fs::create_dir_all(dir.join("fs"))?;
+            fs::set_permissions(dir.join("fs"), fs::Permissions::from_mode(0o755))?;
+            if kind == Kind::Active {
+                fs::create_dir_all(dir.join("work"))?;
+                fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o711))?;
+            }
+            Ok::<(), io::Error>(())
+        })();
+        if let Err(e) = made {
+            let _ = self.meta.remove(key);
+            let _ = fs::remove_dir_all(&dir);
+            return Err(io_internal(&dir)(e));
+        }
+        drop(layers);
+        self.mounts_of(&snap)
+    }
+
+    /// containerd's remote-snapshot fast path: an unpack Prepare labelled with chain id
+    /// `target` gets AlreadyExists when a committed snapshot with that label and parent
+    /// exists (pulled in another namespace, say); containerd then finds it with a List
+    /// filter on the label and parent, and neither downloads nor applies the layer.
+    fn check_remote(&self, target: &str, parent: &str) -> Result<(), SnapError> {
+        let found = self.meta.list()?.into_iter().find(|(_, s)| {
+            s.kind == Kind::Committed
+                && s.parent == parent
+                && s.labels.get(LABEL_SNAPSHOT_REF).map(String::as_str) == Some(target)
+        });
+        match found {
+            Some((name, s)) => {
+                if let Some(hex) = &s.layer {
+                    self.mount_layer(hex)?;
+                }
+                tracing::info!(target, snapshot = %name, "layer already present: remote snapshot");
+                Err(SnapError::AlreadyExists(format!(
+                    "target snapshot {target:?} (as {name:?})"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The mounts of active or view snapshot `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>, SnapError> {
+        let snap = self.meta.stat(key)?;
+        if snap.kind == Kind::Committed {
+            return Err(SnapError::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: it has no mounts"
+            )));
+        }
+        self.mounts_of(&snap)
+    }
+
+    /// Mounts as containerd's overlayfs snapshotter builds them, with the committed
+    /// layers' EROFS mounts as lower directories.
+    fn mounts_of(&self, snap: &Snap) -> Result<Vec<MountSpec>, SnapError> {
+        let dir = self.snap_dir(snap.id);
+        let upper = dir.join("fs");
+        let mut lowers = Vec::new();
+        for (key, s) in self.meta.ancestors(&snap.parent)? {
+            let hex = s.layer.as_deref().ok_or_else(|| {
+                SnapError::Internal(format!("committed snapshot {key:?} has no layer"))
+            })?;
+            lowers.push(self.mount_layer(hex)?);
+        }
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        if lowers.is_empty() {
+            let mode = if snap.kind == Kind::View { "ro" } else { "rw" };
+            return Ok(vec![MountSpec {
+                kind: "bind".into(),
+                source: path(&upper),
+                options: vec![mode.into(), "rbind".into()],
+            }]);
+        }
+        if snap.kind == Kind::View && lowers.len() == 1 {
+            return Ok(vec![MountSpec {
+                kind: "bind".into(),
+                source: path(&lowers[0]),
+                options: vec!["ro".into(), "rbind".into()],
+            }]);
+        }
+        let mut options = vec!["index=off".to_string()];
+        if snap.kind == Kind::Active {
+            options.push(format!("workdir={}", path(&dir.join("work"))));
+            options.push(format!("upperdir={}", path(&upper)));
+        }
+        let lower: Vec<String> = lowers.iter().map(|p| path(p)).collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        Ok(vec![MountSpec {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }])
+    }
+
+    /// The layer id of an active snapshot being committed: its chain id, taken from
+    /// containerd's `containerd.io/snapshot.ref` label, else from the names containerd's
+    /// unpacker uses (committed name `<ns>/<n>/sha256:<chain id>` and key
+    /// `<ns>/<n>/extract-<...> sha256:<chain id>`, both); else a digest of the committed name
+    /// and the snapshot's creation (a container commit: unique). The chain id names the
+    /// layer's content together with all its parents, so equal ids mean equal trees.
+    fn layer_id(active: &Snap, key: &str, name: &str, labels: &BTreeMap<String, String>) -> String {
+        let chain_hex = |s: &str| -> Option<String> {
+            let hex = s.strip_prefix("sha256:")?;
+            (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| hex.to_ascii_lowercase())
+        };
+        let label = labels
+            .get(LABEL_SNAPSHOT_REF)
+            .or_else(|| active.labels.get(LABEL_SNAPSHOT_REF));
+        if let Some(r) = label {
+            return chain_hex(r).unwrap_or_else(|| hex::encode(sha2::Sha256::digest(r.as_bytes())));
+        }
+        // Only the unpacker's own pattern counts (the same chain id in both names): a
+        // container commit merely *named* like a chain id must not be taken for a layer
+        // that exists, or its content would be replaced by that layer's.
+        let from_name = name.rsplit('/').next().and_then(chain_hex);
+        let from_key = key
+            .rsplit('/')
+            .next()
+            .filter(|k| k.starts_with("extract-"))
+            .and_then(|k| k.rsplit(' ').next())
+            .and_then(chain_hex);
+        if let (Some(a), Some(b)) = (&from_name, &from_key) {
+            if a == b {
+                return a.clone();
+            }
+        }
+        let seed = format!(
+            "dedupd commit {name} {}.{:09} {}",
+            active.created.secs, active.created.nanos, active.id
+        );
+        hex::encode(sha2::Sha256::digest(seed.as_bytes()))
+    }
+
+    /// Commit: converts the active snapshot's tree (unless its layer exists), mounts the
+    /// layer, records the committed snapshot, and removes the unpacked files.
+    pub fn commit(
+        &self,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        parent: &str,
+    ) -> Result<(), SnapError> {
+        let mut labels = labels;
+        meta::check_labels(&labels)?;
+        let active = self.meta.check_commit(key, name)?;
+        // Keep the chain id on the committed snapshot: the fast path looks it up there.
+        if let Some(r) = active.labels.get(LABEL_SNAPSHOT_REF) {
+            labels
+                .entry(LABEL_SNAPSHOT_REF.to_string())
+                .or_insert_with(|| r.clone());
+        }
+        if !parent.is_empty() && parent != active.parent {
+            return Err(SnapError::InvalidArgument(format!(
+                "commit of {key:?} onto parent {parent:?}: rebase is not supported"
+            )));
+        }
+        let hex = Self::layer_id(&active, key, name, &labels);
+        let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.snap_dir(active.id);
+        let upper = dir.join("fs");
+        let (size_bytes, inodes) = convert::disk_usage(&upper).map_err(internal)?;
+        match self.store.layer(&hex).map_err(internal)? {
+            Some(record) => {
+                tracing::info!(snapshot = %name, layer = %hex, "layer already converted");
+                let _ = record;
+            }
+            None => {
+                self.meta.own_layer(&hex)?;
+                let record = convert::convert_layer(&self.store, &upper, &hex).map_err(internal)?;
+                tracing::info!(
+                    snapshot = %name,
+                    layer = %hex,
+                    files = record.files,
+                    new_chunks = record.new_chunks,
+                    image_bytes = record.image_bytes,
+                    "layer converted"
+                );
+            }
+        }
+        self.mount_layer(&hex)?;
+        self.meta
+            .commit(key, name, labels, &hex, size_bytes, inodes)?;
+        // Only the image and the chunks remain: the unpacked tree goes.
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display());
+        }
+        Ok(())
+    }
+
+    /// Remove: drops the snapshot and its directory; a committed snapshot's layer is
+    /// unmounted and, when owned and no other snapshot references it, removed from the
+    /// store with every chunk nothing else references.
+    pub fn remove(&self, key: &str) -> Result<(), SnapError> {
+        let snap = self.meta.remove(key)?;
+        let dir = self.snap_dir(snap.id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display()),
+        }
+        if let Some(hex) = &snap.layer {
+            let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.layer_referenced(hex)? {
+                self.drop_layer(hex)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn layer_referenced(&self, hex: &str) -> Result<bool, SnapError> {
+        Ok(self
+            .meta
+            .list()?
+            .iter()
+            .any(|(_, s)| s.layer.as_deref() == Some(hex)))
+    }
+
+    /// Unmounts layer `hex` and, if owned, removes it from the store.
+    fn drop_layer(&self, hex: &str) -> Result<(), SnapError> {
+        self.mounter.unmount(hex).map_err(internal)?;
+        if self.meta.owned_layers()?.iter().any(|l| l == hex) {
+            if let Some(r) = self.store.remove_layer(hex).map_err(internal)? {
+                tracing::info!(
+                    layer = %hex,
+                    chunks_freed = r.chunks,
+                    blobs_freed = r.blobs.len(),
+                    "layer removed"
+                );
+            }
+            self.meta.disown_layer(hex)?;
+            self.mounter.release_blobs(&self.store).map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// Stat.
+    pub fn stat(&self, key: &str) -> Result<Snap, SnapError> {
+        self.meta.stat(key)
+    }
+
+    /// Update of labels.
+    pub fn update(
+        &self,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Snap, SnapError> {
+        self.meta.update(key, labels, paths)
+    }
+
+    /// List, filtered (containerd filter syntax; several filters are ORed).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<(String, Snap)>, SnapError> {
+        let parsed = filters
+            .iter()
+            .filter(|f| !f.trim().is_empty())
+            .map(|f| filter::Filter::parse(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self
+            .meta
+            .list()?
+            .into_iter()
+            .filter(|(k, s)| {
+                filter::any_matches(
+                    &parsed,
+                    &filter::Fields {
+                        name: k,
+                        parent: &s.parent,
+                        kind: s.kind.as_str(),
+                        labels: &s.labels,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Usage: an active snapshot's upper directory as it is now; a committed snapshot's
+    /// EROFS image plus the file data its layer holds, and its inodes at commit.
+    pub fn usage(&self, key: &str) -> Result<(u64, u64), SnapError> {
+        let snap = self.meta.stat(key)?;
+        match (&snap.kind, &snap.layer) {
+            (Kind::Committed, Some(hex)) => {
+                let (bytes, files) = match self.store.layer(hex).map_err(internal)? {
+                    Some(r) => (r.image_bytes + r.logical_bytes, r.files),
+                    None => (snap.size_bytes, snap.inodes),
+                };
+                Ok((bytes, files.max(snap.inodes)))
+            }
+            _ => {
+                let upper = self.snap_dir(snap.id).join("fs");
+                convert::disk_usage(&upper).map_err(internal)
+            }
+        }
+    }
+
+    /// Cleanup: removes snapshot directories no snapshot owns, layer mounts no snapshot
+    /// references, owned layers no snapshot references (with their last-reference
+    /// chunks), and blob files of blobs the store no longer has.
+    pub fn cleanup(&self) -> Result<CleanupReport, SnapError> {
+        let mut report = CleanupReport::default();
+        let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let snaps = self.meta.list()?;
+        let ids: std::collections::HashSet<String> =
+            snaps.iter().map(|(_, s)| s.id.to_string()).collect();
+        let layers: std::collections::HashSet<&str> = snaps
+            .iter()
+            .filter_map(|(_, s)| s.layer.as_deref())
+            .collect();
+        let sdir = self.root.join("snapshots");
+        for e in fs::read_dir(&sdir).map_err(io_internal(&sdir))? {
+            let e = e.map_err(io_internal(&sdir))?;
+            if !ids.contains(e.file_name().to_string_lossy().as_ref()) {
+                let p = e.path();
+                fs::remove_dir_all(&p).map_err(io_internal(&p))?;
+                report.dirs += 1;
+            }
+        }
+        let mdir = self.root.join("mnt");
+        if mdir.is_dir() {
+            for e in fs::read_dir(&mdir).map_err(io_internal(&mdir))? {
+                let e = e.map_err(io_internal(&mdir))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !layers.contains(name.as_str()) {
+                    self.mounter.unmount(&name).map_err(internal)?;
+                    report.mounts += 1;
+                }
+            }
+        }
+        for hex in self.meta.owned_layers()? {
+            if !layers.contains(hex.as_str()) {
+                self.store.remove_layer(&hex).map_err(internal)?;
+                self.meta.disown_layer(&hex)?;
+                report.layers += 1;
+            }
+        }
+        report.blob_files = self.mounter.release_blobs(&self.store).map_err(internal)?;
+        Ok(report)
+    }
+}
+
+/// Binds `socket` (parent directory created, a stale socket replaced, mode 0600).
+pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = socket.parent() {
+        if !dir.exists() {
+            // A directory we create is ours alone, which also closes the window between
+            // bind and chmod below.
+            fs::create_dir_all(dir)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    match fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // The socket is created with the umask applied; tighten it before anyone connects.
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the snapshots API on `socket` until `shutdown` completes. Runs on the calling
+/// tokio runtime (the daemon's current-thread control runtime); snapshot operations run
+/// on its blocking pool.
+pub async fn serve(
+    socket: &Path,
+    snapshotter: Arc<Snapshotter>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SnapError> {
+    let listener = bind(socket).map_err(io_internal(socket))?;
+    tracing::info!(
+        socket = %socket.display(),
+        front_end = snapshotter.mounter_name(),
+        "snapshotter dedup serving"
+    );
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let svc = proto::snapshots::snapshots_server::SnapshotsServer::new(Service::new(snapshotter));
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(internal)?;
+    let _ = fs::remove_file(socket);
+    Ok(())
+}
+
+/// `dedupd snapshotter` arguments: the snapshotter alone, with the `local` front end.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotterArgs {
+    /// Root of the store and the snapshots.
+    #[arg(long, default_value = crate::config::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Socket to serve on.
+    #[arg(long, default_value = crate::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Runs `dedupd snapshotter` until SIGINT or SIGTERM.
+pub fn run_cmd(args: &SnapshotterArgs) -> anyhow::Result<()> {
+    let store = Arc::new(Store::open(&args.root)?);
+    let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone())?);
+    let snap = Arc::new(Snapshotter::open(&args.root, store, mounter)?);
+    let st = snap.status()?;
+    tracing::info!(
+        front_end = %st.front_end,
+        why = "dedupd snapshotter always uses local (blobs materialized, file-backed EROFS)",
+        committed = st.committed,
+        active = st.active,
+        layers = st.layers.len(),
+        mounted = st.layers.iter().filter(|l| l.mounted).count(),
+        "snapshotter state"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("snapshotter: shutting down");
+        };
+        serve(&args.socket, snap, shutdown).await
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active() -> Snap {
+        Snap {
+            id: 7,
+            kind: Kind::Active,
+            parent: String::new(),
+            labels: BTreeMap::new(),
+            created: meta::Stamp { secs: 1, nanos: 2 },
+            updated: meta::Stamp::default(),
+            layer: None,
+            size_bytes: 0,
+            inodes: 0,
+        }
+    }
+
+    #[test]
+    fn layer_ids_come_from_chain_ids() {
+        let chain = "ab".repeat(32);
+        let none = BTreeMap::new();
+        // containerd 1.6's unpacker: no labels, chain id in the names.
+        let name = format!("default/4/sha256:{chain}");
+        let key = format!("default/3/extract-1-x sha256:{chain}");
+        assert_eq!(Snapshotter::layer_id(&active(), &key, &name, &none), chain);
+        // One name alone is not enough.
+        assert_ne!(
+            Snapshotter::layer_id(&active(), &key, "ns/9/other", &none),
+            chain
+        );
+        assert_ne!(
+            Snapshotter::layer_id(&active(), "ns/3/mine", &name, &none),
+            chain
+        );
+        // The label wins.
+        let other = "cd".repeat(32);
+        let mut l = BTreeMap::new();
+        l.insert(LABEL_SNAPSHOT_REF.to_string(), format!("sha256:{other}"));
+        assert_eq!(Snapshotter::layer_id(&active(), &key, &name, &l), other);
+        // A container commit: unique per snapshot, never a chain id.
+        let a = Snapshotter::layer_id(&active(), "default/5/c1", "default/6/img", &none);
+        let mut b_snap = active();
+        b_snap.id = 8;
+        let b = Snapshotter::layer_id(&b_snap, "default/5/c1", "default/6/img", &none);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        // Malformed digests are not taken for chain ids.
+        let bad = "default/4/sha256:xyz";
+        assert_ne!(Snapshotter::layer_id(&active(), "k", bad, &none), "xyz");
+    }
+}

@@ -135,6 +135,19 @@ impl LayerRecord {
     }
 }
 
+/// What [`Store::remove_layer`] freed.
+#[derive(Clone, Debug, Default)]
+pub struct RemovedLayer {
+    /// The removed layer.
+    pub record: Option<LayerRecord>,
+    /// Blobs no layer uses any more (their registrations are gone).
+    pub blobs: Vec<String>,
+    /// Chunks that left the index.
+    pub chunks: u64,
+    /// Their uncompressed bytes.
+    pub chunk_bytes: u64,
+}
+
 /// Totals of the store, as `dedupd store stats` prints them.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StoreStats {
@@ -449,6 +462,88 @@ impl Store {
             dedup_ratio: ratio(logical_bytes, unique_bytes),
             total_ratio: ratio(logical_bytes, stored_bytes),
         })
+    }
+
+    /// Removes layer `diff_id` (with or without `sha256:`): its record, its aliases, its
+    /// image file, and every blob and chunk whose last reference it held. Pack space is
+    /// not reclaimed here (compaction is separate); freed chunks leave the index and the
+    /// stats at once. Waits for a running ingest, so that an ingest never names a chunk
+    /// this removal drops. Returns `None` when the layer is unknown.
+    pub fn remove_layer(&self, diff_id: &str) -> Result<Option<RemovedLayer>> {
+        let _guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = self.layer(diff_id)? else {
+            return Ok(None);
+        };
+        let mut removed = RemovedLayer::default();
+        let result = (|| -> std::result::Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut layers = txn.open_table(LAYERS)?;
+                let mut aliases = txn.open_table(LAYER_ALIASES)?;
+                let mut blobs = txn.open_table(BLOBS)?;
+                let mut blob_refs = txn.open_table(BLOB_REFS)?;
+                let mut chunks = txn.open_table(CHUNKS)?;
+                layers.remove(record.diff_id.as_str())?;
+                for d in &record.digests {
+                    let points_here = aliases
+                        .get(d.as_str())?
+                        .is_some_and(|v| v.value() == record.diff_id);
+                    if points_here {
+                        aliases.remove(d.as_str())?;
+                    }
+                }
+                for id in &record.blobs {
+                    let refs = blob_refs.get(id.as_str())?.map(|v| v.value()).unwrap_or(0);
+                    if refs > 1 {
+                        blob_refs.insert(id.as_str(), refs - 1)?;
+                        continue;
+                    }
+                    blob_refs.remove(id.as_str())?;
+                    let table = blobs.remove(id.as_str())?.map(|v| v.value().to_vec());
+                    removed.blobs.push(id.clone());
+                    let Some(table) = table else { continue };
+                    let entries = blob::decode_table(&table).ok_or_else(|| {
+                        redb::Error::Corrupted(format!("blob {id}: undecodable chunk table"))
+                    })?;
+                    let mut seen = std::collections::HashSet::new();
+                    for e in entries {
+                        if !seen.insert(e.digest) {
+                            continue;
+                        }
+                        let v = chunks.get(e.digest.0.as_slice())?.map(|v| v.value());
+                        let Some((p, o, s, r, n)) = v else { continue };
+                        if n > 1 {
+                            chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n - 1))?;
+                        } else {
+                            chunks.remove(e.digest.0.as_slice())?;
+                            removed.chunks += 1;
+                            removed.chunk_bytes += u64::from(r);
+                        }
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        result.map_err(|e| StoreError::Db {
+            path: self.db_path.clone(),
+            source: e,
+        })?;
+        let image = self.image_path(record.id_hex());
+        match fs::remove_file(&image) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&image)(e)),
+        }
+        removed.record = Some(record);
+        Ok(Some(removed))
+    }
+
+    /// True when blob `id` is registered (some layer uses it).
+    pub fn has_blob(&self, id: &str) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
+        Ok(blobs.get(id).map_err(self.db_err())?.is_some())
     }
 
     /// Starts writing one layer's chunks. Only one ingest runs at a time per store.
@@ -769,6 +864,33 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(store.stats().unwrap().chunks, 1);
+    }
+
+    #[test]
+    fn removing_layers_frees_only_unreferenced_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        commit_layer(&store, "aa", &[vec![1u8; 65536], vec![2u8; 100]]);
+        commit_layer(&store, "bb", &[vec![1u8; 65536], vec![3u8; 7]]);
+        assert_eq!(store.stats().unwrap().chunks, 3);
+        let r = store.remove_layer("aa").unwrap().unwrap();
+        assert_eq!((r.chunks, r.blobs.len()), (1, 1));
+        assert!(store.layer("sha256:aa").unwrap().is_none());
+        assert!(store.layer("sha256:aa00").unwrap().is_none());
+        assert!(!store.image_path("aa").exists());
+        let mut out = Vec::new();
+        store
+            .read_chunk(&ChunkDigest::of(&[1u8; 65536]), &mut out)
+            .unwrap();
+        assert!(store
+            .locate(&ChunkDigest::of(&[2u8; 100]))
+            .unwrap()
+            .is_none());
+        assert_eq!(store.stats().unwrap().chunks, 2);
+        store.remove_layer("sha256:bb").unwrap().unwrap();
+        assert_eq!(store.stats().unwrap().chunks, 0);
+        assert_eq!(store.stats().unwrap().layers, 0);
+        assert!(store.remove_layer("bb").unwrap().is_none());
     }
 
     #[test]

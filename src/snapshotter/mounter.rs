@@ -1,0 +1,323 @@
+//! How a converted layer's EROFS image becomes a directory overlay can stack: one mount
+//! per layer under `ROOT/mnt/<layer hex>`, kept while any snapshot references the layer.
+//! The mechanism depends on the daemon's front end, so it sits behind [`LayerMounter`]:
+//! cachefiles mounts `-t erofs none -o fsid=...,domain_id=...`, fanotify mounts sparse
+//! blob files it fills on demand, and [`LocalMounter`] (here) materializes the data
+//! blobs as plain files and mounts the image file-backed.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::store::{LayerRecord, Store};
+
+/// Errors of layer mounts. Messages name the layer or path.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Filesystem or mount syscall failure on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The store could not provide the layer's data.
+    #[error("layer {layer}: {source}")]
+    Store {
+        /// Layer hex id.
+        layer: String,
+        /// The cause.
+        #[source]
+        source: Box<crate::store::StoreError>,
+    },
+    /// A blob the layer names is not in the store.
+    #[error("layer {layer}: blob {blob} is not in the store")]
+    MissingBlob {
+        /// Layer hex id.
+        layer: String,
+        /// Blob id.
+        blob: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
+    move |source| MountError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Mounts and unmounts converted layers. Implementations are idempotent: mounting a
+/// mounted layer (also one mounted by a previous run of the daemon) returns its
+/// mountpoint; unmounting an unmounted layer succeeds.
+pub trait LayerMounter: Send + Sync {
+    /// Front-end name, for logs and status.
+    fn name(&self) -> &'static str;
+    /// Where layer `hex` is (or would be) mounted.
+    fn mountpoint(&self, hex: &str) -> PathBuf;
+    /// Mounts `layer` read-only at its mountpoint.
+    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError>;
+    /// Unmounts layer `hex` and removes its mountpoint.
+    fn unmount(&self, hex: &str) -> Result<(), MountError>;
+    /// Frees per-blob resources (cache files, materialized blobs) of blobs the store no
+    /// longer has. Called after layers are removed, and by Cleanup.
+    fn release_blobs(&self, store: &Store) -> Result<u64, MountError>;
+}
+
+/// True when `path` is a mountpoint: its device differs from its parent's (or it is the
+/// root of the same filesystem, which cannot happen under ROOT/mnt).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let (Ok(m), Some(parent)) = (fs::symlink_metadata(path), path.parent()) else {
+        return false;
+    };
+    match fs::metadata(parent) {
+        Ok(p) => m.dev() != p.dev(),
+        Err(_) => false,
+    }
+}
+
+/// Unmounts `path` (lazily if busy) and removes the directory.
+pub fn unmount_dir(path: &Path) -> Result<(), MountError> {
+    if is_mountpoint(path) {
+        match nix::mount::umount2(path, nix::mount::MntFlags::empty()) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) => {
+                nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| io_err(path)(e.into()))?;
+            }
+            Err(e) => return Err(io_err(path)(e.into())),
+        }
+    }
+    match fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// The `local` front end: blobs materialized eagerly as files under `ROOT/local/`, images
+/// mounted file-backed with `-o device=` for each data blob.
+pub struct LocalMounter {
+    store: Arc<Store>,
+    mnt_dir: PathBuf,
+    blob_dir: PathBuf,
+    /// Serializes mounts, unmounts and blob file writes.
+    lock: Mutex<()>,
+}
+
+impl LocalMounter {
+    /// A mounter for the store at `store.root()`.
+    pub fn new(store: Arc<Store>) -> Result<LocalMounter, MountError> {
+        let mnt_dir = store.root().join("mnt");
+        let blob_dir = store.root().join("local");
+        for d in [&mnt_dir, &blob_dir] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        Ok(LocalMounter {
+            store,
+            mnt_dir,
+            blob_dir,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn blob_path(&self, id: &str) -> PathBuf {
+        self.blob_dir.join(id)
+    }
+
+    /// Writes blob `id` as a plain file (temp file, then rename), unless present.
+    fn materialize(&self, layer: &str, id: &str) -> Result<PathBuf, MountError> {
+        let path = self.blob_path(id);
+        if path.exists() {
+            return Ok(path);
+        }
+        let store_err = |source| MountError::Store {
+            layer: layer.to_string(),
+            source: Box::new(source),
+        };
+        let table = self
+            .store
+            .blob_table(id)
+            .map_err(store_err)?
+            .ok_or_else(|| MountError::MissingBlob {
+                layer: layer.to_string(),
+                blob: id.to_string(),
+            })?;
+        let tmp = self.blob_dir.join(format!("{id}.tmp"));
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        file.set_len(table.size_bytes()).map_err(io_err(&tmp))?;
+        let mut buf = Vec::new();
+        for e in table.entries() {
+            self.store
+                .read_chunk(&e.digest, &mut buf)
+                .map_err(store_err)?;
+            file.write_all_at(&buf, e.blob_offset)
+                .map_err(io_err(&tmp))?;
+        }
+        file.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(path)
+    }
+}
+
+impl LayerMounter for LocalMounter {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn mountpoint(&self, hex: &str) -> PathBuf {
+        self.mnt_dir.join(hex)
+    }
+
+    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let hex = layer.id_hex();
+        let target = self.mountpoint(hex);
+        if is_mountpoint(&target) {
+            return Ok(target);
+        }
+        let mut devices = Vec::with_capacity(layer.blobs.len());
+        for id in &layer.blobs {
+            devices.push(self.materialize(hex, id)?);
+        }
+        fs::create_dir_all(&target).map_err(io_err(&target))?;
+        let image = self.store.image_path(hex);
+        let data: String = devices
+            .iter()
+            .map(|d| format!("device={}", d.display()))
+            .collect::<Vec<_>>()
+            .join(",");
+        nix::mount::mount(
+            Some(&image),
+            &target,
+            Some("erofs"),
+            nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NODEV,
+            if data.is_empty() {
+                None
+            } else {
+                Some(data.as_str())
+            },
+        )
+        .map_err(|e| io_err(&image)(e.into()))?;
+        Ok(target)
+    }
+
+    fn unmount(&self, hex: &str) -> Result<(), MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        unmount_dir(&self.mountpoint(hex))
+    }
+
+    fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut freed = 0;
+        let entries = fs::read_dir(&self.blob_dir).map_err(io_err(&self.blob_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.blob_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".tmp").unwrap_or(&name);
+            let keep = !name.ends_with(".tmp")
+                && store.has_blob(id).map_err(|source| MountError::Store {
+                    layer: "-".into(),
+                    source: Box::new(source),
+                })?;
+            if !keep {
+                let p = entry.path();
+                fs::remove_file(&p).map_err(io_err(&p))?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// Makes the daemon's blob registry match the store (called before a layer is mounted, so
+/// the kernel's OPEN of its image and blobs finds them, and after layers are removed).
+pub type RegistryRefresh = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The `cachefiles` front end: layers mounted as EROFS over fscache
+/// (`mount -t erofs none -o fsid=<layer hex>[,domain_id=<domain>]`); the kernel asks the
+/// daemon's data plane for the image and its blobs by name, lazily. Not exercised on a
+/// kernel without on-demand cachefiles (this host); the VM suite is where it runs.
+pub struct FscacheMounter {
+    mnt_dir: PathBuf,
+    domain_id: Option<String>,
+    refresh: RegistryRefresh,
+    lock: Mutex<()>,
+}
+
+impl FscacheMounter {
+    /// Mounts under `root/mnt`; `domain_id` shares blobs (and their page cache) between
+    /// layers; `refresh` updates the data plane's registry from the store.
+    pub fn new(
+        root: &Path,
+        domain_id: Option<String>,
+        refresh: RegistryRefresh,
+    ) -> Result<FscacheMounter, MountError> {
+        let mnt_dir = root.join("mnt");
+        fs::create_dir_all(&mnt_dir).map_err(io_err(&mnt_dir))?;
+        Ok(FscacheMounter {
+            mnt_dir,
+            domain_id,
+            refresh,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn refresh(&self, layer: &str) -> Result<(), MountError> {
+        (self.refresh)().map_err(|e| MountError::Io {
+            path: self.mnt_dir.join(layer),
+            source: io::Error::other(format!("refreshing the blob registry: {e}")),
+        })
+    }
+}
+
+impl LayerMounter for FscacheMounter {
+    fn name(&self) -> &'static str {
+        "cachefiles"
+    }
+
+    fn mountpoint(&self, hex: &str) -> PathBuf {
+        self.mnt_dir.join(hex)
+    }
+
+    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let hex = layer.id_hex();
+        let target = self.mountpoint(hex);
+        if is_mountpoint(&target) {
+            return Ok(target);
+        }
+        self.refresh(hex)?;
+        fs::create_dir_all(&target).map_err(io_err(&target))?;
+        let mut data = format!("fsid={hex}");
+        if let Some(d) = &self.domain_id {
+            data.push_str(&format!(",domain_id={d}"));
+        }
+        nix::mount::mount(
+            Some("none"),
+            &target,
+            Some("erofs"),
+            nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NODEV,
+            Some(data.as_str()),
+        )
+        .map_err(|e| io_err(&target)(e.into()))?;
+        Ok(target)
+    }
+
+    fn unmount(&self, hex: &str) -> Result<(), MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        unmount_dir(&self.mountpoint(hex))
+    }
+
+    fn release_blobs(&self, _store: &Store) -> Result<u64, MountError> {
+        // Removed blobs leave the registry; their cache files are culled by the
+        // cachefiles front end (follow-up), not here.
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh("-")?;
+        Ok(0)
+    }
+}
