@@ -134,8 +134,8 @@ def cgroup_read_bytes(ns, cid):
     children that exited were reaped into their parent's counters). Called while the
     program sleeps after READY. None when the cgroup cannot be found.
     """
-    for ctl in ("pids", "memory", "cpu", "systemd"):
-        path = f"/sys/fs/cgroup/{ctl}/{ns}/{cid}/cgroup.procs"
+    for ctl in ("pids/", "memory/", "systemd/", ""):  # cgroup v1 controllers, then v2
+        path = f"/sys/fs/cgroup/{ctl}{ns}/{cid}/cgroup.procs"
         try:
             with open(path) as f:
                 pids = [int(x) for x in f.read().split()]
@@ -200,7 +200,8 @@ class Bench:
 
     def start_registry(self):
         self.port = free_port()
-        os.makedirs(os.path.join(self.work, "registry"))
+        storage = self.args.registry_root or os.path.join(self.work, "registry")
+        os.makedirs(storage, exist_ok=True)
         cfg = os.path.join(self.work, "registry.yml")
         with open(cfg, "w") as f:
             f.write(f"""version: 0.1
@@ -209,7 +210,7 @@ log:
   formatter: text
 storage:
   filesystem:
-    rootdirectory: {self.work}/registry
+    rootdirectory: {storage}
   delete:
     enabled: true
 http:
@@ -337,6 +338,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     # --- images ------------------------------------------------------------------------
     def prepare_images(self):
+        if self.args.registry_root and not self.args.prepare_registry:
+            # Images pushed beforehand (the VM): their description sits beside the storage.
+            with open(os.path.join(self.args.registry_root, "images.json")) as f:
+                self.info = json.load(f)
+            log(f"serving {len(self.info)} pushed images from {self.args.registry_root}")
+            return
         cache = os.path.join(self.args.cache, f"scale-{self.args.scale:g}")
         t0 = time.monotonic()
         self.info = images.build_layout(cache, self.args.scale, self.args.busybox, log=log)
@@ -346,6 +353,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{cache}:{name}",
                f"docker://127.0.0.1:{self.port}/coldstart/{name}:1")
         log(f"pushed {len(self.info)} images in {time.monotonic() - t0:.1f} s")
+        if self.args.registry_root:
+            with open(os.path.join(self.args.registry_root, "images.json"), "w") as f:
+                json.dump(self.info, f)
 
     def ref(self, name):
         return f"127.0.0.1:{self.port}/coldstart/{name}:1"
@@ -442,6 +452,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         a = self.args
         snapshotters = a.snapshotters
         self.start_registry()
+        if a.prepare_registry:
+            self.prepare_images()
+            return None
         if "dedup" in snapshotters:
             self.start_dedupd()
         self.start_containerd("dedup" in snapshotters)
@@ -565,6 +578,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--results-md", default=None, help="RESULTS.md whose cold-start section to rewrite")
     ap.add_argument("--in-vm", action="store_true")
+    ap.add_argument("--registry-root", default=None,
+                    help="registry storage dir: with --prepare-registry, push the images into "
+                         "it and stop; without, serve the images pushed there before")
+    ap.add_argument("--prepare-registry", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--command-line", default=" ".join(sys.argv))
     a = ap.parse_args()
@@ -574,7 +591,9 @@ def main():
         ap.error("--reps must be 1..50")
     if not 0.001 <= a.scale <= 64:
         ap.error("--scale must be 0.001..64")
-    if "dedup" in a.snapshotters and not a.dedupd:
+    if a.prepare_registry and not a.registry_root:
+        ap.error("--prepare-registry needs --registry-root")
+    if "dedup" in a.snapshotters and not a.dedupd and not a.prepare_registry:
         ap.error("--dedupd is required with the dedup snapshotter")
     if os.geteuid() != 0:
         sys.exit("coldstart: needs root (containerd, mounts, drop_caches)")
@@ -591,6 +610,9 @@ def main():
         b.stop()
         raise
     b.stop()
+    if results is None:
+        log(f"images pushed into {a.registry_root}")
+        return
     os.makedirs(a.out, exist_ok=True)
     jpath = os.path.join(a.out, "results.json")
     with open(jpath, "w") as f:
