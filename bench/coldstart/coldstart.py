@@ -397,6 +397,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def measure_group(self, snapshotter, group):
         self.clean(snapshotter)
         dpid = self.dedupd.pid if (snapshotter == "dedup" and self.dedupd) else None
+        snap_dirs = [os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs")]
+        if snapshotter == "dedup":
+            snap_dirs.append(self.droot)
+        # What is left with no image at all (a snapshotter that does not give space back
+        # keeps it here): subtracted, so each group is charged only what its pull added.
+        residual = disk_bytes(*snap_dirs)
         if dpid:
             reset_hwm(dpid)
         drop_caches()
@@ -410,11 +416,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0,
                          "dedupd_pull_read_bytes": (proc_io(dpid, "read_bytes") - dio0) if dpid else None}
         content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
-        if snapshotter == "dedup":
-            snap = disk_bytes(self.droot,
-                              os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs"))
-        else:
-            snap = disk_bytes(os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs"))
+        snap = disk_bytes(*snap_dirs) - residual
         breakdown = {e: disk_bytes(os.path.join(self.droot, e))
                      for e in sorted(os.listdir(self.droot))} if snapshotter == "dedup" else None
 
@@ -439,6 +441,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "disk_total_bytes": content + snap,
             "dedupd_hwm_bytes": proc_hwm_bytes(dpid) if dpid else None,
             "dedupd_root_breakdown_bytes": breakdown,
+            "residual_before_pull_bytes": residual,
         }
         if status0 and status1:
             # Chunk-store reads by the lazy front end while the group ran.
@@ -505,6 +508,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             text = open(os.path.join(self.work, "dedupd.log"), errors="replace").read()
         except OSError:
             return None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the log may carry colour codes
         m = re.search(r"front_end=(\w+)", text)
         return m.group(1) if m else None
 
@@ -523,7 +527,7 @@ def summarize(results):
         for gname, reps in groups.items():
             per_group[gname] = {k: median([r.get(k) for r in reps])
                                 for k in ("disk_content_bytes", "disk_snapshot_bytes",
-                                          "disk_total_bytes", "dedupd_hwm_bytes",
+                                          "disk_total_bytes", "dedupd_hwm_bytes", "residual_before_pull_bytes",
                                           "dedupd_bytes_written", "dedupd_chunks_fetched")}
             for name in gname.split():
                 per_image[name] = {k: median([r["images"][name].get(k) for r in reps])

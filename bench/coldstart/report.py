@@ -121,8 +121,16 @@ def markdown(results, chart_path):
             f"| {_r(_ratio(sums['d_snap'], sums['o_snap']), TARGETS['disk'])} |")
     out.append("")
     out.append("Content = containerd's content store (the compressed layers, kept after unpack by "
-               "both; `ctr` 1.6 cannot discard them). Allocated blocks, hard links once, mounts "
-               "not crossed.")
+               "both; `ctr` 1.6 cannot discard them). Snapshots = what the pull added to the "
+               "snapshot dirs (dedup: dedupd's root), over what was left there with no image "
+               "at all. Allocated blocks, hard links once, mounts not crossed.")
+    if both:
+        left = {s: max(max(r.get("residual_before_pull_bytes") or 0 for r in reps)
+                       for reps in results["samples"][s].values()) for s in ("overlayfs", "dedup")}
+        out.append("")
+        out.append(f"Left behind with every image removed and garbage-collected (largest seen "
+                   f"before a pull): overlayfs {_mib(left['overlayfs'])} MiB, dedup "
+                   f"{_mib(left['dedup'])} MiB.")
     out.append("")
     out.append("### Bytes read at start, network, dedupd memory")
     out.append("")
@@ -179,7 +187,7 @@ def svg(results):
     snaps = [s for s in ("overlayfs", "dedup") if s in summ]
     names = image_order(results)
     groups = results["groups"]
-    W, left, right = 900, 120, 40
+    W, left, right = 980, 120, 190
     bar_h, gap = 16, 14
     plot_w = W - left - right
     parts = []
@@ -203,7 +211,7 @@ def svg(results):
 
     y = 30
     text(W / 2, y, f"Cold start, {results['mode']}, scale {results['scale']:g}, median of "
-         f"{results['reps']} (pull light, pull-to-ready dark)", 14, "middle", "bold")
+         f"{results['reps']}: time (light: pull, dark: ready after pull)", 14, "middle", "bold")
     y += 20
     tmax = max((summ[s]["images"][n]["pull_to_ready_s"] or 0) for s in snaps for n in names) or 1
     panel_h = len(names) * (len(snaps) * bar_h + gap)
