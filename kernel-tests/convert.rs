@@ -46,13 +46,40 @@ enum Data {
     Bytes(Vec<u8>),
     /// Read from a file of the host when the tar is written.
     Host(PathBuf, u64),
+    /// Zeros, except for the given islands (offset, bytes); generated on the fly.
+    Sparse(u64, Vec<(u64, Vec<u8>)>),
+}
+
+/// The reader of [`Data::Sparse`].
+struct SparseReader<'a> {
+    pos: u64,
+    size: u64,
+    islands: &'a [(u64, Vec<u8>)],
+}
+
+impl Read for SparseReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.size - self.pos) as usize;
+        let buf = &mut buf[..n];
+        buf.fill(0);
+        for (at, bytes) in self.islands {
+            let (start, end) = (*at, at + bytes.len() as u64);
+            let (lo, hi) = (start.max(self.pos), end.min(self.pos + n as u64));
+            if lo < hi {
+                buf[(lo - self.pos) as usize..(hi - self.pos) as usize]
+                    .copy_from_slice(&bytes[(lo - start) as usize..(hi - start) as usize]);
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 impl Data {
     fn size(&self) -> u64 {
         match self {
             Data::Bytes(b) => b.len() as u64,
-            Data::Host(_, n) => *n,
+            Data::Host(_, n) | Data::Sparse(n, _) => *n,
         }
     }
 
@@ -60,6 +87,11 @@ impl Data {
         match self {
             Data::Bytes(b) => Box::new(&b[..]),
             Data::Host(p, _) => Box::new(File::open(p).unwrap()),
+            Data::Sparse(size, islands) => Box::new(SparseReader {
+                pos: 0,
+                size: *size,
+                islands,
+            }),
         }
     }
 }
@@ -923,6 +955,36 @@ fn debian_package_layers_round_trip_through_the_kernel() {
     assert!(n > 2000, "one layer has thousands of files ({n})");
 }
 
+#[test]
+fn a_sparse_file_over_4_gib_costs_only_its_data() {
+    require_root!();
+    let work = scratch();
+    let root = work.path().join("store");
+    let mut island = vec![0u8; 100_000];
+    StdRng::seed_from_u64(3).fill(&mut island[..]);
+    let size = (4u64 << 30) + (512 << 20) + 12345;
+    let islands = vec![
+        (0, b"head".to_vec()),
+        (4u64 << 30, island),
+        (size - 3, b"end".to_vec()),
+    ];
+    let entries = vec![SEntry::new(
+        b"huge",
+        SKind::File(Data::Sparse(size, islands)),
+    )];
+    let want = expected(&entries);
+    let layer = work.path().join("huge.tar.zst");
+    write_layer(&entries, Compress::Zstd, &layer);
+    let report = check_layer(&root, work.path(), &layer, 65536, &want);
+    // head, two chunks for the island (it straddles none but spans two 64 KiB chunks),
+    // and the tail: every other chunk is a hole.
+    assert!(report["chunks"].as_u64().unwrap() <= 4, "{report}");
+    assert!(
+        report["stored_bytes"].as_u64().unwrap() < 1 << 20,
+        "{report}"
+    );
+}
+
 // ---------------------------------------------------------------- whiteouts
 
 #[test]
@@ -1063,6 +1125,13 @@ fn shared_files_are_stored_once() {
     assert_eq!(again["new_chunks"].as_u64(), Some(0), "{again}");
     assert_eq!(again["stored_bytes"].as_u64(), Some(0), "{again}");
     assert_eq!(again["already_converted"].as_bool(), Some(true), "{again}");
+    for e in fs::read_dir(root.join("layers")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(".erofs") && !name.starts_with('.'),
+            "left behind: {name}"
+        );
+    }
 
     let stats = store_stats(&root);
     let logical = stats["logical_bytes"].as_u64().unwrap();

@@ -246,6 +246,7 @@ fn every_rpc_over_a_unix_socket() {
         fs::write(l1.join("etc/passwd"), b"root:x:0:0\n").unwrap();
         fs::write(l1.join("etc/conf.d/a"), b"a").unwrap();
         fs::write(l1.join("gone"), b"deleted later").unwrap();
+        std::os::unix::fs::chown(&l1, Some(1234), Some(4321)).unwrap();
         commit(&mut c, "extract-1", "layer1").await.unwrap();
         assert!(
             !l1.exists(),
@@ -289,6 +290,13 @@ fn every_rpc_over_a_unix_socket() {
         .unwrap();
         assert_eq!(m[0].r#type, "overlay");
         let upper = PathBuf::from(option(&m[0], "upperdir").unwrap());
+        let md = fs::metadata(&upper).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (1234, 4321),
+            "upper takes the parent root's owner"
+        );
         assert!(option(&m[0], "workdir").is_some());
         assert_eq!(
             option(&m[0], "lowerdir").unwrap(),
@@ -778,4 +786,54 @@ fn cleanup_removes_what_a_crash_leaves() {
         assert_eq!(server.store.stats().unwrap().chunks, 0);
         server.stop().await;
     });
+}
+
+/// The daemon's control thread serves and stops cleanly, and the socket goes with it.
+#[test]
+fn control_thread_serves_and_stops() {
+    let root = Root::new();
+    let store = Arc::new(Store::open(root.path()).unwrap());
+    let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone()).unwrap());
+    let snap = Arc::new(Snapshotter::open(root.path(), store, mounter).unwrap());
+    let socket = root.path().join("ctl/dedupd.sock");
+    let control = dedupd::snapshotter::ControlThread::spawn(socket.clone(), snap).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let path = socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut c = SnapshotsClient::new(channel);
+        assert_eq!(code(stat(&mut c, "nope").await), Code::NotFound);
+        assert_eq!(list(&mut c, &[]).await.unwrap().len(), 0);
+    });
+    // The client's connection lives on this runtime: dropping it disconnects.
+    drop(rt);
+    assert!(control.is_running());
+    let dir_mode = fs::metadata(root.path().join("ctl"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        dir_mode, 0o700,
+        "a socket directory dedupd creates is private"
+    );
+    control.stop().unwrap();
+    assert!(!socket.exists());
 }

@@ -169,6 +169,8 @@ pub fn check_chunk_bytes(chunk_bytes: u64) -> Result<u32> {
 struct TempFile {
     path: PathBuf,
     armed: bool,
+    /// Whether the file still exists (and must go) once the commit renamed it.
+    armed_after_commit: bool,
 }
 
 impl TempFile {
@@ -179,7 +181,11 @@ impl TempFile {
             .root()
             .join("layers")
             .join(format!(".convert-{}-{n}.tmp", std::process::id()));
-        TempFile { path, armed: true }
+        TempFile {
+            path,
+            armed: true,
+            armed_after_commit: true,
+        }
     }
 }
 
@@ -187,6 +193,24 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         if self.armed {
             let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes temporary images that crashed conversions of other processes left behind (the
+/// store is open by one process at a time, so another pid's file is abandoned).
+fn remove_stale_temp_files(store: &Store) {
+    let ours = format!(".convert-{}-", std::process::id());
+    let Ok(dir) = fs::read_dir(store.root().join("layers")) else {
+        return;
+    };
+    for entry in dir.flatten().take(10_000) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".convert-") && name.ends_with(".tmp") && !name.starts_with(&ours) {
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::warn!("removing stale {}: {e}", entry.path().display());
+            }
         }
     }
 }
@@ -214,17 +238,22 @@ where
 {
     let start = Instant::now();
     let mut ingest = store.ingest()?;
+    remove_stale_temp_files(store);
     let mut builder = BlobBuilder::new();
     let (mut sender, receiver) = pieces::pipeline(chunk_bytes);
     let (stored, parsed) = std::thread::scope(|s| {
         let parser = s.spawn(move || {
-            let parsed = parse(&mut sender);
+            let parsed = parse(&mut sender).and_then(|p| {
+                sender.flush().map_err(|_| ConvertError::StoreStopped)?;
+                Ok(p)
+            });
             (parsed, sender.chunks, sender.logical_bytes)
         });
-        let stored = receiver.run(&mut ingest, &mut builder);
+        let stored = receiver.run(store, &mut ingest, &mut builder);
         let parsed = parser.join();
         (stored, parsed)
     });
+    let stored_at = start.elapsed();
     let (parsed, chunks, logical_bytes) = match parsed {
         Ok(p) => p,
         Err(panic) => std::panic::resume_unwind(panic),
@@ -239,52 +268,25 @@ where
     } = parsed?;
     pieces::resolve_addrs(&mut tree, &addrs);
 
-    let tmp = TempFile::new(store);
-    let devices = if builder.is_empty() {
-        vec![]
-    } else {
-        let blocks = u32::try_from(builder.blocks()).map_err(|_| ConvertError::Entry {
-            layer: layer.to_path_buf(),
-            entry: "(all)".into(),
-            rule: "the layer's data exceeds 16 TiB".into(),
-        })?;
-        vec![Device {
-            tag: blob_id(&builder.encode()),
-            blocks,
-        }]
+    let mut tmp = TempFile::new(store);
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ConvertError::Io { path, source }
     };
-    let opts = ImageOptions {
-        chunk_bits: chunk_bytes.trailing_zeros() as u8,
-        devices: devices.clone(),
-        build_time: 0,
-    };
-    let io_err = |source| ConvertError::Io {
-        path: tmp.path.clone(),
-        source,
-    };
-    let file = File::create(&tmp.path).map_err(io_err)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let info =
-        erofs::write_image(&tree, &opts, &mut out).map_err(|source| ConvertError::Image {
-            layer: layer.to_path_buf(),
-            source,
-        })?;
-    let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    drop(tree);
-
     let previous = store.layer(&diff_id)?;
     let already_converted = previous.is_some();
     let (record, blobs) = match previous {
         Some(prev) => {
             // Converted before (perhaps from another compression of the same tar, or with
-            // another chunk size): keep the first conversion and store nothing.
+            // another chunk size): keep the first conversion, store nothing, and only
+            // record this file's digest. The "new" image is a hard link to the old one,
+            // so the commit's rename changes nothing (and the link is removed after).
             if ingest.new_chunks() > 0 {
                 drop(ingest);
                 ingest = store.ingest()?;
             }
-            fs::copy(store.image_path(prev.id_hex()), &tmp.path).map_err(io_err)?;
+            let image = store.image_path(prev.id_hex());
+            fs::hard_link(&image, &tmp.path).map_err(io_err(&image))?;
             let record = LayerRecord {
                 digests: vec![digest.clone()],
                 ..prev
@@ -292,14 +294,46 @@ where
             (record, vec![])
         }
         None => {
-            let blobs = devices
+            let devices = if builder.is_empty() {
+                vec![]
+            } else {
+                let blocks = u32::try_from(builder.blocks()).map_err(|_| ConvertError::Entry {
+                    layer: layer.to_path_buf(),
+                    entry: "(all)".into(),
+                    rule: "the layer's data exceeds 16 TiB".into(),
+                })?;
+                vec![Device {
+                    tag: blob_id(&builder.encode()),
+                    blocks,
+                }]
+            };
+            let opts = ImageOptions {
+                chunk_bits: chunk_bytes.trailing_zeros() as u8,
+                devices,
+                build_time: 0,
+            };
+            let file = File::create(&tmp.path).map_err(io_err(&tmp.path))?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            let info = erofs::write_image(&tree, &opts, &mut out).map_err(|source| {
+                ConvertError::Image {
+                    layer: layer.to_path_buf(),
+                    source,
+                }
+            })?;
+            let file = out
+                .into_inner()
+                .map_err(|e| io_err(&tmp.path)(e.into_error()))?;
+            file.sync_all().map_err(io_err(&tmp.path))?;
+            tmp.armed_after_commit = false;
+            let blobs = opts
+                .devices
                 .iter()
                 .map(|d| (d.tag.clone(), builder.entries().to_vec()))
                 .collect::<Vec<_>>();
             let record = LayerRecord {
                 diff_id: diff_id.clone(),
                 digests: vec![digest.clone()],
-                blobs: devices.iter().map(|d| d.tag.clone()).collect(),
+                blobs: opts.devices.iter().map(|d| d.tag.clone()).collect(),
                 chunk_bytes,
                 image_bytes: info.bytes,
                 files,
@@ -311,13 +345,21 @@ where
             (record, blobs)
         }
     };
+    drop(tree);
+    let imaged_at = start.elapsed();
     let committed = ingest.commit(LayerCommit {
         record,
         image_tmp: &tmp.path,
         blobs,
     })?;
-    let mut tmp = tmp;
-    tmp.armed = false;
+    tmp.armed = tmp.armed_after_commit;
+    tracing::debug!(
+        "converted {}: data {:.3}s, image {:.3}s, commit {:.3}s",
+        layer.display(),
+        stored_at.as_secs_f64(),
+        (imaged_at - stored_at).as_secs_f64(),
+        (start.elapsed() - imaged_at).as_secs_f64()
+    );
     Ok(Report {
         layer: layer.display().to_string(),
         digest,

@@ -1,29 +1,41 @@
 //! The conversion pipeline between the parser and the store.
 //!
 //! The parser thread (decompression, tar parsing, the tree) cuts each regular file into
-//! chunk-sized pieces and hands the non-zero ones, in order, to the store side, which
-//! hashes, compresses and appends them and places them in the layer's data blob. The two
-//! sides share a fixed pool of buffers, so memory stays bounded whatever the layer size.
-//! The parser does not wait for a piece's block address: it records the piece's sequence
-//! number in the tree, and [`resolve_addrs`] swaps in the real addresses at the end.
+//! chunk-sized pieces. All-zero pieces become holes; the others are packed, in order, into
+//! batches of about 1 MiB that worker threads hash and compress, and that the store side
+//! appends and places in the layer's data blob in sequence order (so the result does not
+//! depend on thread timing). Batches, not chunks, cross threads: on a busy machine every
+//! hand-off can cost a scheduler round trip. A fixed pool of batch buffers bounds memory
+//! whatever the layer size. The parser does not wait for a piece's block address: it
+//! records the piece's sequence number in the tree, and [`resolve_addrs`] swaps in the
+//! real addresses at the end.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::digest::ChunkDigest;
 use crate::erofs::{ChunkAddr, FileData, Kind, Tree};
-use crate::store::{BlobBuilder, Ingest, StoreError};
+use crate::store::chunk::encode_record;
+use crate::store::{BlobBuilder, Ingest, Store, StoreError};
 
-/// Buffers in flight between the two sides. Bounds the pipeline's memory to this many
-/// chunks (at most 1 MiB each).
-pub(crate) const PIPELINE_BUFFERS: usize = 8;
+/// Batch buffers in the pool: bounds the pipeline's memory to this many batches.
+pub(crate) const PIPELINE_BATCHES: usize = 8;
+/// Target size of a batch (a batch always holds at least one chunk).
+const BATCH_BYTES: usize = 1 << 20;
+/// At most this many hashing and compressing threads.
+const MAX_WORKERS: usize = 4;
 
-/// One non-zero piece of file data on its way to the store.
-pub(crate) struct Piece {
-    seq: u64,
+/// Consecutive non-zero pieces of file data on their way to the store.
+pub(crate) struct Batch {
+    /// Sequence number of the first piece.
+    first_seq: u64,
+    /// The pieces' bytes, back to back; `used` of them are valid.
     buf: Vec<u8>,
-    len: usize,
+    used: usize,
+    /// (offset in `buf`, length) of each piece.
+    pieces: Vec<(usize, usize)>,
 }
 
 /// Why a file's data could not be cut into pieces.
@@ -47,9 +59,10 @@ pub(crate) enum PieceError {
 /// The parser's end of the pipeline.
 pub(crate) struct PieceSender {
     chunk_bytes: usize,
-    work: Sender<Piece>,
-    free: Receiver<Vec<u8>>,
-    spare: Option<Vec<u8>>,
+    work: Sender<Batch>,
+    free: Receiver<Batch>,
+    /// The batch being filled.
+    current: Option<Batch>,
     zeros: Vec<u8>,
     next_seq: u64,
     /// Non-hole chunks sent.
@@ -60,26 +73,32 @@ pub(crate) struct PieceSender {
 
 /// The store's end of the pipeline.
 pub(crate) struct PieceReceiver {
-    work: Receiver<Piece>,
-    free: Sender<Vec<u8>>,
+    work: Receiver<Batch>,
+    free: Sender<Batch>,
 }
 
-/// A connected pair with `PIPELINE_BUFFERS` buffers of `chunk_bytes`.
+/// A connected pair with `PIPELINE_BATCHES` batch buffers for chunks of `chunk_bytes`.
 pub(crate) fn pipeline(chunk_bytes: u32) -> (PieceSender, PieceReceiver) {
     let chunk_bytes = chunk_bytes as usize;
-    let (work_tx, work_rx) = crossbeam_channel::bounded(PIPELINE_BUFFERS);
-    let (free_tx, free_rx) = crossbeam_channel::bounded(PIPELINE_BUFFERS);
-    for _ in 0..PIPELINE_BUFFERS - 1 {
+    let batch_bytes = BATCH_BYTES.max(chunk_bytes);
+    let (work_tx, work_rx) = crossbeam_channel::bounded(PIPELINE_BATCHES);
+    let (free_tx, free_rx) = crossbeam_channel::bounded(PIPELINE_BATCHES);
+    for _ in 0..PIPELINE_BATCHES {
         free_tx
-            .send(vec![0u8; chunk_bytes])
-            .expect("the pool channel holds PIPELINE_BUFFERS buffers");
+            .send(Batch {
+                first_seq: 0,
+                buf: vec![0u8; batch_bytes],
+                used: 0,
+                pieces: Vec::with_capacity(batch_bytes / chunk_bytes),
+            })
+            .expect("the pool channel holds PIPELINE_BATCHES buffers");
     }
     (
         PieceSender {
             chunk_bytes,
             work: work_tx,
             free: free_rx,
-            spare: Some(vec![0u8; chunk_bytes]),
+            current: None,
             zeros: vec![0u8; chunk_bytes],
             next_seq: 0,
             chunks: 0,
@@ -107,6 +126,38 @@ pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Resu
 }
 
 impl PieceSender {
+    /// Makes `current` a batch with room for one more chunk: the current one, or (after
+    /// sending a full one) an empty one from the pool.
+    fn make_room(&mut self) -> Result<(), PieceError> {
+        let full = self
+            .current
+            .as_ref()
+            .is_some_and(|b| b.used + self.chunk_bytes > b.buf.len());
+        if full {
+            self.flush()?;
+        }
+        if self.current.is_none() {
+            let mut b = self.free.recv().map_err(|_| PieceError::StoreGone)?;
+            b.first_seq = self.next_seq;
+            b.used = 0;
+            b.pieces.clear();
+            self.current = Some(b);
+        }
+        Ok(())
+    }
+
+    /// Sends the current batch, if it holds any piece.
+    pub(crate) fn flush(&mut self) -> Result<(), PieceError> {
+        if let Some(b) = self.current.take() {
+            if b.pieces.is_empty() {
+                self.current = Some(b);
+            } else {
+                self.work.send(b).map_err(|_| PieceError::StoreGone)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Cuts the next `size` bytes of `r` into chunks: all-zero chunks become holes, the
     /// others go to the store. The returned addresses are sequence numbers until
     /// [`resolve_addrs`] runs.
@@ -115,71 +166,117 @@ impl PieceSender {
         r: &mut R,
         size: u64,
     ) -> Result<FileData, PieceError> {
-        let n_chunks = size.div_ceil(self.chunk_bytes as u64);
+        let chunk_bytes = self.chunk_bytes;
+        let n_chunks = size.div_ceil(chunk_bytes as u64);
         // Never trust a declared size for an allocation: grow as data arrives.
         let mut chunks = Vec::with_capacity(n_chunks.min(1024) as usize);
         let mut left = size;
         while left > 0 {
-            let len = left.min(self.chunk_bytes as u64) as usize;
-            let mut buf = match self.spare.take() {
-                Some(b) => b,
-                None => self.free.recv().map_err(|_| PieceError::StoreGone)?,
-            };
-            let got = read_full(r, &mut buf[..len]).map_err(PieceError::Read);
-            let got = match got {
-                Ok(g) => g,
-                Err(e) => {
-                    self.spare = Some(buf);
-                    return Err(e);
-                }
-            };
+            let len = left.min(chunk_bytes as u64) as usize;
+            self.make_room()?;
+            let batch = self.current.as_mut().expect("make_room leaves a batch");
+            let at = batch.used;
+            let piece = &mut batch.buf[at..at + len];
+            let got = read_full(r, piece).map_err(PieceError::Read)?;
             if got < len {
-                self.spare = Some(buf);
                 return Err(PieceError::Short {
                     got: size - left + got as u64,
                     want: size,
                 });
             }
             left -= len as u64;
-            if buf[..len] == self.zeros[..len] {
-                self.spare = Some(buf);
+            if *piece == self.zeros[..len] {
                 chunks.push(ChunkAddr::Hole);
                 continue;
             }
-            let seq = self.next_seq;
-            let blkaddr = u32::try_from(seq).map_err(|_| PieceError::TooManyChunks)?;
+            let blkaddr = u32::try_from(self.next_seq).map_err(|_| PieceError::TooManyChunks)?;
+            batch.pieces.push((at, len));
+            batch.used += len;
             self.next_seq += 1;
             self.chunks += 1;
             self.logical_bytes += len as u64;
-            self.work
-                .send(Piece { seq, buf, len })
-                .map_err(|_| PieceError::StoreGone)?;
             chunks.push(ChunkAddr::Blob { device: 1, blkaddr });
         }
         Ok(FileData { size, chunks })
     }
 }
 
+/// A batch after a worker hashed it (and compressed the chunks the store lacks).
+struct Hashed {
+    batch: Batch,
+    /// Per piece: its digest, and its encoded record (`None`: the store holds it).
+    results: Result<Vec<(ChunkDigest, Option<Vec<u8>>)>, StoreError>,
+}
+
+/// Hashes pieces and encodes (compresses) the ones the store lacks.
+fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
+    for batch in work.iter() {
+        let results = batch
+            .pieces
+            .iter()
+            .map(|&(at, len)| {
+                let data = &batch.buf[at..at + len];
+                let digest = ChunkDigest::of(data);
+                let found = store.locate(&digest)?;
+                let record = found.is_none().then(|| {
+                    let mut r = Vec::new();
+                    encode_record(data, &digest, &mut r);
+                    r
+                });
+                Ok((digest, record))
+            })
+            .collect();
+        if done.send(Hashed { batch, results }).is_err() {
+            return;
+        }
+    }
+}
+
 impl PieceReceiver {
     /// Stores every piece until the sender is dropped; returns the block address of each
-    /// piece by sequence number. On error the pipeline is torn down (the sender sees
+    /// piece by sequence number. Hashing and compression run on worker threads; the
+    /// pieces are appended and placed in the blob in sequence order, so the result is
+    /// deterministic. On error the pipeline is torn down (the sender sees
     /// [`PieceError::StoreGone`]).
     pub(crate) fn run(
         self,
+        store: &Store,
         ingest: &mut Ingest<'_>,
         builder: &mut BlobBuilder,
     ) -> Result<Vec<u32>, StoreError> {
-        let mut addrs = Vec::new();
-        for piece in self.work.iter() {
-            debug_assert_eq!(piece.seq, addrs.len() as u64);
-            let data = &piece.buf[..piece.len];
-            let digest = ChunkDigest::of(data);
-            ingest.put_chunk_with_digest(data, digest)?;
-            addrs.push(builder.add(digest, piece.len as u32));
-            // The sender may already be gone; then the buffer is simply dropped.
-            let _ = self.free.send(piece.buf);
-        }
-        Ok(addrs)
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_WORKERS);
+        let PieceReceiver { work, free } = self;
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<Hashed>(PIPELINE_BATCHES);
+        // `move`: on return the closure drops `done_rx` and `free`, before the scope joins,
+        // so blocked workers and the parser wake up and stop.
+        std::thread::scope(move |s| {
+            for _ in 0..workers {
+                let (work, done) = (work.clone(), done_tx.clone());
+                s.spawn(move || hash_worker(store, work, done));
+            }
+            drop(done_tx);
+            drop(work);
+            let mut addrs: Vec<u32> = Vec::new();
+            // Batches arriving out of order; at most PIPELINE_BATCHES are in flight.
+            let mut waiting = BTreeMap::new();
+            for h in done_rx.iter() {
+                waiting.insert(h.batch.first_seq, h);
+                while let Some(h) = waiting.remove(&(addrs.len() as u64)) {
+                    let Hashed { batch, results } = h;
+                    for (&(_, len), (digest, record)) in batch.pieces.iter().zip(results?) {
+                        if let Some(record) = record {
+                            ingest.put_encoded(digest, len as u32, &record)?;
+                        }
+                        addrs.push(builder.add(digest, len as u32));
+                    }
+                    // The sender may already be gone; then the buffer is simply dropped.
+                    let _ = free.send(batch);
+                }
+            }
+            Ok(addrs)
+        })
     }
 }
 
@@ -189,9 +286,11 @@ impl PieceReceiver {
     /// number.
     pub(crate) fn drain(self) -> Vec<u32> {
         let mut addrs = Vec::new();
-        for piece in self.work.iter() {
-            addrs.push(piece.seq as u32);
-            let _ = self.free.send(piece.buf);
+        for batch in self.work.iter() {
+            for i in 0..batch.pieces.len() {
+                addrs.push((batch.first_seq + i as u64) as u32);
+            }
+            let _ = self.free.send(batch);
         }
         addrs
     }

@@ -106,6 +106,21 @@ impl Read for Decoder {
     }
 }
 
+/// The uncompressed tar stream, hashed for the diff_id unless it is the file itself.
+enum TarStream {
+    Plain(Decoder),
+    Hashed(HashingReader<Decoder>),
+}
+
+impl Read for TarStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            TarStream::Plain(d) => d.read(buf),
+            TarStream::Hashed(h) => h.read(buf),
+        }
+    }
+}
+
 /// Which entry an error is about.
 struct Position {
     index: u64,
@@ -168,6 +183,19 @@ pub(crate) fn parse_layer(
         source,
     })?;
     let compression = Compression::detect(head);
+    let unsupported = [
+        (&b"BZh"[..], "bzip2"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz"),
+    ];
+    if let Some((_, name)) = unsupported.iter().find(|(m, _)| head.starts_with(m)) {
+        return Err(ConvertError::Entry {
+            layer: layer.to_path_buf(),
+            entry: "#1 (the first header)".into(),
+            rule: format!(
+                "the layer is {name}-compressed; OCI layers are tar, tar+gzip or tar+zstd"
+            ),
+        });
+    }
     let input = HashingReader::new(buffered);
     let decoder = match compression {
         Compression::None => Decoder::Plain(input),
@@ -181,7 +209,11 @@ pub(crate) fn parse_layer(
         )),
     };
     // For a plain tar the file is the tar: one hash gives both digests.
-    let mut tar = TarReader::new(HashingReader::new(decoder));
+    let tar_stream = match decoder {
+        Decoder::Plain(_) => TarStream::Plain(decoder),
+        _ => TarStream::Hashed(HashingReader::new(decoder)),
+    };
+    let mut tar = TarReader::new(tar_stream);
     let mut builder = TreeBuilder::new(layer);
     let mut pos = Position {
         index: 0,
@@ -209,7 +241,13 @@ pub(crate) fn parse_layer(
             Err(e) => return Err(stream_error(layer, pos.next_entry(), e)),
         }
     }
-    let (diff_id, decoder) = tar_reader.finish();
+    let (diff_id, decoder) = match tar_reader {
+        TarStream::Plain(d) => (None, d),
+        TarStream::Hashed(h) => {
+            let (diff_id, d) = h.finish();
+            (Some(diff_id), d)
+        }
+    };
     let mut input = decoder.into_input();
     // Anything after the compressed stream still belongs to the file as given.
     io::copy(&mut input, &mut io::sink()).map_err(|source| ConvertError::Io {
@@ -217,6 +255,7 @@ pub(crate) fn parse_layer(
         source,
     })?;
     let (digest, _) = input.finish();
+    let diff_id = diff_id.unwrap_or_else(|| digest.clone());
     let files = builder.files;
     Ok((
         Parsed {

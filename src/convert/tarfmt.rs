@@ -164,7 +164,7 @@ impl<R: Read> TarReader<R> {
     /// that block is truncated.
     pub fn next(&mut self) -> Result<Option<Header>, TarError> {
         self.finish_entry()?;
-        let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+        let mut pax: Option<Vec<PaxRecord>> = None;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         // Bounded: each extension kind may appear once before its entry.
@@ -409,8 +409,11 @@ fn parse_header(b: &[u8; 512], size: u64) -> Result<Header, TarError> {
     })
 }
 
+/// One PAX record: key and value.
+pub type PaxRecord = (Vec<u8>, Vec<u8>);
+
 /// Parses PAX records (`<len> <key>=<value>\n`), each taken by its length.
-pub fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarError> {
+pub fn parse_pax(mut data: &[u8]) -> Result<Vec<PaxRecord>, TarError> {
     let bad = |why: &str| TarError::Corrupt(format!("malformed PAX record: {why}"));
     let mut out = Vec::new();
     while !data.is_empty() {
@@ -444,7 +447,7 @@ pub fn parse_pax(mut data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarError> {
     Ok(out)
 }
 
-fn apply_pax(h: &mut Header, records: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), TarError> {
+fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<(), TarError> {
     let num = |key: &[u8], v: &[u8]| -> Result<u64, TarError> {
         std::str::from_utf8(v)
             .ok()

@@ -80,6 +80,7 @@ fn parse_file(path: &Path) -> Result<Out, ConvertError> {
     std::thread::scope(|s| {
         let drain = s.spawn(move || receiver.drain());
         let r = parse_layer(path, &mut sender);
+        sender.flush().unwrap();
         drop(sender);
         let addrs = drain.join().unwrap();
         r.map(|(mut p, compression)| {
@@ -280,4 +281,24 @@ fn bad_input_is_refused_with_the_entry_named() {
     assert_refused(&corrupt, "#", "gzip");
     let zs = zstd(&tar);
     assert_refused(&zs[..zs.len() / 2], "#", "zstd");
+    assert_refused(
+        &[0xfd, b'7', b'z', b'X', b'Z', 0, 0, 0],
+        "#1",
+        "xz-compressed",
+    );
+    assert_refused(b"BZh91AY&SY", "#1", "bzip2-compressed");
+    // Binary PAX values with newlines inside are fine; a PAX length that lies is not.
+    let mut w = TarWriter::new();
+    w.pax(&[("SCHILY.xattr.security.capability", b"\x01\n\x0a7 path=x\n")]);
+    w.file("cap", b"x");
+    assert_eq!(parse(&w.finish()).unwrap().files, 1);
+    let mut w = TarWriter::new();
+    w.raw(
+        b"././@PaxHeader",
+        ::tar::EntryType::XHeader,
+        b"",
+        b"99 path=x\n",
+    );
+    w.file("after-bad-pax", b"x");
+    assert_refused(&w.finish(), "#1", "malformed PAX record");
 }

@@ -15,6 +15,22 @@
 //! committed snapshot is its layer mount. Layer ids come from containerd's
 //! `containerd.io/snapshot.ref` label (the chain id), so the same layer is never
 //! converted twice.
+//!
+//! Running it inside `dedupd run` (one process with the data plane; the store is opened
+//! once and shared):
+//!
+//! ```text
+//! let store = Arc::new(Store::open(&config.root)?);
+//! let mounter: Arc<dyn LayerMounter> = match front_end {
+//!     Local => Arc::new(LocalMounter::new(store.clone())?),
+//!     Cachefiles => Arc::new(FscacheMounter::new(&config.root, domain, refresh)?),
+//!     ...
+//! };
+//! let snap = Arc::new(Snapshotter::open(&config.root, store.clone(), mounter)?);
+//! let control = ControlThread::spawn(config.socket.clone(), snap)?;
+//! ... // data plane runs; on SIGTERM:
+//! control.stop()?;
+//! ```
 
 pub mod convert;
 pub mod filter;
@@ -274,6 +290,21 @@ impl Snapshotter {
                 self.check_remote(target, parent)?;
             }
         }
+        // The merged root takes its owner from the upper dir: give it the parent's, as
+        // containerd's overlayfs snapshotter does (images whose root is not root's).
+        let owner = match self.meta.get(parent)? {
+            Some(Snap {
+                kind: Kind::Committed,
+                layer: Some(hex),
+                ..
+            }) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = self.mount_layer(&hex)?;
+                let md = fs::metadata(&m).map_err(io_internal(&m))?;
+                Some((md.uid(), md.gid()))
+            }
+            _ => None,
+        };
         // Under the layers lock: Cleanup must not take the new directory for an orphan.
         let layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
         let snap = self.meta.create(kind, key, parent, labels)?;
@@ -281,6 +312,9 @@ impl Snapshotter {
         let made = (|| {
             fs::create_dir_all(dir.join("fs"))?;
             fs::set_permissions(dir.join("fs"), fs::Permissions::from_mode(0o755))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(dir.join("fs"), Some(uid), Some(gid))?;
+            }
             if kind == Kind::Active {
                 fs::create_dir_all(dir.join("work"))?;
                 fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o711))?;
@@ -442,9 +476,8 @@ impl Snapshotter {
         let upper = dir.join("fs");
         let (size_bytes, inodes) = convert::disk_usage(&upper).map_err(internal)?;
         match self.store.layer(&hex).map_err(internal)? {
-            Some(record) => {
+            Some(_) => {
                 tracing::info!(snapshot = %name, layer = %hex, "layer already converted");
-                let _ = record;
             }
             None => {
                 self.meta.own_layer(&hex)?;
@@ -656,13 +689,94 @@ pub async fn serve(
     );
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let svc = proto::snapshots::snapshots_server::SnapshotsServer::new(Service::new(snapshotter));
-    tonic::transport::Server::builder()
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let server = tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(internal)?;
+        .serve_with_incoming_shutdown(incoming, async move { stopped.notified().await });
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut server => r.map_err(internal),
+        () = &mut shutdown => {
+            // Graceful: in-flight calls finish, clients get GOAWAY. Bounded, because a
+            // client that keeps its connection open (containerd does) would hold it forever.
+            stop.notify_one();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r.map_err(internal),
+                Err(_) => {
+                    tracing::warn!("snapshotter: clients still connected after {SHUTDOWN_GRACE:?}; closing");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = fs::remove_file(socket);
-    Ok(())
+    result
+}
+
+/// How long a stopping server waits for clients to finish and disconnect.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The daemon's control thread: a current-thread tokio runtime serving the snapshotter
+/// (snapshot operations on its bounded blocking pool). Stop it with [`ControlThread::stop`].
+pub struct ControlThread {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), SnapError>>>,
+}
+
+/// Threads of the control runtime's blocking pool (conversions, file and DB work).
+pub const CONTROL_BLOCKING_THREADS: usize = 8;
+
+impl ControlThread {
+    /// Starts serving `snapshotter` on `socket` in a new thread named `control`.
+    pub fn spawn(socket: PathBuf, snapshotter: Arc<Snapshotter>) -> io::Result<ControlThread> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .max_blocking_threads(CONTROL_BLOCKING_THREADS)
+                    .build()
+                    .map_err(internal)?;
+                rt.block_on(serve(&socket, snapshotter, async {
+                    let _ = rx.await;
+                }))
+            })?;
+        Ok(ControlThread {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// True while the server runs (false after a bind or serve error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops serving (in-flight requests finish) and joins the thread.
+    pub fn stop(mut self) -> Result<(), SnapError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(SnapError::Internal("control thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `dedupd snapshotter` arguments: the snapshotter alone, with the `local` front end.

@@ -650,20 +650,42 @@ impl Ingest<'_> {
         if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
             return Ok(Put { digest, new: false });
         }
-        chunk::encode_record(data, &digest, &mut self.record);
+        let mut record = std::mem::take(&mut self.record);
+        chunk::encode_record(data, &digest, &mut record);
+        let put = self.append_record(&record, digest, data.len() as u32);
+        self.record = record;
+        put
+    }
+
+    /// As [`Ingest::put_chunk_with_digest`], with the record already encoded by
+    /// [`chunk::encode_record`] (so that callers can compress on other threads).
+    pub fn put_encoded(&mut self, digest: ChunkDigest, raw_len: u32, record: &[u8]) -> Result<Put> {
+        assert!(
+            record.len() >= chunk::RECORD_HEADER_BYTES
+                && record[8..12] == raw_len.to_le_bytes()
+                && record[16..48] == digest.0,
+            "put_encoded takes a record from chunk::encode_record for this chunk"
+        );
+        if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
+            return Ok(Put { digest, new: false });
+        }
+        self.append_record(record, digest, raw_len)
+    }
+
+    fn append_record(&mut self, record: &[u8], digest: ChunkDigest, raw_len: u32) -> Result<Put> {
         self.file
-            .write_all_at(&self.record, self.len)
+            .write_all_at(record, self.len)
             .map_err(io_err(&self.pack_path))?;
         let loc = ChunkLoc {
             pack: self.pack,
             offset: self.len,
-            stored_len: (self.record.len() - chunk::RECORD_HEADER_BYTES) as u32,
-            raw_len: data.len() as u32,
+            stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
+            raw_len,
         };
-        self.len += self.record.len() as u64;
+        self.len += record.len() as u64;
         self.pending.insert(digest, loc);
         self.new_chunks += 1;
-        self.new_bytes += self.record.len() as u64;
+        self.new_bytes += record.len() as u64;
         Ok(Put { digest, new: true })
     }
 
