@@ -496,6 +496,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "groups": [" ".join(g) for g in groups],
             "samples": samples,
             "elapsed_s": time.monotonic() - t_start,
+            "taken_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         }
         results["summary"] = summarize(results)
         return results
@@ -588,7 +589,13 @@ def main():
     ap.add_argument("--prepare-registry", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--command-line", default=" ".join(sys.argv))
+    ap.add_argument("--report-only", metavar="RESULTS_JSON",
+                    help="only redraw the chart and tables of an earlier run's results.json")
     a = ap.parse_args()
+    if a.report_only:
+        with open(a.report_only) as f:
+            write_reports(json.load(f), os.path.dirname(os.path.abspath(a.report_only)), a.results_md)
+        return
     a.snapshotters = [s for s in a.snapshotters.split(",") if s]
     a.images = a.images.split(",")
     if not 1 <= a.reps <= 50:
@@ -621,16 +628,20 @@ def main():
     jpath = os.path.join(a.out, "results.json")
     with open(jpath, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
-    svg = os.path.join(a.out, "chart.svg")
+    write_reports(results, a.out, a.results_md)
+
+
+def write_reports(results, out, results_md):
+    svg = os.path.join(out, "chart.svg")
     with open(svg, "w") as f:
         f.write(report.svg(results))
     md = report.markdown(results, chart_path="coldstart/results/chart.svg")
-    with open(os.path.join(a.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
-    if a.results_md:
-        report.update_results_md(a.results_md, md)
+    if results_md:
+        report.update_results_md(results_md, md)
     print(md)
-    log(f"wrote {jpath}, {svg}")
+    log(f"wrote {svg} and results.md" + (f"; updated {results_md}" if results_md else ""))
 
 
 if __name__ == "__main__":

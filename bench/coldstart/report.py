@@ -45,7 +45,8 @@ def markdown(results, chart_path):
     m = results["machine"]
     both = "dedup" in summ and "overlayfs" in summ
     out = [BEGIN, ""]
-    out.append(f"Taken {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    taken = results.get("taken_utc") or f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
+    out.append(f"Taken {taken} UTC, "
                f"{results['mode']}, scale {results['scale']:g}, medians of {results['reps']} "
                f"repetitions, {results['elapsed_s'] / 60:.1f} min of measuring.")
     out.append("")
@@ -152,8 +153,10 @@ def markdown(results, chart_path):
                 f"| {_mib(dg.get('dedupd_hwm_bytes'))} |")
     out.append("")
     out.append("Designed: the bytes the start-up program asks for (the image's READY condition). "
-               "Container disk reads: the container cgroup's blkio read bytes from `ctr run` to "
-               "READY, caches dropped (page-cache misses of the program, readahead included). "
+               "Container disk reads: storage reads caused by the container's processes from `ctr run` "
+               "to READY (`/proc/PID/io` read_bytes, reaped children included), caches dropped: "
+               "the program's page-cache misses, readahead included; fraction = over the image's "
+               "uncompressed size. "
                "dedupd disk reads: bytes dedupd itself read from disk (`/proc/PID/io`) meanwhile "
                "(a lazy front end fills from the chunk store here). Registry: bytes the registry "
                "sent for the pull (its access log). Peak RSS: dedupd's VmHWM, reset before each "
