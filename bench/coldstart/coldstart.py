@@ -635,11 +635,12 @@ def write_reports(results, out, results_md):
     svg = os.path.join(out, "chart.svg")
     with open(svg, "w") as f:
         f.write(report.svg(results))
-    md = report.markdown(results, chart_path="coldstart/results/chart.svg")
+    chart = "coldstart/results/chart.svg" if results["mode"] == "native" else "coldstart/results-vm/chart.svg"
+    md = report.markdown(results, chart_path=chart)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     if results_md:
-        report.update_results_md(results_md, md)
+        report.update_results_md(results_md, md, results["mode"])
     print(md)
     log(f"wrote {svg} and results.md" + (f"; updated {results_md}" if results_md else ""))
 
