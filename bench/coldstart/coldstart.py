@@ -141,11 +141,16 @@ def cgroup_read_bytes(ns, cid):
                 pids = [int(x) for x in f.read().split()]
         except (OSError, ValueError):
             continue
-        return sum(proc_io(pid, "read_bytes") for pid in pids)
+        counts = [proc_io(pid, "read_bytes") for pid in pids]
+        return None if None in counts else sum(counts)
     return None
 
 
 def proc_io(pid, field):
+    """A `/proc/PID/io` counter; None without task I/O accounting in the kernel, 0 for a
+    process that is gone."""
+    if not os.path.exists("/proc/self/io"):
+        return None
     try:
         with open(f"/proc/{pid}/io") as f:
             for line in f:
@@ -166,6 +171,10 @@ def proc_hwm_bytes(pid):
     except OSError:
         pass
     return 0
+
+
+def delta(after, before):
+    return None if after is None or before is None else after - before
 
 
 def reset_hwm(pid):
@@ -376,8 +385,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         """`ctr run --rm` until the READY line; returns (ready_s, exit_s)."""
         self.seq += 1
         cid = f"cs-{snapshotter}-{name}-{self.seq}"
-        cmd = ["ctr", "-a", self.csock, "-n", NS, "run", "--rm", "--snapshotter", snapshotter,
-               self.ref(name), cid]
+        cmd = ["ctr", "-a", self.csock, "-n", NS, "run", "--rm", "--snapshotter", snapshotter]
+        if self.args.in_vm:
+            cmd.append("--no-pivot")  # the VM's root is the initramfs: pivot_root refuses it
+        cmd += [self.ref(name), cid]
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = None
@@ -414,7 +425,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             self.ctr("image", "pull", "--plain-http", "--snapshotter", snapshotter, self.ref(name))
             pull_s = time.monotonic() - t0
             out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0,
-                         "dedupd_pull_read_bytes": (proc_io(dpid, "read_bytes") - dio0) if dpid else None}
+                         "dedupd_pull_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None}
         content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
         snap = disk_bytes(*snap_dirs) - residual
         breakdown = {e: disk_bytes(os.path.join(self.droot, e))
@@ -431,7 +442,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 "pull_to_ready_s": out[name]["pull_s"] + ready_s,
                 "device_read_bytes": device_read_bytes(self.sysdev) - disk0,
                 "container_read_bytes": cg_read,
-                "dedupd_run_read_bytes": (proc_io(dpid, "read_bytes") - dio0) if dpid else None,
+                "dedupd_run_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None,
             })
         status1 = self.dedupd_status() if dpid else None
         group_out = {
