@@ -23,6 +23,23 @@ enum Command {
     Convert(dedupd::convert::ConvertArgs),
     /// Write a converted layer's image and data blobs as plain files.
     Export(dedupd::convert::ExportArgs),
+    /// Serve every converted layer through fanotify pre-content events (Linux 6.14+),
+    /// mounted under --mount-dir; prints READY, then the counters on SIGTERM.
+    ServeFanotify(dedupd::fanotify::cli::ServeArgs),
+    /// Materialize every blob and mount every layer locally (no lazy loading).
+    ServeLocal(dedupd::fanotify::cli::ServeArgs),
+    /// Internal: the process that keeps the fanotify group alive across daemon restarts.
+    #[command(hide = true)]
+    FanotifyHolder(dedupd::fanotify::cli::HolderArgs),
+    /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
+    #[command(hide = true)]
+    FanotifyImport(dedupd::fanotify::cli::ImportArgs),
+    /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
+    Status {
+        /// Store root.
+        #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
+        root: std::path::PathBuf,
+    },
     /// Serve only the containerd snapshotter (`local` front end), for tests and debugging.
     Snapshotter(dedupd::snapshotter::SnapshotterArgs),
     /// Inspect the chunk store.
@@ -55,6 +72,11 @@ fn main() -> ExitCode {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
         Command::Export(a) => dedupd::convert::export_cmd(a),
+        Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
+        Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
+        Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
+        Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
+        Command::Status { root } => dedupd::daemon::status(root),
         Command::Snapshotter(a) => dedupd::snapshotter::run_cmd(a),
         Command::Store {
             command: StoreCommand::Stats { root },

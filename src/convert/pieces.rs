@@ -201,11 +201,14 @@ impl PieceSender {
     }
 }
 
+/// Per piece: its digest, and its encoded record (`None`: the store holds it).
+type HashedPieces = Vec<(ChunkDigest, Option<Vec<u8>>)>;
+
 /// A batch after a worker hashed it (and compressed the chunks the store lacks).
 struct Hashed {
     batch: Batch,
     /// Per piece: its digest, and its encoded record (`None`: the store holds it).
-    results: Result<Vec<(ChunkDigest, Option<Vec<u8>>)>, StoreError>,
+    results: Result<HashedPieces, StoreError>,
 }
 
 /// Hashes pieces and encodes (compresses) the ones the store lacks.

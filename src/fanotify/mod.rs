@@ -1,2 +1,995 @@
 //! The fanotify pre-content front end: EROFS file-backed mounts over sparse blob files
-//! that are filled on `FAN_PRE_ACCESS` events.
+//! that are filled on `FAN_PRE_ACCESS` events (Linux 6.14+), and the `local` front end
+//! (blobs materialized eagerly) as the fallback.
+//!
+//! Order of things, which matters:
+//! 1. A holder process owns the group ([`holder`]); the daemon gets it over a socket.
+//! 2. Each data blob gets a sparse file `<cache>/blobs/<blob id>` of the blob's size on
+//!    ext4, xfs or btrfs, a page map rebuilt from SEEK_DATA/SEEK_HOLE, and a
+//!    `FAN_PRE_ACCESS` mark if it is not complete. The mark comes *before* any mount opens
+//!    the file: a file opened while no pre-content watcher exists never raises events.
+//! 3. Events left by a dead daemon are answered ([`journal`]) before any new one is read.
+//! 4. Workers read events in batches, journal them, fill the missing whole chunks
+//!    through the event's fd (verified by [`fill::Filler`]), answer `FAN_ALLOW`, or
+//!    `FAN_DENY_ERRNO(EIO)` on any failure, and close the event fd. A range that is
+//!    already filled is allowed at once. A blob that becomes complete is unmarked.
+//! 5. Only then are layers mounted:
+//!    `mount -t erofs -o ro,device=<cache>/blobs/<blob id> <root>/layers/<diff_id hex>.erofs MNT`
+//!    (with mount(2) directly; util-linux `mount` would put a loop device under the
+//!    image). See [`mount`].
+//!
+//! On shutdown the mounts go first, then the workers, then the group (the holder is
+//! told `BYE`). If a mount cannot be removed the holder keeps the group and, after its
+//! grace period, fails reads with EIO.
+//!
+//! # Crash safety
+//! The kernel allows every pending event when a group's last fd closes, and a hole then
+//! reads as zeros. So the group lives in the holder ([`holder`]), and:
+//! - a pending permission event survives the death of the process that read it; the
+//!   kernel matches a response by the event's fd *number* alone, whoever writes it
+//!   (checked on this kernel by the `pending_events_outlive_their_reader...` test);
+//! - workers journal every event they read (fd number, blob, range) in memory shared
+//!   with the holder ([`journal`]) before filling, and clear the entry after the
+//!   response and before closing the fd ([`respond`]);
+//! - a successor answers journaled events first (filling through the blob's kept write
+//!   fd, a dup of an earlier event fd on which writes raise no events), then denies with
+//!   EIO whatever else is pending below the fd limit (events read but not journaled),
+//!   and only then reads new events, so no old fd number can be taken for a new one;
+//! - with no successor within the grace period the holder answers everything with EIO;
+//! - if the holder dies, the daemon starts a replacement that adopts the group.
+//!
+//! # Routing fills through the serving engine
+//! Everything here that touches the store is [`fill::Filler::fill`]: "write the whole,
+//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`", called
+//! inline by the workers. Mapping this front end onto [`crate::serve::FrontEnd`]:
+//! - `poll_fd`: the group fd (non-blocking).
+//! - `next`: per engine thread (`Local`), read up to [`EVENTS_PER_READ`] events into a
+//!   local queue, journal each one at once (fd number, blob, range; see [`journal`]),
+//!   then pop one per call. An event whose range is filled already is answered inside
+//!   `next` (-> `Handled`); otherwise `Next::Fill` with `source = Chunked(table)`,
+//!   `offset`/`len` = the slot-aligned cover of the missing chunks (so that the page
+//!   map can be set exactly for what the engine wrote), `target` = the event fd (or the
+//!   blob's kept write fd, `Blob::writer`, on which writes raise no events), and a token
+//!   naming the journal slot, blob and range.
+//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
+//!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
+//!   the request (closing the event fd) after `complete` returns, which keeps the order
+//!   response -> slot cleared -> fd closed that recovery relies on.
+//! - Journal slots per engine thread: `max_requests_per_thread` in flight plus one read
+//!   batch queued, so at most [`journal::SLOTS`] / (that sum) threads; never read more
+//!   events than there are free slots.
+//! - Before the engine starts: holder attach, blob files, marks and recovery (as in
+//!   [`FanotifyFrontEnd::start`]); after it starts: priming the write fds, then mounts.
+//!   The prefetcher can stay a side thread writing through the kept write fds.
+
+pub mod blobfile;
+pub mod cli;
+pub mod event;
+pub mod fill;
+pub mod holder;
+pub mod import;
+pub mod journal;
+pub mod local;
+pub mod mount;
+pub mod respond;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use serde::Serialize;
+
+use self::blobfile::{PageMap, PAGE_BYTES};
+use self::fill::{Filler, PackFiller, Packs};
+use self::journal::{Entry, Journal, SLOTS};
+use self::respond::Responder;
+use crate::store::{BlobSource, BlobTable, Registry};
+
+/// Events read per `read(2)`: the buffer holds at most this many (an event is at least
+/// 24 bytes), and each worker owns this many journal slots.
+pub const EVENTS_PER_READ: usize = 64;
+/// Most workers (journal slots / events per read).
+pub const MAX_WORKERS: usize = SLOTS / EVENTS_PER_READ;
+/// fd numbers a daemon may use; recovery probes every number below it.
+pub const FD_LIMIT: u64 = 16384;
+
+/// Errors of the fanotify front end.
+#[derive(Debug, thiserror::Error)]
+pub enum FanotifyError {
+    /// I/O on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The cache directory is on a filesystem that cannot back lazy blobs.
+    #[error("cache directory {dir} is on {fs}; fanotify blob files need ext4, xfs or btrfs")]
+    UnsupportedFs {
+        /// The directory.
+        dir: PathBuf,
+        /// Its filesystem.
+        fs: String,
+    },
+    /// A kernel call failed.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// What was attempted.
+        what: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The holder could not be reached or started.
+    #[error("fanotify holder at {socket}: {reason}")]
+    Holder {
+        /// Its socket.
+        socket: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Too many workers for the journal.
+    #[error("{0} workers requested; at most {MAX_WORKERS}")]
+    TooManyWorkers(usize),
+}
+
+/// Why this kernel or filesystem cannot run the fanotify front end.
+#[derive(Debug, thiserror::Error)]
+#[error("fanotify pre-content events unavailable: {0}")]
+pub struct Reason(pub String);
+
+/// Checks that this kernel supports `FAN_PRE_ACCESS` marks on files of `cache_dir`'s
+/// filesystem (creates and removes a probe file there). Used for automatic front-end
+/// selection.
+pub fn probe(cache_dir: &Path) -> Result<(), Reason> {
+    std::fs::create_dir_all(cache_dir)
+        .map_err(|e| Reason(format!("{}: {e}", cache_dir.display())))?;
+    blobfile::check_cache_fs(cache_dir).map_err(|e| Reason(e.to_string()))?;
+    let group = sys::init_group().map_err(|e| {
+        Reason(format!(
+            "fanotify_init(FAN_CLASS_PRE_CONTENT): {e} (needs root and CONFIG_FANOTIFY_ACCESS_PERMISSIONS)"
+        ))
+    })?;
+    let path = cache_dir.join(format!(".probe-{}", std::process::id()));
+    let f = File::create(&path).map_err(|e| Reason(format!("{}: {e}", path.display())))?;
+    let r = sys::mark(
+        group.as_fd(),
+        sys::FAN_MARK_ADD,
+        sys::FAN_PRE_ACCESS,
+        f.as_fd(),
+    )
+    .map_err(|e| {
+        Reason(format!(
+            "fanotify_mark(FAN_PRE_ACCESS) on {}: {e} (needs Linux 6.14+)",
+            path.display()
+        ))
+    });
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+/// Settings of the front end.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory of the blob files and the holder socket, on ext4/xfs/btrfs
+    /// (conventionally `<root>/fanotify`).
+    pub cache_dir: PathBuf,
+    /// Worker threads reading events (1..=[`MAX_WORKERS`]).
+    pub workers: usize,
+    /// How long the holder waits for a successor before failing closed.
+    pub grace: Duration,
+    /// The `dedupd` binary, to start the holder (`dedupd fanotify-holder`).
+    pub holder_exe: PathBuf,
+    /// Unmark blobs once complete (always, except to measure the cost of events on
+    /// filled ranges).
+    pub unmark_complete: bool,
+    /// Write responses through a per-worker io_uring, batched (else write(2) each).
+    pub uring_responses: bool,
+    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]) on a separate thread.
+    pub prefetch: bool,
+}
+
+/// Counters, as `serve-fanotify` prints them on exit.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Permission events read.
+    pub events: u64,
+    /// Answered FAN_ALLOW.
+    pub allowed: u64,
+    /// Answered FAN_DENY_ERRNO(EIO).
+    pub denied: u64,
+    /// Allowed without touching the store (range already filled).
+    pub cached: u64,
+    /// Chunks read from the store.
+    pub chunks_fetched: u64,
+    /// Bytes written into blob files.
+    pub bytes_filled: u64,
+    /// Blobs unmarked because they became complete.
+    pub unmarked: u64,
+    /// Events left by a previous daemon, answered from the journal.
+    pub recovered_journaled: u64,
+    /// Events left by a previous daemon without a journal entry, denied.
+    pub recovered_orphans: u64,
+    /// True when this daemon continued a group (the holder outlived a previous daemon).
+    pub continued: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    cached: AtomicU64,
+    bytes_filled: AtomicU64,
+    unmarked: AtomicU64,
+    recovered_journaled: AtomicU64,
+    recovered_orphans: AtomicU64,
+}
+
+/// One data blob being served.
+struct Blob {
+    id: String,
+    id_bin: [u8; 32],
+    table: Arc<BlobTable>,
+    path: PathBuf,
+    /// Kept open for SEEK_DATA and for (un)marking.
+    file: File,
+    map: PageMap,
+    marked: AtomicBool,
+    /// A write fd on which writes raise no events (a dup of an event fd), kept by the
+    /// holder for successors, which need it to fill ranges left in the journal.
+    writer: OnceLock<OwnedFd>,
+    /// End of the last event range: an event starting there is sequential.
+    next_seq: AtomicU64,
+}
+
+/// How far ahead of a sequential reader the prefetcher fills.
+pub const PREFETCH_BYTES: u64 = 4 << 20;
+/// Prefetch requests queued at most (dropped when full: prefetch is only a hint).
+const PREFETCH_QUEUE: usize = 16;
+
+struct Shared {
+    group: OwnedFd,
+    journal: Journal,
+    blobs: Vec<Blob>,
+    by_inode: HashMap<(u64, u64), usize>,
+    by_id: HashMap<[u8; 32], usize>,
+    holder: Mutex<OwnedFd>,
+    holder_alive: AtomicBool,
+    stop: OwnedFd,
+    packs: Arc<Packs>,
+    counters: Counters,
+    continued: bool,
+    unmark_complete: bool,
+    uring_responses: bool,
+    /// Ranges to fill ahead of sequential readers (blob index, offset, length).
+    prefetch: Option<crossbeam_channel::Sender<(usize, u64, u64)>>,
+}
+
+/// The running front end.
+pub struct FanotifyFrontEnd {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+fn kerr(what: impl Into<String>) -> impl FnOnce(io::Error) -> FanotifyError {
+    let what = what.into();
+    move |source| FanotifyError::Kernel { what, source }
+}
+
+/// Connects to the holder of `cache_dir`, starting one if none listens.
+fn attach(opts: &Options) -> Result<holder::Attached, FanotifyError> {
+    let socket = opts.cache_dir.join("holder.sock");
+    let herr = |reason: String| FanotifyError::Holder {
+        socket: socket.clone(),
+        reason,
+    };
+    // Bounded: a holder that accepts but cannot hand over (a replacement whose adopting
+    // daemon died) closes the connection; the next attempt starts a fresh one.
+    let mut last = None;
+    for _ in 0..3 {
+        let conn = match holder::connect(&socket) {
+            Ok(c) => c,
+            Err(_) => spawn_holder(opts, false)?,
+        };
+        match holder::receive(conn) {
+            Ok(a) => return Ok(a),
+            Err(e) => {
+                tracing::warn!("fanotify holder hand-over failed ({e}); retrying");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Err(herr(last.map(|e| e.to_string()).unwrap_or_default()))
+}
+
+/// Starts `dedupd fanotify-holder` (with `adopt`, as a replacement that takes the
+/// group from us) and connects to it.
+fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
+    let socket = opts.cache_dir.join("holder.sock");
+    let herr = |reason: String| FanotifyError::Holder {
+        socket: socket.clone(),
+        reason,
+    };
+    let log = opts.cache_dir.join("holder.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| herr(format!("{}: {e}", log.display())))?;
+    let mut cmd = Command::new(&opts.holder_exe);
+    cmd.arg("fanotify-holder")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--grace-ms")
+        .arg(opts.grace.as_millis().to_string());
+    if adopt {
+        cmd.arg("--adopt");
+        // The dead holder's socket file is stale; the new holder binds a fresh one.
+        let _ = std::fs::remove_file(&socket);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Its own process group: a signal to the daemon's group spares it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| herr(format!("starting {}: {e}", opts.holder_exe.display())))?;
+    let _ = std::fs::write(opts.cache_dir.join("holder.pid"), child.id().to_string());
+    // Not waited for: it must outlive us.
+    drop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match holder::connect(&socket) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(herr(format!("did not come up: {e}")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Keeps fd numbers of this process below [`FD_LIMIT`] so that recovery can probe them.
+fn cap_fd_limit() -> Result<u64, FanotifyError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(kerr("getrlimit(RLIMIT_NOFILE)")(io::Error::last_os_error()));
+    }
+    let want = lim.rlim_cur.clamp(1024, FD_LIMIT).min(lim.rlim_max);
+    if want != lim.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } < 0 {
+            return Err(kerr("setrlimit(RLIMIT_NOFILE)")(io::Error::last_os_error()));
+        }
+    }
+    Ok(want)
+}
+
+impl FanotifyFrontEnd {
+    /// Attaches to (or starts) the holder, prepares and marks every data blob of
+    /// `registry`, answers whatever a previous daemon left pending, and starts the
+    /// workers. Mount layers only after this returns.
+    pub fn start(registry: &Registry, opts: &Options) -> Result<FanotifyFrontEnd, FanotifyError> {
+        if opts.workers == 0 || opts.workers > MAX_WORKERS {
+            return Err(FanotifyError::TooManyWorkers(opts.workers));
+        }
+        std::fs::create_dir_all(&opts.cache_dir).map_err(|source| FanotifyError::Io {
+            path: opts.cache_dir.clone(),
+            source,
+        })?;
+        blobfile::check_cache_fs(&opts.cache_dir)?;
+        let fd_limit = cap_fd_limit()?;
+        let packs = Packs::open(registry).map_err(|source| FanotifyError::Io {
+            path: opts.cache_dir.clone(),
+            source,
+        })?;
+        let att = attach(opts)?;
+        let journal = Journal::map(att.journal).map_err(kerr("mapping the journal"))?;
+        // A group that already has a probe limit was used by an earlier daemon.
+        let continued = journal.probe_fd_limit() > 0;
+        journal.raise_probe_fd_limit(fd_limit);
+
+        let mut blobs = Vec::new();
+        let mut ids: Vec<&String> = registry.blobs.keys().collect();
+        ids.sort();
+        let mut writers = att.writers;
+        for id in ids {
+            let BlobSource::Chunked(table) = &*registry.blobs[id] else {
+                continue;
+            };
+            let mut id_bin = [0u8; 32];
+            if hex::decode_to_slice(id, &mut id_bin).is_err() {
+                tracing::warn!(blob = %id, "blob id is not 64 hex digits; not served");
+                continue;
+            }
+            let path = blobfile::blob_path(&opts.cache_dir, id);
+            let file = blobfile::prepare(&path, table.size_bytes())?;
+            let map = PageMap::from_file(&file, table.size_bytes(), &path)?;
+            let writer = OnceLock::new();
+            if let Some(w) = writers.remove(id.as_str()) {
+                let _ = writer.set(w);
+            }
+            blobs.push(Blob {
+                id: id.clone(),
+                id_bin,
+                table: table.clone(),
+                path,
+                file,
+                map,
+                marked: AtomicBool::new(false),
+                writer,
+                next_seq: AtomicU64::new(u64::MAX),
+            });
+        }
+        let mut by_inode = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (i, b) in blobs.iter().enumerate() {
+            let md = b.file.metadata().map_err(|source| FanotifyError::Io {
+                path: b.path.clone(),
+                source,
+            })?;
+            by_inode.insert((md.dev(), md.ino()), i);
+            by_id.insert(b.id_bin, i);
+            if b.map.complete() && opts.unmark_complete {
+                // Complete from an earlier run: no events at all.
+                let _ = sys::mark(
+                    att.group.as_fd(),
+                    sys::FAN_MARK_REMOVE,
+                    sys::FAN_PRE_ACCESS,
+                    b.file.as_fd(),
+                );
+            } else {
+                sys::mark(
+                    att.group.as_fd(),
+                    sys::FAN_MARK_ADD,
+                    sys::FAN_PRE_ACCESS,
+                    b.file.as_fd(),
+                )
+                .map_err(kerr(format!(
+                    "fanotify_mark(FAN_PRE_ACCESS) on {}",
+                    b.path.display()
+                )))?;
+                b.marked.store(true, Ordering::Release);
+            }
+        }
+        let stop = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+        )
+        .map_err(|e| kerr("eventfd")(e.into()))?;
+        let (prefetch_tx, prefetch_rx) = if opts.prefetch {
+            let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let shared = Arc::new(Shared {
+            group: att.group,
+            journal,
+            blobs,
+            by_inode,
+            by_id,
+            holder: Mutex::new(att.conn),
+            holder_alive: AtomicBool::new(true),
+            stop: stop.into(),
+            packs: packs.clone(),
+            counters: Counters::default(),
+            continued,
+            unmark_complete: opts.unmark_complete,
+            uring_responses: opts.uring_responses,
+            prefetch: prefetch_tx,
+        });
+        shared.recover(&mut PackFiller::new(packs.clone()));
+        let mut workers = Vec::new();
+        for w in 0..opts.workers {
+            let s = shared.clone();
+            let filler = PackFiller::new(packs.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("fanotify-{w}"))
+                    .spawn(move || s.worker(w, filler))
+                    .map_err(kerr("spawning a worker"))?,
+            );
+        }
+        {
+            let s = shared.clone();
+            let opts = opts.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("fanotify-holder-watch".into())
+                    .spawn(move || s.watch_holder(&opts))
+                    .map_err(kerr("spawning the holder watcher"))?,
+            );
+        }
+        if let Some(rx) = prefetch_rx {
+            let s = shared.clone();
+            let filler = PackFiller::new(packs.clone());
+            workers.push(
+                std::thread::Builder::new()
+                    .name("fanotify-prefetch".into())
+                    .spawn(move || s.prefetcher(rx, filler))
+                    .map_err(kerr("spawning the prefetcher"))?,
+            );
+        }
+        let fe = FanotifyFrontEnd { shared, workers };
+        fe.prime();
+        Ok(fe)
+    }
+
+    /// Gets a write fd for every marked blob that has none: a one-byte read through a
+    /// plain fd raises an event whose fd a worker keeps.
+    fn prime(&self) {
+        for b in &self.shared.blobs {
+            if b.writer.get().is_some() || !b.marked.load(Ordering::Acquire) {
+                continue;
+            }
+            let path = b.path.clone();
+            // A thread, so that a kernel that raises no event cannot block start-up.
+            let t = std::thread::spawn(move || {
+                if let Ok(f) = File::open(&path) {
+                    let _ = f.read_at(&mut [0u8; 1], 0);
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while b.writer.get().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if b.writer.get().is_none() {
+                tracing::warn!(blob = %b.id, "no write fd for blob (no event for a priming read)");
+            }
+            drop(t);
+        }
+    }
+
+    /// Path of blob `id`'s file (to pass as `device=` when mounting).
+    pub fn blob_path(&self, id: &str) -> Option<&Path> {
+        self.shared
+            .blobs
+            .iter()
+            .find(|b| b.id == id)
+            .map(|b| b.path.as_path())
+    }
+
+    /// True when this daemon took over a group from an earlier one (its mounts may
+    /// still be in place and are served as they are).
+    pub fn continued(&self) -> bool {
+        self.shared.continued
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            events: l(&c.events),
+            allowed: l(&c.allowed),
+            denied: l(&c.denied),
+            cached: l(&c.cached),
+            chunks_fetched: l(&self.shared.packs.chunks_read),
+            bytes_filled: l(&c.bytes_filled),
+            unmarked: l(&c.unmarked),
+            recovered_journaled: l(&c.recovered_journaled),
+            recovered_orphans: l(&c.recovered_orphans),
+            continued: self.shared.continued,
+        }
+    }
+
+    /// Stops the workers (after they answered everything they read and drained the
+    /// queue). With `release`, tells the holder to exit: the group closes, which is
+    /// only safe once no mount uses an incomplete blob. Without it the holder keeps the
+    /// group and fails closed after its grace period.
+    pub fn shutdown(mut self, release: bool) -> Stats {
+        let one = 1u64.to_ne_bytes();
+        let _ = nix::unistd::write(&self.shared.stop, &one);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if release {
+            let conn = self.shared.holder.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = holder::send(conn.as_fd(), b"BYE", &[]);
+        }
+        self.stats()
+    }
+}
+
+impl Drop for FanotifyFrontEnd {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        let _ = nix::unistd::write(&self.shared.stop, &one);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// What to answer, and whether the store was touched.
+enum Answer {
+    Allow { cached: bool },
+    Deny,
+}
+
+impl Shared {
+    fn blob_of_fd(&self, fd: BorrowedFd<'_>) -> Option<usize> {
+        let st = nix::sys::stat::fstat(fd).ok()?;
+        self.by_inode.get(&(st.st_dev, st.st_ino)).copied()
+    }
+
+    /// Answers what a dead daemon left: journaled events are filled (through the blob's
+    /// kept write fd) and allowed, or denied; then any orphan is denied. Runs before any
+    /// worker reads, so that no fd number of ours can be confused with an old one.
+    fn recover(&self, filler: &mut PackFiller) {
+        for (slot, e) in self.journal.live() {
+            let answer = match self.by_id.get(&e.blob) {
+                Some(&bi) => match self.blobs[bi].writer.get() {
+                    Some(w) => self.fill_range(bi, e.offset, e.count, w.as_fd(), filler),
+                    None => Answer::Deny,
+                },
+                None => Answer::Deny,
+            };
+            let response = match answer {
+                Answer::Allow { .. } => sys::FAN_ALLOW,
+                Answer::Deny => sys::FAN_DENY_EIO,
+            };
+            if matches!(sys::respond(self.group.as_fd(), e.fd, response), Ok(true)) {
+                self.counters
+                    .recovered_journaled
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.journal.clear(slot);
+        }
+        let orphans = holder::probe_orphans(self.group.as_fd(), &self.journal);
+        self.counters
+            .recovered_orphans
+            .fetch_add(orphans, Ordering::Relaxed);
+        if orphans > 0 {
+            tracing::warn!(
+                orphans,
+                "denied (EIO) events a dead daemon read but had not journaled"
+            );
+        }
+    }
+
+    fn worker(&self, w: usize, mut filler: PackFiller) {
+        let mut responder = Responder::new(self.uring_responses);
+        let mut buf = vec![0u8; EVENTS_PER_READ * sys::EVENT_METADATA_BYTES];
+        let mut evs = Vec::with_capacity(EVENTS_PER_READ);
+        let mut stopping = false;
+        loop {
+            if !stopping {
+                let mut fds = [
+                    PollFd::new(self.group.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                ];
+                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::error!("poll on the fanotify group: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                stopping = fds[1].revents().is_some_and(|r| !r.is_empty());
+            }
+            let n = match nix::unistd::read(&self.group, &mut buf) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) if stopping => return,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!("reading the fanotify group: {e}");
+                    if stopping {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            evs.clear();
+            if let Err(e) = event::parse(&buf[..n], &mut evs) {
+                tracing::error!("fanotify event buffer: {e}");
+            }
+            self.handle_batch(w, &evs, &mut filler, &mut responder);
+        }
+    }
+
+    fn handle_batch(
+        &self,
+        w: usize,
+        evs: &[event::Event],
+        filler: &mut PackFiller,
+        responder: &mut Responder,
+    ) {
+        // Journal the whole batch before filling anything.
+        let mut todo: Vec<(usize, &event::Event, Option<usize>)> = Vec::with_capacity(evs.len());
+        for (i, ev) in evs.iter().enumerate().take(EVENTS_PER_READ) {
+            if ev.fd < 0 {
+                // No fd: the kernel already denied it (or it is an overflow notice).
+                continue;
+            }
+            // SAFETY: the fd was installed for us by this read and is open until we close
+            // it below.
+            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
+            let blob = self.blob_of_fd(fd);
+            let (offset, count) = ev.range.unwrap_or((0, 0));
+            let slot = w * EVENTS_PER_READ + i;
+            self.journal.record(
+                slot,
+                &Entry {
+                    fd: ev.fd,
+                    offset,
+                    count,
+                    blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
+                },
+            );
+            todo.push((slot, ev, blob));
+        }
+        for (slot, ev, blob) in todo {
+            self.counters.events.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: as above; closed at the end of this iteration.
+            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
+            let answer = match (blob, ev.range) {
+                _ if ev.mask & sys::FAN_PRE_ACCESS == 0 => Answer::Deny,
+                (Some(bi), Some((offset, count))) => {
+                    self.adopt_writer(bi, fd);
+                    if !self.is_filled(bi, offset, count) {
+                        // Readers answered so far must not wait for this fill.
+                        responder.flush();
+                    }
+                    let answer = self.fill_range(bi, offset, count, fd, filler);
+                    self.note_sequential(bi, offset, count);
+                    answer
+                }
+                _ => Answer::Deny,
+            };
+            let response = match answer {
+                Answer::Allow { cached } => {
+                    self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                    if cached {
+                        self.counters.cached.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sys::FAN_ALLOW
+                }
+                Answer::Deny => {
+                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    sys::FAN_DENY_EIO
+                }
+            };
+            responder.answer(self.group.as_fd(), &self.journal, slot, ev.fd, response);
+        }
+        responder.finish(self.group.as_fd(), &self.journal);
+    }
+
+    /// True when every page of the range is filled already.
+    fn is_filled(&self, bi: usize, offset: u64, count: u64) -> bool {
+        let b = &self.blobs[bi];
+        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES))
+    }
+
+    /// Keeps a dup of the first event fd of a blob as its write fd, and gives it to the
+    /// holder for successors.
+    fn adopt_writer(&self, bi: usize, fd: BorrowedFd<'_>) {
+        let b = &self.blobs[bi];
+        if b.writer.get().is_some() {
+            return;
+        }
+        let Ok(dup) = fd.try_clone_to_owned() else {
+            return;
+        };
+        if b.writer.set(dup).is_err() {
+            return;
+        }
+        let raw = b.writer.get().expect("just set").as_raw_fd();
+        let conn = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+        let msg = format!("KEEP {}", b.id);
+        if let Err(e) = holder::send(conn.as_fd(), msg.as_bytes(), &[raw]) {
+            if self.holder_alive.swap(false, Ordering::AcqRel) {
+                tracing::error!("the fanotify holder is gone ({e}): a daemon crash would now expose unfilled ranges");
+            }
+        }
+    }
+
+    /// Replaces the holder if it dies while we run: a new holder adopts our group, so
+    /// that a later crash of ours still leaves the group alive.
+    fn watch_holder(&self, opts: &Options) {
+        // Bounded by the daemon's life; each round waits for an event.
+        loop {
+            let conn_raw = self
+                .holder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_raw_fd();
+            // SAFETY: the connection fd is only replaced by this thread, below.
+            let conn = unsafe { BorrowedFd::borrow_raw(conn_raw) };
+            let mut fds = [
+                PollFd::new(conn, PollFlags::POLLIN),
+                PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return;
+            }
+            if fds[0].revents().is_none_or(|r| r.is_empty()) {
+                continue;
+            }
+            tracing::error!(
+                "the fanotify holder died; starting a replacement that adopts our group"
+            );
+            self.holder_alive.store(false, Ordering::Release);
+            match self.replace_holder(opts) {
+                Ok(new) => {
+                    *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = new;
+                    self.holder_alive.store(true, Ordering::Release);
+                    tracing::warn!("a replacement fanotify holder holds the group");
+                }
+                Err(e) => {
+                    tracing::error!("no replacement holder ({e}): a crash of this daemon would expose unfilled ranges");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn replace_holder(&self, opts: &Options) -> Result<OwnedFd, FanotifyError> {
+        let conn = spawn_holder(opts, true)?;
+        let herr = |e: io::Error| FanotifyError::Holder {
+            socket: opts.cache_dir.join("holder.sock"),
+            reason: e.to_string(),
+        };
+        holder::send(
+            conn.as_fd(),
+            b"ADOPT",
+            &[self.group.as_raw_fd(), self.journal.fd().as_raw_fd()],
+        )
+        .map_err(herr)?;
+        for b in &self.blobs {
+            if let Some(w) = b.writer.get() {
+                let msg = format!("KEEP {}", b.id);
+                holder::send(conn.as_fd(), msg.as_bytes(), &[w.as_raw_fd()]).map_err(herr)?;
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Fills ranges ahead of sequential readers through the blobs' write fds, so that
+    /// their next events find the range filled and are answered at once (the reader
+    /// copies while this thread fills: the two overlap on two cores).
+    fn prefetcher(
+        &self,
+        rx: crossbeam_channel::Receiver<(usize, u64, u64)>,
+        mut filler: PackFiller,
+    ) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((bi, offset, len)) => {
+                    let Some(w) = self.blobs[bi].writer.get() else {
+                        continue;
+                    };
+                    if !self.is_filled(bi, offset, len) {
+                        let _ = self.fill_range(bi, offset, len, w.as_fd(), &mut filler);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+                    if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) > 0 {
+                        return;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Notes the event range; when it continues the previous one, asks the prefetcher
+    /// for what follows.
+    fn note_sequential(&self, bi: usize, offset: u64, count: u64) {
+        let Some(tx) = &self.prefetch else {
+            return;
+        };
+        let b = &self.blobs[bi];
+        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        let prev = b.next_seq.swap(end, Ordering::AcqRel);
+        if prev == offset && end < b.table.size_bytes() {
+            let len = PREFETCH_BYTES.min(b.table.size_bytes() - end);
+            if !self.is_filled(bi, end, len) {
+                let _ = tx.try_send((bi, end, len));
+            }
+        }
+    }
+
+    /// Makes `[offset, offset + count)` of blob `bi` readable: fills the chunks that
+    /// have a missing page, through `target`. Unmarks the blob once complete.
+    fn fill_range(
+        &self,
+        bi: usize,
+        offset: u64,
+        count: u64,
+        target: BorrowedFd<'_>,
+        filler: &mut dyn Filler,
+    ) -> Answer {
+        let b = &self.blobs[bi];
+        let size = b.table.size_bytes();
+        let end = offset.saturating_add(count).min(size);
+        if offset >= end {
+            return Answer::Allow { cached: true };
+        }
+        if b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES)) {
+            return Answer::Allow { cached: true };
+        }
+        // Runs of consecutive slots with a missing page, filled whole.
+        let entries = b.table.overlapping(offset, end - offset);
+        let mut i = 0;
+        while i < entries.len() {
+            let missing = |e: &crate::store::BlobEntry| {
+                !b.map.all(
+                    e.blob_offset / PAGE_BYTES,
+                    (e.blob_offset + e.slot_len()) / PAGE_BYTES,
+                )
+            };
+            if !missing(&entries[i]) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < entries.len() && missing(&entries[j]) {
+                j += 1;
+            }
+            let start = entries[i].blob_offset;
+            let stop = entries[j - 1].blob_offset + entries[j - 1].slot_len();
+            match filler.fill(&b.table, start, stop - start, target) {
+                Ok(done) => {
+                    self.counters
+                        .bytes_filled
+                        .fetch_add(done.bytes, Ordering::Relaxed);
+                    b.map.set(start / PAGE_BYTES, stop / PAGE_BYTES);
+                }
+                Err(e) => {
+                    tracing::error!("fill failed, answering EIO: {e}");
+                    return Answer::Deny;
+                }
+            }
+            i = j;
+        }
+        if self.unmark_complete && b.map.complete() && b.marked.swap(false, Ordering::AcqRel) {
+            match sys::mark(
+                self.group.as_fd(),
+                sys::FAN_MARK_REMOVE,
+                sys::FAN_PRE_ACCESS,
+                b.file.as_fd(),
+            ) {
+                Ok(()) => {
+                    self.counters.unmarked.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(blob = %b.id, "blob complete; unmarked");
+                }
+                Err(e) => tracing::warn!(blob = %b.id, "unmarking a complete blob: {e}"),
+            }
+        }
+        Answer::Allow { cached: false }
+    }
+}

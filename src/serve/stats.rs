@@ -1,0 +1,267 @@
+//! Counters of the data plane: one cache-line-aligned block of atomics per engine thread
+//! (no sharing on the hot path), summed into a [`StatsSnapshot`] for `stats.json`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// Buckets of the latency histogram (see [`bucket_of`]).
+pub const LATENCY_BUCKETS: usize = 128;
+
+/// Counters of one engine thread. Front ends count into the block of the thread that
+/// called them.
+#[repr(align(128))]
+pub struct ThreadCounters {
+    /// OPEN messages handled (answered with a size or an errno).
+    pub opens: AtomicU64,
+    /// OPENs answered with an errno (unknown blob, unreadable image).
+    pub opens_failed: AtomicU64,
+    /// CLOSE messages.
+    pub closes: AtomicU64,
+    /// Fill requests started (READ messages that passed checks).
+    pub reads: AtomicU64,
+    /// Fill requests completed with every byte written.
+    pub reads_ok: AtomicU64,
+    /// Fill requests completed with a range left unwritten (reader gets EIO).
+    pub reads_failed: AtomicU64,
+    /// Bytes written into cache files.
+    pub bytes_written: AtomicU64,
+    /// Chunk records read from the store.
+    pub chunks_fetched: AtomicU64,
+    /// Chunks that failed verification, decompression, or were missing.
+    pub chunk_errors: AtomicU64,
+    /// Cache-file writes that failed (ENOSPC, EIO, short).
+    pub write_errors: AtomicU64,
+    /// Source reads that failed (pack or image file I/O).
+    pub source_errors: AtomicU64,
+    /// Messages that failed to parse.
+    pub malformed_messages: AtomicU64,
+    /// READs for an object id we do not hold.
+    pub unknown_objects: AtomicU64,
+    /// READs of an insane range (empty, overflowing, above the size limit).
+    pub insane_reads: AtomicU64,
+    /// READ_COMPLETE answered EINVAL (reader gone): ignored.
+    pub complete_einval: AtomicU64,
+    /// READ_COMPLETE failed otherwise.
+    pub complete_errors: AtomicU64,
+    /// Device reads that failed.
+    pub device_errors: AtomicU64,
+    /// Highest number of fill requests in flight at once on this thread.
+    pub in_flight_hwm: AtomicU64,
+    /// Fill latency histogram, microseconds (see [`bucket_of`]).
+    pub latency_us: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Adds one to a counter.
+pub fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Histogram bucket of a value: exact below 8, then 4 buckets per power of two.
+pub fn bucket_of(v: u64) -> usize {
+    if v < 8 {
+        return v as usize;
+    }
+    let p = 63 - u64::from(v.leading_zeros()); // >= 3
+    let sub = (v >> (p - 2)) & 3;
+    (8 + (p - 3) * 4 + sub).min(LATENCY_BUCKETS as u64 - 1) as usize
+}
+
+/// The largest value that falls in bucket `b`.
+pub fn bucket_upper(b: usize) -> u64 {
+    if b >= LATENCY_BUCKETS - 1 {
+        return u64::MAX; // the last bucket also takes everything above it
+    }
+    if b < 8 {
+        return b as u64;
+    }
+    let p = (b as u64 - 8) / 4 + 3;
+    let sub = (b as u64 - 8) % 4;
+    if p >= 63 {
+        return u64::MAX;
+    }
+    ((4 + sub + 1) << (p - 2)) - 1
+}
+
+/// Percentile `q` (0..=1) of a histogram, as the upper bound of its bucket.
+pub fn percentile(hist: &[u64], q: f64) -> u64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (b, &n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return bucket_upper(b);
+        }
+    }
+    bucket_upper(hist.len() - 1)
+}
+
+impl Default for ThreadCounters {
+    fn default() -> ThreadCounters {
+        let z = AtomicU64::default;
+        ThreadCounters {
+            opens: z(),
+            opens_failed: z(),
+            closes: z(),
+            reads: z(),
+            reads_ok: z(),
+            reads_failed: z(),
+            bytes_written: z(),
+            chunks_fetched: z(),
+            chunk_errors: z(),
+            write_errors: z(),
+            source_errors: z(),
+            malformed_messages: z(),
+            unknown_objects: z(),
+            insane_reads: z(),
+            complete_einval: z(),
+            complete_errors: z(),
+            device_errors: z(),
+            in_flight_hwm: z(),
+            latency_us: std::array::from_fn(|_| z()),
+        }
+    }
+}
+
+impl ThreadCounters {
+    /// Records the latency of one fill request.
+    pub fn record_latency_us(&self, us: u64) {
+        bump(&self.latency_us[bucket_of(us)]);
+    }
+
+    /// Raises the in-flight high-water mark to `n` if above.
+    pub fn note_in_flight(&self, n: u64) {
+        self.in_flight_hwm.fetch_max(n, Ordering::Relaxed);
+    }
+}
+
+/// Summed counters of every engine thread, as written to `stats.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    /// Front end in use (`cachefiles`, `fanotify`, ...).
+    pub front_end: String,
+    /// Engine threads.
+    pub threads: u64,
+    /// Write strategy (`uring` or `sync`).
+    pub write_strategy: String,
+    /// See [`ThreadCounters::opens`].
+    pub opens: u64,
+    /// See [`ThreadCounters::opens_failed`].
+    pub opens_failed: u64,
+    /// Distinct blob names opened.
+    pub distinct_blobs_opened: u64,
+    /// OPENs per blob name.
+    pub opens_by_blob: BTreeMap<String, u64>,
+    /// See [`ThreadCounters::closes`].
+    pub closes: u64,
+    /// See [`ThreadCounters::reads`].
+    pub reads: u64,
+    /// See [`ThreadCounters::reads_ok`].
+    pub reads_ok: u64,
+    /// See [`ThreadCounters::reads_failed`].
+    pub reads_failed: u64,
+    /// See [`ThreadCounters::bytes_written`].
+    pub bytes_written: u64,
+    /// See [`ThreadCounters::chunks_fetched`].
+    pub chunks_fetched: u64,
+    /// See [`ThreadCounters::chunk_errors`].
+    pub chunk_errors: u64,
+    /// See [`ThreadCounters::write_errors`].
+    pub write_errors: u64,
+    /// See [`ThreadCounters::source_errors`].
+    pub source_errors: u64,
+    /// See [`ThreadCounters::malformed_messages`].
+    pub malformed_messages: u64,
+    /// See [`ThreadCounters::unknown_objects`].
+    pub unknown_objects: u64,
+    /// See [`ThreadCounters::insane_reads`].
+    pub insane_reads: u64,
+    /// See [`ThreadCounters::complete_einval`].
+    pub complete_einval: u64,
+    /// See [`ThreadCounters::complete_errors`].
+    pub complete_errors: u64,
+    /// See [`ThreadCounters::device_errors`].
+    pub device_errors: u64,
+    /// Highest in-flight fill requests on any one thread.
+    pub in_flight_hwm: u64,
+    /// Median fill latency (bucket upper bound), microseconds.
+    pub latency_us_p50: u64,
+    /// 99th percentile fill latency, microseconds.
+    pub latency_us_p99: u64,
+}
+
+/// Sums the counters of every thread.
+pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
+    let sum = |f: fn(&ThreadCounters) -> &AtomicU64| -> u64 {
+        threads.iter().map(|t| f(t).load(Ordering::Relaxed)).sum()
+    };
+    let mut hist = [0u64; LATENCY_BUCKETS];
+    for t in threads {
+        for (h, c) in hist.iter_mut().zip(&t.latency_us) {
+            *h += c.load(Ordering::Relaxed);
+        }
+    }
+    StatsSnapshot {
+        threads: threads.len() as u64,
+        opens: sum(|t| &t.opens),
+        opens_failed: sum(|t| &t.opens_failed),
+        closes: sum(|t| &t.closes),
+        reads: sum(|t| &t.reads),
+        reads_ok: sum(|t| &t.reads_ok),
+        reads_failed: sum(|t| &t.reads_failed),
+        bytes_written: sum(|t| &t.bytes_written),
+        chunks_fetched: sum(|t| &t.chunks_fetched),
+        chunk_errors: sum(|t| &t.chunk_errors),
+        write_errors: sum(|t| &t.write_errors),
+        source_errors: sum(|t| &t.source_errors),
+        malformed_messages: sum(|t| &t.malformed_messages),
+        unknown_objects: sum(|t| &t.unknown_objects),
+        insane_reads: sum(|t| &t.insane_reads),
+        complete_einval: sum(|t| &t.complete_einval),
+        complete_errors: sum(|t| &t.complete_errors),
+        device_errors: sum(|t| &t.device_errors),
+        in_flight_hwm: threads
+            .iter()
+            .map(|t| t.in_flight_hwm.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0),
+        latency_us_p50: percentile(&hist, 0.50),
+        latency_us_p99: percentile(&hist, 0.99),
+        ..StatsSnapshot::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_bound_their_values() {
+        let mut last = 0;
+        for v in (0..100_000u64).chain([u64::MAX / 3, u64::MAX]) {
+            let b = bucket_of(v);
+            assert!(b >= last || v > 100_000, "v {v}");
+            last = b;
+            assert!(
+                bucket_upper(b) >= v,
+                "v {v} b {b} upper {}",
+                bucket_upper(b)
+            );
+            if b > 0 && b < LATENCY_BUCKETS - 1 {
+                assert!(bucket_upper(b - 1) < v, "v {v}");
+            }
+        }
+        let mut h = [0u64; LATENCY_BUCKETS];
+        for v in 1..=100u64 {
+            h[bucket_of(v)] += 1;
+        }
+        let p50 = percentile(&h, 0.5);
+        assert!((50..=55).contains(&p50), "{p50}");
+        assert!(percentile(&h, 0.99) >= 99);
+    }
+}

@@ -1,0 +1,744 @@
+//! One engine thread: its ring, buffers, in-flight operations and requests.
+//!
+//! A request is a cursor over its page-aligned fill range. Pieces (one chunk slot, one
+//! buffer of a plain file, or a run of zeros) are started from the cursor while buffers
+//! and operation slots last; a request waiting for buffers sits in `pending`, and while
+//! anything is pending the device is not drained. Each piece is a read (pack record or
+//! file) into a registered buffer, a decode into a second registered buffer, and a write
+//! into the target; an in-flight operation owns its buffers until its CQE arrives.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::bufpool::BufPool;
+use super::stats::{bump, ThreadCounters};
+use super::{
+    engine_sync, engine_uring, EngineConfig, EngineError, FillError, FillOutcome, FillRequest,
+    FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
+};
+use crate::digest::ChunkDigest;
+use crate::store::chunk::{decode_record, ChunkLoc};
+
+const POLL_DEVICE: u64 = u64::MAX;
+const POLL_STOP: u64 = u64::MAX - 1;
+/// Events read from the front end per loop turn before completions are looked at again.
+const DRAIN_BATCH: usize = 256;
+/// Pack files kept open per thread.
+const MAX_OPEN_PACKS: usize = 4096;
+
+/// A fixed-capacity slab: indices are stable while an item lives.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Slab<T> {
+    fn new(cap: usize) -> Slab<T> {
+        Slab {
+            items: (0..cap).map(|_| None).collect(),
+            free: (0..cap as u32).rev().collect(),
+        }
+    }
+    fn insert(&mut self, t: T) -> Option<u32> {
+        let i = self.free.pop()?;
+        self.items[i as usize] = Some(t);
+        Some(i)
+    }
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let t = self.items.get_mut(i as usize)?.take()?;
+        self.free.push(i);
+        Some(t)
+    }
+    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.items.get_mut(i as usize)?.as_mut()
+    }
+    fn len(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+    fn room(&self) -> usize {
+        self.free.len()
+    }
+}
+
+/// An operation in flight in the ring.
+enum Op {
+    /// A chunk record is being read into `rbuf`; it decodes into `dbuf`.
+    PackRead {
+        req: u32,
+        rbuf: u16,
+        dbuf: u16,
+        digest: ChunkDigest,
+        loc: ChunkLoc,
+        slot_off: u64,
+        w_off: u64,
+        w_len: u32,
+    },
+    /// A range of a plain file is being read into `dbuf`.
+    FileRead {
+        req: u32,
+        dbuf: u16,
+        off: u64,
+        len: u32,
+        data_bytes: u64,
+    },
+    /// A write of `len` bytes from `buf` (None: the zero buffer) is in flight.
+    Write {
+        req: u32,
+        buf: Option<u16>,
+        len: u32,
+    },
+}
+
+struct Request<T> {
+    token: Option<T>,
+    source: FillSource,
+    target: Arc<OwnedFd>,
+    cursor: u64,
+    end: u64,
+    in_flight: u32,
+    failed: Option<FillError>,
+    queued: bool,
+    started: Instant,
+}
+
+enum Step {
+    Started,
+    Blocked,
+    Done,
+}
+
+pub(super) struct Worker<F: FrontEnd> {
+    // Declared first so it is dropped before the buffers it points into.
+    ring: IoUring,
+    pool: BufPool,
+    fixed: bool,
+    cfg: Arc<EngineConfig>,
+    front: Arc<F>,
+    local: F::Local,
+    counters: Arc<[ThreadCounters]>,
+    id: usize,
+    stop_fd: RawFd,
+    ops: Slab<Op>,
+    reqs: Slab<Request<F::Token>>,
+    pending: VecDeque<u32>,
+    packs: HashMap<u32, File>,
+    device_ready: bool,
+    stopping: bool,
+    cqes: Vec<(u64, i32, u32)>,
+}
+
+impl<F: FrontEnd> Worker<F> {
+    pub(super) fn new(
+        id: usize,
+        cfg: Arc<EngineConfig>,
+        front: Arc<F>,
+        counters: Arc<[ThreadCounters]>,
+        stop_fd: RawFd,
+    ) -> Result<Worker<F>, EngineError> {
+        let setup = |what| {
+            move |source| EngineError::Setup {
+                thread: id,
+                what,
+                source,
+            }
+        };
+        let entries = cfg.ring_entries.next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(setup("io_uring setup"))?;
+        let pool = BufPool::new(cfg.buffers_per_thread, cfg.buffer_bytes);
+        let iovecs = pool.iovecs();
+        // SAFETY: every iovec points into `pool`'s allocation, which outlives the ring
+        // (declared after it in Worker, so dropped after it); the kernel pins the pages.
+        let fixed = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    thread = id,
+                    "registering buffers failed ({e}); using plain reads and writes"
+                );
+                false
+            }
+        };
+        if cfg.write_strategy == WriteStrategy::Uring {
+            if let Err(e) = engine_uring::cap_workers(&ring, cfg.iowq_workers) {
+                tracing::warn!(thread = id, "could not cap io-wq workers: {e}");
+            }
+        }
+        // Every op and request slot is bounded by the ring, so the CQ never overflows.
+        let max_ops = (entries as usize).saturating_sub(4).max(4);
+        let local = front.new_local();
+        Ok(Worker {
+            ring,
+            pool,
+            fixed,
+            reqs: Slab::new(cfg.max_requests_per_thread),
+            cfg,
+            front,
+            local,
+            counters,
+            id,
+            stop_fd,
+            ops: Slab::new(max_ops),
+            pending: VecDeque::new(),
+            packs: HashMap::new(),
+            device_ready: true,
+            stopping: false,
+            cqes: Vec::with_capacity(entries as usize * 2),
+        })
+    }
+
+    fn c(&self) -> &ThreadCounters {
+        &self.counters[self.id]
+    }
+
+    /// Pushes an SQE, flushing the queue to the kernel when it is full.
+    fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..64 {
+            // SAFETY: every buffer an SQE names is a pool slot owned by the op whose
+            // user_data it carries (or the zero slot, never written), and every fd stays
+            // open until that op's CQE: requests hold their target, packs and files
+            // stay open for the worker's life.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+        Err(io::Error::other("submission queue stays full"))
+    }
+
+    fn arm_polls(&mut self, device: bool, stop: bool) {
+        if device {
+            let e = opcode::PollAdd::new(types::Fd(self.front.poll_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(POLL_DEVICE);
+            if let Err(err) = self.push(&e) {
+                tracing::error!(thread = self.id, "arming device poll: {err}");
+            }
+        }
+        if stop {
+            let e = opcode::PollAdd::new(types::Fd(self.stop_fd), libc::POLLIN as u32)
+                .build()
+                .user_data(POLL_STOP);
+            if let Err(err) = self.push(&e) {
+                tracing::error!(thread = self.id, "arming stop poll: {err}");
+            }
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        self.arm_polls(true, true);
+        // Bounded by the stop request: every turn either makes progress or waits.
+        loop {
+            self.reap();
+            self.pump();
+            if self.device_ready && !self.stopping {
+                self.drain();
+            }
+            if self.stopping && self.reqs.len() == 0 && self.ops.len() == 0 {
+                break;
+            }
+            let busy = self.device_ready && !self.stopping && self.can_admit();
+            let want = usize::from(!busy);
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    tracing::error!(thread = self.id, "io_uring_enter: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        tracing::debug!(thread = self.id, "engine thread stopped");
+    }
+
+    fn can_admit(&self) -> bool {
+        self.reqs.room() > 0 && self.pending.is_empty()
+    }
+
+    fn reap(&mut self) {
+        self.cqes.clear();
+        for cqe in self.ring.completion() {
+            self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        let cqes = std::mem::take(&mut self.cqes);
+        for &(ud, res, flags) in &cqes {
+            match ud {
+                POLL_DEVICE => {
+                    if res < 0 {
+                        bump(&self.c().device_errors);
+                        tracing::warn!(
+                            thread = self.id,
+                            "device poll failed: {}",
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    } else {
+                        self.device_ready = true;
+                    }
+                    if !cqueue::more(flags) && !self.stopping {
+                        if res < 0 {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        self.arm_polls(true, false);
+                    }
+                }
+                POLL_STOP => self.stopping = true,
+                _ => self.op_done(ud as u32, res),
+            }
+        }
+        self.cqes = cqes;
+    }
+
+    fn drain(&mut self) {
+        for _ in 0..DRAIN_BATCH {
+            if !self.can_admit() {
+                return;
+            }
+            let next = self.front.next(&mut self.local, &self.counters[self.id]);
+            match next {
+                Next::Empty => {
+                    self.device_ready = false;
+                    return;
+                }
+                Next::Handled => {}
+                Next::Error(e) => {
+                    bump(&self.c().device_errors);
+                    tracing::warn!(thread = self.id, "reading kernel events: {e}");
+                    self.device_ready = false;
+                    return;
+                }
+                Next::Fill(r) => {
+                    self.admit(r);
+                    self.pump();
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, r: FillRequest<F::Token>) {
+        bump(&self.c().reads);
+        let size = r.source.size_bytes();
+        let mut start = r.offset / PAGE_BYTES * PAGE_BYTES;
+        let mut end = r
+            .offset
+            .saturating_add(r.len)
+            .div_ceil(PAGE_BYTES)
+            .saturating_mul(PAGE_BYTES)
+            .min(size.div_ceil(PAGE_BYTES) * PAGE_BYTES);
+        if self.cfg.read_around && start < end {
+            if let FillSource::Chunked(t) = &r.source {
+                let touched = t.overlapping(start, end - start);
+                if let (Some(a), Some(b)) = (touched.first(), touched.last()) {
+                    start = start.min(a.blob_offset);
+                    end = end.max(b.blob_offset + b.slot_len());
+                }
+            }
+        }
+        let req = Request {
+            token: Some(r.token),
+            source: r.source,
+            target: r.target,
+            cursor: start,
+            end: end.max(start),
+            in_flight: 0,
+            failed: None,
+            queued: true,
+            started: Instant::now(),
+        };
+        let Some(i) = self.reqs.insert(req) else {
+            // can_admit() was checked; keep the invariant visible anyway.
+            tracing::error!(thread = self.id, "request slab full");
+            return;
+        };
+        self.c().note_in_flight(self.reqs.len() as u64);
+        self.pending.push_back(i);
+    }
+
+    fn pump(&mut self) {
+        while let Some(&r) = self.pending.front() {
+            match self.start_piece(r) {
+                Step::Started => {}
+                Step::Blocked => return,
+                Step::Done => {
+                    self.pending.pop_front();
+                    if let Some(q) = self.reqs.get_mut(r) {
+                        q.queued = false;
+                    }
+                    self.maybe_finish(r);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, r: u32, why: FillError) {
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.failed.get_or_insert(why);
+            q.cursor = q.end;
+        }
+    }
+
+    fn pack_fd(&mut self, pack: u32) -> io::Result<RawFd> {
+        if self.packs.len() >= MAX_OPEN_PACKS && !self.packs.contains_key(&pack) {
+            self.packs.clear();
+        }
+        Ok(match self.packs.entry(pack) {
+            Entry::Occupied(e) => e.get().as_raw_fd(),
+            Entry::Vacant(v) => {
+                let path = self.cfg.packs_dir.join(format!("{pack:08}.pack"));
+                v.insert(File::open(path)?).as_raw_fd()
+            }
+        })
+    }
+
+    /// Starts the next piece of request `r`.
+    fn start_piece(&mut self, r: u32) -> Step {
+        let slot_bytes = self.pool.slot_bytes() as u64;
+        let Some(q) = self.reqs.get_mut(r) else {
+            return Step::Done;
+        };
+        if q.cursor >= q.end {
+            return Step::Done;
+        }
+        if self.ops.room() == 0 {
+            return Step::Blocked;
+        }
+        let (cursor, end) = (q.cursor, q.end);
+        match q.source.clone() {
+            FillSource::Chunked(table) => {
+                let Some(e) = table.overlapping(cursor, end - cursor).first().copied() else {
+                    return self.start_zero(r, cursor, end);
+                };
+                let slot_end = e.blob_offset + e.slot_len();
+                let w_end = end.min(slot_end);
+                let Some(loc) = e.loc else {
+                    bump(&self.c().chunk_errors);
+                    tracing::warn!(chunk = %e.digest, "chunk missing from the store");
+                    self.fail(r, FillError::Chunk);
+                    return Step::Done;
+                };
+                if loc.record_len() as u64 > slot_bytes || e.slot_len() > slot_bytes {
+                    bump(&self.c().chunk_errors);
+                    tracing::warn!(chunk = %e.digest, "chunk record larger than an engine buffer");
+                    self.fail(r, FillError::Chunk);
+                    return Step::Done;
+                }
+                if self.pool.available() < 2 {
+                    return Step::Blocked;
+                }
+                let fd = match self.pack_fd(loc.pack) {
+                    Ok(fd) => fd,
+                    Err(err) => {
+                        bump(&self.c().source_errors);
+                        tracing::warn!(pack = loc.pack, "opening pack: {err}");
+                        self.fail(r, FillError::Source);
+                        return Step::Done;
+                    }
+                };
+                let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => unreachable!("two buffers were available"),
+                };
+                let op = Op::PackRead {
+                    req: r,
+                    rbuf,
+                    dbuf,
+                    digest: e.digest,
+                    loc,
+                    slot_off: e.blob_offset,
+                    w_off: cursor,
+                    w_len: (w_end - cursor) as u32,
+                };
+                let entry = engine_uring::read_entry(
+                    fd,
+                    self.pool.ptr(rbuf),
+                    loc.record_len() as u32,
+                    self.fixed.then_some(rbuf),
+                    loc.offset,
+                    0,
+                );
+                self.submit_op(r, op, entry, w_end)
+            }
+            FillSource::File {
+                file, data_bytes, ..
+            } => {
+                if cursor >= data_bytes {
+                    return self.start_zero(r, cursor, end);
+                }
+                let Some(dbuf) = self.pool.take() else {
+                    return Step::Blocked;
+                };
+                let len = (end - cursor).min(slot_bytes) as u32;
+                let op = Op::FileRead {
+                    req: r,
+                    dbuf,
+                    off: cursor,
+                    len,
+                    data_bytes,
+                };
+                let entry = engine_uring::read_entry(
+                    file.as_raw_fd(),
+                    self.pool.ptr(dbuf),
+                    len,
+                    self.fixed.then_some(dbuf),
+                    cursor,
+                    0,
+                );
+                self.submit_op(r, op, entry, cursor + u64::from(len))
+            }
+        }
+    }
+
+    /// Inserts `op`, pushes its SQE (user_data patched in) and advances the cursor.
+    fn submit_op(&mut self, r: u32, op: Op, entry: squeue::Entry, new_cursor: u64) -> Step {
+        let Some(i) = self.ops.insert(op) else {
+            // Checked by the caller; give the buffers back.
+            return Step::Blocked;
+        };
+        let entry = entry.user_data(u64::from(i));
+        if let Err(err) = self.push(&entry) {
+            tracing::error!(thread = self.id, "submitting read: {err}");
+            if let Some(op) = self.ops.remove(i) {
+                self.release(&op);
+            }
+            bump(&self.c().source_errors);
+            self.fail(r, FillError::Source);
+            return Step::Done;
+        }
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.in_flight += 1;
+            q.cursor = new_cursor;
+        }
+        Step::Started
+    }
+
+    fn release(&mut self, op: &Op) {
+        match *op {
+            Op::PackRead { rbuf, dbuf, .. } => {
+                self.pool.give(rbuf);
+                self.pool.give(dbuf);
+            }
+            Op::FileRead { dbuf, .. } => self.pool.give(dbuf),
+            Op::Write { buf, .. } => {
+                if let Some(b) = buf {
+                    self.pool.give(b);
+                }
+            }
+        }
+    }
+
+    fn start_zero(&mut self, r: u32, cursor: u64, end: u64) -> Step {
+        let len = (end - cursor).min(self.pool.slot_bytes() as u64) as u32;
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.cursor = cursor + u64::from(len);
+            q.in_flight += 1;
+        }
+        self.write(r, None, 0, len, cursor);
+        Step::Started
+    }
+
+    /// Writes `len` bytes from `buf` (None: zeros) at buffer offset `at` to the target of
+    /// `r` at `off`. The request's `in_flight` already counts this write.
+    fn write(&mut self, r: u32, buf: Option<u16>, at: usize, len: u32, off: u64) {
+        let Some(q) = self.reqs.get_mut(r) else {
+            if let Some(b) = buf {
+                self.pool.give(b);
+            }
+            return;
+        };
+        if q.failed.is_some() {
+            self.write_done(r, buf, Err(io::Error::other("skipped")), false);
+            return;
+        }
+        let target = q.target.clone();
+        debug_assert!(off.is_multiple_of(PAGE_BYTES) && u64::from(len).is_multiple_of(PAGE_BYTES));
+        let slot = buf.unwrap_or(self.pool.zero_index());
+        match self.cfg.write_strategy {
+            WriteStrategy::Sync => {
+                // SAFETY: the slot is owned by this request (or is the zero slot) and no
+                // I/O is in flight on it; `at + len` is within the slot (checked when the
+                // piece was planned: w_len <= slot_len <= slot_bytes).
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(self.pool.ptr(slot).add(at), len as usize)
+                };
+                let res = engine_sync::write_all_at(target.as_fd(), bytes, off);
+                self.write_done(r, buf, res.map(|()| len as usize), true);
+            }
+            WriteStrategy::Uring => {
+                let Some(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
+                    self.write_done(r, buf, Err(io::Error::other("no op slot")), true);
+                    return;
+                };
+                // SAFETY: as above, `at + len` stays inside the slot.
+                let ptr = unsafe { self.pool.ptr(slot).add(at) };
+                let e = engine_uring::write_entry(
+                    target.as_raw_fd(),
+                    ptr,
+                    len,
+                    self.fixed.then_some(slot),
+                    off,
+                    u64::from(i),
+                );
+                if let Err(err) = self.push(&e) {
+                    self.ops.remove(i);
+                    self.write_done(r, buf, Err(err), true);
+                }
+            }
+        }
+    }
+
+    fn write_done(&mut self, r: u32, buf: Option<u16>, res: io::Result<usize>, count: bool) {
+        if let Some(b) = buf {
+            self.pool.give(b);
+        }
+        match res {
+            Ok(n) => {
+                self.c()
+                    .bytes_written
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                if count {
+                    bump(&self.c().write_errors);
+                    tracing::warn!(thread = self.id, "cache write failed: {e}");
+                    self.fail(r, FillError::Write);
+                }
+            }
+        }
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.in_flight -= 1;
+        }
+        self.maybe_finish(r);
+    }
+
+    fn op_done(&mut self, i: u32, res: i32) {
+        let Some(op) = self.ops.remove(i) else {
+            tracing::error!(
+                thread = self.id,
+                user_data = i,
+                "completion for no operation"
+            );
+            return;
+        };
+        match op {
+            Op::Write { req, buf, len } => {
+                let r = if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else if res as u32 != len {
+                    Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("short write: {res} of {len}"),
+                    ))
+                } else {
+                    Ok(len as usize)
+                };
+                self.write_done(req, buf, r, true);
+            }
+            Op::PackRead {
+                req,
+                rbuf,
+                dbuf,
+                digest,
+                loc,
+                slot_off,
+                w_off,
+                w_len,
+            } => {
+                bump(&self.c().chunks_fetched);
+                let outcome = if res < 0 {
+                    Err((
+                        FillError::Source,
+                        format!("pack read: {}", io::Error::from_raw_os_error(-res)),
+                    ))
+                } else {
+                    let (rec, out) = self.pool.pair_mut(rbuf, dbuf);
+                    let n = (res as usize).min(rec.len());
+                    match decode_record(&rec[..n], &loc, &digest, out) {
+                        Ok(()) => {
+                            let slot_len = (loc.raw_len as usize).div_ceil(PAGE_BYTES as usize)
+                                * PAGE_BYTES as usize;
+                            out[loc.raw_len as usize..slot_len].fill(0);
+                            Ok(())
+                        }
+                        Err(e) => Err((FillError::Chunk, e.to_string())),
+                    }
+                };
+                self.pool.give(rbuf);
+                match outcome {
+                    Ok(()) => {
+                        self.write(req, Some(dbuf), (w_off - slot_off) as usize, w_len, w_off);
+                    }
+                    Err((why, msg)) => {
+                        self.pool.give(dbuf);
+                        let counter = match why {
+                            FillError::Chunk => &self.counters[self.id].chunk_errors,
+                            _ => &self.counters[self.id].source_errors,
+                        };
+                        bump(counter);
+                        tracing::warn!(chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
+                        self.fail(req, why);
+                        self.write_done(req, None, Ok(0), false);
+                    }
+                }
+            }
+            Op::FileRead {
+                req,
+                dbuf,
+                off,
+                len,
+                data_bytes,
+            } => {
+                let got = if res < 0 { None } else { Some(res as usize) };
+                match got {
+                    Some(n) if n == len as usize || off + n as u64 >= data_bytes => {
+                        self.pool.slot_mut(dbuf)[n..len as usize].fill(0);
+                        self.write(req, Some(dbuf), 0, len, off);
+                    }
+                    _ => {
+                        self.pool.give(dbuf);
+                        bump(&self.c().source_errors);
+                        tracing::warn!(offset = off, "image read failed or short ({res})");
+                        self.fail(req, FillError::Source);
+                        self.write_done(req, None, Ok(0), false);
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_finish(&mut self, r: u32) {
+        let Some(q) = self.reqs.get_mut(r) else {
+            return;
+        };
+        if q.queued || q.in_flight > 0 || q.cursor < q.end {
+            return;
+        }
+        let Some(mut q) = self.reqs.remove(r) else {
+            return;
+        };
+        let outcome = match q.failed {
+            None => FillOutcome::Ok,
+            Some(e) => FillOutcome::Failed(e),
+        };
+        let c = &self.counters[self.id];
+        bump(if outcome == FillOutcome::Ok {
+            &c.reads_ok
+        } else {
+            &c.reads_failed
+        });
+        c.record_latency_us(q.started.elapsed().as_micros() as u64);
+        if let Some(token) = q.token.take() {
+            self.front
+                .complete(&mut self.local, token, &q.target, outcome, c);
+        }
+    }
+}
