@@ -651,11 +651,19 @@ impl Snapshotter {
         }
         report.blob_files = self.mounter.release_blobs(&self.store).map_err(internal)?;
         // Reclaim pack space; retired packs are unlinked only once the data plane has
-        // dropped registries that may still point into them (see `store` module doc).
-        let compacted = self.store.compact(Default::default()).map_err(internal)?;
+        // dropped registries that may still point into them. Dead packs only: mounted
+        // layers keep serving from tables loaded at mount (see the `store` module doc).
+        let compacted = self
+            .store
+            .compact(crate::store::CompactOptions::dead_only())
+            .map_err(internal)?;
         tracing::info!(?compacted, "cleanup: compaction");
         self.mounter.refresh_registry().map_err(internal)?;
-        report.pack_bytes_freed = self.store.finish_compaction().map_err(internal)?.bytes_freed;
+        report.pack_bytes_freed = self
+            .store
+            .finish_compaction()
+            .map_err(internal)?
+            .bytes_freed;
         Ok(report)
     }
 }

@@ -34,6 +34,14 @@
 //! for a fresh [`Store::registry`], then calls [`Store::finish_compaction`], which unlinks
 //! every pack file that has no row. A process without a running data plane (the CLI) may
 //! call both at once.
+//!
+//! Swapping the registry is not enough for rewrites: the cachefiles front end keeps the
+//! [`BlobTable`] of each object the kernel opened (`serve/cachefiles_front.rs`) for as
+//! long as the layer stays mounted, and the io_uring worker opens packs by path from
+//! those locations (`serve/worker.rs`, `pack_fd`). A rewritten pack may hold chunks of
+//! mounted layers, so the daemon (snapshotter Cleanup) compacts with
+//! [`CompactOptions::dead_only`]: a pack with no live chunk is named by no live table.
+//! Rewriting sparse packs runs offline (`dedupd store compact`, no daemon running).
 
 pub mod blob;
 pub mod chunk;
@@ -309,7 +317,10 @@ impl Store {
                     pack_live.insert(p, n).map_err(store.db_err())?;
                 }
                 let packs = txn.open_table(PACKS).map_err(store.db_err())?;
-                let last = packs.last().map_err(store.db_err())?.map(|(k, _)| k.value());
+                let last = packs
+                    .last()
+                    .map_err(store.db_err())?
+                    .map(|(k, _)| k.value());
                 meta.insert(META_MAX_PACK, u64::from(last.unwrap_or(0)))
                     .map_err(store.db_err())?;
                 meta.insert(META_PACK_LIVE_READY, 1)
@@ -822,8 +833,11 @@ impl Ingest<'_> {
                 if self.len != self.committed {
                     // A layer with no new chunk leaves the packs (and pack numbers) alone.
                     let mut pack_live = txn.open_table(PACK_LIVE)?;
-                    let added: u64 =
-                        self.pending.values().map(|l| record_bytes(l.stored_len)).sum();
+                    let added: u64 = self
+                        .pending
+                        .values()
+                        .map(|l| record_bytes(l.stored_len))
+                        .sum();
                     let live = pack_live.get(self.pack)?.map_or(0, |v| v.value());
                     pack_live.insert(self.pack, live + added)?;
                     let mut packs = txn.open_table(PACKS)?;
