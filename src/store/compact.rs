@@ -107,17 +107,32 @@ impl Store {
         // Plan from one snapshot of the index.
         let mut dead = Vec::new();
         let mut sparse = Vec::new();
+        let mut drifted: Vec<(u32, u64)> = Vec::new();
         {
             let txn = self.db.begin_read().map_err(self.db_err())?;
             let packs = txn.open_table(PACKS).map_err(self.db_err())?;
             let pack_live = txn.open_table(PACK_LIVE).map_err(self.db_err())?;
+            // Files are deleted on what the index says, not on the counters: one pass
+            // over the chunk index (bounded by its size) recounts live bytes per pack.
+            let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+            let mut counted: HashMap<u32, u64> = HashMap::new();
+            for item in chunks.iter().map_err(self.db_err())? {
+                let (_, v) = item.map_err(self.db_err())?;
+                let (p, _, stored_len, _, _) = v.value();
+                *counted.entry(p).or_default() += record_bytes(stored_len);
+            }
             for item in packs.iter().map_err(self.db_err())? {
                 let (k, v) = item.map_err(self.db_err())?;
                 let (pack, len) = (k.value(), v.value());
-                let live = pack_live
+                let kept = pack_live
                     .get(pack)
                     .map_err(self.db_err())?
                     .map_or(0, |v| v.value());
+                let live = counted.get(&pack).copied().unwrap_or(0);
+                if kept != live {
+                    tracing::warn!("pack {pack}: live-bytes counter {kept} != index {live}; fixed");
+                    drifted.push((pack, live));
+                }
                 if live == 0 {
                     dead.push((pack, len));
                 } else if pack != active
@@ -139,12 +154,15 @@ impl Store {
         }
 
         // Dead packs: drop their rows (the files go in finish_compaction).
-        if !dead.is_empty() {
+        if !dead.is_empty() || !drifted.is_empty() {
             let result = (|| -> std::result::Result<(), redb::Error> {
                 let txn = self.db.begin_write()?;
                 {
                     let mut packs = txn.open_table(PACKS)?;
                     let mut pack_live = txn.open_table(PACK_LIVE)?;
+                    for &(p, live) in &drifted {
+                        pack_live.insert(p, live)?;
+                    }
                     for &(p, _) in &dead {
                         packs.remove(p)?;
                         pack_live.remove(p)?;
@@ -651,5 +669,22 @@ mod tests {
         assert_eq!(stats, CompactStats::default());
         let stats = store.compact(CompactOptions::default()).unwrap();
         assert_eq!((stats.packs_rewritten, stats.chunks_moved), (1, 1));
+    }
+
+    #[test]
+    fn a_drifted_counter_never_deletes_a_live_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a: Vec<Vec<u8>> = (0..3).map(|n| chunk(n, 20_000)).collect();
+        let id = commit_layer(&store, "aa", &a);
+        commit_layer(&store, "bb", &[chunk(7, 100)]);
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(PACK_LIVE).unwrap().insert(1, 0).unwrap();
+        txn.commit().unwrap();
+        let stats = store.compact(CompactOptions::default()).unwrap();
+        assert!(stats.packs_retired.is_empty(), "{stats:?}");
+        store.finish_compaction().unwrap();
+        check_reads(&store, &id, &a);
+        assert_eq!(store.stats().unwrap().dead_bytes, 0);
     }
 }
