@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::cachefiles::{self, CachefilesDevice, Command};
 use crate::config::{Config, FrontEnd};
-use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
-use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use crate::fanotify::layer_mounter::FanotifyMounter;
 use crate::fanotify::Options as FanotifyOptions;
+use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
+use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use crate::snapshotter::{
     ControlThread, FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh, Snapshotter,
 };
@@ -153,25 +153,30 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
     })?;
     let status: DaemonStatus = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a stats file", path.display()))?;
+    use std::fmt::Write as _;
     let st = &status.stats;
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
         "front end: {} ({})",
         st.front_end, status.front_end_reason
-    );
+    )?;
     for u in &status.front_ends_unavailable {
-        println!("  {u}");
+        writeln!(out, "  {u}")?;
     }
-    println!(
+    writeln!(
+        out,
         "daemon: pid {} {}, uptime {} ms, {} blobs registered",
         status.pid,
         if status.running { "running" } else { "stopped" },
         status.uptime_ms,
         status.registered_blobs
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "reads: {} ({} ok, {} failed), bytes filled: {}, chunks fetched: {}",
         st.reads, st.reads_ok, st.reads_failed, st.bytes_written, st.chunks_fetched
-    );
+    )?;
     if let Some(snap) = status.snapshotter.as_object() {
         let n = |k: &str| snap.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         let layers = snap.get("layers").and_then(|v| v.as_array());
@@ -182,7 +187,8 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
                     .count()
             })
         };
-        println!(
+        writeln!(
+            out,
             "snapshots: {} active, {} views, {} committed; layers: {} used, {} converted, \
              {} mounted",
             n("active"),
@@ -191,9 +197,12 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
             layers.map_or(0, |l| l.len()),
             count("converted"),
             count("mounted")
-        );
+        )?;
     }
-    println!("{}", serde_json::to_string_pretty(&status)?);
+    writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("writing to stdout")?;
     Ok(())
 }
 
@@ -544,6 +553,85 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(root: &Path, front_end: FrontEnd) -> Config {
+        Config {
+            root: root.to_path_buf(),
+            front_end,
+            ..Config::default()
+        }
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// An ext4/xfs/btrfs directory (the repo's filesystem), not tmpfs.
+    fn disk_dir() -> tempfile::TempDir {
+        tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap()
+    }
+
+    #[test]
+    fn forced_cachefiles_without_the_device_fails_clearly() {
+        if Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: this kernel has {}", cachefiles::DEVICE_PATH);
+            return;
+        }
+        let dir = disk_dir();
+        let err = select(&config(dir.path(), FrontEnd::Cachefiles))
+            .err()
+            .expect("cachefiles cannot be chosen without its device")
+            .to_string();
+        assert!(err.contains("cachefiles was forced"), "{err}");
+        assert!(err.contains(cachefiles::DEVICE_PATH), "{err}");
+    }
+
+    #[test]
+    fn auto_picks_fanotify_and_names_why_cachefiles_is_missing() {
+        if !is_root() || Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: needs root and a kernel without cachefiles on-demand");
+            return;
+        }
+        let dir = disk_dir();
+        let sel = select(&config(dir.path(), FrontEnd::Auto)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Fanotify, "{}", sel.reason);
+        assert!(sel.reason.starts_with("auto:"), "{}", sel.reason);
+        assert_eq!(sel.unavailable.len(), 1, "{:?}", sel.unavailable);
+        assert!(
+            sel.unavailable[0].contains(cachefiles::DEVICE_PATH),
+            "{:?}",
+            sel.unavailable
+        );
+        // The probe file is gone.
+        let left: Vec<_> = fs::read_dir(fanotify_dir(dir.path())).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn forced_fanotify_on_tmpfs_fails_naming_the_directory_and_auto_falls_back() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() || Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: needs /dev/shm (tmpfs) and no cachefiles on-demand");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let err = select(&config(dir.path(), FrontEnd::Fanotify))
+            .err()
+            .expect("fanotify blob files cannot live on tmpfs")
+            .to_string();
+        assert!(err.contains("fanotify was forced"), "{err}");
+        assert!(
+            err.contains(&fanotify_dir(dir.path()).display().to_string()),
+            "{err}"
+        );
+        let sel = select(&config(dir.path(), FrontEnd::Auto)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Local);
+        assert_eq!(sel.unavailable.len(), 2, "{:?}", sel.unavailable);
+        assert!(sel.unavailable[1].starts_with("fanotify unavailable"));
+        let sel = select(&config(dir.path(), FrontEnd::Local)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Local);
+        assert_eq!(sel.reason, "forced by configuration");
+    }
 
     #[test]
     fn stats_file_round_trips_and_flattens_the_counters() {

@@ -75,7 +75,10 @@ impl FanotifyMounter {
     /// The front end's counters (zeros while it is down).
     pub fn stats(&self) -> Stats {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.fe.as_ref().map(FanotifyFrontEnd::stats).unwrap_or_default()
+        st.fe
+            .as_ref()
+            .map(FanotifyFrontEnd::stats)
+            .unwrap_or_default()
     }
 
     /// Restarts the front end over the store's current blobs.
@@ -141,7 +144,10 @@ impl LayerMounter for FanotifyMounter {
                 return Ok(target);
             }
             // Mounted under a group that is gone: holes may have read as zeros.
-            tracing::warn!("{} was mounted under a lost group; detaching it", target.display());
+            tracing::warn!(
+                "{} was mounted under a lost group; detaching it",
+                target.display()
+            );
             mount::unmount(&target, true).map_err(io_err(&target))?;
         }
         let served = |st: &State| {
