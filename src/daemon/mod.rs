@@ -482,13 +482,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     for u in &sel.unavailable {
         tracing::warn!("{u}");
     }
-    tracing::info!(
-        front_end = name(sel.front_end),
-        reason = %sel.reason,
-        "front end {}: {}",
-        name(sel.front_end),
-        sel.reason
-    );
+    tracing::info!("front end {}: {}", name(sel.front_end), sel.reason);
     let (plane, mounter) = start_data_plane(&config, args, &mut sel, &store, registry.clone())?;
     let snap = Arc::new(
         Snapshotter::open(&config.root, store.clone(), mounter)
