@@ -9,6 +9,9 @@
 //! are mounted), `fanotify` (file-backed EROFS over sparse blob files filled on
 //! pre-content events; its holder process keeps the group across restarts), `local`
 //! (blobs materialized, no laziness).
+//!
+//! `stats.json` first appears once the front end is serving and the snapshotter socket
+//! is bound: wait for it (with `running: true`) before mounting.
 
 use std::fs;
 use std::io::Write;
@@ -477,6 +480,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let run_dir = config.root.join("run");
     fs::create_dir_all(&run_dir).with_context(|| format!("{}", run_dir.display()))?;
     let path = stats_path(&config.root);
+    // A stats file from an earlier run must not pass for this one: it reappears once the
+    // data plane is serving (tests wait for it before mounting).
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+    }
 
     let mut sel = select(&config)?;
     for u in &sel.unavailable {
