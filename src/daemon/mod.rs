@@ -517,6 +517,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
     loop {
+        if let DataPlane::Fanotify(m) = &plane {
+            // Layers committed since start grow the blob set the front end serves.
+            registered = m.registered_blobs();
+        }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
             tracing::warn!("{}: {e}", path.display());
         }

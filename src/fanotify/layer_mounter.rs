@@ -36,6 +36,8 @@ struct State {
     mounted_here: HashSet<String>,
     /// Front-end restarts (blob set changes).
     restarts: u64,
+    /// Blobs in the registry the front end was started over.
+    blobs: u64,
 }
 
 /// Mounts layers over the fanotify front end it owns.
@@ -68,6 +70,7 @@ impl FanotifyMounter {
                 fe: Some(fe),
                 mounted_here: HashSet::new(),
                 restarts: 0,
+                blobs: registry.blobs.len() as u64,
             }),
         })
     }
@@ -79,6 +82,11 @@ impl FanotifyMounter {
             .as_ref()
             .map(FanotifyFrontEnd::stats)
             .unwrap_or_default()
+    }
+
+    /// Blobs of the registry the front end serves (the last one it was started over).
+    pub fn registered_blobs(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).blobs
     }
 
     /// Restarts the front end over the store's current blobs.
@@ -101,6 +109,7 @@ impl FanotifyMounter {
             source: io::Error::other(format!("restarting the fanotify front end: {e}")),
         })?;
         st.restarts += 1;
+        st.blobs = registry.blobs.len() as u64;
         tracing::info!(
             blobs = registry.blobs.len(),
             restarts = st.restarts,
