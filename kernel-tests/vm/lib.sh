@@ -1,0 +1,55 @@
+# Helpers for the in-VM tests (sourced). Results go to $RESULTS, one line each:
+# "PASS name" or "FAIL name: why"; the host prints them and counts.
+RESULTS=${RESULTS:-/out/results}
+ROOT=/data/root            # the daemon's root: store, layers/, cache/, run/
+DATA=/data                 # the data disk made on the host (manifests, exports, ext4 copy)
+SCRATCH=/data/scratch      # ext4 scratch space for tests (cache dirs must not be tmpfs)
+
+pass() { echo "PASS $1" >>"$RESULTS"; echo "kt: PASS $1"; }
+fail() {
+  local name=$1
+  shift
+  echo "FAIL $name: $*" >>"$RESULTS"
+  echo "kt: FAIL $name: $*"
+}
+# check NAME CMD...: PASS if CMD succeeds, else FAIL with its last output line.
+check() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+}
+note() { echo "kt: $*"; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# Mounts made through these are unmounted by cleanup_mounts (call it from an EXIT trap).
+MOUNTS=""
+mnt() { # mnt DIR mount-args...
+  local dir=$1
+  shift
+  mkdir -p "$dir"
+  mount "$@" "$dir" && MOUNTS="$dir $MOUNTS"
+}
+cleanup_mounts() {
+  local m
+  for m in $MOUNTS; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
+  MOUNTS=""
+}
+# mount_layer DIR NAME [DOMAIN]: EROFS over fscache for layer NAME of $DATA/layers.list.
+mount_layer() {
+  local dir=$1 name=$2 domain=${3:-} id opts
+  id=$(layer_id "$name") || return 1
+  opts="fsid=$id"
+  [ -n "$domain" ] && opts="$opts,domain_id=$domain"
+  mnt "$dir" -t erofs none -o "$opts"
+}
+# layers.list (written on the host): name diff_id_hex blob_id chunks
+layer_id() { awk -v n="$1" '$1 == n {print $2; f=1} END {exit !f}' "$DATA/layers.list"; }
+layer_blob() { awk -v n="$1" '$1 == n {print $3; f=1} END {exit !f}' "$DATA/layers.list"; }
+layer_chunks() { awk -v n="$1" '$1 == n {print $4; f=1} END {exit !f}' "$DATA/layers.list"; }
+
+# The daemon's counters, current when `dedupd status` returns (else stats.json).
+stats_json() { dedupd status --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.json"; }
+# stat_get KEY: a top-level integer counter.
+stat_get() { stats_json | tr ',{}' '\n\n\n' | sed -n 's/^ *"'"$1"'" *: *\([0-9][0-9]*\).*/\1/p' | head -n 1; }
+daemon_pid() { cat /run/dedupd.pid 2>/dev/null; }
+daemon_alive() { local p; p=$(daemon_pid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
