@@ -1,5 +1,6 @@
 # Helpers for the in-VM tests (sourced). Results go to $RESULTS, one line each:
 # "PASS name" or "FAIL name: why"; the host prints them and counts.
+export PATH=/tests:$PATH
 RESULTS=${RESULTS:-/out/results}
 ROOT=/data/root            # the daemon's root: store, layers/, cache/, run/
 DATA=/data                 # the data disk made on the host (manifests, exports, ext4 copy)
@@ -53,3 +54,19 @@ stats_json() { dedupd status --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.
 stat_get() { stats_json | tr ',{}' '\n\n\n' | sed -n 's/^ *"'"$1"'" *: *\([0-9][0-9]*\).*/\1/p' | head -n 1; }
 daemon_pid() { cat /run/dedupd.pid 2>/dev/null; }
 daemon_alive() { local p; p=$(daemon_pid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# The daemon rewrites stats.json every 200 ms: wait past one period before reading it.
+stats_settle() { sleep 0.6; }
+# read_all DIR: read every regular file below DIR (fails if any read fails).
+read_all() { find "$1" -type f -exec cat {} + >/dev/null; }
+# check_manifest NAME LAYER MOUNT: the mounted tree matches the layer's host manifest.
+check_manifest() {
+  local name=$1 layer=$2 dir=$3 got=/tmp/got-$2-$$
+  if ! manifest "$dir" >"$got" 2>/tmp/manifest-err-$$; then
+    fail "$name" "reading $dir failed: $(tail -n 2 /tmp/manifest-err-$$ | tr '\n' ' ')"
+  elif diff "$DATA/manifests/$layer" "$got" >/tmp/diff-$$; then
+    pass "$name"
+  else
+    fail "$name" "$(grep -c '^[-+][^-+]' /tmp/diff-$$) lines differ, first: $(grep '^[-+][^-+]' /tmp/diff-$$ | head -n 4 | tr '\n' ' ')"
+  fi
+  rm -f "$got" /tmp/diff-$$ /tmp/manifest-err-$$
+}
