@@ -1,4 +1,4 @@
-# EROFS images made by mkfs.erofs --preserve-mtime mount and read back exactly: a plain file-backed image,
+# EROFS images made by mkfs.erofs mount and read back exactly: a plain file-backed image,
 # and a chunk-based one whose data lives in a separate blob device (dedupd's layout).
 . /tests/lib.sh
 trap cleanup_mounts EXIT
