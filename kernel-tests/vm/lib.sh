@@ -70,3 +70,11 @@ check_manifest() {
   fi
   rm -f "$got" /tmp/diff-$$ /tmp/manifest-err-$$
 }
+# loop_dev FILE: sets LOOP to a new read-only loop device for FILE (busybox mount loops
+# regular files itself, and EROFS in block mode takes extra devices only as block devices).
+LOOPS=""
+LOOP=""
+loop_dev() {
+  LOOP=$(losetup -f) && losetup -r "$LOOP" "$1" && LOOPS="$LOOP $LOOPS"
+}
+cleanup_loops() { local l; for l in $LOOPS; do losetup -d "$l" 2>/dev/null; done; LOOPS=""; }

@@ -1,11 +1,13 @@
 # Acceptance 6: the fio jobs of bench/fio, all cold, on the same data three ways, side by
 # side in this one VM run: EROFS over fscache served by dedupd (a fresh domain per run, so
-# fresh cache files), a local file-backed EROFS mount of the exported image and blob, and
-# an ext4 copy. Then fscache again with the daemon restarted with --read-around. Results go
+# fresh cache files), a local EROFS mount of the exported image and blob (loop devices on
+# the same ext4 disk), and an ext4 copy. Then fscache again with the daemon restarted with
+# the other fill-size
+# choice (--no-read-around or --read-around, whichever this dedupd has). Results go
 # to /out/fio.tsv (job, setup, KiB read, KiB/s, IOPS, runtime ms); the host makes the table.
 # Only fio's success is tested; the ratios are measurements, not assertions.
 . /tests/lib.sh
-trap cleanup_mounts EXIT
+trap "cleanup_mounts; cleanup_loops" EXIT
 out=/out/fio.tsv
 : >"$out"
 exp=$DATA/export/bench
@@ -38,26 +40,33 @@ fscache_run() { # JOB SETUP
 
 for job in seq-128k rand-4k small-files; do
   fscache_run "$job" fscache
-  if mnt /mnt/fio-local -t erofs -o "device=$blob" "$image"; then
+  if loop_dev "$blob" && mnt /mnt/fio-local -t erofs -o "device=$LOOP" "$image"; then
     fio_run "$job" erofs-local /mnt/fio-local
   else
-    fail "fio-$job-erofs-local" "mount -t erofs -o device=$blob $image failed"
+    fail "fio-$job-erofs-local" "mount -t erofs -o device=(loop of $blob) $image failed"
   fi
   cleanup_mounts
+  cleanup_loops
   fio_run "$job" ext4 "$DATA/ext4copy/bench"
 done
 
-# The fill-size choice: the same fscache runs with --read-around (whole chunks per READ).
-if dedupd run --help 2>/dev/null | grep -q -- --read-around; then
+# The fill-size choice: the same fscache runs with the daemon's other read-around setting.
+help=$(dedupd run --help 2>/dev/null)
+flag=""
+for f in --no-read-around --read-around; do
+  echo "$help" | grep -q -- "$f\b" && { flag=$f; break; }
+done
+if [ -n "$flag" ]; then
+  echo "$flag" >/out/fio-alt-flag
   pid=$(daemon_pid)
   kill "$pid"
   i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
-  dedupd run --root "$ROOT" --front-end cachefiles --threads "$(nproc)" --read-around >>/out/dedupd.log 2>&1 &
+  dedupd run --root "$ROOT" --front-end cachefiles --threads "$(nproc)" "$flag" >>/out/dedupd.log 2>&1 &
   echo $! >/run/dedupd.pid
   sleep 2
   if daemon_alive; then
-    for job in seq-128k rand-4k small-files; do fscache_run "$job" fscache-read-around; done
+    for job in seq-128k rand-4k small-files; do fscache_run "$job" fscache-alt; done
   else
-    fail fio-read-around-daemon "dedupd run --read-around did not stay up: $(tail -n 2 /out/dedupd.log | tr '\n' ' ')"
+    fail fio-alt-daemon "dedupd run $flag did not stay up: $(tail -n 2 /out/dedupd.log | tr '\n' ' ')"
   fi
 fi
