@@ -2,9 +2,8 @@
 # side in this one VM run: EROFS over fscache served by dedupd (a fresh domain per run, so
 # fresh cache files), a local EROFS mount of the exported image and blob (loop devices on
 # the same ext4 disk), and an ext4 copy. Then fscache again with the daemon restarted with
-# the other fill-size
-# choice (--no-read-around or --read-around, whichever this dedupd has). Results go
-# to /out/fio.tsv (job, setup, KiB read, KiB/s, IOPS, runtime ms); the host makes the table.
+# the other fill-size choice (--no-read-around or --read-around, whichever this dedupd
+# has). Results go to /out/fio.tsv (job, setup, KiB read, KiB/s, IOPS, runtime ms); the host makes the table.
 # Only fio's success is tested; the ratios are measurements, not assertions.
 . /tests/lib.sh
 trap "cleanup_mounts; cleanup_loops" EXIT
