@@ -61,8 +61,8 @@ read_all() { find "$1" -type f -exec cat {} + >/dev/null; }
 # check_manifest NAME LAYER MOUNT: the mounted tree matches the layer's host manifest.
 check_manifest() {
   local name=$1 layer=$2 dir=$3 got=/tmp/got-$2-$$
-  if ! manifest "$dir" >"$got" 2>/tmp/manifest-err-$$; then
-    fail "$name" "reading $dir failed: $(tail -n 2 /tmp/manifest-err-$$ | tr '\n' ' ')"
+  if ! timeout -s KILL "${MANIFEST_TIMEOUT_S:-600}" manifest "$dir" >"$got" 2>/tmp/manifest-err-$$; then
+    fail "$name" "reading $dir failed or took over ${MANIFEST_TIMEOUT_S:-600} s: $(tail -n 2 /tmp/manifest-err-$$ | tr '\n' ' ')"
   elif diff "$DATA/manifests/$layer" "$got" >/tmp/diff-$$; then
     pass "$name"
   else

@@ -1,4 +1,4 @@
-# EROFS images made by mkfs.erofs mount and read back exactly: a plain file-backed image,
+# EROFS images made by mkfs.erofs mount and read back exactly: a plain image,
 # and a chunk-based one whose data lives in a separate blob device (dedupd's layout).
 . /tests/lib.sh
 trap "cleanup_mounts; cleanup_loops" EXIT
@@ -13,7 +13,7 @@ manifest "$work/tree" >"$work/want"
 mkfs.erofs --preserve-mtime "$work/plain.erofs" "$work/tree" >/dev/null &&
   mnt "$work/m1" -t erofs "$work/plain.erofs" &&
   manifest "$work/m1" >"$work/got1" && diff "$work/want" "$work/got1" >"$work/diff1"
-if [ $? = 0 ]; then pass smoke-erofs-file-backed; else fail smoke-erofs-file-backed "$(head -n 4 "$work/diff1" 2>/dev/null | tr '\n' ' ')"; fi
+if [ $? = 0 ]; then pass smoke-erofs-plain; else fail smoke-erofs-plain "$(head -n 4 "$work/diff1" 2>/dev/null | tr '\n' ' ')"; fi
 
 mkfs.erofs --preserve-mtime --chunksize=65536 --blobdev="$work/chunks.blob" "$work/chunked.erofs" "$work/tree" >/dev/null &&
   loop_dev "$work/chunks.blob" &&

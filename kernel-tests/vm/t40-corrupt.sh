@@ -9,7 +9,7 @@ stats_settle
 errors0=$(stat_get chunk_errors)
 err=$(dd if="$m/victim.bin" of=/dev/null bs=4096 skip=16 count=16 2>&1)
 rc=$?
-if [ $rc != 0 ] && echo "$err" | grep -q 'I/O error'; then
+if [ $rc != 0 ] && echo "$err" | grep -qE 'I/O error|Input/output error'; then
   pass corrupt-chunk-gives-eio
 else
   fail corrupt-chunk-gives-eio "dd of the corrupt range: status $rc: $(echo "$err" | tr '\n' ' ')"
