@@ -1,6 +1,7 @@
 # Acceptance 5: unmount and mount again (same fsid and domain, page cache dropped): reads
 # are correct and served from the cache files, nothing is fetched from the store again.
-# Runs last: each step is time-bounded, and a hang shows the daemon's counters.
+# Runs last and time-bounded; each step is logged so that a hang shows where it is.
+# timeout-s: 300
 . /tests/lib.sh
 trap cleanup_mounts EXIT
 MANIFEST_TIMEOUT_S=300
@@ -8,8 +9,11 @@ m=/mnt/t70
 id=$(layer_id tree)
 mount_layer "$m" tree t70-remount || { fail remount "first mount of tree failed"; exit 0; }
 check_manifest remount-first-read-correct tree "$m"
+note "t70: unmounting"
 umount "$m"; MOUNTS=""
+note "t70: dropping caches"
 drop_caches
+note "t70: mounting again"
 stats_settle
 fetched0=$(stat_get chunks_fetched); reads0=$(stat_get reads); opens0=$(stat_get opens)
 mkdir -p "$m"
