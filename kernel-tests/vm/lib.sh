@@ -67,6 +67,7 @@ check_manifest() {
     pass "$name"
   else
     fail "$name" "$(grep -c '^[-+][^-+]' /tmp/diff-$$) lines differ, first: $(grep '^[-+][^-+]' /tmp/diff-$$ | head -n 4 | tr '\n' ' ')"
+    chunk_digests "$layer" "$dir" /tmp/diff-$$
   fi
   rm -f "$got" /tmp/diff-$$ /tmp/manifest-err-$$
 }
@@ -78,3 +79,21 @@ loop_dev() {
   LOOP=$(losetup -f) && losetup -r "$LOOP" "$1" && LOOPS="$LOOP $LOOPS"
 }
 cleanup_loops() { local l; for l in $LOOPS; do losetup -d "$l" 2>/dev/null; done; LOOPS=""; }
+# chunk_digests LAYER DIR DIFF: for up to 3 regular files whose content differs, write the
+# sha256 of each 64 KiB piece as read to /out/diag/LAYER/ (compare on the host with the
+# same pieces of the layer's tar to find the wrong ranges).
+chunk_digests() {
+  local layer=$1 dir=$2 diff=$3 f n size i
+  mkdir -p "/out/diag/$layer"
+  grep '^+\./' "$diff" | awk -F'|' '$2 == "regular file" {print substr($1, 2)}' | head -n 3 |
+    while read -r f; do
+      size=$(stat -c %s "$dir/$f")
+      n=$(( (size + 65535) / 65536 ))
+      i=0
+      while [ $i -lt $n ]; do
+        echo "$i $(dd if="$dir/$f" bs=65536 skip=$i count=1 2>/dev/null | sha256sum | cut -c1-64)"
+        i=$((i + 1))
+      done >"/out/diag/$layer/$(echo "$f" | tr / _).chunks"
+      note "wrote 64 KiB piece digests of $f to diag/$layer/"
+    done
+}
