@@ -6,5 +6,5 @@ REPO_DIR=$(cd "$VM_DIR/.." && pwd)
 VM_CACHE=${DEDUPD_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dedupd-vm}
 mkdir -p "$VM_CACHE"
 
-log() { echo "vm: $*" >&2; }
-die() { echo "vm: error: $*" >&2; exit 1; }
+log() { echo "vm-run: $*" >&2; }
+die() { echo "vm-run: error: $*" >&2; exit 1; }
