@@ -976,9 +976,10 @@ fn a_sparse_file_over_4_gib_costs_only_its_data() {
     let layer = work.path().join("huge.tar.zst");
     write_layer(&entries, Compress::Zstd, &layer);
     let report = check_layer(&root, work.path(), &layer, 65536, &want);
-    // head, two chunks for the island (it straddles none but spans two 64 KiB chunks),
-    // and the tail: every other chunk is a hole.
-    assert!(report["chunks"].as_u64().unwrap() <= 4, "{report}");
+    // Zero chunks are stored, not written as EROFS holes (6.12's fscache path zero-fills
+    // the rest of a request after a hole), but one all-zero chunk serves them all: the
+    // store gains head, two island chunks, the tail and the zero chunk, and stays tiny.
+    assert!(report["new_chunks"].as_u64().unwrap() <= 5, "{report}");
     assert!(
         report["stored_bytes"].as_u64().unwrap() < 1 << 20,
         "{report}"
