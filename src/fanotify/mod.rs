@@ -64,6 +64,7 @@
 
 pub mod blobfile;
 pub mod cli;
+mod engine;
 pub mod event;
 pub mod fill;
 pub mod holder;
@@ -92,15 +93,15 @@ use serde::Serialize;
 
 use self::blobfile::{PageMap, PAGE_BYTES};
 use self::fill::{Filler, PackFiller, Packs};
-use self::journal::{Entry, Journal, SLOTS};
-use self::respond::Responder;
+use self::journal::{Journal, SLOTS};
+use crate::serve::{Engine, EngineConfig};
 use crate::store::{BlobSource, BlobTable, Registry};
 
 /// Events read per `read(2)`: the buffer holds at most this many (an event is at least
 /// 24 bytes), and each worker owns this many journal slots.
 pub const EVENTS_PER_READ: usize = 64;
-/// Most workers (journal slots / events per read).
-pub const MAX_WORKERS: usize = SLOTS / EVENTS_PER_READ;
+/// Most workers (engine threads): journal slots / slots per thread.
+pub const MAX_WORKERS: usize = SLOTS / SLOTS_PER_THREAD;
 /// fd numbers a daemon may use; recovery probes every number below it.
 pub const FD_LIMIT: u64 = 16384;
 
@@ -251,15 +252,22 @@ struct Blob {
     marked: AtomicBool,
     /// A write fd on which writes raise no events (a dup of an event fd), kept by the
     /// holder for successors, which need it to fill ranges left in the journal.
-    writer: OnceLock<OwnedFd>,
+    writer: OnceLock<Arc<OwnedFd>>,
     /// End of the last event range: an event starting there is sequential.
     next_seq: AtomicU64,
+    /// End of the last range handed to the engine as a prefetch.
+    prefetched_to: AtomicU64,
 }
 
 /// How far ahead of a sequential reader the prefetcher fills.
 pub const PREFETCH_BYTES: u64 = 4 << 20;
-/// Prefetch requests queued at most (dropped when full: prefetch is only a hint).
+/// Prefetch requests queued per engine thread at most (dropped when full: prefetch is
+/// only a hint).
 const PREFETCH_QUEUE: usize = 16;
+/// Fill requests in flight per engine thread.
+pub const MAX_FILLS_PER_THREAD: usize = 64;
+/// Journal slots of one engine thread: one read batch queued plus every fill in flight.
+const SLOTS_PER_THREAD: usize = EVENTS_PER_READ + MAX_FILLS_PER_THREAD;
 
 struct Shared {
     group: OwnedFd,
@@ -275,13 +283,20 @@ struct Shared {
     continued: bool,
     unmark_complete: bool,
     uring_responses: bool,
-    /// Ranges to fill ahead of sequential readers (blob index, offset, length).
-    prefetch: Option<crossbeam_channel::Sender<(usize, u64, u64)>>,
+    /// Fill ahead of sequential readers.
+    prefetch: bool,
+    /// Ourselves, for the engine threads' [`engine::Local`]s.
+    me: std::sync::Weak<Shared>,
+    /// Engine threads that took their journal slots so far.
+    threads_started: std::sync::atomic::AtomicUsize,
 }
 
 /// The running front end.
 pub struct FanotifyFrontEnd {
     shared: Arc<Shared>,
+    engine: Option<Engine>,
+    /// Chunks the engine fetched, once it stopped.
+    engine_chunks: u64,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -391,8 +406,9 @@ fn cap_fd_limit() -> Result<u64, FanotifyError> {
 
 impl FanotifyFrontEnd {
     /// Attaches to (or starts) the holder, prepares and marks every data blob of
-    /// `registry`, answers whatever a previous daemon left pending, and starts the
-    /// workers. Mount layers only after this returns.
+    /// `registry`, answers whatever a previous daemon left pending, and only then starts
+    /// the serving engine ([`crate::serve::Engine`], `opts.workers` threads) on the
+    /// group. Mount layers only after this returns.
     pub fn start(registry: &Registry, opts: &Options) -> Result<FanotifyFrontEnd, FanotifyError> {
         if opts.workers == 0 || opts.workers > MAX_WORKERS {
             return Err(FanotifyError::TooManyWorkers(opts.workers));
@@ -431,7 +447,7 @@ impl FanotifyFrontEnd {
             let map = PageMap::from_file(&file, table.size_bytes(), &path)?;
             let writer = OnceLock::new();
             if let Some(w) = writers.remove(id.as_str()) {
-                let _ = writer.set(w);
+                let _ = writer.set(Arc::new(w));
             }
             blobs.push(Blob {
                 id: id.clone(),
@@ -443,6 +459,7 @@ impl FanotifyFrontEnd {
                 marked: AtomicBool::new(false),
                 writer,
                 next_seq: AtomicU64::new(u64::MAX),
+                prefetched_to: AtomicU64::new(0),
             });
         }
         let mut by_inode = HashMap::new();
@@ -481,13 +498,7 @@ impl FanotifyFrontEnd {
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
         )
         .map_err(|e| kerr("eventfd")(e.into()))?;
-        let (prefetch_tx, prefetch_rx) = if opts.prefetch {
-            let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
             group: att.group,
             journal,
             blobs,
@@ -501,20 +512,13 @@ impl FanotifyFrontEnd {
             continued,
             unmark_complete: opts.unmark_complete,
             uring_responses: opts.uring_responses,
-            prefetch: prefetch_tx,
+            prefetch: opts.prefetch,
+            me: me.clone(),
+            threads_started: Default::default(),
         });
+        // Pending events of a dead daemon first: no new event is read before this.
         shared.recover(&mut PackFiller::new(packs.clone()));
         let mut workers = Vec::new();
-        for w in 0..opts.workers {
-            let s = shared.clone();
-            let filler = PackFiller::new(packs.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("fanotify-{w}"))
-                    .spawn(move || s.worker(w, filler))
-                    .map_err(kerr("spawning a worker"))?,
-            );
-        }
         {
             let s = shared.clone();
             let opts = opts.clone();
@@ -525,17 +529,18 @@ impl FanotifyFrontEnd {
                     .map_err(kerr("spawning the holder watcher"))?,
             );
         }
-        if let Some(rx) = prefetch_rx {
-            let s = shared.clone();
-            let filler = PackFiller::new(packs.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name("fanotify-prefetch".into())
-                    .spawn(move || s.prefetcher(rx, filler))
-                    .map_err(kerr("spawning the prefetcher"))?,
-            );
-        }
-        let fe = FanotifyFrontEnd { shared, workers };
+        let mut fe = FanotifyFrontEnd {
+            shared: shared.clone(),
+            engine: None,
+            engine_chunks: 0,
+            workers,
+        };
+        let cfg = engine_config(registry, opts);
+        let engine = Engine::start(cfg, shared).map_err(|e| FanotifyError::Kernel {
+            what: "starting the serving engine".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        fe.engine = Some(engine);
         fe.prime();
         Ok(fe)
     }
@@ -589,7 +594,11 @@ impl FanotifyFrontEnd {
             allowed: l(&c.allowed),
             denied: l(&c.denied),
             cached: l(&c.cached),
-            chunks_fetched: l(&self.shared.packs.chunks_read),
+            chunks_fetched: l(&self.shared.packs.chunks_read)
+                + self
+                    .engine
+                    .as_ref()
+                    .map_or(self.engine_chunks, |e| e.stats().chunks_fetched),
             bytes_filled: l(&c.bytes_filled),
             unmarked: l(&c.unmarked),
             recovered_journaled: l(&c.recovered_journaled),
@@ -598,16 +607,27 @@ impl FanotifyFrontEnd {
         }
     }
 
-    /// Stops the workers (after they answered everything they read and drained the
-    /// queue). With `release`, tells the holder to exit: the group closes, which is
-    /// only safe once no mount uses an incomplete blob. Without it the holder keeps the
-    /// group and fails closed after its grace period.
-    pub fn shutdown(mut self, release: bool) -> Stats {
+    /// Stops the engine (after its in-flight fills completed and every event it read
+    /// was answered), answers what is still queued in the group synchronously, and
+    /// stops the holder watcher.
+    fn halt(&mut self) {
+        if let Some(e) = self.engine.take() {
+            self.engine_chunks = e.stop().chunks_fetched;
+            self.shared.drain_sync();
+        }
         let one = 1u64.to_ne_bytes();
         let _ = nix::unistd::write(&self.shared.stop, &one);
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+    }
+
+    /// Stops serving (after everything read was answered and the group's queue was
+    /// drained). With `release`, tells the holder to exit: the group closes, which is
+    /// only safe once no mount uses an incomplete blob. Without it the holder keeps the
+    /// group and fails closed after its grace period.
+    pub fn shutdown(mut self, release: bool) -> Stats {
+        self.halt();
         if release {
             let conn = self.shared.holder.lock().unwrap_or_else(|p| p.into_inner());
             let _ = holder::send(conn.as_fd(), b"BYE", &[]);
@@ -618,12 +638,21 @@ impl FanotifyFrontEnd {
 
 impl Drop for FanotifyFrontEnd {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        let _ = nix::unistd::write(&self.shared.stop, &one);
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        self.halt();
     }
+}
+
+/// The engine settings for `opts` (packs of `registry`).
+fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
+    let packs_dir = registry
+        .packs
+        .first()
+        .and_then(|(_, p)| p.parent())
+        .map_or_else(|| opts.cache_dir.clone(), Path::to_path_buf);
+    let mut cfg = EngineConfig::new(packs_dir);
+    cfg.threads = opts.workers;
+    cfg.max_requests_per_thread = MAX_FILLS_PER_THREAD;
+    cfg
 }
 
 /// What to answer, and whether the store was touched.
@@ -673,121 +702,6 @@ impl Shared {
         }
     }
 
-    fn worker(&self, w: usize, mut filler: PackFiller) {
-        let mut responder = Responder::new(self.uring_responses);
-        let mut buf = vec![0u8; EVENTS_PER_READ * sys::EVENT_METADATA_BYTES];
-        let mut evs = Vec::with_capacity(EVENTS_PER_READ);
-        let mut stopping = false;
-        loop {
-            if !stopping {
-                let mut fds = [
-                    PollFd::new(self.group.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-                ];
-                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => {
-                        tracing::error!("poll on the fanotify group: {e}");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-                stopping = fds[1].revents().is_some_and(|r| !r.is_empty());
-            }
-            let n = match nix::unistd::read(&self.group, &mut buf) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) if stopping => return,
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!("reading the fanotify group: {e}");
-                    if stopping {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            evs.clear();
-            if let Err(e) = event::parse(&buf[..n], &mut evs) {
-                tracing::error!("fanotify event buffer: {e}");
-            }
-            self.handle_batch(w, &evs, &mut filler, &mut responder);
-        }
-    }
-
-    fn handle_batch(
-        &self,
-        w: usize,
-        evs: &[event::Event],
-        filler: &mut PackFiller,
-        responder: &mut Responder,
-    ) {
-        // Journal the whole batch before filling anything.
-        let mut todo: Vec<(usize, &event::Event, Option<usize>)> = Vec::with_capacity(evs.len());
-        for (i, ev) in evs.iter().enumerate().take(EVENTS_PER_READ) {
-            if ev.fd < 0 {
-                // No fd: the kernel already denied it (or it is an overflow notice).
-                continue;
-            }
-            // SAFETY: the fd was installed for us by this read and is open until we close
-            // it below.
-            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
-            let blob = self.blob_of_fd(fd);
-            let (offset, count) = ev.range.unwrap_or((0, 0));
-            let slot = w * EVENTS_PER_READ + i;
-            self.journal.record(
-                slot,
-                &Entry {
-                    fd: ev.fd,
-                    offset,
-                    count,
-                    blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
-                },
-            );
-            todo.push((slot, ev, blob));
-        }
-        for (slot, ev, blob) in todo {
-            self.counters.events.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: as above; closed at the end of this iteration.
-            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
-            let answer = match (blob, ev.range) {
-                _ if ev.mask & sys::FAN_PRE_ACCESS == 0 => Answer::Deny,
-                (Some(bi), Some((offset, count))) => {
-                    self.adopt_writer(bi, fd);
-                    if !self.is_filled(bi, offset, count) {
-                        // Readers answered so far must not wait for this fill.
-                        responder.flush();
-                    }
-                    let answer = self.fill_range(bi, offset, count, fd, filler);
-                    self.note_sequential(bi, offset, count);
-                    answer
-                }
-                _ => Answer::Deny,
-            };
-            let response = match answer {
-                Answer::Allow { cached } => {
-                    self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                    if cached {
-                        self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                    }
-                    sys::FAN_ALLOW
-                }
-                Answer::Deny => {
-                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                    sys::FAN_DENY_EIO
-                }
-            };
-            responder.answer(self.group.as_fd(), &self.journal, slot, ev.fd, response);
-        }
-        responder.finish(self.group.as_fd(), &self.journal);
-    }
-
-    /// True when every page of the range is filled already.
-    fn is_filled(&self, bi: usize, offset: u64, count: u64) -> bool {
-        let b = &self.blobs[bi];
-        let end = offset.saturating_add(count).min(b.table.size_bytes());
-        offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES))
-    }
-
     /// Keeps a dup of the first event fd of a blob as its write fd, and gives it to the
     /// holder for successors.
     fn adopt_writer(&self, bi: usize, fd: BorrowedFd<'_>) {
@@ -798,7 +712,7 @@ impl Shared {
         let Ok(dup) = fd.try_clone_to_owned() else {
             return;
         };
-        if b.writer.set(dup).is_err() {
+        if b.writer.set(Arc::new(dup)).is_err() {
             return;
         }
         let raw = b.writer.get().expect("just set").as_raw_fd();
@@ -877,52 +791,6 @@ impl Shared {
         Ok(conn)
     }
 
-    /// Fills ranges ahead of sequential readers through the blobs' write fds, so that
-    /// their next events find the range filled and are answered at once (the reader
-    /// copies while this thread fills: the two overlap on two cores).
-    fn prefetcher(
-        &self,
-        rx: crossbeam_channel::Receiver<(usize, u64, u64)>,
-        mut filler: PackFiller,
-    ) {
-        loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok((bi, offset, len)) => {
-                    let Some(w) = self.blobs[bi].writer.get() else {
-                        continue;
-                    };
-                    if !self.is_filled(bi, offset, len) {
-                        let _ = self.fill_range(bi, offset, len, w.as_fd(), &mut filler);
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
-                    if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) > 0 {
-                        return;
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            }
-        }
-    }
-
-    /// Notes the event range; when it continues the previous one, asks the prefetcher
-    /// for what follows.
-    fn note_sequential(&self, bi: usize, offset: u64, count: u64) {
-        let Some(tx) = &self.prefetch else {
-            return;
-        };
-        let b = &self.blobs[bi];
-        let end = offset.saturating_add(count).min(b.table.size_bytes());
-        let prev = b.next_seq.swap(end, Ordering::AcqRel);
-        if prev == offset && end < b.table.size_bytes() {
-            let len = PREFETCH_BYTES.min(b.table.size_bytes() - end);
-            if !self.is_filled(bi, end, len) {
-                let _ = tx.try_send((bi, end, len));
-            }
-        }
-    }
-
     /// Makes `[offset, offset + count)` of blob `bi` readable: fills the chunks that
     /// have a missing page, through `target`. Unmarks the blob once complete.
     fn fill_range(
@@ -976,20 +844,7 @@ impl Shared {
             }
             i = j;
         }
-        if self.unmark_complete && b.map.complete() && b.marked.swap(false, Ordering::AcqRel) {
-            match sys::mark(
-                self.group.as_fd(),
-                sys::FAN_MARK_REMOVE,
-                sys::FAN_PRE_ACCESS,
-                b.file.as_fd(),
-            ) {
-                Ok(()) => {
-                    self.counters.unmarked.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(blob = %b.id, "blob complete; unmarked");
-                }
-                Err(e) => tracing::warn!(blob = %b.id, "unmarking a complete blob: {e}"),
-            }
-        }
+        self.unmark_if_complete(bi);
         Answer::Allow { cached: false }
     }
 }
