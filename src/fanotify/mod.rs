@@ -9,10 +9,13 @@
 //!    `FAN_PRE_ACCESS` mark if it is not complete. The mark comes *before* any mount opens
 //!    the file: a file opened while no pre-content watcher exists never raises events.
 //! 3. Events left by a dead daemon are answered ([`journal`]) before any new one is read.
-//! 4. Workers read events in batches, journal them, fill the missing whole chunks
-//!    through the event's fd (verified by [`fill::Filler`]), answer `FAN_ALLOW`, or
-//!    `FAN_DENY_ERRNO(EIO)` on any failure, and close the event fd. A range that is
+//! 4. The serving engine ([`crate::serve::Engine`], the same one cachefiles uses) reads
+//!    events in batches; each is journaled, then its missing whole chunks are filled
+//!    through the event's fd by the engine's workers (registered buffers, verified by
+//!    `decode_record`, io_uring or sync writes), and it is answered `FAN_ALLOW`, or
+//!    `FAN_DENY_ERRNO(EIO)` on any failure, before its fd is closed. A range that is
 //!    already filled is allowed at once. A blob that becomes complete is unmarked.
+//!    See [`engine`].
 //! 5. Only then are layers mounted:
 //!    `mount -t erofs -o ro,device=<cache>/blobs/<blob id> <root>/layers/<diff_id hex>.erofs MNT`
 //!    (with mount(2) directly; util-linux `mount` would put a loop device under the
@@ -38,29 +41,30 @@
 //! - with no successor within the grace period the holder answers everything with EIO;
 //! - if the holder dies, the daemon starts a replacement that adopts the group.
 //!
-//! # Routing fills through the serving engine
-//! Everything here that touches the store is [`fill::Filler::fill`]: "write the whole,
-//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`", called
-//! inline by the workers. Mapping this front end onto [`crate::serve::FrontEnd`]:
+//! # Fills go through the serving engine
+//! [`engine`] implements [`crate::serve::FrontEnd`] for this front end:
 //! - `poll_fd`: the group fd (non-blocking).
-//! - `next`: per engine thread (`Local`), read up to [`EVENTS_PER_READ`] events into a
-//!   local queue, journal each one at once (fd number, blob, range; see [`journal`]),
-//!   then pop one per call. An event whose range is filled already is answered inside
-//!   `next` (-> `Handled`); otherwise `Next::Fill` with `source = Chunked(table)`,
-//!   `offset`/`len` = the slot-aligned cover of the missing chunks (so that the page
-//!   map can be set exactly for what the engine wrote), `target` = the event fd (or the
-//!   blob's kept write fd, `Blob::writer`, on which writes raise no events), and a token
-//!   naming the journal slot, blob and range.
+//! - `next`: per engine thread (`Local`), read at most [`EVENTS_PER_READ`] events (never
+//!   more than the thread's free journal slots) into a local queue, journal each one at
+//!   once (fd number, blob, range; see [`journal`]), then hand out one per call. An
+//!   event whose range is filled already is answered inside `next`, batched through the
+//!   thread's [`respond::Responder`] io_uring; otherwise `Next::Fill` with
+//!   `source = Chunked(table)`, `offset`/`len` = the slot-aligned cover of the missing
+//!   chunks (so that the page map is set exactly for what the engine wrote),
+//!   `target` = the event fd, and a token naming the journal slot, blob and range.
 //! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
 //!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
 //!   the request (closing the event fd) after `complete` returns, which keeps the order
 //!   response -> slot cleared -> fd closed that recovery relies on.
-//! - Journal slots per engine thread: `max_requests_per_thread` in flight plus one read
-//!   batch queued, so at most [`journal::SLOTS`] / (that sum) threads; never read more
-//!   events than there are free slots.
-//! - Before the engine starts: holder attach, blob files, marks and recovery (as in
-//!   [`FanotifyFrontEnd::start`]); after it starts: priming the write fds, then mounts.
-//!   The prefetcher can stay a side thread writing through the kept write fds.
+//! - Journal slots per engine thread: [`MAX_FILLS_PER_THREAD`] in flight plus one read
+//!   batch queued, so at most [`MAX_WORKERS`] threads.
+//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] on its thread; the
+//!   thread hands it to the engine as a fill request into the blob's kept write fd,
+//!   whose completion only sets the page map (no event, no answer).
+//! - Before the engine starts: holder attach, blob files, marks and recovery; after it
+//!   starts: priming the write fds, then mounts. Recovery (and events still queued when
+//!   the engine stops) fill synchronously with [`fill::PackFiller`], which uses the same
+//!   verification step (`store::chunk::decode_record`) as the engine's workers.
 
 pub mod blobfile;
 pub mod cli;
@@ -188,7 +192,7 @@ pub struct Options {
     /// Directory of the blob files and the holder socket, on ext4/xfs/btrfs
     /// (conventionally `<root>/fanotify`).
     pub cache_dir: PathBuf,
-    /// Worker threads reading events (1..=[`MAX_WORKERS`]).
+    /// Serving-engine threads reading events and filling (1..=[`MAX_WORKERS`]).
     pub workers: usize,
     /// How long the holder waits for a successor before failing closed.
     pub grace: Duration,
@@ -197,9 +201,10 @@ pub struct Options {
     /// Unmark blobs once complete (always, except to measure the cost of events on
     /// filled ranges).
     pub unmark_complete: bool,
-    /// Write responses through a per-worker io_uring, batched (else write(2) each).
+    /// Write the responses of events needing no fill through a per-thread io_uring,
+    /// batched (else write(2) each). Responses after a fill are written at completion.
     pub uring_responses: bool,
-    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]) on a separate thread.
+    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]), as engine fill requests.
     pub prefetch: bool,
 }
 

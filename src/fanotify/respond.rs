@@ -1,5 +1,5 @@
 //! Writing a batch's responses and closing its event fds: plain syscalls, or batched
-//! through the worker's io_uring (measured in `bench/fanotify.rs`: about half the cost
+//! through the engine thread's own io_uring (measured in `bench/fanotify.rs`: about half the cost
 //! per event on this machine).
 //!
 //! Order, for crash safety (see [`super::journal`]): a journal slot is cleared only
