@@ -310,11 +310,111 @@ fn bench_sizes(c: &mut Criterion, s: &Setup, results: &Results) {
             }
             g.finish();
         }
+        interleaved(s, &f, &mut buf, &loop_sim, loop_object, &served);
         stop.store(true, Ordering::Relaxed);
     });
     for mut sv in served {
         let st = sv.engine.take().unwrap().stop();
         assert_eq!(st.reads_failed, 0, "{st:?}");
+    }
+}
+
+/// Rounds of the interleaved comparison.
+const ROUNDS: usize = 5;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The machine is shared, so load drifts over minutes: compare the runs that a ratio
+/// needs in rounds, each round running every contender once, and take medians.
+fn interleaved(
+    s: &Setup,
+    f: &File,
+    buf: &mut Aligned,
+    loop_sim: &Sim,
+    loop_object: u32,
+    served: &[Served],
+) {
+    println!("\ninterleaved: {ROUNDS} rounds per size, median requests/s (GiB/s)");
+    println!(
+        "| size | limit | sync_loop/1t | {} |",
+        served
+            .iter()
+            .map(|x| x.key.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---:|---:|{}", "---:|".repeat(served.len()));
+    let mut ratios = Vec::new();
+    for len in SIZES {
+        let n: u64 = match len {
+            l if l <= 4096 => 3000,
+            l if l <= 16384 => 2000,
+            l if l <= 131072 => 600,
+            _ => 100,
+        };
+        let mut rng = StdRng::seed_from_u64(len ^ 0xabc);
+        let mut rps: Vec<Vec<f64>> = vec![Vec::new(); served.len() + 2];
+        for _ in 0..ROUNDS {
+            let el = limit_run(s, f, buf, len, n, &mut rng);
+            rps[0].push(n as f64 / el.as_secs_f64());
+            let (el, _) = drive(loop_sim, loop_object, len, n, depth_for(len), &mut rng);
+            rps[1].push(n as f64 / el.as_secs_f64());
+            for (i, sv) in served.iter().enumerate() {
+                let (el, _) = drive(&sv.sim, sv.object, len, n, depth_for(len), &mut rng);
+                rps[i + 2].push(n as f64 / el.as_secs_f64());
+            }
+        }
+        let med: Vec<f64> = rps.iter_mut().map(|v| median(v)).collect();
+        let cell = |r: f64| format!("{r:.0} ({:.3})", r * len as f64 / (1u64 << 30) as f64);
+        println!(
+            "| {} | {} |",
+            kib(len),
+            med.iter().map(|&r| cell(r)).collect::<Vec<_>>().join(" | ")
+        );
+        ratios.push((len, med));
+    }
+    println!(
+        "\n| size | {} |",
+        served
+            .iter()
+            .map(|x| format!("{}/limit", x.key))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(served.len()));
+    for (len, med) in &ratios {
+        println!(
+            "| {} | {} |",
+            kib(*len),
+            med[2..]
+                .iter()
+                .map(|r| format!("{:.2}", r / med[0]))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!(
+        "\n| size | {} |",
+        served
+            .iter()
+            .map(|x| format!("{}/sync_loop", x.key))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(served.len()));
+    for (len, med) in &ratios {
+        println!(
+            "| {} | {} |",
+            kib(*len),
+            med[2..]
+                .iter()
+                .map(|r| format!("{:.2}", r / med[1]))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
     }
 }
 

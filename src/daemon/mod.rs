@@ -1,6 +1,9 @@
 //! `dedupd run`: loads the blob registry from the store, picks the front end, starts the
 //! data plane, and writes its counters to `<root>/run/stats.json` until SIGINT/SIGTERM.
 //!
+//! `stats.json` first appears once the front end is bound and the engine threads are
+//! serving: wait for it (with `running: true`) before mounting.
+//!
 //! Front ends: `cachefiles` is served here. `fanotify` and `local` plug in at
 //! [`start_front_end`] (their modules are separate work); until then, asking for them,
 //! or `auto` on a kernel without `/dev/cachefiles`, fails with a message saying so.
@@ -266,6 +269,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let run_dir = config.root.join("run");
     fs::create_dir_all(&run_dir).with_context(|| format!("{}", run_dir.display()))?;
     let path = stats_path(&config.root);
+    // A stats file from an earlier run must not pass for this one: it reappears once the
+    // data plane is serving (tests wait for it before mounting).
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+    }
 
     let serving = start_front_end(&config, args, registry.clone())?;
     let started = Instant::now();

@@ -255,10 +255,15 @@ impl FrontEnd for CachefilesFront {
                     tracing::warn!(msg_id, object_id, "READ for an unknown object");
                     return Next::Handled;
                 };
-                if len == 0 || len > MAX_FILL_BYTES || off.checked_add(len).is_none() {
+                if len == 0
+                    || len > MAX_FILL_BYTES
+                    || off.checked_add(len).is_none()
+                    || off >= obj.source.size_bytes()
+                {
                     bump(&c.insane_reads);
                     tracing::warn!(msg_id, object_id, off, len, "READ of an insane range");
-                    self.complete(local, msg_id, &obj.fd, FillOutcome::Ok, c);
+                    let refused = FillOutcome::Failed(super::FillError::Source);
+                    self.complete(local, msg_id, &obj.fd, refused, c);
                     return Next::Handled;
                 }
                 Next::Fill(FillRequest {

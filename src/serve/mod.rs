@@ -19,13 +19,16 @@
 //!   that served it, after every write of the request has landed (or failed), with a
 //!   [`FillOutcome`]. cachefiles answers with the READ_COMPLETE ioctl in both cases (an
 //!   unwritten range is EIO for the reader); a fanotify front end answers `FAN_ALLOW` on
-//!   [`FillOutcome::Ok`] and `FAN_DENY_ERRNO(EIO)` otherwise.
+//!   [`FillOutcome::Ok`] and `FAN_DENY_ERRNO(EIO)` otherwise. The engine drops its
+//!   reference to `target` only after `complete` returns, so a front end that holds no
+//!   other reference sees the fd closed after its answer, never before.
 //!
 //! What the engine guarantees: the page-aligned cover of `[offset, offset + len)`,
 //! clipped to the source's size, is written in full with verified bytes (zeros past the
 //! data), or the request completes as failed; a chunk that fails its digest or is missing
 //! is never written (other, verified chunks of the same request may be). With
-//! [`EngineConfig::read_around`], the whole chunks that cover the range are written.
+//! [`EngineConfig::read_around`], the whole chunks that cover the range are written (for
+//! a plain-file source, the aligned 128 KiB window around it).
 //!
 //! # Threads
 //!

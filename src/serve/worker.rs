@@ -30,6 +30,8 @@ const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
 /// Events read from the front end per loop turn before completions are looked at again.
 const DRAIN_BATCH: usize = 256;
+/// Read-around window for plain-file sources (metadata images).
+const FILE_READ_AROUND_BYTES: u64 = 128 << 10;
 /// Pack files kept open per thread.
 const MAX_OPEN_PACKS: usize = 4096;
 
@@ -46,10 +48,13 @@ impl<T> Slab<T> {
             free: (0..cap as u32).rev().collect(),
         }
     }
-    fn insert(&mut self, t: T) -> Option<u32> {
-        let i = self.free.pop()?;
+    /// Stores `t`, or hands it back when the slab is full.
+    fn insert(&mut self, t: T) -> Result<u32, T> {
+        let Some(i) = self.free.pop() else {
+            return Err(t);
+        };
         self.items[i as usize] = Some(t);
-        Some(i)
+        Ok(i)
     }
     fn remove(&mut self, i: u32) -> Option<T> {
         let t = self.items.get_mut(i as usize)?.take()?;
@@ -336,11 +341,22 @@ impl<F: FrontEnd> Worker<F> {
             .saturating_mul(PAGE_BYTES)
             .min(size.div_ceil(PAGE_BYTES) * PAGE_BYTES);
         if self.cfg.read_around && start < end {
-            if let FillSource::Chunked(t) = &r.source {
-                let touched = t.overlapping(start, end - start);
-                if let (Some(a), Some(b)) = (touched.first(), touched.last()) {
-                    start = start.min(a.blob_offset);
-                    end = end.max(b.blob_offset + b.slot_len());
+            match &r.source {
+                FillSource::Chunked(t) => {
+                    let touched = t.overlapping(start, end - start);
+                    if let (Some(a), Some(b)) = (touched.first(), touched.last()) {
+                        start = start.min(a.blob_offset);
+                        end = end.max(b.blob_offset + b.slot_len());
+                    }
+                }
+                FillSource::File { size_bytes, .. } => {
+                    // Metadata images are read 4 KiB at a time, synchronously, while the
+                    // kernel mounts: fill the aligned window around each READ.
+                    start = start / FILE_READ_AROUND_BYTES * FILE_READ_AROUND_BYTES;
+                    end = end
+                        .div_ceil(FILE_READ_AROUND_BYTES)
+                        .saturating_mul(FILE_READ_AROUND_BYTES)
+                        .min(size_bytes.div_ceil(PAGE_BYTES) * PAGE_BYTES);
                 }
             }
         }
@@ -355,10 +371,19 @@ impl<F: FrontEnd> Worker<F> {
             queued: true,
             started: Instant::now(),
         };
-        let Some(i) = self.reqs.insert(req) else {
-            // can_admit() was checked; keep the invariant visible anyway.
-            tracing::error!(thread = self.id, "request slab full");
-            return;
+        let i = match self.reqs.insert(req) {
+            Ok(i) => i,
+            Err(mut req) => {
+                // can_admit() was checked; should it not hold, the kernel still hears.
+                tracing::error!(thread = self.id, "request slab full");
+                if let Some(token) = req.token.take() {
+                    let failed = FillOutcome::Failed(FillError::Source);
+                    let c = &self.counters[self.id];
+                    self.front
+                        .complete(&mut self.local, token, &req.target, failed, c);
+                }
+                return;
+            }
         };
         self.c().note_in_flight(self.reqs.len() as u64);
         self.pending.push_back(i);
@@ -446,7 +471,13 @@ impl<F: FrontEnd> Worker<F> {
                 };
                 let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
                     (Some(a), Some(b)) => (a, b),
-                    _ => unreachable!("two buffers were available"),
+                    (a, b) => {
+                        // Checked above; give back whatever was taken.
+                        for x in [a, b].into_iter().flatten() {
+                            self.pool.give(x);
+                        }
+                        return Step::Blocked;
+                    }
                 };
                 let op = Op::PackRead {
                     req: r,
@@ -500,9 +531,13 @@ impl<F: FrontEnd> Worker<F> {
 
     /// Inserts `op`, pushes its SQE (user_data patched in) and advances the cursor.
     fn submit_op(&mut self, r: u32, op: Op, entry: squeue::Entry, new_cursor: u64) -> Step {
-        let Some(i) = self.ops.insert(op) else {
-            // Checked by the caller; give the buffers back.
-            return Step::Blocked;
+        let i = match self.ops.insert(op) {
+            Ok(i) => i,
+            Err(op) => {
+                // The caller checked for room; should it not hold, give the buffers back.
+                self.release(&op);
+                return Step::Blocked;
+            }
         };
         let entry = entry.user_data(u64::from(i));
         if let Err(err) = self.push(&entry) {
@@ -574,7 +609,7 @@ impl<F: FrontEnd> Worker<F> {
                 self.write_done(r, buf, res.map(|()| len as usize), true);
             }
             WriteStrategy::Uring => {
-                let Some(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
+                let Ok(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
                     self.write_done(r, buf, Err(io::Error::other("no op slot")), true);
                     return;
                 };

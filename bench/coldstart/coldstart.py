@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""Cold-start benchmark: dedup vs overlayfs snapshotters, same registry, same run.
+
+Started by `bench/coldstart/run` (which installs packages and builds dedupd); see
+bench/README.md for what each number means. Python standard library only.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import images  # noqa: E402
+import report  # noqa: E402
+
+NS = "coldstart"
+# Image groups measured together: a group is pulled image by image, then run image by
+# image; disk use is taken once every image of the group is pulled.
+GROUPS = [["hello"], ["python"], ["ml"], ["app-v1", "app-v2"]]
+WAIT_LIMIT_S = 60
+RUN_LIMIT_S = 600
+
+
+def log(msg):
+    print(f"coldstart: {msg}", flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+def sh(*cmd, check=True, capture=True, timeout=RUN_LIMIT_S):
+    r = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None,
+                       stderr=subprocess.PIPE if capture else None, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise Fail(f"{' '.join(cmd)} exited {r.returncode}: {(r.stderr or '').strip()[-2000:]}")
+    return r.stdout if capture else ""
+
+
+def wait_until(pred, what, limit_s=WAIT_LIMIT_S):
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise Fail(f"timed out after {limit_s} s waiting for {what}")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def disk_bytes(*roots):
+    """Allocated bytes under `roots`, each hard-linked inode once, not crossing mounts."""
+    seen = set()
+    total = 0
+    for root in roots:
+        if not os.path.exists(root):
+            continue
+        if not os.path.isdir(root):
+            total += os.lstat(root).st_blocks * 512
+            continue
+        dev = os.lstat(root).st_dev
+        for dirpath, dirnames, filenames in os.walk(root):
+            keep = []
+            for d in dirnames:
+                p = os.path.join(dirpath, d)
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if st.st_dev == dev:
+                    keep.append(d)
+                    total += st.st_blocks * 512
+            dirnames[:] = keep
+            for n in filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, n))
+                except FileNotFoundError:
+                    continue
+                if st.st_dev != dev or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def block_device_of(path):
+    """Name of the /sys/block device holding `path` (for its read counters), or None."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    link = f"/sys/dev/block/{major}:{minor}"
+    if not os.path.exists(link):
+        return None
+    real = os.path.realpath(link)
+    # A partition's counters are its own; a whole disk's too. Either has a `stat` file.
+    return real if os.path.exists(os.path.join(real, "stat")) else None
+
+
+def device_read_bytes(sysdev):
+    if sysdev is None:
+        return 0
+    with open(os.path.join(sysdev, "stat")) as f:
+        return int(f.read().split()[2]) * 512
+
+
+def cgroup_read_bytes(ns, cid):
+    """Bytes the container's processes made the kernel read from storage.
+
+    Sums `/proc/PID/io` read_bytes of the processes in the container's cgroup (its
+    children that exited were reaped into their parent's counters). Called while the
+    program sleeps after READY. None when the cgroup cannot be found.
+    """
+    for ctl in ("pids/", "memory/", "systemd/", ""):  # cgroup v1 controllers, then v2
+        path = f"/sys/fs/cgroup/{ctl}{ns}/{cid}/cgroup.procs"
+        try:
+            with open(path) as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        counts = [proc_io(pid, "read_bytes") for pid in pids]
+        return None if None in counts else sum(counts)
+    return None
+
+
+def proc_io(pid, field):
+    """A `/proc/PID/io` counter; None without task I/O accounting in the kernel, 0 for a
+    process that is gone."""
+    if not os.path.exists("/proc/self/io"):
+        return None
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                k, v = line.split(":")
+                if k == field:
+                    return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def proc_hwm_bytes(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def delta(after, before):
+    return None if after is None or before is None else after - before
+
+
+def reset_hwm(pid):
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")  # resets the peak RSS
+    except OSError:
+        pass
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.procs = []
+        self.dedupd = None
+        self.dedupd_cmd = None
+        self.work = tempfile.mkdtemp(prefix="dedupd-coldstart.", dir=args.scratch)
+        self.csock = os.path.join(self.work, "containerd", "containerd.sock")
+        self.dsock = os.path.join(self.work, "run", "dedupd.sock")
+        self.droot = os.path.join(self.work, "dedupd")
+        self.croot = os.path.join(self.work, "containerd", "root")
+        self.reg_log = os.path.join(self.work, "registry.log")
+        self.sysdev = block_device_of(self.work)
+        self.seq = 0
+
+    # --- services ----------------------------------------------------------------------
+    def spawn(self, cmd, logname):
+        f = open(os.path.join(self.work, logname), "ab")
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start_registry(self):
+        self.port = free_port()
+        storage = self.args.registry_root or os.path.join(self.work, "registry")
+        os.makedirs(storage, exist_ok=True)
+        cfg = os.path.join(self.work, "registry.yml")
+        with open(cfg, "w") as f:
+            f.write(f"""version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{self.port}
+""")
+        self.spawn(["docker-registry", "serve", cfg], "registry.log")
+
+        def up():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        wait_until(up, "the registry")
+        log(f"registry on 127.0.0.1:{self.port}")
+
+    def registry_bytes(self):
+        """Bytes the registry has sent so far (its `http.response.written` log fields)."""
+        total = 0
+        with open(self.reg_log, errors="replace") as f:
+            for line in f:
+                m = re.search(r"http\.response\.written=(\d+)", line)
+                if m and "response completed" in line:
+                    total += int(m.group(1))
+        return total
+
+    def start_dedupd(self):
+        """Starts dedupd as the `dedup` proxy snapshotter. Tries `run` (the whole daemon,
+        with a lazy front end) first, then `snapshotter` (local front end)."""
+        binary = self.args.dedupd
+        os.makedirs(os.path.dirname(self.dsock), exist_ok=True)
+        choices = [self.args.dedupd_cmd] if self.args.dedupd_cmd else ["run", "snapshotter"]
+        errors = []
+        for sub in choices:
+            cmd = [binary] + sub.split() + ["--root", self.droot, "--socket", self.dsock]
+            p = self.spawn(cmd, "dedupd.log")
+            end = time.monotonic() + 20
+            while time.monotonic() < end and p.poll() is None and not os.path.exists(self.dsock):
+                time.sleep(0.05)
+            if p.poll() is None and os.path.exists(self.dsock):
+                self.dedupd, self.dedupd_cmd = p, " ".join(cmd[1:2] + sub.split()[1:])
+                log(f"dedupd `{sub}` serving on {self.dsock} (pid {p.pid})")
+                return
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            errors.append(f"`dedupd {sub}` exited {p.returncode}")
+        tail = open(os.path.join(self.work, "dedupd.log"), errors="replace").read()[-1500:]
+        raise Fail(f"dedupd did not serve its socket ({'; '.join(errors)}); log tail:\n{tail}")
+
+    def dedupd_status(self):
+        """dedupd's own counters (`ROOT/run/stats.json`, written by `dedupd run`), if any."""
+        try:
+            with open(os.path.join(self.droot, "run", "stats.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def start_containerd(self, with_dedup):
+        d = os.path.join(self.work, "containerd")
+        os.makedirs(d, exist_ok=True)
+        cfg = os.path.join(d, "config.toml")
+        proxy = f"""
+[proxy_plugins]
+  [proxy_plugins.dedup]
+    type = "snapshot"
+    address = "{self.dsock}"
+""" if with_dedup else ""
+        with open(cfg, "w") as f:
+            f.write(f"""version = 2
+root = "{self.croot}"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.csock}"
+[ttrpc]
+  address = "{self.csock}.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+{proxy}""")
+        self.containerd = self.spawn(["containerd", "--config", cfg], "containerd.log")
+        wait_until(lambda: os.path.exists(self.csock) and
+                   subprocess.run(["ctr", "-a", self.csock, "version"],
+                                  capture_output=True).returncode == 0, "containerd")
+        plugins = self.ctr("plugins", "ls")
+        if with_dedup and not re.search(r"dedup\s.*\sok", plugins):
+            raise Fail("containerd did not load the dedup proxy snapshotter:\n" + plugins)
+        log("containerd up" + (" with the dedup proxy snapshotter" if with_dedup else ""))
+
+    def ctr(self, *a, check=True, timeout=RUN_LIMIT_S):
+        return sh("ctr", "-a", self.csock, "-n", NS, *a, check=check, timeout=timeout)
+
+    def stop(self):
+        if os.path.exists(self.csock):
+            for t in self.ctr("tasks", "ls", "-q", check=False).split():
+                self.ctr("tasks", "kill", "-s", "KILL", t, check=False)
+            time.sleep(0.3)
+            for t in self.ctr("tasks", "ls", "-q", check=False).split():
+                self.ctr("tasks", "rm", "-f", t, check=False)
+            for c in self.ctr("containers", "ls", "-q", check=False).split():
+                self.ctr("containers", "rm", c, check=False)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        # Shims of this containerd: their environment names our scratch dir.
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                if b"containerd-shim" in cmdline and self.work.encode() in open(f"/proc/{pid}/environ", "rb").read() + cmdline:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        mounts = [line.split()[1] for line in open("/proc/self/mounts")]
+        for m in sorted((m for m in mounts if m.startswith(self.work)), reverse=True):
+            if subprocess.run(["umount", m], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", m], capture_output=True)
+        if self.args.keep:
+            log(f"kept {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # --- images ------------------------------------------------------------------------
+    def prepare_images(self):
+        if self.args.registry_root and not self.args.prepare_registry:
+            # Images pushed beforehand (the VM): their description sits beside the storage.
+            with open(os.path.join(self.args.registry_root, "images.json")) as f:
+                self.info = json.load(f)
+            log(f"serving {len(self.info)} pushed images from {self.args.registry_root}")
+            return
+        cache = os.path.join(self.args.cache, f"scale-{self.args.scale:g}")
+        t0 = time.monotonic()
+        self.info = images.build_layout(cache, self.args.scale, self.args.busybox, log=log)
+        log(f"image layout ready in {time.monotonic() - t0:.1f} s ({cache})")
+        t0 = time.monotonic()
+        for name in self.info:
+            sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{cache}:{name}",
+               f"docker://127.0.0.1:{self.port}/coldstart/{name}:1")
+        log(f"pushed {len(self.info)} images in {time.monotonic() - t0:.1f} s")
+        if self.args.registry_root:
+            with open(os.path.join(self.args.registry_root, "images.json"), "w") as f:
+                json.dump(self.info, f)
+
+    def ref(self, name):
+        return f"127.0.0.1:{self.port}/coldstart/{name}:1"
+
+    # --- one measurement ---------------------------------------------------------------
+    def clean(self, snapshotter):
+        refs = self.ctr("images", "ls", "-q", check=False).split()
+        if refs:
+            self.ctr("images", "rm", "--sync", *refs, check=False)
+
+        def empty():
+            snaps = self.ctr("snapshots", "--snapshotter", snapshotter, "ls").strip().splitlines()[1:]
+            content = self.ctr("content", "ls", "-q").split()
+            return not snaps and not content
+        wait_until(empty, f"{snapshotter} snapshots and content to be garbage-collected")
+
+    def run_container(self, snapshotter, name):
+        """`ctr run --rm` until the READY line; returns (ready_s, exit_s)."""
+        self.seq += 1
+        cid = f"cs-{snapshotter}-{name}-{self.seq}"
+        cmd = ["ctr", "-a", self.csock, "-n", NS, "run", "--rm", "--snapshotter", snapshotter]
+        if self.args.in_vm:
+            cmd.append("--no-pivot")  # the VM's root is the initramfs: pivot_root refuses it
+        cmd += [self.ref(name), cid]
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = None
+        cg_read = None
+        for line in p.stdout:
+            if line.strip() == "READY" and ready is None:
+                ready = time.monotonic() - t0
+                # The program sleeps a second after READY: its cgroup still exists.
+                cg_read = cgroup_read_bytes(NS, cid)
+        err = p.stderr.read()
+        rc = p.wait(timeout=RUN_LIMIT_S)
+        done = time.monotonic() - t0
+        if rc != 0 or ready is None:
+            raise Fail(f"{' '.join(cmd)}: exit {rc}, ready line {'seen' if ready else 'missing'}: {err.strip()[-1000:]}")
+        return ready, done, cg_read
+
+    def measure_group(self, snapshotter, group):
+        self.clean(snapshotter)
+        dpid = self.dedupd.pid if (snapshotter == "dedup" and self.dedupd) else None
+        snap_dirs = [os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs")]
+        if snapshotter == "dedup":
+            snap_dirs.append(self.droot)
+        # What is left with no image at all (a snapshotter that does not give space back
+        # keeps it here): subtracted, so each group is charged only what its pull added.
+        residual = disk_bytes(*snap_dirs)
+        if dpid:
+            reset_hwm(dpid)
+        drop_caches()
+        out = {}
+        for name in group:
+            net0 = self.registry_bytes()
+            dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            t0 = time.monotonic()
+            self.ctr("image", "pull", "--plain-http", "--snapshotter", snapshotter, self.ref(name))
+            pull_s = time.monotonic() - t0
+            out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0,
+                         "dedupd_pull_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None}
+        content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
+        snap = disk_bytes(*snap_dirs) - residual
+        breakdown = {e: disk_bytes(os.path.join(self.droot, e))
+                     for e in sorted(os.listdir(self.droot))} if snapshotter == "dedup" else None
+
+        status0 = self.dedupd_status() if dpid else None
+        drop_caches()
+        for name in group:
+            disk0 = device_read_bytes(self.sysdev)
+            dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            ready_s, exit_s, cg_read = self.run_container(snapshotter, name)
+            out[name].update({
+                "ready_s": ready_s, "exit_s": exit_s,
+                "pull_to_ready_s": out[name]["pull_s"] + ready_s,
+                "device_read_bytes": device_read_bytes(self.sysdev) - disk0,
+                "container_read_bytes": cg_read,
+                "dedupd_run_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None,
+            })
+        status1 = self.dedupd_status() if dpid else None
+        group_out = {
+            "images": out,
+            "disk_content_bytes": content,
+            "disk_snapshot_bytes": snap,
+            "disk_total_bytes": content + snap,
+            "dedupd_hwm_bytes": proc_hwm_bytes(dpid) if dpid else None,
+            "dedupd_root_breakdown_bytes": breakdown,
+            "residual_before_pull_bytes": residual,
+        }
+        if status0 and status1:
+            # Chunk-store reads by the lazy front end while the group ran.
+            for k in ("bytes_written", "chunks_fetched", "reads"):
+                if k in status1 and k in status0:
+                    group_out[f"dedupd_{k}"] = status1[k] - status0[k]
+        return group_out
+
+    # --- the whole run -----------------------------------------------------------------
+    def run(self):
+        a = self.args
+        snapshotters = a.snapshotters
+        self.start_registry()
+        if a.prepare_registry:
+            self.prepare_images()
+            return None
+        if "dedup" in snapshotters:
+            self.start_dedupd()
+        self.start_containerd("dedup" in snapshotters)
+        self.prepare_images()
+        # runc works here (cgroups, namespaces)? One hello run with overlayfs proves it.
+        self.ctr("image", "pull", "--plain-http", self.ref("hello"))
+        _, _, cg = self.run_container("overlayfs", "hello")
+        if cg is None:
+            log("note: no blkio cgroup counters for containers; container reads not measured")
+        self.clean("overlayfs")
+        log("runc works (hello-world on overlayfs)")
+        groups = [g for g in GROUPS if all(n in a.images for n in g)]
+        samples = {s: {" ".join(g): [] for g in groups} for s in snapshotters}
+        t_start = time.monotonic()
+        for rep in range(a.reps):
+            # Alternate which snapshotter goes first, so drift hits both alike.
+            order = snapshotters if rep % 2 == 0 else list(reversed(snapshotters))
+            for g in groups:
+                for s in order:
+                    r = self.measure_group(s, g)
+                    samples[s][" ".join(g)].append(r)
+                    brief = ", ".join(f"{n}: pull {r['images'][n]['pull_s']:.2f} s ready {r['images'][n]['ready_s']:.2f} s"
+                                      for n in g)
+                    log(f"rep {rep + 1}/{a.reps} {s:9} {brief}; disk {r['disk_total_bytes'] / 2**20:.1f} MiB")
+        for s in snapshotters:
+            self.clean(s)
+        results = {
+            "command": a.command_line,
+            "machine": machine_info(self.work),
+            "scale": a.scale,
+            "reps": a.reps,
+            "mode": "vm" if a.in_vm else "native",
+            "dedupd_command": self.dedupd_cmd,
+            "dedupd_front_end": self.front_end(),
+            "images": self.info,
+            "groups": [" ".join(g) for g in groups],
+            "samples": samples,
+            "elapsed_s": time.monotonic() - t_start,
+            "taken_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        }
+        results["summary"] = summarize(results)
+        return results
+
+    def front_end(self):
+        st = self.dedupd_status()
+        if st and st.get("front_end"):
+            return st["front_end"]
+        try:
+            text = open(os.path.join(self.work, "dedupd.log"), errors="replace").read()
+        except OSError:
+            return None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the log may carry colour codes
+        m = re.search(r"front_end=(\w+)", text)
+        return m.group(1) if m else None
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(results):
+    """Medians per snapshotter per image and per group."""
+    out = {}
+    for s, groups in results["samples"].items():
+        per_image = {}
+        per_group = {}
+        for gname, reps in groups.items():
+            per_group[gname] = {k: median([r.get(k) for r in reps])
+                                for k in ("disk_content_bytes", "disk_snapshot_bytes",
+                                          "disk_total_bytes", "dedupd_hwm_bytes", "residual_before_pull_bytes",
+                                          "dedupd_bytes_written", "dedupd_chunks_fetched")}
+            for name in gname.split():
+                per_image[name] = {k: median([r["images"][name].get(k) for r in reps])
+                                   for k in ("pull_s", "ready_s", "exit_s", "pull_to_ready_s",
+                                             "net_bytes", "device_read_bytes", "container_read_bytes",
+                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes")}
+        out[s] = {"images": per_image, "groups": per_group}
+    return out
+
+
+def machine_info(path):
+    def read(p):
+        try:
+            return open(p).read()
+        except OSError:
+            return ""
+    cpu = re.search(r"model name\s*:\s*(.*)", read("/proc/cpuinfo"))
+    mem = re.search(r"MemTotal:\s*(\d+)", read("/proc/meminfo"))
+    virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("systemd-detect-virt") else ""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip()
+    versions = {}
+    for tool, cmd in (("containerd", ["containerd", "--version"]), ("runc", ["runc", "--version"])):
+        try:
+            versions[tool] = subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            versions[tool] = None
+    return {
+        "cpu": cpu.group(1) if cpu else None,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "kernel": os.uname().release,
+        "virtualization": virt or None,
+        "scratch_fs": fs,
+        "load_avg_at_end": os.getloadavg(),
+        **versions,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--snapshotters", default="dedup,overlayfs")
+    ap.add_argument("--images", default="hello,python,ml,app-v1,app-v2")
+    ap.add_argument("--dedupd", default=None, help="dedupd binary")
+    ap.add_argument("--dedupd-cmd", default=None,
+                    help="subcommand serving the snapshotter (default: try `run`, then `snapshotter`)")
+    ap.add_argument("--busybox", default=shutil.which("busybox") or "/bin/busybox")
+    ap.add_argument("--scratch", default="/var/tmp")
+    ap.add_argument("--cache", default="/var/tmp/dedupd-coldstart-images")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--results-md", default=None, help="RESULTS.md whose cold-start section to rewrite")
+    ap.add_argument("--in-vm", action="store_true")
+    ap.add_argument("--registry-root", default=None,
+                    help="registry storage dir: with --prepare-registry, push the images into "
+                         "it and stop; without, serve the images pushed there before")
+    ap.add_argument("--prepare-registry", action="store_true")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--command-line", default=" ".join(sys.argv))
+    ap.add_argument("--report-only", metavar="RESULTS_JSON",
+                    help="only redraw the chart and tables of an earlier run's results.json")
+    a = ap.parse_args()
+    if a.report_only:
+        with open(a.report_only) as f:
+            write_reports(json.load(f), os.path.dirname(os.path.abspath(a.report_only)), a.results_md)
+        return
+    a.snapshotters = [s for s in a.snapshotters.split(",") if s]
+    a.images = a.images.split(",")
+    if not 1 <= a.reps <= 50:
+        ap.error("--reps must be 1..50")
+    if not 0.001 <= a.scale <= 64:
+        ap.error("--scale must be 0.001..64")
+    if a.prepare_registry and not a.registry_root:
+        ap.error("--prepare-registry needs --registry-root")
+    if "dedup" in a.snapshotters and not a.dedupd and not a.prepare_registry:
+        ap.error("--dedupd is required with the dedup snapshotter")
+    if os.geteuid() != 0:
+        sys.exit("coldstart: needs root (containerd, mounts, drop_caches)")
+    b = Bench(a)
+    try:
+        results = b.run()
+    except Fail as e:
+        log(f"FAILED: {e}")
+        b.args.keep = True
+        b.stop()
+        sys.exit(1)
+    except BaseException:
+        b.args.keep = True
+        b.stop()
+        raise
+    b.stop()
+    if results is None:
+        log(f"images pushed into {a.registry_root}")
+        return
+    os.makedirs(a.out, exist_ok=True)
+    jpath = os.path.join(a.out, "results.json")
+    with open(jpath, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    write_reports(results, a.out, a.results_md)
+
+
+def write_reports(results, out, results_md):
+    svg = os.path.join(out, "chart.svg")
+    with open(svg, "w") as f:
+        f.write(report.svg(results))
+    chart = "coldstart/results/chart.svg" if results["mode"] == "native" else "coldstart/results-vm/chart.svg"
+    md = report.markdown(results, chart_path=chart)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    if results_md:
+        report.update_results_md(results_md, md, results["mode"])
+    print(md)
+    log(f"wrote {svg} and results.md" + (f"; updated {results_md}" if results_md else ""))
+
+
+if __name__ == "__main__":
+    main()
