@@ -323,7 +323,16 @@ fn attach(opts: &Options) -> Result<holder::Attached, FanotifyError> {
     for _ in 0..3 {
         let conn = match holder::connect(&socket) {
             Ok(c) => c,
-            Err(_) => spawn_holder(opts, false)?,
+            Err(_) => match spawn_holder(opts, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A holder told BYE a moment ago may still hold the lock.
+                    tracing::warn!("starting a fanotify holder failed ({e}); retrying");
+                    last = Some(io::Error::other(e.to_string()));
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            },
         };
         match holder::receive(conn) {
             Ok(a) => return Ok(a),
@@ -362,7 +371,7 @@ fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
         // The dead holder's socket file is stale; the new holder binds a fresh one.
         let _ = std::fs::remove_file(&socket);
     }
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -371,16 +380,21 @@ fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
         .spawn()
         .map_err(|e| herr(format!("starting {}: {e}", opts.holder_exe.display())))?;
     let _ = std::fs::write(opts.cache_dir.join("holder.pid"), child.id().to_string());
-    // Not waited for: it must outlive us.
-    drop(child);
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Not waited for once it listens: it must outlive us (dropping `child` leaves it).
     loop {
         match holder::connect(&socket) {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => {
                 return Err(herr(format!("did not come up: {e}")))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    // E.g. it found the lock still held by a holder on its way out.
+                    return Err(herr(format!("exited ({status}) before listening: {e}")));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -635,7 +649,12 @@ impl FanotifyFrontEnd {
         self.halt();
         if release {
             let conn = self.shared.holder.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = holder::send(conn.as_fd(), b"BYE", &[]);
+            if holder::send(conn.as_fd(), b"BYE", &[]).is_ok() {
+                // Wait (bounded) until the holder hangs up, so that a daemon started
+                // right after this finds no holder on its way out.
+                let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, PollTimeout::from(2000u16));
+            }
         }
         self.stats()
     }
