@@ -676,6 +676,10 @@ fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
     let mut cfg = EngineConfig::new(packs_dir);
     cfg.threads = opts.workers;
     cfg.max_requests_per_thread = MAX_FILLS_PER_THREAD;
+    // Blob files are on ext4/xfs/btrfs: pwrite on the engine thread (an io_uring write
+    // that cannot complete inline is handed to an io-wq thread, one more context switch
+    // per chunk on a machine whose CPUs the readers need too).
+    cfg.write_strategy = crate::serve::WriteStrategy::Sync;
     cfg
 }
 
