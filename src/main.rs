@@ -51,6 +51,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum StoreCommand {
+    /// Reclaim pack space of removed chunks (no daemon may have the store open), as JSON.
+    Compact {
+        /// Store root.
+        #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
+        root: std::path::PathBuf,
+        /// Rewrite packs whose live bytes are under this percentage.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+        live_percent: u8,
+    },
     /// Logical, unique and stored bytes, and the dedup ratio, as JSON.
     Stats {
         /// Store root.
@@ -81,6 +90,9 @@ fn main() -> ExitCode {
         Command::Store {
             command: StoreCommand::Stats { root },
         } => store_stats(root),
+        Command::Store {
+            command: StoreCommand::Compact { root, live_percent },
+        } => store_compact(root, *live_percent),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +101,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn store_compact(root: &std::path::Path, live_percent: u8) -> anyhow::Result<()> {
+    let store = dedupd::store::Store::open(root)?;
+    let opts = dedupd::store::CompactOptions {
+        live_percent,
+        ..Default::default()
+    };
+    // A whole-store lock (no daemon running): no registry is live, unlink at once.
+    let compact = store.compact(opts)?;
+    let finish = store.finish_compaction()?;
+    println!(
+        "{}",
+        serde_json::json!({"compact": compact, "finish": finish, "stats": store.stats()?})
+    );
+    Ok(())
 }
 
 fn store_stats(root: &std::path::Path) -> anyhow::Result<()> {

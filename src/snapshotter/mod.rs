@@ -143,6 +143,8 @@ pub struct CleanupReport {
     pub layers: u64,
     /// Blob files of blobs the store no longer has.
     pub blob_files: u64,
+    /// Pack bytes unlinked by the compaction that follows.
+    pub pack_bytes_freed: u64,
 }
 
 /// What the snapshotter holds, for `dedupd status` and logs.
@@ -648,6 +650,20 @@ impl Snapshotter {
             }
         }
         report.blob_files = self.mounter.release_blobs(&self.store).map_err(internal)?;
+        // Reclaim pack space; retired packs are unlinked only once the data plane has
+        // dropped registries that may still point into them. Dead packs only: mounted
+        // layers keep serving from tables loaded at mount (see the `store` module doc).
+        let compacted = self
+            .store
+            .compact(crate::store::CompactOptions::dead_only())
+            .map_err(internal)?;
+        tracing::info!(?compacted, "cleanup: compaction");
+        self.mounter.refresh_registry().map_err(internal)?;
+        report.pack_bytes_freed = self
+            .store
+            .finish_compaction()
+            .map_err(internal)?
+            .bytes_freed;
         Ok(report)
     }
 }

@@ -66,6 +66,12 @@ pub trait LayerMounter: Send + Sync {
     /// Frees per-blob resources (cache files, materialized blobs) of blobs the store no
     /// longer has. Called after layers are removed, and by Cleanup.
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError>;
+    /// Swaps the data plane's registry for a fresh one, so that nothing reads packs
+    /// through chunk locations older than now (called before retired packs are unlinked).
+    /// Front ends that keep no registry between calls need nothing.
+    fn refresh_registry(&self) -> Result<(), MountError> {
+        Ok(())
+    }
 }
 
 /// True when `path` is a mountpoint: its device differs from its parent's (or it is the
@@ -311,6 +317,10 @@ impl LayerMounter for FscacheMounter {
     fn unmount(&self, hex: &str) -> Result<(), MountError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         unmount_dir(&self.mountpoint(hex))
+    }
+
+    fn refresh_registry(&self) -> Result<(), MountError> {
+        self.refresh("")
     }
 
     fn release_blobs(&self, _store: &Store) -> Result<u64, MountError> {

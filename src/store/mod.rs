@@ -14,9 +14,38 @@
 //! transaction that makes the chunks, the blob and the layer visible together. A crash
 //! before the commit leaves bytes past the pack's committed length, which the next
 //! ingest truncates away; an ingest dropped without commit truncates them at once.
+//!
+//! Space: [`Store::remove_layer`] drops chunks from the index only; their records stay in
+//! the packs until [`Store::compact`]. The `pack_live` table counts, per pack, the record
+//! bytes of indexed chunks, kept in the same transactions as the index, so dead bytes are
+//! known without a scan. Compaction retires packs with no live record, and rewrites packs
+//! whose live fraction is under a threshold: their live records are verified, appended to
+//! the active pack through the ingest machinery (under the ingest lock), synced, and one
+//! transaction repoints the moved chunks and drops the old pack's row. A crash before that
+//! commit leaves the old records valid and new bytes past the committed length (truncated
+//! by the next ingest); a crash after it leaves an orphan pack file (no row) that the next
+//! [`Store::finish_compaction`] unlinks. Pack numbers are never reused (`store_meta`
+//! remembers the highest one), so a cached fd or a stale [`ChunkLoc`] never names a
+//! different file under the same number.
+//!
+//! The rule for readers: a [`Registry`] built before a compaction may hold [`ChunkLoc`]s
+//! in retired packs, and the data plane may open packs by path from them. So
+//! [`Store::compact`] never unlinks a file: the caller first swaps every live registry
+//! for a fresh [`Store::registry`], then calls [`Store::finish_compaction`], which unlinks
+//! every pack file that has no row. A process without a running data plane (the CLI) may
+//! call both at once.
+//!
+//! Swapping the registry is not enough for rewrites: the cachefiles front end keeps the
+//! [`BlobTable`] of each object the kernel opened (`serve/cachefiles_front.rs`) for as
+//! long as the layer stays mounted, and the io_uring worker opens packs by path from
+//! those locations (`serve/worker.rs`, `pack_fd`). A rewritten pack may hold chunks of
+//! mounted layers, so the daemon (snapshotter Cleanup) compacts with
+//! [`CompactOptions::dead_only`]: a pack with no live chunk is named by no live table.
+//! Rewriting sparse packs runs offline (`dedupd store compact`, no daemon running).
 
 pub mod blob;
 pub mod chunk;
+mod compact;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +59,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
 pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
+pub use self::compact::{CompactOptions, CompactStats, FinishStats};
 use crate::digest::ChunkDigest;
 
 /// Default chunk size: the unit of dedup, of verification, and of each fill.
@@ -41,6 +71,14 @@ const PACK_ROLL_BYTES: u64 = 1 << 30;
 const CHUNKS: TableDefinition<&[u8], (u32, u64, u32, u32, u32)> = TableDefinition::new("chunks");
 /// pack -> committed length.
 const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
+/// pack -> bytes of records of indexed chunks in it (the live bytes).
+const PACK_LIVE: TableDefinition<u32, u64> = TableDefinition::new("pack_live");
+/// Store-wide counters: [`META_MAX_PACK`], [`META_PACK_LIVE_READY`].
+const STORE_META: TableDefinition<&str, u64> = TableDefinition::new("store_meta");
+/// The highest pack number ever committed; new packs take numbers above it.
+const META_MAX_PACK: &str = "max_pack";
+/// Set once `pack_live` has been built (stores made before it existed are scanned once).
+const META_PACK_LIVE_READY: &str = "pack_live_ready";
 /// blob id -> encoded chunk table.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// blob id -> number of layers that use it.
@@ -159,6 +197,9 @@ pub struct StoreStats {
     pub unique_bytes: u64,
     /// Bytes of the committed pack files (compressed records and headers).
     pub stored_bytes: u64,
+    /// Of `stored_bytes`, those no indexed chunk uses: what `dedupd store compact` can
+    /// reclaim.
+    pub dead_bytes: u64,
     /// Distinct chunks.
     pub chunks: u64,
     /// logical / unique.
@@ -209,6 +250,8 @@ pub struct Store {
     db: redb::Database,
     /// Serializes ingests: one layer is written at a time.
     ingest_lock: Mutex<()>,
+    /// A new pack is started once the active one reaches this size.
+    pack_roll_bytes: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -244,6 +287,7 @@ impl Store {
             db_path,
             db,
             ingest_lock: Mutex::new(()),
+            pack_roll_bytes: PACK_ROLL_BYTES,
         };
         // Create every table so that readers never meet a missing one.
         let txn = store.db.begin_write().map_err(store.db_err())?;
@@ -254,6 +298,34 @@ impl Store {
             txn.open_table(BLOB_REFS).map_err(store.db_err())?;
             txn.open_table(LAYERS).map_err(store.db_err())?;
             txn.open_table(LAYER_ALIASES).map_err(store.db_err())?;
+            let mut meta = txn.open_table(STORE_META).map_err(store.db_err())?;
+            let ready = meta
+                .get(META_PACK_LIVE_READY)
+                .map_err(store.db_err())?
+                .is_some();
+            if !ready {
+                // A store from before `pack_live`: count live bytes once from the index.
+                let chunks = txn.open_table(CHUNKS).map_err(store.db_err())?;
+                let mut live: HashMap<u32, u64> = HashMap::new();
+                for item in chunks.iter().map_err(store.db_err())? {
+                    let (_, v) = item.map_err(store.db_err())?;
+                    let (p, _, s, _, _) = v.value();
+                    *live.entry(p).or_default() += record_bytes(s);
+                }
+                let mut pack_live = txn.open_table(PACK_LIVE).map_err(store.db_err())?;
+                for (p, n) in live {
+                    pack_live.insert(p, n).map_err(store.db_err())?;
+                }
+                let packs = txn.open_table(PACKS).map_err(store.db_err())?;
+                let last = packs
+                    .last()
+                    .map_err(store.db_err())?
+                    .map(|(k, _)| k.value());
+                meta.insert(META_MAX_PACK, u64::from(last.unwrap_or(0)))
+                    .map_err(store.db_err())?;
+                meta.insert(META_PACK_LIVE_READY, 1)
+                    .map_err(store.db_err())?;
+            }
         }
         txn.commit().map_err(store.db_err())?;
         Ok(store)
@@ -447,9 +519,16 @@ impl Store {
             unique_bytes += u64::from(v.value().3);
             n += 1;
         }
-        let mut stored_bytes = 0u64;
+        let pack_live = txn.open_table(PACK_LIVE).map_err(self.db_err())?;
+        let (mut stored_bytes, mut dead_bytes) = (0u64, 0u64);
         for item in packs.iter().map_err(self.db_err())? {
-            stored_bytes += item.map_err(self.db_err())?.1.value();
+            let (k, v) = item.map_err(self.db_err())?;
+            let live = pack_live
+                .get(k.value())
+                .map_err(self.db_err())?
+                .map_or(0, |v| v.value());
+            stored_bytes += v.value();
+            dead_bytes += v.value().saturating_sub(live);
         }
         let logical_bytes: u64 = layers.iter().map(|l| l.logical_bytes).sum();
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
@@ -458,6 +537,7 @@ impl Store {
             logical_bytes,
             unique_bytes,
             stored_bytes,
+            dead_bytes,
             chunks: n,
             dedup_ratio: ratio(logical_bytes, unique_bytes),
             total_ratio: ratio(logical_bytes, stored_bytes),
@@ -483,6 +563,7 @@ impl Store {
                 let mut blobs = txn.open_table(BLOBS)?;
                 let mut blob_refs = txn.open_table(BLOB_REFS)?;
                 let mut chunks = txn.open_table(CHUNKS)?;
+                let mut pack_live = txn.open_table(PACK_LIVE)?;
                 layers.remove(record.diff_id.as_str())?;
                 for d in &record.digests {
                     let points_here = aliases
@@ -516,6 +597,8 @@ impl Store {
                             chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n - 1))?;
                         } else {
                             chunks.remove(e.digest.0.as_slice())?;
+                            let live = pack_live.get(p)?.map_or(0, |v| v.value());
+                            pack_live.insert(p, live.saturating_sub(record_bytes(s)))?;
                             removed.chunks += 1;
                             removed.chunk_bytes += u64::from(r);
                         }
@@ -549,17 +632,35 @@ impl Store {
     /// Starts writing one layer's chunks. Only one ingest runs at a time per store.
     pub fn ingest(&self) -> Result<Ingest<'_>> {
         let guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.open_ingest(guard)
+    }
+
+    /// The pack the next ingest appends to, and its committed length: the newest pack
+    /// while it is under the roll size and still has its row, else a new number.
+    fn active_pack(&self) -> Result<(u32, u64)> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let packs = txn.open_table(PACKS).map_err(self.db_err())?;
+        let meta = txn.open_table(STORE_META).map_err(self.db_err())?;
+        let max_pack = meta
+            .get(META_MAX_PACK)
+            .map_err(self.db_err())?
+            .map_or(0, |v| v.value());
+        let max_pack = u32::try_from(max_pack).map_err(|_| self.corrupt("max_pack"))?;
         let last = packs
             .last()
             .map_err(self.db_err())?
             .map(|(k, v)| (k.value(), v.value()));
-        let (pack, committed) = match last {
-            Some((p, len)) if len < PACK_ROLL_BYTES => (p, len),
-            Some((p, _)) => (p + 1, 0),
-            None => (1, 0),
-        };
+        let next = max_pack
+            .checked_add(1)
+            .ok_or_else(|| self.corrupt("pack numbers exhausted"))?;
+        Ok(match last {
+            Some((p, len)) if p == max_pack && len < self.pack_roll_bytes => (p, len),
+            _ => (next, 0),
+        })
+    }
+
+    fn open_ingest<'s>(&'s self, guard: MutexGuard<'s, ()>) -> Result<Ingest<'s>> {
+        let (pack, committed) = self.active_pack()?;
         let path = self.pack_path(pack);
         let file = OpenOptions::new()
             .create(true)
@@ -585,6 +686,11 @@ impl Store {
             done: false,
         })
     }
+}
+
+/// Bytes of the record of a chunk whose payload is `stored_len` bytes.
+fn record_bytes(stored_len: u32) -> u64 {
+    (chunk::RECORD_HEADER_BYTES as u64) + u64::from(stored_len)
 }
 
 /// Reads until `buf` is full or end of file; returns bytes read.
@@ -724,8 +830,22 @@ impl Ingest<'_> {
                         (l.pack, l.offset, l.stored_len, l.raw_len, 0),
                     )?;
                 }
-                let mut packs = txn.open_table(PACKS)?;
-                packs.insert(self.pack, self.len)?;
+                if self.len != self.committed {
+                    // A layer with no new chunk leaves the packs (and pack numbers) alone.
+                    let mut pack_live = txn.open_table(PACK_LIVE)?;
+                    let added: u64 = self
+                        .pending
+                        .values()
+                        .map(|l| record_bytes(l.stored_len))
+                        .sum();
+                    let live = pack_live.get(self.pack)?.map_or(0, |v| v.value());
+                    pack_live.insert(self.pack, live + added)?;
+                    let mut packs = txn.open_table(PACKS)?;
+                    packs.insert(self.pack, self.len)?;
+                    let mut meta = txn.open_table(STORE_META)?;
+                    let max_pack = meta.get(META_MAX_PACK)?.map_or(0, |v| v.value());
+                    meta.insert(META_MAX_PACK, max_pack.max(u64::from(self.pack)))?;
+                }
                 let mut blobs = txn.open_table(BLOBS)?;
                 let mut blob_refs = txn.open_table(BLOB_REFS)?;
                 let mut layers = txn.open_table(LAYERS)?;
