@@ -40,7 +40,8 @@ enum Command {
         #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
         root: std::path::PathBuf,
     },
-    /// Serve only the containerd snapshotter (`local` front end), for tests and debugging.
+    /// Old name of `run --front-end local` (kept for scripts).
+    #[command(hide = true)]
     Snapshotter(dedupd::snapshotter::SnapshotterArgs),
     /// Inspect the chunk store.
     Store {
@@ -86,7 +87,10 @@ fn main() -> ExitCode {
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
         Command::Status { root } => dedupd::daemon::status(root),
-        Command::Snapshotter(a) => dedupd::snapshotter::run_cmd(a),
+        Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
+            a.root.clone(),
+            a.socket.clone(),
+        )),
         Command::Store {
             command: StoreCommand::Stats { root },
         } => store_stats(root),

@@ -1,7 +1,7 @@
 //! The conversion pipeline between the parser and the store.
 //!
 //! The parser thread (decompression, tar parsing, the tree) cuts each regular file into
-//! chunk-sized pieces. All-zero pieces become holes; the others are packed, in order, into
+//! chunk-sized pieces (all-zero ones too: see [`PieceSender::file`]), packed, in order, into
 //! batches of about 1 MiB that worker threads hash and compress, and that the store side
 //! appends and places in the layer's data blob in sequence order (so the result does not
 //! depend on thread timing). Batches, not chunks, cross threads: on a busy machine every
@@ -63,7 +63,6 @@ pub(crate) struct PieceSender {
     free: Receiver<Batch>,
     /// The batch being filled.
     current: Option<Batch>,
-    zeros: Vec<u8>,
     next_seq: u64,
     /// Non-hole chunks sent.
     pub chunks: u64,
@@ -99,7 +98,6 @@ pub(crate) fn pipeline(chunk_bytes: u32) -> (PieceSender, PieceReceiver) {
             work: work_tx,
             free: free_rx,
             current: None,
-            zeros: vec![0u8; chunk_bytes],
             next_seq: 0,
             chunks: 0,
             logical_bytes: 0,
@@ -158,8 +156,8 @@ impl PieceSender {
         Ok(())
     }
 
-    /// Cuts the next `size` bytes of `r` into chunks: all-zero chunks become holes, the
-    /// others go to the store. The returned addresses are sequence numbers until
+    /// Cuts the next `size` bytes of `r` into chunks, which all go to the store (an
+    /// all-zero chunk is stored once and shared, not written as a hole). The returned addresses are sequence numbers until
     /// [`resolve_addrs`] runs.
     pub(crate) fn file<R: Read + ?Sized>(
         &mut self,
@@ -185,10 +183,10 @@ impl PieceSender {
                 });
             }
             left -= len as u64;
-            if *piece == self.zeros[..len] {
-                chunks.push(ChunkAddr::Hole);
-                continue;
-            }
+            // All-zero pieces are stored like any other (the store and the blob keep one
+            // copy), never as EROFS holes: over fscache, 6.12's erofs zero-fills the rest
+            // of a read request after an unmapped chunk, so data following a hole in the
+            // same readahead window would read as zeros.
             let blkaddr = u32::try_from(self.next_seq).map_err(|_| PieceError::TooManyChunks)?;
             batch.pieces.push((at, len));
             batch.used += len;

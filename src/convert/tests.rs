@@ -193,7 +193,14 @@ fn tar_semantics_build_the_expected_tree() {
         Kind::CharDev { major: 0, minor: 0 }
     );
     match &t.node(lookup(t, "zero").unwrap()).kind {
-        Kind::File(f) => assert_eq!(f.chunks, vec![ChunkAddr::Hole; 3]),
+        Kind::File(f) => {
+            assert_eq!(f.chunks.len(), 3);
+            assert!(
+                !f.chunks.contains(&ChunkAddr::Hole),
+                "no holes: {:?}",
+                f.chunks
+            );
+        }
         k => panic!("{k:?}"),
     }
     // Implicit parents are 0755 root.

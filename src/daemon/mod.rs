@@ -1,12 +1,17 @@
-//! `dedupd run`: loads the blob registry from the store, picks the front end, starts the
-//! data plane, and writes its counters to `<root>/run/stats.json` until SIGINT/SIGTERM.
+//! `dedupd run`: one process serving the kernel and containerd. It opens the store once
+//! (an `Arc<Store>` shared by everything), picks the front end ([`select`]), starts its
+//! data plane and the snapshotter's layer mounter that matches it, serves the containerd
+//! snapshots API on the control thread (`--socket`), and writes its counters to
+//! `<root>/run/stats.json` until SIGINT/SIGTERM. SIGHUP reloads the blob registry.
 //!
-//! `stats.json` first appears once the front end is bound and the engine threads are
-//! serving: wait for it (with `running: true`) before mounting.
+//! Front ends, best first: `cachefiles` (EROFS over fscache, served by the io_uring
+//! engine; layers committed later become servable by a registry refresh before they
+//! are mounted), `fanotify` (file-backed EROFS over sparse blob files filled on
+//! pre-content events; its holder process keeps the group across restarts), `local`
+//! (blobs materialized, no laziness).
 //!
-//! Front ends: `cachefiles` is served here. `fanotify` and `local` plug in at
-//! [`start_front_end`] (their modules are separate work); until then, asking for them,
-//! or `auto` on a kernel without `/dev/cachefiles`, fails with a message saying so.
+//! `stats.json` first appears once the front end is serving and the snapshotter socket
+//! is bound: wait for it (with `running: true`) before mounting.
 
 use std::fs;
 use std::io::Write;
@@ -19,8 +24,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::cachefiles::{self, CachefilesDevice, Command};
 use crate::config::{Config, FrontEnd};
+use crate::fanotify::layer_mounter::FanotifyMounter;
+use crate::fanotify::Options as FanotifyOptions;
 use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
+use crate::snapshotter::{
+    ControlThread, FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh, Snapshotter,
+};
 use crate::store::Store;
 
 /// How often `stats.json` is rewritten.
@@ -30,6 +40,9 @@ const CACHE_TAG: &str = "dedupd";
 /// Environment variable naming an inherited `/dev/cachefiles` fd (failover): the daemon
 /// writes `restore` instead of binding a new cache.
 pub const CACHEFILES_FD_ENV: &str = "DEDUPD_CACHEFILES_FD";
+/// How long the fanotify holder keeps the group for a restarting daemon before it fails
+/// reads with EIO.
+const FANOTIFY_GRACE: Duration = Duration::from_secs(30);
 
 /// `dedupd run` arguments; flags override the config file, which overrides defaults.
 #[derive(clap::Args, Debug)]
@@ -58,6 +71,19 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// `run --root ROOT --socket SOCKET --front-end local`.
+    pub fn local(root: PathBuf, socket: PathBuf) -> RunArgs {
+        RunArgs {
+            config: None,
+            root: Some(root),
+            socket: Some(socket),
+            threads: None,
+            front_end: Some(FrontEnd::Local),
+            write_strategy: WriteStrategy::Uring,
+            no_read_around: false,
+        }
+    }
+
     /// The effective configuration.
     pub fn config(&self) -> anyhow::Result<Config> {
         let mut c = match &self.config {
@@ -87,6 +113,12 @@ pub struct DaemonStatus {
     pub pid: u32,
     /// Why this front end was chosen.
     pub front_end_reason: String,
+    /// Better front ends that were unavailable, and why.
+    #[serde(default)]
+    pub front_ends_unavailable: Vec<String>,
+    /// The snapshotter's state (snapshot counts, layers converted and mounted).
+    #[serde(default)]
+    pub snapshotter: serde_json::Value,
     /// Milliseconds since the data plane started.
     pub uptime_ms: u64,
     /// False once the daemon has stopped (the final write).
@@ -124,70 +156,247 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
     })?;
     let status: DaemonStatus = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a stats file", path.display()))?;
-    println!("{}", serde_json::to_string_pretty(&status)?);
+    use std::fmt::Write as _;
+    let st = &status.stats;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "front end: {} ({})",
+        st.front_end, status.front_end_reason
+    )?;
+    for u in &status.front_ends_unavailable {
+        writeln!(out, "  {u}")?;
+    }
+    writeln!(
+        out,
+        "daemon: pid {} {}, uptime {} ms, {} blobs registered",
+        status.pid,
+        if status.running { "running" } else { "stopped" },
+        status.uptime_ms,
+        status.registered_blobs
+    )?;
+    writeln!(
+        out,
+        "reads: {} ({} ok, {} failed), bytes filled: {}, chunks fetched: {}",
+        st.reads, st.reads_ok, st.reads_failed, st.bytes_written, st.chunks_fetched
+    )?;
+    if let Some(snap) = status.snapshotter.as_object() {
+        let n = |k: &str| snap.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let layers = snap.get("layers").and_then(|v| v.as_array());
+        let count = |k: &str| {
+            layers.map_or(0, |l| {
+                l.iter()
+                    .filter(|x| x.get(k).and_then(|v| v.as_bool()) == Some(true))
+                    .count()
+            })
+        };
+        writeln!(
+            out,
+            "snapshots: {} active, {} views, {} committed; layers: {} used, {} converted, \
+             {} mounted",
+            n("active"),
+            n("views"),
+            n("committed"),
+            layers.map_or(0, |l| l.len()),
+            count("converted"),
+            count("mounted")
+        )?;
+    }
+    writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("writing to stdout")?;
     Ok(())
 }
 
-/// A started front end and its engine.
-struct Serving {
-    engine: Engine,
-    reason: String,
+/// The front end `dedupd run` serves with, and why.
+pub struct Selection {
+    /// The chosen front end (never `Auto`).
+    pub front_end: FrontEnd,
+    /// One line: why this one.
+    pub reason: String,
+    /// Better front ends that were unavailable, each with its reason.
+    pub unavailable: Vec<String>,
+    /// The bound cache device, when cachefiles was chosen.
+    pub device: Option<CachefilesDevice>,
 }
 
-/// Picks and starts the front end. The hook where fanotify and local front ends plug in.
-fn start_front_end(
+fn name(f: FrontEnd) -> &'static str {
+    match f {
+        FrontEnd::Auto => "auto",
+        FrontEnd::Cachefiles => "cachefiles",
+        FrontEnd::Fanotify => "fanotify",
+        FrontEnd::Local => "local",
+    }
+}
+
+/// Where the fanotify front end keeps its blob files and holder socket.
+pub fn fanotify_dir(root: &Path) -> PathBuf {
+    root.join("fanotify")
+}
+
+/// Picks the front end: a forced one must be available (else a clear error); `auto`
+/// takes cachefiles if `/dev/cachefiles` exists and binds, else fanotify if this kernel
+/// and the root's filesystem take pre-content marks, else local.
+pub fn select(config: &Config) -> anyhow::Result<Selection> {
+    let want = config.front_end;
+    let mut unavailable = Vec::new();
+    if matches!(want, FrontEnd::Auto | FrontEnd::Cachefiles) {
+        let dev_path = Path::new(cachefiles::DEVICE_PATH);
+        let have = dev_path.exists() || std::env::var_os(CACHEFILES_FD_ENV).is_some();
+        let tried = if have {
+            open_cachefiles(config).map_err(|e| format!("{e:#}"))
+        } else {
+            Err(format!(
+                "{} does not exist (kernel without CONFIG_CACHEFILES_ONDEMAND, or the \
+                 cachefiles module is not loaded)",
+                dev_path.display()
+            ))
+        };
+        match tried {
+            Ok(dev) => {
+                let reason = if want == FrontEnd::Auto {
+                    format!("auto: {} exists and the cache bound", dev_path.display())
+                } else {
+                    "forced by configuration".to_string()
+                };
+                return Ok(Selection {
+                    front_end: FrontEnd::Cachefiles,
+                    reason,
+                    unavailable,
+                    device: Some(dev),
+                });
+            }
+            Err(why) if want == FrontEnd::Cachefiles => {
+                bail!("front end cachefiles was forced but is unavailable: {why}")
+            }
+            Err(why) => unavailable.push(format!("cachefiles unavailable: {why}")),
+        }
+    }
+    if matches!(want, FrontEnd::Auto | FrontEnd::Fanotify) {
+        let dir = fanotify_dir(&config.root);
+        match crate::fanotify::probe(&dir) {
+            Ok(()) => {
+                let reason = if want == FrontEnd::Auto {
+                    format!(
+                        "auto: no cachefiles; this kernel takes fanotify pre-content marks on \
+                         {}",
+                        dir.display()
+                    )
+                } else {
+                    "forced by configuration".to_string()
+                };
+                return Ok(Selection {
+                    front_end: FrontEnd::Fanotify,
+                    reason,
+                    unavailable,
+                    device: None,
+                });
+            }
+            Err(why) if want == FrontEnd::Fanotify => {
+                bail!("front end fanotify was forced but is unavailable: {why}")
+            }
+            Err(why) => unavailable.push(format!("fanotify unavailable: {why}")),
+        }
+    }
+    let reason = if want == FrontEnd::Auto {
+        "auto: neither cachefiles nor fanotify is available; blobs are materialized".to_string()
+    } else {
+        "forced by configuration".to_string()
+    };
+    Ok(Selection {
+        front_end: FrontEnd::Local,
+        reason,
+        unavailable,
+        device: None,
+    })
+}
+
+/// The running data plane.
+enum DataPlane {
+    Cachefiles(Engine),
+    Fanotify(Arc<FanotifyMounter>),
+    Local,
+}
+
+impl DataPlane {
+    fn stats(&self) -> StatsSnapshot {
+        match self {
+            DataPlane::Cachefiles(e) => e.stats(),
+            DataPlane::Fanotify(m) => fanotify_snapshot(&m.stats()),
+            DataPlane::Local => StatsSnapshot {
+                front_end: "local".into(),
+                ..StatsSnapshot::default()
+            },
+        }
+    }
+
+    fn stop(self) -> StatsSnapshot {
+        match self {
+            DataPlane::Cachefiles(e) => e.stop(),
+            DataPlane::Fanotify(m) => fanotify_snapshot(&m.shutdown()),
+            DataPlane::Local => DataPlane::Local.stats(),
+        }
+    }
+}
+
+/// The fanotify front end's counters in the daemon's terms: a READ is a permission
+/// event, a fill writes `bytes_written`.
+fn fanotify_snapshot(s: &crate::fanotify::Stats) -> StatsSnapshot {
+    StatsSnapshot {
+        front_end: "fanotify".into(),
+        reads: s.events,
+        reads_ok: s.allowed,
+        reads_failed: s.denied,
+        bytes_written: s.bytes_filled,
+        chunks_fetched: s.chunks_fetched,
+        ..StatsSnapshot::default()
+    }
+}
+
+/// Starts the data plane of `sel` and the layer mounter that matches it.
+fn start_data_plane(
     config: &Config,
     args: &RunArgs,
+    sel: &mut Selection,
+    store: &Arc<Store>,
     registry: Arc<RegistryHandle>,
-) -> anyhow::Result<Serving> {
-    let dev_path = Path::new(cachefiles::DEVICE_PATH);
-    let have_cachefiles = dev_path.exists() || std::env::var_os(CACHEFILES_FD_ENV).is_some();
-    let (front, reason) = match config.front_end {
+) -> anyhow::Result<(DataPlane, Arc<dyn LayerMounter>)> {
+    match sel.front_end {
         FrontEnd::Cachefiles => {
-            if !have_cachefiles {
-                bail!(
-                    "front end cachefiles was forced but {} does not exist: this kernel lacks \
-                     CONFIG_CACHEFILES_ONDEMAND (or the cachefiles module is not loaded)",
-                    dev_path.display()
-                );
-            }
-            (FrontEnd::Cachefiles, "forced by configuration".to_string())
-        }
-        FrontEnd::Auto if have_cachefiles => (
-            FrontEnd::Cachefiles,
-            format!("auto: {} is present", dev_path.display()),
-        ),
-        FrontEnd::Auto => {
-            tracing::warn!(
-                "cachefiles unavailable: {} does not exist (kernel without \
-                 CONFIG_CACHEFILES_ONDEMAND); trying fanotify",
-                dev_path.display()
-            );
-            (
-                FrontEnd::Fanotify,
-                format!("auto: {} missing", dev_path.display()),
-            )
-        }
-        other => (other, "forced by configuration".to_string()),
-    };
-    let mut ecfg = EngineConfig::new(config.root.join("chunks"));
-    ecfg.threads = config.thread_count();
-    ecfg.write_strategy = args.write_strategy;
-    ecfg.read_around = !args.no_read_around;
-    match front {
-        FrontEnd::Cachefiles => {
-            let dev = open_cachefiles(config)?;
-            let front = Arc::new(CachefilesFront::new(Arc::new(dev), registry));
+            let dev = sel.device.take().context("cachefiles device")?;
+            let mut ecfg = EngineConfig::new(config.root.join("chunks"));
+            ecfg.threads = config.thread_count();
+            ecfg.write_strategy = args.write_strategy;
+            ecfg.read_around = !args.no_read_around;
+            let front = Arc::new(CachefilesFront::new(Arc::new(dev), registry.clone()));
             let engine = Engine::start(ecfg, front)?;
-            tracing::info!(front_end = "cachefiles", reason = %reason, "serving");
-            Ok(Serving { engine, reason })
+            let st = store.clone();
+            let refresh: RegistryRefresh = Arc::new(move || {
+                let reg = st.registry().map_err(|e| e.to_string())?;
+                registry.replace(reg);
+                Ok(())
+            });
+            let m = FscacheMounter::new(&config.root, None, refresh)?;
+            Ok((DataPlane::Cachefiles(engine), Arc::new(m)))
         }
-        FrontEnd::Fanotify | FrontEnd::Local => bail!(
-            "front end {:?} is not built into this daemon yet ({reason}); only cachefiles \
-             is served by `dedupd run` so far",
-            front
-        ),
-        FrontEnd::Auto => unreachable!("resolved above"),
+        FrontEnd::Fanotify => {
+            let opts = FanotifyOptions {
+                cache_dir: fanotify_dir(&config.root),
+                workers: config.thread_count().clamp(1, crate::fanotify::MAX_WORKERS),
+                grace: FANOTIFY_GRACE,
+                holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
+                unmark_complete: true,
+                uring_responses: true,
+                prefetch: true,
+            };
+            let m = Arc::new(FanotifyMounter::start(store.clone(), opts)?);
+            Ok((DataPlane::Fanotify(m.clone()), m))
+        }
+        FrontEnd::Local | FrontEnd::Auto => Ok((
+            DataPlane::Local,
+            Arc::new(LocalMounter::new(store.clone())?),
+        )),
     }
 }
 
@@ -255,8 +464,10 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let signals = block_signals()?;
-    let store = Store::open(&config.root)
-        .with_context(|| format!("opening the store in {}", config.root.display()))?;
+    let store = Arc::new(
+        Store::open(&config.root)
+            .with_context(|| format!("opening the store in {}", config.root.display()))?,
+    );
     let reg = store.registry().context("loading the blob registry")?;
     tracing::info!(
         root = %config.root.display(),
@@ -277,11 +488,28 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
     }
 
-    let serving = start_front_end(&config, args, registry.clone())?;
+    let mut sel = select(&config)?;
+    for u in &sel.unavailable {
+        tracing::warn!("{u}");
+    }
+    tracing::info!("front end {}: {}", name(sel.front_end), sel.reason);
+    let (plane, mounter) = start_data_plane(&config, args, &mut sel, &store, registry.clone())?;
+    let snap = Arc::new(
+        Snapshotter::open(&config.root, store.clone(), mounter)
+            .context("opening the snapshotter")?,
+    );
+    let control = ControlThread::spawn(config.socket.clone(), snap.clone())
+        .with_context(|| format!("starting the snapshotter on {}", config.socket.display()))?;
     let started = Instant::now();
     let status = |stats: StatsSnapshot, running: bool, registered: u64| DaemonStatus {
         pid: std::process::id(),
-        front_end_reason: serving.reason.clone(),
+        front_end_reason: sel.reason.clone(),
+        front_ends_unavailable: sel.unavailable.clone(),
+        snapshotter: snap
+            .status()
+            .ok()
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or_default(),
         uptime_ms: started.elapsed().as_millis() as u64,
         running,
         registered_blobs: registered,
@@ -289,8 +517,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
     loop {
-        if let Err(e) = write_status(&path, &status(serving.engine.stats(), true, registered)) {
+        if let DataPlane::Fanotify(m) = &plane {
+            // Layers committed since start grow the blob set the front end serves.
+            registered = m.registered_blobs();
+        }
+        if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
             tracing::warn!("{}: {e}", path.display());
+        }
+        if !control.is_running() {
+            tracing::error!("the snapshotter service stopped; stopping");
+            break;
         }
         match wait_signal(&signals, STATS_PERIOD) {
             Some(libc::SIGHUP) => match store.registry() {
@@ -298,6 +534,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     registered = reg.blobs.len() as u64;
                     tracing::info!(blobs = registered, "registry reloaded");
                     registry.replace(reg);
+                    if let DataPlane::Fanotify(m) = &plane {
+                        if let Err(e) = m.reload() {
+                            tracing::warn!("fanotify reload failed: {e}");
+                        }
+                    }
                 }
                 Err(e) => tracing::warn!("registry reload failed: {e}"),
             },
@@ -308,17 +549,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             None => {}
         }
     }
-    let Serving { engine, reason } = serving;
-    let fin = engine.stop();
-    let final_status = DaemonStatus {
-        pid: std::process::id(),
-        front_end_reason: reason,
-        uptime_ms: started.elapsed().as_millis() as u64,
-        running: false,
-        registered_blobs: registered,
-        stats: fin,
-    };
-    write_status(&path, &final_status).with_context(|| format!("{}", path.display()))?;
+    let served = control.stop();
+    let fin = plane.stop();
+    write_status(&path, &status(fin, false, registered))
+        .with_context(|| format!("{}", path.display()))?;
+    served.context("snapshotter service")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -326,6 +561,85 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(root: &Path, front_end: FrontEnd) -> Config {
+        Config {
+            root: root.to_path_buf(),
+            front_end,
+            ..Config::default()
+        }
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// An ext4/xfs/btrfs directory (the repo's filesystem), not tmpfs.
+    fn disk_dir() -> tempfile::TempDir {
+        tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap()
+    }
+
+    #[test]
+    fn forced_cachefiles_without_the_device_fails_clearly() {
+        if Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: this kernel has {}", cachefiles::DEVICE_PATH);
+            return;
+        }
+        let dir = disk_dir();
+        let err = select(&config(dir.path(), FrontEnd::Cachefiles))
+            .err()
+            .expect("cachefiles cannot be chosen without its device")
+            .to_string();
+        assert!(err.contains("cachefiles was forced"), "{err}");
+        assert!(err.contains(cachefiles::DEVICE_PATH), "{err}");
+    }
+
+    #[test]
+    fn auto_picks_fanotify_and_names_why_cachefiles_is_missing() {
+        if !is_root() || Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: needs root and a kernel without cachefiles on-demand");
+            return;
+        }
+        let dir = disk_dir();
+        let sel = select(&config(dir.path(), FrontEnd::Auto)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Fanotify, "{}", sel.reason);
+        assert!(sel.reason.starts_with("auto:"), "{}", sel.reason);
+        assert_eq!(sel.unavailable.len(), 1, "{:?}", sel.unavailable);
+        assert!(
+            sel.unavailable[0].contains(cachefiles::DEVICE_PATH),
+            "{:?}",
+            sel.unavailable
+        );
+        // The probe file is gone.
+        let left: Vec<_> = fs::read_dir(fanotify_dir(dir.path())).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn forced_fanotify_on_tmpfs_fails_naming_the_directory_and_auto_falls_back() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() || Path::new(cachefiles::DEVICE_PATH).exists() {
+            eprintln!("SKIPPED: needs /dev/shm (tmpfs) and no cachefiles on-demand");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let err = select(&config(dir.path(), FrontEnd::Fanotify))
+            .err()
+            .expect("fanotify blob files cannot live on tmpfs")
+            .to_string();
+        assert!(err.contains("fanotify was forced"), "{err}");
+        assert!(
+            err.contains(&fanotify_dir(dir.path()).display().to_string()),
+            "{err}"
+        );
+        let sel = select(&config(dir.path(), FrontEnd::Auto)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Local);
+        assert_eq!(sel.unavailable.len(), 2, "{:?}", sel.unavailable);
+        assert!(sel.unavailable[1].starts_with("fanotify unavailable"));
+        let sel = select(&config(dir.path(), FrontEnd::Local)).unwrap();
+        assert_eq!(sel.front_end, FrontEnd::Local);
+        assert_eq!(sel.reason, "forced by configuration");
+    }
 
     #[test]
     fn stats_file_round_trips_and_flattens_the_counters() {

@@ -74,6 +74,7 @@ pub mod fill;
 pub mod holder;
 pub mod import;
 pub mod journal;
+pub mod layer_mounter;
 pub mod local;
 pub mod mount;
 pub mod respond;

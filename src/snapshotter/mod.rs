@@ -795,7 +795,7 @@ impl Drop for ControlThread {
     }
 }
 
-/// `dedupd snapshotter` arguments: the snapshotter alone, with the `local` front end.
+/// `dedupd snapshotter` arguments: the old name of `dedupd run --front-end local`.
 #[derive(clap::Args, Debug)]
 pub struct SnapshotterArgs {
     /// Root of the store and the snapshots.
@@ -804,43 +804,6 @@ pub struct SnapshotterArgs {
     /// Socket to serve on.
     #[arg(long, default_value = crate::config::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-}
-
-/// Runs `dedupd snapshotter` until SIGINT or SIGTERM.
-pub fn run_cmd(args: &SnapshotterArgs) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&args.root)?);
-    let mounter: Arc<dyn LayerMounter> = Arc::new(LocalMounter::new(store.clone())?);
-    let snap = Arc::new(Snapshotter::open(&args.root, store, mounter)?);
-    let st = snap.status()?;
-    tracing::info!(
-        front_end = %st.front_end,
-        why = "dedupd snapshotter always uses local (blobs materialized, file-backed EROFS)",
-        committed = st.committed,
-        active = st.active,
-        layers = st.layers.len(),
-        mounted = st.layers.iter().filter(|l| l.mounted).count(),
-        "snapshotter state"
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(8)
-        .build()?;
-    rt.block_on(async {
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("snapshotter: shutting down");
-        };
-        serve(&args.socket, snap, shutdown).await
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]
