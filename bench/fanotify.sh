@@ -2,7 +2,10 @@
 # fanotify front end vs the same image fully materialized and mounted locally (the
 # limit), on this machine's kernel, side by side in one run. As root:
 #
-#   [ROUNDS=5] [SOURCE=mem|disk] bench/fanotify.sh [DATA_MIB]      (default 512)
+#   [ROUNDS=5] [SOURCE=mem|disk] [OLD_BIN=path] bench/fanotify.sh [DATA_MIB]  (default 512)
+#
+# OLD_BIN: another build of dedupd (e.g. an earlier commit) whose fanotify cold runs are
+# measured in the same rounds, as `cold_old`, for a side-by-side comparison.
 #
 # Builds the release binary, makes one layer of DATA_MIB of random data in 4 files with
 # mkfs.erofs --chunksize=65536 --blobdev, imports it into a fresh store, and runs fio
@@ -37,7 +40,7 @@ rm -f "$W/blob"
 
 start() { # start MODE [flags]: runs serve-MODE in the background, waits for READY
   local mode=$1; shift
-  coproc D { exec "$BIN" "serve-$mode" --root "$W/root" --mount-dir "$W/mnt" "$@" 2>>"$W/daemon.log"; }
+  coproc D { exec "${USE_BIN:-$BIN}" "serve-$mode" --root "$W/root" --mount-dir "$W/mnt" "$@" 2>>"$W/daemon.log"; }
   DAEMON=$D_PID
   local line
   while read -r line <&"${D[0]}"; do [ "$line" = READY ] && break; done
@@ -65,6 +68,8 @@ fio_run() { # fio_run NAME: prints MiB/s
   fio "${args[@]}" | python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["jobs"][0]["read"]["bw"]/1024))'
 }
 ROUNDS=${ROUNDS:-3}
+RUNS="local cold cold_noprefetch warm_marked warm_unmarked"
+[ -n "${OLD_BIN:-}" ] && RUNS="$RUNS cold_old"
 declare -A R   # R[run,test] = space-separated MiB/s of every round
 start local; stop   # materialize the local blobs once
 for round in $(seq "$ROUNDS"); do
@@ -74,6 +79,11 @@ for round in $(seq "$ROUNDS"); do
     rm -rf "$W/root/fanotify/blobs"
     prep "$W"/root/chunks/*.pack
     start fanotify; R[cold,$t]+="$(fio_run $t) "; stop
+    if [ -n "${OLD_BIN:-}" ]; then
+      rm -rf "$W/root/fanotify/blobs"
+      prep "$W"/root/chunks/*.pack
+      USE_BIN=$OLD_BIN start fanotify; R[cold_old,$t]+="$(fio_run $t) "; stop
+    fi
     rm -rf "$W/root/fanotify/blobs"
     prep "$W"/root/chunks/*.pack
     start fanotify --no-prefetch; R[cold_noprefetch,$t]+="$(fio_run $t) "; stop
@@ -90,13 +100,13 @@ done
 med() { python3 -c "import statistics,sys; print('%.1f' % statistics.median(map(float, sys.argv[1:])))" $1; }
 echo "data: ${MIB} MiB random in 4 files, chunk 64 KiB, $(uname -r), $(nproc) CPUs, SOURCE=$SOURCE, median of $ROUNDS interleaved rounds"
 printf '%-30s %16s %16s\n' "run (MiB/s)" "seq128k" "rand4k"
-for k in local cold cold_noprefetch warm_marked warm_unmarked; do
+for k in $RUNS; do
   printf '%-30s %16s %16s\n' "$k" "$(med "${R[$k,seq128k]}")" "$(med "${R[$k,rand4k]}")"
 done
-for k in cold cold_noprefetch warm_marked warm_unmarked; do
+for k in ${RUNS#local }; do
   printf '%-30s %16s %16s\n' "ratio $k/local" \
     "$(python3 -c "print('%.2f' % ($(med "${R[$k,seq128k]}")/$(med "${R[local,seq128k]}")))")" \
     "$(python3 -c "print('%.2f' % ($(med "${R[$k,rand4k]}")/$(med "${R[local,rand4k]}")))")"
 done
-for k in local cold cold_noprefetch warm_marked warm_unmarked; do echo "all rounds $k: seq128k ${R[$k,seq128k]}/ rand4k ${R[$k,rand4k]}"; done
+for k in $RUNS; do echo "all rounds $k: seq128k ${R[$k,seq128k]}/ rand4k ${R[$k,rand4k]}"; done
 echo "warm_marked seq128k daemon counters: $(cat "$W/stats-warm-marked-seq128k")"

@@ -21,7 +21,7 @@ pub struct ServeArgs {
     /// Each layer is mounted at `<mount-dir>/<diff_id hex>`.
     #[arg(long)]
     pub mount_dir: PathBuf,
-    /// Event worker threads.
+    /// Serving-engine threads (read events and fill).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// How long the holder keeps the group for a successor before failing reads with EIO.

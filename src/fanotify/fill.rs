@@ -1,8 +1,10 @@
-//! The one step every front end needs from the serving core: "write these chunks of
-//! this blob, verified, into this fd". [`Filler`] is that narrow interface; [`PackFiller`]
-//! is the straightforward synchronous implementation (pread the record from its pack,
-//! decode and verify, pwrite whole zero-padded slots). The io_uring engine (`serve`)
-//! is meant to replace it behind the same trait.
+//! Synchronous fills: "write these chunks of this blob, verified, into this fd", for the
+//! paths that cannot wait for the serving engine: recovery of a dead daemon's journaled
+//! events (before the engine may read new ones), events still queued when the engine
+//! stops, and the `local` front end's materialization. Live fanotify fills go through
+//! the engine ([`super::engine`]). [`PackFiller`] preads records from their packs,
+//! verifies them with the engine's step (`store::chunk::decode_record`) and pwrites
+//! whole zero-padded slots.
 
 use std::collections::HashMap;
 use std::fs::File;

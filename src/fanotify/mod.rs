@@ -9,10 +9,13 @@
 //!    `FAN_PRE_ACCESS` mark if it is not complete. The mark comes *before* any mount opens
 //!    the file: a file opened while no pre-content watcher exists never raises events.
 //! 3. Events left by a dead daemon are answered ([`journal`]) before any new one is read.
-//! 4. Workers read events in batches, journal them, fill the missing whole chunks
-//!    through the event's fd (verified by [`fill::Filler`]), answer `FAN_ALLOW`, or
-//!    `FAN_DENY_ERRNO(EIO)` on any failure, and close the event fd. A range that is
+//! 4. The serving engine ([`crate::serve::Engine`], the same one cachefiles uses) reads
+//!    events in batches; each is journaled, then its missing whole chunks are filled
+//!    through the event's fd by the engine's workers (registered buffers, verified by
+//!    `decode_record`, io_uring or sync writes), and it is answered `FAN_ALLOW`, or
+//!    `FAN_DENY_ERRNO(EIO)` on any failure, before its fd is closed. A range that is
 //!    already filled is allowed at once. A blob that becomes complete is unmarked.
+//!    See [`engine`].
 //! 5. Only then are layers mounted:
 //!    `mount -t erofs -o ro,device=<cache>/blobs/<blob id> <root>/layers/<diff_id hex>.erofs MNT`
 //!    (with mount(2) directly; util-linux `mount` would put a loop device under the
@@ -38,32 +41,34 @@
 //! - with no successor within the grace period the holder answers everything with EIO;
 //! - if the holder dies, the daemon starts a replacement that adopts the group.
 //!
-//! # Routing fills through the serving engine
-//! Everything here that touches the store is [`fill::Filler::fill`]: "write the whole,
-//! verified slots of `blob` overlapping `[offset, offset + len)` into `target`", called
-//! inline by the workers. Mapping this front end onto [`crate::serve::FrontEnd`]:
+//! # Fills go through the serving engine
+//! [`engine`] implements [`crate::serve::FrontEnd`] for this front end:
 //! - `poll_fd`: the group fd (non-blocking).
-//! - `next`: per engine thread (`Local`), read up to [`EVENTS_PER_READ`] events into a
-//!   local queue, journal each one at once (fd number, blob, range; see [`journal`]),
-//!   then pop one per call. An event whose range is filled already is answered inside
-//!   `next` (-> `Handled`); otherwise `Next::Fill` with `source = Chunked(table)`,
-//!   `offset`/`len` = the slot-aligned cover of the missing chunks (so that the page
-//!   map can be set exactly for what the engine wrote), `target` = the event fd (or the
-//!   blob's kept write fd, `Blob::writer`, on which writes raise no events), and a token
-//!   naming the journal slot, blob and range.
+//! - `next`: per engine thread (`Local`), read at most [`EVENTS_PER_READ`] events (never
+//!   more than the thread's free journal slots) into a local queue, journal each one at
+//!   once (fd number, blob, range; see [`journal`]), then hand out one per call. An
+//!   event whose range is filled already is answered inside `next`, batched through the
+//!   thread's [`respond::Responder`] io_uring; otherwise `Next::Fill` with
+//!   `source = Chunked(table)`, `offset`/`len` = the slot-aligned cover of the missing
+//!   chunks (so that the page map is set exactly for what the engine wrote),
+//!   `target` = the event fd, and a token naming the journal slot, blob and range.
 //! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
 //!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
 //!   the request (closing the event fd) after `complete` returns, which keeps the order
 //!   response -> slot cleared -> fd closed that recovery relies on.
-//! - Journal slots per engine thread: `max_requests_per_thread` in flight plus one read
-//!   batch queued, so at most [`journal::SLOTS`] / (that sum) threads; never read more
-//!   events than there are free slots.
-//! - Before the engine starts: holder attach, blob files, marks and recovery (as in
-//!   [`FanotifyFrontEnd::start`]); after it starts: priming the write fds, then mounts.
-//!   The prefetcher can stay a side thread writing through the kept write fds.
+//! - Journal slots per engine thread: [`MAX_FILLS_PER_THREAD`] in flight plus one read
+//!   batch queued, so at most [`MAX_WORKERS`] threads.
+//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] on its thread; the
+//!   thread hands it to the engine as a fill request into the blob's kept write fd,
+//!   whose completion only sets the page map (no event, no answer).
+//! - Before the engine starts: holder attach, blob files, marks and recovery; after it
+//!   starts: priming the write fds, then mounts. Recovery (and events still queued when
+//!   the engine stops) fill synchronously with [`fill::PackFiller`], which uses the same
+//!   verification step (`store::chunk::decode_record`) as the engine's workers.
 
 pub mod blobfile;
 pub mod cli;
+mod engine;
 pub mod event;
 pub mod fill;
 pub mod holder;
@@ -93,15 +98,15 @@ use serde::Serialize;
 
 use self::blobfile::{PageMap, PAGE_BYTES};
 use self::fill::{Filler, PackFiller, Packs};
-use self::journal::{Entry, Journal, SLOTS};
-use self::respond::Responder;
+use self::journal::{Journal, SLOTS};
+use crate::serve::{Engine, EngineConfig};
 use crate::store::{BlobSource, BlobTable, Registry};
 
 /// Events read per `read(2)`: the buffer holds at most this many (an event is at least
 /// 24 bytes), and each worker owns this many journal slots.
 pub const EVENTS_PER_READ: usize = 64;
-/// Most workers (journal slots / events per read).
-pub const MAX_WORKERS: usize = SLOTS / EVENTS_PER_READ;
+/// Most workers (engine threads): journal slots / slots per thread.
+pub const MAX_WORKERS: usize = SLOTS / SLOTS_PER_THREAD;
 /// fd numbers a daemon may use; recovery probes every number below it.
 pub const FD_LIMIT: u64 = 16384;
 
@@ -188,7 +193,7 @@ pub struct Options {
     /// Directory of the blob files and the holder socket, on ext4/xfs/btrfs
     /// (conventionally `<root>/fanotify`).
     pub cache_dir: PathBuf,
-    /// Worker threads reading events (1..=[`MAX_WORKERS`]).
+    /// Serving-engine threads reading events and filling (1..=[`MAX_WORKERS`]).
     pub workers: usize,
     /// How long the holder waits for a successor before failing closed.
     pub grace: Duration,
@@ -197,9 +202,10 @@ pub struct Options {
     /// Unmark blobs once complete (always, except to measure the cost of events on
     /// filled ranges).
     pub unmark_complete: bool,
-    /// Write responses through a per-worker io_uring, batched (else write(2) each).
+    /// Write the responses of events needing no fill through a per-thread io_uring,
+    /// batched (else write(2) each). Responses after a fill are written at completion.
     pub uring_responses: bool,
-    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]) on a separate thread.
+    /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]), as engine fill requests.
     pub prefetch: bool,
 }
 
@@ -252,15 +258,22 @@ struct Blob {
     marked: AtomicBool,
     /// A write fd on which writes raise no events (a dup of an event fd), kept by the
     /// holder for successors, which need it to fill ranges left in the journal.
-    writer: OnceLock<OwnedFd>,
+    writer: OnceLock<Arc<OwnedFd>>,
     /// End of the last event range: an event starting there is sequential.
     next_seq: AtomicU64,
+    /// End of the last range handed to the engine as a prefetch.
+    prefetched_to: AtomicU64,
 }
 
 /// How far ahead of a sequential reader the prefetcher fills.
 pub const PREFETCH_BYTES: u64 = 4 << 20;
-/// Prefetch requests queued at most (dropped when full: prefetch is only a hint).
+/// Prefetch requests queued per engine thread at most (dropped when full: prefetch is
+/// only a hint).
 const PREFETCH_QUEUE: usize = 16;
+/// Fill requests in flight per engine thread.
+pub const MAX_FILLS_PER_THREAD: usize = 64;
+/// Journal slots of one engine thread: one read batch queued plus every fill in flight.
+const SLOTS_PER_THREAD: usize = EVENTS_PER_READ + MAX_FILLS_PER_THREAD;
 
 struct Shared {
     group: OwnedFd,
@@ -276,13 +289,20 @@ struct Shared {
     continued: bool,
     unmark_complete: bool,
     uring_responses: bool,
-    /// Ranges to fill ahead of sequential readers (blob index, offset, length).
-    prefetch: Option<crossbeam_channel::Sender<(usize, u64, u64)>>,
+    /// Fill ahead of sequential readers.
+    prefetch: bool,
+    /// Ourselves, for the engine threads' [`engine::Local`]s.
+    me: std::sync::Weak<Shared>,
+    /// Engine threads that took their journal slots so far.
+    threads_started: std::sync::atomic::AtomicUsize,
 }
 
 /// The running front end.
 pub struct FanotifyFrontEnd {
     shared: Arc<Shared>,
+    engine: Option<Engine>,
+    /// Chunks the engine fetched, once it stopped.
+    engine_chunks: u64,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -304,7 +324,16 @@ fn attach(opts: &Options) -> Result<holder::Attached, FanotifyError> {
     for _ in 0..3 {
         let conn = match holder::connect(&socket) {
             Ok(c) => c,
-            Err(_) => spawn_holder(opts, false)?,
+            Err(_) => match spawn_holder(opts, false) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A holder told BYE a moment ago may still hold the lock.
+                    tracing::warn!("starting a fanotify holder failed ({e}); retrying");
+                    last = Some(io::Error::other(e.to_string()));
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            },
         };
         match holder::receive(conn) {
             Ok(a) => return Ok(a),
@@ -343,7 +372,7 @@ fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
         // The dead holder's socket file is stale; the new holder binds a fresh one.
         let _ = std::fs::remove_file(&socket);
     }
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -352,16 +381,21 @@ fn spawn_holder(opts: &Options, adopt: bool) -> Result<OwnedFd, FanotifyError> {
         .spawn()
         .map_err(|e| herr(format!("starting {}: {e}", opts.holder_exe.display())))?;
     let _ = std::fs::write(opts.cache_dir.join("holder.pid"), child.id().to_string());
-    // Not waited for: it must outlive us.
-    drop(child);
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Not waited for once it listens: it must outlive us (dropping `child` leaves it).
     loop {
         match holder::connect(&socket) {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => {
                 return Err(herr(format!("did not come up: {e}")))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    // E.g. it found the lock still held by a holder on its way out.
+                    return Err(herr(format!("exited ({status}) before listening: {e}")));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -392,8 +426,9 @@ fn cap_fd_limit() -> Result<u64, FanotifyError> {
 
 impl FanotifyFrontEnd {
     /// Attaches to (or starts) the holder, prepares and marks every data blob of
-    /// `registry`, answers whatever a previous daemon left pending, and starts the
-    /// workers. Mount layers only after this returns.
+    /// `registry`, answers whatever a previous daemon left pending, and only then starts
+    /// the serving engine ([`crate::serve::Engine`], `opts.workers` threads) on the
+    /// group. Mount layers only after this returns.
     pub fn start(registry: &Registry, opts: &Options) -> Result<FanotifyFrontEnd, FanotifyError> {
         if opts.workers == 0 || opts.workers > MAX_WORKERS {
             return Err(FanotifyError::TooManyWorkers(opts.workers));
@@ -432,7 +467,7 @@ impl FanotifyFrontEnd {
             let map = PageMap::from_file(&file, table.size_bytes(), &path)?;
             let writer = OnceLock::new();
             if let Some(w) = writers.remove(id.as_str()) {
-                let _ = writer.set(w);
+                let _ = writer.set(Arc::new(w));
             }
             blobs.push(Blob {
                 id: id.clone(),
@@ -444,6 +479,7 @@ impl FanotifyFrontEnd {
                 marked: AtomicBool::new(false),
                 writer,
                 next_seq: AtomicU64::new(u64::MAX),
+                prefetched_to: AtomicU64::new(0),
             });
         }
         let mut by_inode = HashMap::new();
@@ -482,13 +518,7 @@ impl FanotifyFrontEnd {
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
         )
         .map_err(|e| kerr("eventfd")(e.into()))?;
-        let (prefetch_tx, prefetch_rx) = if opts.prefetch {
-            let (tx, rx) = crossbeam_channel::bounded(PREFETCH_QUEUE);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
             group: att.group,
             journal,
             blobs,
@@ -502,20 +532,13 @@ impl FanotifyFrontEnd {
             continued,
             unmark_complete: opts.unmark_complete,
             uring_responses: opts.uring_responses,
-            prefetch: prefetch_tx,
+            prefetch: opts.prefetch,
+            me: me.clone(),
+            threads_started: Default::default(),
         });
+        // Pending events of a dead daemon first: no new event is read before this.
         shared.recover(&mut PackFiller::new(packs.clone()));
         let mut workers = Vec::new();
-        for w in 0..opts.workers {
-            let s = shared.clone();
-            let filler = PackFiller::new(packs.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("fanotify-{w}"))
-                    .spawn(move || s.worker(w, filler))
-                    .map_err(kerr("spawning a worker"))?,
-            );
-        }
         {
             let s = shared.clone();
             let opts = opts.clone();
@@ -526,17 +549,18 @@ impl FanotifyFrontEnd {
                     .map_err(kerr("spawning the holder watcher"))?,
             );
         }
-        if let Some(rx) = prefetch_rx {
-            let s = shared.clone();
-            let filler = PackFiller::new(packs.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name("fanotify-prefetch".into())
-                    .spawn(move || s.prefetcher(rx, filler))
-                    .map_err(kerr("spawning the prefetcher"))?,
-            );
-        }
-        let fe = FanotifyFrontEnd { shared, workers };
+        let mut fe = FanotifyFrontEnd {
+            shared: shared.clone(),
+            engine: None,
+            engine_chunks: 0,
+            workers,
+        };
+        let cfg = engine_config(registry, opts);
+        let engine = Engine::start(cfg, shared).map_err(|e| FanotifyError::Kernel {
+            what: "starting the serving engine".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        fe.engine = Some(engine);
         fe.prime();
         Ok(fe)
     }
@@ -590,7 +614,11 @@ impl FanotifyFrontEnd {
             allowed: l(&c.allowed),
             denied: l(&c.denied),
             cached: l(&c.cached),
-            chunks_fetched: l(&self.shared.packs.chunks_read),
+            chunks_fetched: l(&self.shared.packs.chunks_read)
+                + self
+                    .engine
+                    .as_ref()
+                    .map_or(self.engine_chunks, |e| e.stats().chunks_fetched),
             bytes_filled: l(&c.bytes_filled),
             unmarked: l(&c.unmarked),
             recovered_journaled: l(&c.recovered_journaled),
@@ -599,19 +627,35 @@ impl FanotifyFrontEnd {
         }
     }
 
-    /// Stops the workers (after they answered everything they read and drained the
-    /// queue). With `release`, tells the holder to exit: the group closes, which is
-    /// only safe once no mount uses an incomplete blob. Without it the holder keeps the
-    /// group and fails closed after its grace period.
-    pub fn shutdown(mut self, release: bool) -> Stats {
+    /// Stops the engine (after its in-flight fills completed and every event it read
+    /// was answered), answers what is still queued in the group synchronously, and
+    /// stops the holder watcher.
+    fn halt(&mut self) {
+        if let Some(e) = self.engine.take() {
+            self.engine_chunks = e.stop().chunks_fetched;
+            self.shared.drain_sync();
+        }
         let one = 1u64.to_ne_bytes();
         let _ = nix::unistd::write(&self.shared.stop, &one);
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+    }
+
+    /// Stops serving (after everything read was answered and the group's queue was
+    /// drained). With `release`, tells the holder to exit: the group closes, which is
+    /// only safe once no mount uses an incomplete blob. Without it the holder keeps the
+    /// group and fails closed after its grace period.
+    pub fn shutdown(mut self, release: bool) -> Stats {
+        self.halt();
         if release {
             let conn = self.shared.holder.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = holder::send(conn.as_fd(), b"BYE", &[]);
+            if holder::send(conn.as_fd(), b"BYE", &[]).is_ok() {
+                // Wait (bounded) until the holder hangs up, so that a daemon started
+                // right after this finds no holder on its way out.
+                let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, PollTimeout::from(2000u16));
+            }
         }
         self.stats()
     }
@@ -619,12 +663,25 @@ impl FanotifyFrontEnd {
 
 impl Drop for FanotifyFrontEnd {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        let _ = nix::unistd::write(&self.shared.stop, &one);
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
+        self.halt();
     }
+}
+
+/// The engine settings for `opts` (packs of `registry`).
+fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
+    let packs_dir = registry
+        .packs
+        .first()
+        .and_then(|(_, p)| p.parent())
+        .map_or_else(|| opts.cache_dir.clone(), Path::to_path_buf);
+    let mut cfg = EngineConfig::new(packs_dir);
+    cfg.threads = opts.workers;
+    cfg.max_requests_per_thread = MAX_FILLS_PER_THREAD;
+    // Blob files are on ext4/xfs/btrfs: pwrite on the engine thread (an io_uring write
+    // that cannot complete inline is handed to an io-wq thread, one more context switch
+    // per chunk on a machine whose CPUs the readers need too).
+    cfg.write_strategy = crate::serve::WriteStrategy::Sync;
+    cfg
 }
 
 /// What to answer, and whether the store was touched.
@@ -674,121 +731,6 @@ impl Shared {
         }
     }
 
-    fn worker(&self, w: usize, mut filler: PackFiller) {
-        let mut responder = Responder::new(self.uring_responses);
-        let mut buf = vec![0u8; EVENTS_PER_READ * sys::EVENT_METADATA_BYTES];
-        let mut evs = Vec::with_capacity(EVENTS_PER_READ);
-        let mut stopping = false;
-        loop {
-            if !stopping {
-                let mut fds = [
-                    PollFd::new(self.group.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-                ];
-                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => {
-                        tracing::error!("poll on the fanotify group: {e}");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-                stopping = fds[1].revents().is_some_and(|r| !r.is_empty());
-            }
-            let n = match nix::unistd::read(&self.group, &mut buf) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) if stopping => return,
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!("reading the fanotify group: {e}");
-                    if stopping {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            evs.clear();
-            if let Err(e) = event::parse(&buf[..n], &mut evs) {
-                tracing::error!("fanotify event buffer: {e}");
-            }
-            self.handle_batch(w, &evs, &mut filler, &mut responder);
-        }
-    }
-
-    fn handle_batch(
-        &self,
-        w: usize,
-        evs: &[event::Event],
-        filler: &mut PackFiller,
-        responder: &mut Responder,
-    ) {
-        // Journal the whole batch before filling anything.
-        let mut todo: Vec<(usize, &event::Event, Option<usize>)> = Vec::with_capacity(evs.len());
-        for (i, ev) in evs.iter().enumerate().take(EVENTS_PER_READ) {
-            if ev.fd < 0 {
-                // No fd: the kernel already denied it (or it is an overflow notice).
-                continue;
-            }
-            // SAFETY: the fd was installed for us by this read and is open until we close
-            // it below.
-            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
-            let blob = self.blob_of_fd(fd);
-            let (offset, count) = ev.range.unwrap_or((0, 0));
-            let slot = w * EVENTS_PER_READ + i;
-            self.journal.record(
-                slot,
-                &Entry {
-                    fd: ev.fd,
-                    offset,
-                    count,
-                    blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
-                },
-            );
-            todo.push((slot, ev, blob));
-        }
-        for (slot, ev, blob) in todo {
-            self.counters.events.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: as above; closed at the end of this iteration.
-            let fd = unsafe { BorrowedFd::borrow_raw(ev.fd) };
-            let answer = match (blob, ev.range) {
-                _ if ev.mask & sys::FAN_PRE_ACCESS == 0 => Answer::Deny,
-                (Some(bi), Some((offset, count))) => {
-                    self.adopt_writer(bi, fd);
-                    if !self.is_filled(bi, offset, count) {
-                        // Readers answered so far must not wait for this fill.
-                        responder.flush();
-                    }
-                    let answer = self.fill_range(bi, offset, count, fd, filler);
-                    self.note_sequential(bi, offset, count);
-                    answer
-                }
-                _ => Answer::Deny,
-            };
-            let response = match answer {
-                Answer::Allow { cached } => {
-                    self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                    if cached {
-                        self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                    }
-                    sys::FAN_ALLOW
-                }
-                Answer::Deny => {
-                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                    sys::FAN_DENY_EIO
-                }
-            };
-            responder.answer(self.group.as_fd(), &self.journal, slot, ev.fd, response);
-        }
-        responder.finish(self.group.as_fd(), &self.journal);
-    }
-
-    /// True when every page of the range is filled already.
-    fn is_filled(&self, bi: usize, offset: u64, count: u64) -> bool {
-        let b = &self.blobs[bi];
-        let end = offset.saturating_add(count).min(b.table.size_bytes());
-        offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES))
-    }
-
     /// Keeps a dup of the first event fd of a blob as its write fd, and gives it to the
     /// holder for successors.
     fn adopt_writer(&self, bi: usize, fd: BorrowedFd<'_>) {
@@ -799,7 +741,7 @@ impl Shared {
         let Ok(dup) = fd.try_clone_to_owned() else {
             return;
         };
-        if b.writer.set(dup).is_err() {
+        if b.writer.set(Arc::new(dup)).is_err() {
             return;
         }
         let raw = b.writer.get().expect("just set").as_raw_fd();
@@ -878,52 +820,6 @@ impl Shared {
         Ok(conn)
     }
 
-    /// Fills ranges ahead of sequential readers through the blobs' write fds, so that
-    /// their next events find the range filled and are answered at once (the reader
-    /// copies while this thread fills: the two overlap on two cores).
-    fn prefetcher(
-        &self,
-        rx: crossbeam_channel::Receiver<(usize, u64, u64)>,
-        mut filler: PackFiller,
-    ) {
-        loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok((bi, offset, len)) => {
-                    let Some(w) = self.blobs[bi].writer.get() else {
-                        continue;
-                    };
-                    if !self.is_filled(bi, offset, len) {
-                        let _ = self.fill_range(bi, offset, len, w.as_fd(), &mut filler);
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
-                    if nix::poll::poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) > 0 {
-                        return;
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            }
-        }
-    }
-
-    /// Notes the event range; when it continues the previous one, asks the prefetcher
-    /// for what follows.
-    fn note_sequential(&self, bi: usize, offset: u64, count: u64) {
-        let Some(tx) = &self.prefetch else {
-            return;
-        };
-        let b = &self.blobs[bi];
-        let end = offset.saturating_add(count).min(b.table.size_bytes());
-        let prev = b.next_seq.swap(end, Ordering::AcqRel);
-        if prev == offset && end < b.table.size_bytes() {
-            let len = PREFETCH_BYTES.min(b.table.size_bytes() - end);
-            if !self.is_filled(bi, end, len) {
-                let _ = tx.try_send((bi, end, len));
-            }
-        }
-    }
-
     /// Makes `[offset, offset + count)` of blob `bi` readable: fills the chunks that
     /// have a missing page, through `target`. Unmarks the blob once complete.
     fn fill_range(
@@ -977,20 +873,7 @@ impl Shared {
             }
             i = j;
         }
-        if self.unmark_complete && b.map.complete() && b.marked.swap(false, Ordering::AcqRel) {
-            match sys::mark(
-                self.group.as_fd(),
-                sys::FAN_MARK_REMOVE,
-                sys::FAN_PRE_ACCESS,
-                b.file.as_fd(),
-            ) {
-                Ok(()) => {
-                    self.counters.unmarked.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(blob = %b.id, "blob complete; unmarked");
-                }
-                Err(e) => tracing::warn!(blob = %b.id, "unmarking a complete blob: {e}"),
-            }
-        }
+        self.unmark_if_complete(bi);
         Answer::Allow { cached: false }
     }
 }

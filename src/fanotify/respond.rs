@@ -1,6 +1,6 @@
 //! Writing a batch's responses and closing its event fds: plain syscalls, or batched
-//! through the worker's io_uring (measured in `bench/fanotify.rs`: about half the cost
-//! per event on this machine).
+//! through a private io_uring of the engine thread (measured in `bench/fanotify.rs`:
+//! about half the cost per event on this machine).
 //!
 //! Order, for crash safety (see [`super::journal`]): a journal slot is cleared only
 //! after its response was written, and its event fd is closed only after the slot was
