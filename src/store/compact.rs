@@ -398,9 +398,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::{
-        blob, BlobBuilder, BlobSource, LayerCommit, LayerRecord, DEFAULT_CHUNK_BYTES,
-    };
+    use crate::store::BlobSource;
 
     /// A store whose every ingest starts a new pack, so that packs are not active.
     fn open(dir: &std::path::Path) -> Store {
@@ -422,35 +420,9 @@ mod tests {
             .collect()
     }
 
+    /// One layer of `chunks` in one blob; returns the blob id.
     fn commit_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> String {
-        let mut ing = store.ingest().unwrap();
-        let mut b = BlobBuilder::new();
-        for c in chunks {
-            let put = ing.put_chunk(c).unwrap();
-            b.add(put.digest, c.len() as u32);
-        }
-        let id = blob::blob_id(&b.encode());
-        let tmp = store.root().join("layers").join("img.tmp");
-        fs::write(&tmp, b"image").unwrap();
-        let record = LayerRecord {
-            diff_id: format!("sha256:{diff}"),
-            digests: vec![],
-            blobs: vec![id.clone()],
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
-            image_bytes: 5,
-            files: 1,
-            chunks: chunks.len() as u64,
-            new_chunks: 0,
-            logical_bytes: 0,
-            stored_bytes: 0,
-        };
-        ing.commit(LayerCommit {
-            record,
-            image_tmp: &tmp,
-            blobs: vec![(id.clone(), b.entries().to_vec())],
-        })
-        .unwrap();
-        id
+        crate::store::tests::commit_layer(store, diff, chunks).blobs[0].clone()
     }
 
     fn pack_files(store: &Store) -> Vec<(u32, u64)> {

@@ -934,10 +934,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn commit_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> LayerRecord {
+    /// Commits one layer of `chunks` in one blob (a test fixture shared with `compact`).
+    pub(crate) fn commit_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> LayerRecord {
         let mut ing = store.ingest().unwrap();
         let mut b = BlobBuilder::new();
         for c in chunks {
