@@ -267,6 +267,33 @@ http:
         tail = open(os.path.join(self.work, "dedupd.log"), errors="replace").read()[-1500:]
         raise Fail(f"dedupd did not serve its socket ({'; '.join(errors)}); log tail:\n{tail}")
 
+    def dedupd_log_size(self):
+        try:
+            return os.path.getsize(os.path.join(self.work, "dedupd.log"))
+        except OSError:
+            return 0
+
+    def commit_timing(self, since):
+        """Sums of the snapshotter's `commit timing` log lines written after byte `since`
+        of dedupd.log: seconds spent at Commit (disk usage walk, conversion, mount,
+        metadata and removal of the unpacked tree) and the number of layers."""
+        sums = {"commit_s": 0.0, "commit_convert_s": 0.0, "commit_mount_s": 0.0, "commit_layers": 0}
+        try:
+            with open(os.path.join(self.work, "dedupd.log"), "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+            if "commit timing" not in line:
+                continue
+            f = dict(re.findall(r"(\w+)_ms=([0-9.]+)", line))
+            sums["commit_s"] += float(f.get("total", 0)) / 1e3
+            sums["commit_convert_s"] += float(f.get("convert", 0)) / 1e3
+            sums["commit_mount_s"] += float(f.get("mount", 0)) / 1e3
+            sums["commit_layers"] += 1
+        return sums if sums["commit_layers"] else None
+
     def dedupd_status(self):
         """dedupd's own counters (`ROOT/run/stats.json`, written by `dedupd run`), if any."""
         try:
@@ -421,11 +448,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for name in group:
             net0 = self.registry_bytes()
             dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            log0 = self.dedupd_log_size() if dpid else 0
             t0 = time.monotonic()
             self.ctr("image", "pull", "--plain-http", "--snapshotter", snapshotter, self.ref(name))
             pull_s = time.monotonic() - t0
             out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0,
                          "dedupd_pull_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None}
+            if dpid:
+                out[name].update(self.commit_timing(log0) or {})
         content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
         snap = disk_bytes(*snap_dirs) - residual
         breakdown = {e: disk_bytes(os.path.join(self.droot, e))
@@ -540,12 +570,15 @@ def summarize(results):
             per_group[gname] = {k: median([r.get(k) for r in reps])
                                 for k in ("disk_content_bytes", "disk_snapshot_bytes",
                                           "disk_total_bytes", "dedupd_hwm_bytes", "residual_before_pull_bytes",
-                                          "dedupd_bytes_written", "dedupd_chunks_fetched")}
+                                          "dedupd_bytes_written", "dedupd_chunks_fetched",
+                                          "dedupd_reads")}
             for name in gname.split():
                 per_image[name] = {k: median([r["images"][name].get(k) for r in reps])
                                    for k in ("pull_s", "ready_s", "exit_s", "pull_to_ready_s",
                                              "net_bytes", "device_read_bytes", "container_read_bytes",
-                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes")}
+                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes",
+                                             "commit_s", "commit_convert_s", "commit_mount_s",
+                                             "commit_layers")}
         out[s] = {"images": per_image, "groups": per_group}
     return out
 

@@ -23,6 +23,10 @@ def _pct(a, b):
     return "-" if a is None or not b else f"{a / b:.1%}"
 
 
+def _n(x):
+    return "-" if x is None else f"{x:g}"
+
+
 def _s(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -102,6 +106,36 @@ def markdown(results, chart_path):
                "EROFS + chunks). Ready: `ctr run --rm` until the container prints READY, page "
                "caches dropped after the pull. For app-v2, v1 is already pulled (shared base layer).")
     out.append("")
+    if both and any(summ["dedup"]["images"][n].get("commit_s") is not None for n in names):
+        out.append("### Where dedup's extra time goes")
+        out.append("")
+        out.append("| image | pull: dedup - overlayfs (s) | Commit in dedupd (s) | of which convert | "
+                   "of which mount | layers converted | ready: dedup - overlayfs (s) "
+                   "| front-end events at run (group) | bytes filled at run MiB (group) |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for g in results["groups"]:
+            dg = summ["dedup"]["groups"].get(g, {})
+            for i, n in enumerate(g.split()):
+                o = summ["overlayfs"]["images"][n]
+                d = summ["dedup"]["images"][n]
+                diff = lambda k: None if d.get(k) is None or o.get(k) is None else d[k] - o[k]
+                ev = dg.get("dedupd_reads") if i == 0 else None
+                filled = dg.get("dedupd_bytes_written") if i == 0 else None
+                out.append(
+                    f"| {n} | {_s(diff('pull_s'))} | {_s(d.get('commit_s'))} "
+                    f"| {_s(d.get('commit_convert_s'))} | {_s(d.get('commit_mount_s'))} "
+                    f"| {_n(d.get('commit_layers'))} "
+                    f"| {_s(diff('ready_s'))} | {_n(ev)} | {_mib(filled)} |")
+        out.append("")
+        out.append("Commit: the snapshotter's work when containerd commits an unpacked layer (its "
+                   "`commit timing` log line): disk-usage walk, conversion into EROFS + chunks "
+                   "(read back, hash, compress, write, fsync), mounting the layer through the "
+                   "front end, recording it and removing the unpacked tree; all inside `ctr "
+                   "image pull`. Events: READs (cachefiles) or pre-content events (fanotify) "
+                   "answered while the group's containers ran; filled: bytes written into the "
+                   "front end's cache or blob files then. Medians; a layer already converted "
+                   "(app-v2's base) is not converted again.")
+        out.append("")
     out.append("### Disk use after pull (MiB) and ratios dedup / overlayfs")
     out.append("")
     out.append("| images | overlayfs content + snapshots | dedup content + dedupd root | total ratio "
