@@ -199,6 +199,8 @@ class Bench:
         self.reg_log = os.path.join(self.work, "registry.log")
         self.sysdev = block_device_of(self.work)
         self.seq = 0
+        self.restarts = 0
+        self.measured_dedup = False
 
     # --- services ----------------------------------------------------------------------
     def spawn(self, cmd, logname):
@@ -367,6 +369,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for m in sorted((m for m in mounts if m.startswith(self.work)), reverse=True):
             if subprocess.run(["umount", m], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", m], capture_output=True)
+        # With layers still mounted when dedupd stopped (a failed run), its fanotify
+        # holder stays for a successor that will not come.
+        self.stop_holder(2)
         if self.args.keep:
             log(f"kept {self.work}")
         else:
@@ -432,8 +437,73 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             raise Fail(f"{' '.join(cmd)}: exit {rc}, ready line {'seen' if ready else 'missing'}: {err.strip()[-1000:]}")
         return ready, done, cg_read
 
+    def holder_pid(self):
+        """Pid of the fanotify front end's holder process of our dedupd, if it runs."""
+        try:
+            pid = int(open(os.path.join(self.droot, "fanotify", "holder.pid")).read().split()[0])
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except (OSError, ValueError, IndexError):
+            return None
+        if b"fanotify-holder" in cmdline and self.work.encode() in cmdline:
+            return pid
+        return None
+
+    def stop_holder(self, limit_s):
+        """Waits up to `limit_s` for the holder to exit, then kills it (it ignores
+        SIGTERM by design: it outlives a daemon so that a successor can take over)."""
+        end = time.monotonic() + limit_s
+        while self.holder_pid() is not None and time.monotonic() < end:
+            time.sleep(0.1)
+        pid = self.holder_pid()
+        if pid is not None:
+            log(f"killing dedupd's fanotify holder (pid {pid})")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def restart_dedupd(self):
+        """Stops dedupd (and its fanotify holder), deletes its cachefiles cache
+        (ROOT/cache) and starts it again on the same root; the chunk store stays.
+
+        Why, per front end:
+        - cachefiles keeps the data it served in cache files that outlive the layer: a
+          layer converted again (the next repetition) has the same blob ids, and its
+          reads would be answered from the old cache files instead of by dedupd. Dropping
+          the cache while dedupd is down (unbound) keeps every repetition cold.
+        - fanotify: a blob file deleted and created again under the same id within one
+          holder's life is filled through the holder's old writer fd (the deleted inode),
+          so readers of the new file read holes (zeros): a front-end bug, worked around
+          here by a fresh holder per measurement (see bench/RESULTS.md).
+        """
+        p = self.dedupd
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        self.stop_holder(10)
+        shutil.rmtree(os.path.join(self.droot, "cache"), ignore_errors=True)
+        if os.path.exists(self.dsock):
+            os.unlink(self.dsock)
+        self.start_dedupd()
+        self.restarts += 1
+        # containerd redials the proxy with a backoff of at most a few seconds: wait
+        # until a real round trip (prepare and remove a scratch snapshot) goes through.
+        def reachable():
+            key = f"coldstart-probe-{self.restarts}"
+            snap = ["ctr", "-a", self.csock, "-n", NS, "snapshots", "--snapshotter", "dedup"]
+            ok = subprocess.run(snap + ["prepare", key], capture_output=True).returncode == 0
+            return ok and subprocess.run(snap + ["rm", key], capture_output=True).returncode == 0
+        wait_until(reachable, "containerd to reach the restarted dedupd")
+
     def measure_group(self, snapshotter, group):
         self.clean(snapshotter)
+        if snapshotter == "dedup" and self.args.restart_dedupd and self.measured_dedup:
+            self.restart_dedupd()
+        if snapshotter == "dedup":
+            self.measured_dedup = True
         dpid = self.dedupd.pid if (snapshotter == "dedup" and self.dedupd) else None
         snap_dirs = [os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs")]
         if snapshotter == "dedup":
@@ -533,6 +603,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "mode": "vm" if a.in_vm else "native",
             "dedupd_command": self.dedupd_cmd,
             "dedupd_front_end": self.front_end(),
+            "dedupd_restarted_between_measurements": self.args.restart_dedupd,
+            "dedupd_restarts": self.restarts,
             "images": self.info,
             "groups": [" ".join(g) for g in groups],
             "samples": samples,
@@ -632,6 +704,9 @@ def main():
                          "it and stop; without, serve the images pushed there before")
     ap.add_argument("--prepare-registry", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-restart-dedupd", dest="restart_dedupd", action="store_false",
+                    help="keep one dedupd for the whole run instead of a fresh one (and an "
+                         "empty cachefiles cache) before each dedup measurement")
     ap.add_argument("--command-line", default=" ".join(sys.argv))
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
                     help="only redraw the chart and tables of an earlier run's results.json")
