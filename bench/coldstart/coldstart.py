@@ -536,7 +536,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for name in group:
             disk0 = device_read_bytes(self.sysdev)
             dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            st0 = self.dedupd_status() if dpid else None
             ready_s, exit_s, cg_read = self.run_container(snapshotter, name)
+            st1 = self.dedupd_status() if dpid else None
+            for k, field in (("bytes_written", "dedupd_filled_bytes"), ("reads", "dedupd_events")):
+                if st0 and st1 and k in st0 and k in st1:
+                    # The program slept a second after READY: stats.json (rewritten every
+                    # 200 ms) holds the start's fills.
+                    out[name][field] = st1[k] - st0[k]
             out[name].update({
                 "ready_s": ready_s, "exit_s": exit_s,
                 "pull_to_ready_s": out[name]["pull_s"] + ready_s,
@@ -650,7 +657,8 @@ def summarize(results):
                                              "net_bytes", "device_read_bytes", "container_read_bytes",
                                              "dedupd_pull_read_bytes", "dedupd_run_read_bytes",
                                              "commit_s", "commit_convert_s", "commit_mount_s",
-                                             "commit_layers")}
+                                             "commit_layers", "dedupd_filled_bytes",
+                                             "dedupd_events")}
         out[s] = {"images": per_image, "groups": per_group}
     return out
 

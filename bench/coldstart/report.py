@@ -44,6 +44,16 @@ def _r(x, target=None):
     return f"{x:.2f}x{mark}"
 
 
+def fetched(d):
+    """Bytes a dedup container's start brought in from storage: what the lazy front end
+    filled from the chunk store, or (no fills: the local front end) its disk reads."""
+    if not d:
+        return None
+    if d.get("dedupd_filled_bytes"):
+        return d["dedupd_filled_bytes"]
+    return d.get("container_read_bytes")
+
+
 def image_order(results):
     return [n for g in results["groups"] for n in g.split()]
 
@@ -111,7 +121,7 @@ def markdown(results, chart_path):
         out.append("")
         out.append("| image | pull: dedup - overlayfs (s) | Commit in dedupd (s) | of which convert | "
                    "of which mount | layers converted | ready: dedup - overlayfs (s) "
-                   "| front-end events at run (group) | bytes filled at run MiB (group) |")
+                   "| front-end events at start | MiB filled at start |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for g in results["groups"]:
             dg = summ["dedup"]["groups"].get(g, {})
@@ -119,8 +129,10 @@ def markdown(results, chart_path):
                 o = summ["overlayfs"]["images"][n]
                 d = summ["dedup"]["images"][n]
                 diff = lambda k: None if d.get(k) is None or o.get(k) is None else d[k] - o[k]
-                ev = dg.get("dedupd_reads") if i == 0 else None
-                filled = dg.get("dedupd_bytes_written") if i == 0 else None
+                ev = d.get("dedupd_events")
+                filled = d.get("dedupd_filled_bytes")
+                if ev is None and i == 0:  # results from before per-image counters
+                    ev, filled = dg.get("dedupd_reads"), dg.get("dedupd_bytes_written")
                 out.append(
                     f"| {n} | {_s(diff('pull_s'))} | {_s(d.get('commit_s'))} "
                     f"| {_s(d.get('commit_convert_s'))} | {_s(d.get('commit_mount_s'))} "
@@ -132,8 +144,8 @@ def markdown(results, chart_path):
                    "(read back, hash, compress, write, fsync), mounting the layer through the "
                    "front end, recording it and removing the unpacked tree; all inside `ctr "
                    "image pull`. Events: READs (cachefiles) or pre-content events (fanotify) "
-                   "answered while the group's containers ran; filled: bytes written into the "
-                   "front end's cache or blob files then. Medians; a layer already converted "
+                   "answered from `ctr run` to the container's exit; filled: bytes the front end "
+                   "wrote into its cache or blob files then (`ROOT/run/stats.json`). Medians; a layer already converted "
                    "(app-v2's base) is not converted again.")
         out.append("")
     out.append("### Disk use after pull (MiB) and ratios dedup / overlayfs")
@@ -177,8 +189,9 @@ def markdown(results, chart_path):
     out.append("### Bytes read at start, network, dedupd memory")
     out.append("")
     out.append("| image | image MiB | read by the program (designed) | fraction | container disk reads: overlayfs "
-               "| dedup | fraction (dedup) | dedupd disk reads at run | registry MiB per pull | dedupd peak RSS MiB |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| dedup | dedupd filled at start | fetched at start: overlayfs | dedup "
+               "| dedupd disk reads at run | registry MiB per pull | dedupd peak RSS MiB |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for g in results["groups"]:
         dg = summ.get("dedup", {}).get("groups", {}).get(g, {})
         for n in g.split():
@@ -189,15 +202,21 @@ def markdown(results, chart_path):
                 f"| {n} | {_mib(info[n]['tar_bytes'])} | {_mib(info[n]['read_bytes'])} "
                 f"({info[n]['read_note']}) | {info[n]['read_bytes'] / info[n]['tar_bytes']:.1%} "
                 f"| {_mib(o.get('container_read_bytes'))} | {_mib(d.get('container_read_bytes'))} "
-                f"| {_pct(d.get('container_read_bytes'), info[n]['tar_bytes'])} "
+                f"| {_mib(d.get('dedupd_filled_bytes'))} "
+                f"| {_pct(o.get('container_read_bytes'), info[n]['tar_bytes'])} "
+                f"| {_pct(fetched(d), info[n]['tar_bytes'])} "
                 f"| {_mib(d.get('dedupd_run_read_bytes'))} | {_mib(net)} "
                 f"| {_mib(dg.get('dedupd_hwm_bytes'))} |")
     out.append("")
     out.append("Designed: the bytes the start-up program asks for (the image's READY condition). "
                "Container disk reads: storage reads caused by the container's processes from `ctr run` "
                "to READY (`/proc/PID/io` read_bytes, reaped children included), caches dropped: "
-               "the program's page-cache misses, readahead included; fraction = over the image's "
-               "uncompressed size. "
+               "the program's page-cache misses, readahead included. dedupd filled: bytes the "
+               "lazy front end wrote into its blob or cache files from `ctr run` to exit (with "
+               "fanotify the container then reads them from the page cache, so its own disk "
+               "reads are about 0). Fetched at start = over the image's uncompressed size: "
+               "overlayfs the container's disk reads, dedup the bytes filled (or its disk "
+               "reads when nothing was filled). "
                "dedupd disk reads: bytes dedupd itself read from disk (`/proc/PID/io`) meanwhile "
                "(a lazy front end fills from the chunk store here). Registry: bytes the registry "
                "sent for the pull (its access log). Peak RSS: dedupd's VmHWM, reset before each "
