@@ -279,7 +279,9 @@ http:
         """Sums of the snapshotter's `commit timing` log lines written after byte `since`
         of dedupd.log: seconds spent at Commit (disk usage walk, conversion, mount,
         metadata and removal of the unpacked tree) and the number of layers."""
-        sums = {"commit_s": 0.0, "commit_convert_s": 0.0, "commit_mount_s": 0.0, "commit_layers": 0}
+        sums = {"commit_s": 0.0, "commit_usage_s": 0.0, "commit_convert_s": 0.0,
+                "commit_mount_s": 0.0, "commit_record_s": 0.0, "commit_remove_s": 0.0,
+                "commit_layers": 0}
         try:
             with open(os.path.join(self.work, "dedupd.log"), "rb") as f:
                 f.seek(since)
@@ -291,8 +293,8 @@ http:
                 continue
             f = dict(re.findall(r"(\w+)_ms=([0-9.]+)", line))
             sums["commit_s"] += float(f.get("total", 0)) / 1e3
-            sums["commit_convert_s"] += float(f.get("convert", 0)) / 1e3
-            sums["commit_mount_s"] += float(f.get("mount", 0)) / 1e3
+            for k in ("usage", "convert", "mount", "record", "remove"):
+                sums[f"commit_{k}_s"] += float(f.get(k, 0)) / 1e3
             sums["commit_layers"] += 1
         return sums if sums["commit_layers"] else None
 
@@ -656,7 +658,8 @@ def summarize(results):
                                    for k in ("pull_s", "ready_s", "exit_s", "pull_to_ready_s",
                                              "net_bytes", "device_read_bytes", "container_read_bytes",
                                              "dedupd_pull_read_bytes", "dedupd_run_read_bytes",
-                                             "commit_s", "commit_convert_s", "commit_mount_s",
+                                             "commit_s", "commit_usage_s", "commit_convert_s",
+                                             "commit_mount_s", "commit_record_s", "commit_remove_s",
                                              "commit_layers", "dedupd_filled_bytes",
                                              "dedupd_events")}
         out[s] = {"images": per_image, "groups": per_group}

@@ -119,10 +119,10 @@ def markdown(results, chart_path):
     if both and any(summ["dedup"]["images"][n].get("commit_s") is not None for n in names):
         out.append("### Where dedup's extra time goes")
         out.append("")
-        out.append("| image | pull: dedup - overlayfs (s) | Commit in dedupd (s) | of which convert | "
-                   "of which mount | layers converted | ready: dedup - overlayfs (s) "
+        out.append("| image | pull: dedup - overlayfs (s) | Commit in dedupd (s) | convert | "
+                   "mount | record | remove tree | layers converted | ready: dedup - overlayfs (s) "
                    "| front-end events at start | MiB filled at start |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for g in results["groups"]:
             dg = summ["dedup"]["groups"].get(g, {})
             for i, n in enumerate(g.split()):
@@ -136,14 +136,16 @@ def markdown(results, chart_path):
                 out.append(
                     f"| {n} | {_s(diff('pull_s'))} | {_s(d.get('commit_s'))} "
                     f"| {_s(d.get('commit_convert_s'))} | {_s(d.get('commit_mount_s'))} "
+                    f"| {_s(d.get('commit_record_s'))} | {_s(d.get('commit_remove_s'))} "
                     f"| {_n(d.get('commit_layers'))} "
                     f"| {_s(diff('ready_s'))} | {_n(ev)} | {_mib(filled)} |")
         out.append("")
         out.append("Commit: the snapshotter's work when containerd commits an unpacked layer (its "
-                   "`commit timing` log line): disk-usage walk, conversion into EROFS + chunks "
-                   "(read back, hash, compress, write, fsync), mounting the layer through the "
-                   "front end, recording it and removing the unpacked tree; all inside `ctr "
-                   "image pull`. Events: READs (cachefiles) or pre-content events (fanotify) "
+                   "`commit timing` log line), summed over the image's layers: disk-usage walk "
+                   "(the rest), conversion into EROFS + chunks (read back, hash, compress, write, "
+                   "fsync), mounting the layer through the front end, recording the committed "
+                   "snapshot (a durable metadata transaction) and removing the unpacked tree; "
+                   "all inside `ctr image pull`. Events: READs (cachefiles) or pre-content events (fanotify) "
                    "answered from `ctr run` to the container's exit; filled: bytes the front end "
                    "wrote into its cache or blob files then (`ROOT/run/stats.json`). Medians; a layer already converted "
                    "(app-v2's base) is not converted again.")

@@ -503,6 +503,7 @@ impl Snapshotter {
         let mount_done = Instant::now();
         self.meta
             .commit(key, name, labels, &hex, size_bytes, inodes)?;
+        let record_done = Instant::now();
         // Only the image and the chunks remain: the unpacked tree goes.
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display());
@@ -514,7 +515,8 @@ impl Snapshotter {
             usage_ms = ms(started, usage_done),
             convert_ms = ms(usage_done, convert_done),
             mount_ms = ms(convert_done, mount_done),
-            finish_ms = ms(mount_done, end),
+            record_ms = ms(mount_done, record_done),
+            remove_ms = ms(record_done, end),
             total_ms = ms(started, end),
             "commit timing"
         );
