@@ -37,6 +37,7 @@ pub mod filter;
 pub mod meta;
 pub mod mounter;
 mod service;
+mod trash;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -192,6 +193,8 @@ pub struct Snapshotter {
     /// Commit, Remove of a committed snapshot, Cleanup), so that Cleanup never takes a
     /// new directory for an orphan and a layer being converted or reused is never dropped.
     layers_lock: std::sync::Mutex<()>,
+    /// Unpacked trees and removed snapshot directories, deleted in the background.
+    trash: trash::Trash,
 }
 
 impl Snapshotter {
@@ -206,12 +209,14 @@ impl Snapshotter {
         let snaps = root.join("snapshots");
         fs::create_dir_all(&snaps).map_err(io_internal(&snaps))?;
         let meta = meta::Meta::open(&root.join("snapshots.redb"))?;
+        let trash = trash::Trash::open(root).map_err(io_internal(&root.join("trash")))?;
         let s = Snapshotter {
             root: root.to_path_buf(),
             meta,
             store,
             mounter,
             layers_lock: std::sync::Mutex::new(()),
+            trash,
         };
         for (key, snap) in s.meta.list()? {
             if let Some(hex) = &snap.layer {
@@ -504,10 +509,9 @@ impl Snapshotter {
         self.meta
             .commit(key, name, labels, &hex, size_bytes, inodes)?;
         let record_done = Instant::now();
-        // Only the image and the chunks remain: the unpacked tree goes.
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display());
-        }
+        // Only the image and the chunks remain: the unpacked tree goes (moved out at
+        // once, deleted in the background).
+        self.trash.discard(&dir);
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
         let end = Instant::now();
         tracing::info!(
@@ -528,12 +532,7 @@ impl Snapshotter {
     /// store with every chunk nothing else references.
     pub fn remove(&self, key: &str) -> Result<(), SnapError> {
         let snap = self.meta.remove(key)?;
-        let dir = self.snap_dir(snap.id);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("removing {}: {e} (Cleanup will retry)", dir.display()),
-        }
+        self.trash.discard(&self.snap_dir(snap.id));
         if let Some(hex) = &snap.layer {
             let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
             if !self.layer_referenced(hex)? {
