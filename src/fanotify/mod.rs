@@ -230,6 +230,8 @@ pub struct Stats {
     pub recovered_journaled: u64,
     /// Events left by a previous daemon without a journal entry, denied.
     pub recovered_orphans: u64,
+    /// Times an event waited for a fill already in flight instead of filling again.
+    pub parked: u64,
     /// True when this daemon continued a group (the holder outlived a previous daemon).
     pub continued: bool,
 }
@@ -244,6 +246,7 @@ struct Counters {
     unmarked: AtomicU64,
     recovered_journaled: AtomicU64,
     recovered_orphans: AtomicU64,
+    parked: AtomicU64,
 }
 
 /// One data blob being served.
@@ -261,15 +264,19 @@ struct Blob {
     writer: OnceLock<Arc<OwnedFd>>,
     /// End of the last event range: an event starting there is sequential.
     next_seq: AtomicU64,
-    /// End of the last range handed to the engine as a prefetch.
+    /// End of the last range queued as a prefetch.
     prefetched_to: AtomicU64,
+    /// Ranges fill requests in flight are writing, and events parked on them.
+    claims: Mutex<engine::Claims>,
 }
 
 /// How far ahead of a sequential reader the prefetcher fills.
 pub const PREFETCH_BYTES: u64 = 4 << 20;
-/// Prefetch requests queued per engine thread at most (dropped when full: prefetch is
-/// only a hint).
-const PREFETCH_QUEUE: usize = 16;
+/// Size of one prefetch request: the window is cut into pieces that either engine
+/// thread takes, so that both cores fill ahead of a reader.
+pub const PREFETCH_PIECE_BYTES: u64 = 512 << 10;
+/// Prefetch pieces queued at most (beyond it prefetch is dropped: it is only a hint).
+const PREFETCH_QUEUE: usize = 64;
 /// Fill requests in flight per engine thread.
 pub const MAX_FILLS_PER_THREAD: usize = 64;
 /// Journal slots of one engine thread: one read batch queued plus every fill in flight.
@@ -295,6 +302,14 @@ struct Shared {
     me: std::sync::Weak<Shared>,
     /// Engine threads that took their journal slots so far.
     threads_started: std::sync::atomic::AtomicUsize,
+    /// Written to wake the engine threads (work queued below): never read back.
+    wake: OwnedFd,
+    /// Prefetch pieces `(blob, offset, len)`, taken by whichever engine thread is free.
+    prefetch_q: Mutex<std::collections::VecDeque<(usize, u64, u64)>>,
+    /// Events handed back for a fill of their own (a request they waited for failed).
+    redrive: Mutex<std::collections::VecDeque<engine::Waiter>>,
+    /// Journal slots freed by another thread, per owning thread.
+    returned: Vec<Mutex<Vec<usize>>>,
 }
 
 /// The running front end.
@@ -480,6 +495,7 @@ impl FanotifyFrontEnd {
                 writer,
                 next_seq: AtomicU64::new(u64::MAX),
                 prefetched_to: AtomicU64::new(0),
+                claims: Mutex::default(),
             });
         }
         let mut by_inode = HashMap::new();
@@ -518,6 +534,11 @@ impl FanotifyFrontEnd {
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
         )
         .map_err(|e| kerr("eventfd")(e.into()))?;
+        let wake = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(|e| kerr("eventfd")(e.into()))?;
         let shared = Arc::new_cyclic(|me| Shared {
             group: att.group,
             journal,
@@ -535,6 +556,10 @@ impl FanotifyFrontEnd {
             prefetch: opts.prefetch,
             me: me.clone(),
             threads_started: Default::default(),
+            wake: wake.into(),
+            prefetch_q: Mutex::default(),
+            redrive: Mutex::default(),
+            returned: (0..MAX_WORKERS).map(|_| Mutex::default()).collect(),
         });
         // Pending events of a dead daemon first: no new event is read before this.
         shared.recover(&mut PackFiller::new(packs.clone()));
@@ -623,6 +648,7 @@ impl FanotifyFrontEnd {
             unmarked: l(&c.unmarked),
             recovered_journaled: l(&c.recovered_journaled),
             recovered_orphans: l(&c.recovered_orphans),
+            parked: l(&c.parked),
             continued: self.shared.continued,
         }
     }
@@ -633,6 +659,7 @@ impl FanotifyFrontEnd {
     fn halt(&mut self) {
         if let Some(e) = self.engine.take() {
             self.engine_chunks = e.stop().chunks_fetched;
+            self.shared.answer_leftovers();
             self.shared.drain_sync();
         }
         let one = 1u64.to_ne_bytes();

@@ -166,6 +166,13 @@ pub trait FrontEnd: Send + Sync + 'static {
     fn new_local(&self) -> Self::Local;
     /// Fd that polls readable when events may be queued.
     fn poll_fd(&self) -> RawFd;
+    /// An eventfd the front end writes when it has work for [`FrontEnd::next`] that no
+    /// kernel event announces (work queued by another engine thread). Every thread arms
+    /// a multishot poll on it and treats a wake-up like one of [`FrontEnd::poll_fd`].
+    /// Default: none.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Reads one event.
     fn next(&self, local: &mut Self::Local, counters: &ThreadCounters) -> Next<Self::Token>;
     /// Acknowledges a request once all its writes have landed.

@@ -28,6 +28,7 @@ use crate::store::chunk::{decode_record, ChunkLoc};
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
+const POLL_WAKE: u64 = u64::MAX - 2;
 /// Events read from the front end per loop turn before completions are looked at again.
 const DRAIN_BATCH: usize = 256;
 /// Read-around window for plain-file sources (metadata images).
@@ -240,8 +241,23 @@ impl<F: FrontEnd> Worker<F> {
         }
     }
 
+    /// Arms the multishot poll on the front end's wake fd, if it has one.
+    fn arm_wake(&mut self) {
+        let Some(fd) = self.front.wake_fd() else {
+            return;
+        };
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(POLL_WAKE);
+        if let Err(err) = self.push(&e) {
+            tracing::error!(thread = self.id, "arming wake poll: {err}");
+        }
+    }
+
     pub(super) fn run(mut self) {
         self.arm_polls(true, true);
+        self.arm_wake();
         // Bounded by the stop request: every turn either makes progress or waits.
         loop {
             self.reap();
@@ -295,6 +311,17 @@ impl<F: FrontEnd> Worker<F> {
                             std::thread::sleep(Duration::from_millis(10));
                         }
                         self.arm_polls(true, false);
+                    }
+                }
+                POLL_WAKE => {
+                    if res >= 0 {
+                        self.device_ready = true;
+                    }
+                    if !cqueue::more(flags) && !self.stopping {
+                        if res < 0 {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        self.arm_wake();
                     }
                 }
                 POLL_STOP => self.stopping = true,
