@@ -708,6 +708,9 @@ fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
     // that cannot complete inline is handed to an io-wq thread, one more context switch
     // per chunk on a machine whose CPUs the readers need too).
     cfg.write_strategy = crate::serve::WriteStrategy::Sync;
+    // Buffered writes into the blob files: a chunk stored raw is written from the
+    // buffer it was read and verified in (one copy less per chunk).
+    cfg.write_from_record = true;
     cfg
 }
 

@@ -235,6 +235,11 @@ pub struct EngineConfig {
     /// and verified anyway, and once its slot is cached the kernel sends no READ for the
     /// rest of it (see `bench/RESULTS.md`, reader_seq).
     pub read_around: bool,
+    /// Write a chunk stored uncompressed straight from the buffer its record was read
+    /// into (verified there), skipping the copy into a second buffer. The source address
+    /// is then not page-aligned, so only for targets written buffered (fanotify blob
+    /// files), never for O_DIRECT ones (cachefiles). Default off.
+    pub write_from_record: bool,
     /// Directory of the store's pack files (`<root>/chunks`).
     pub packs_dir: PathBuf,
 }
@@ -254,6 +259,7 @@ impl EngineConfig {
             ring_entries: 256,
             iowq_workers: 4,
             read_around: true,
+            write_from_record: false,
             packs_dir,
         }
     }

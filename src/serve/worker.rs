@@ -4,7 +4,9 @@
 //! buffer of a plain file, or a run of zeros) are started from the cursor while buffers
 //! and operation slots last; a request waiting for buffers sits in `pending`, and while
 //! anything is pending the device is not drained. Each piece is a read (pack record or
-//! file) into a registered buffer, a decode into a second registered buffer, and a write
+//! file) into a registered buffer, a decode into a second registered buffer (with
+//! `write_from_record`, a record stored uncompressed is verified where it was read and
+//! written from there), and a write
 //! into the target; an in-flight operation owns its buffers until its CQE arrives.
 
 use std::collections::hash_map::Entry;
@@ -24,7 +26,7 @@ use super::{
     FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
 };
 use crate::digest::ChunkDigest;
-use crate::store::chunk::{decode_record, ChunkLoc};
+use crate::store::chunk::{decode_record_or_in_place, ChunkLoc, RECORD_HEADER_BYTES};
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
@@ -628,7 +630,8 @@ impl<F: FrontEnd> Worker<F> {
             WriteStrategy::Sync => {
                 // SAFETY: the slot is owned by this request (or is the zero slot) and no
                 // I/O is in flight on it; `at + len` is within the slot (checked when the
-                // piece was planned: w_len <= slot_len <= slot_bytes).
+                // piece was planned: w_len <= slot_len <= slot_bytes, and for a write
+                // straight from a record buffer at + len <= record_len <= slot_bytes).
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.pool.ptr(slot).add(at), len as usize)
                 };
@@ -724,22 +727,38 @@ impl<F: FrontEnd> Worker<F> {
                 } else {
                     let (rec, out) = self.pool.pair_mut(rbuf, dbuf);
                     let n = (res as usize).min(rec.len());
-                    match decode_record(&rec[..n], &loc, &digest, out) {
-                        Ok(()) => {
-                            let slot_len = (loc.raw_len as usize).div_ceil(PAGE_BYTES as usize)
-                                * PAGE_BYTES as usize;
-                            out[loc.raw_len as usize..slot_len].fill(0);
-                            Ok(())
+                    let raw_len = loc.raw_len as usize;
+                    let slot_len = raw_len.div_ceil(PAGE_BYTES as usize) * PAGE_BYTES as usize;
+                    match decode_record_or_in_place(&rec[..n], &loc, &digest, out) {
+                        // Stored raw and whole pages: written straight from the record
+                        // buffer, no copy.
+                        Ok(true) if raw_len == slot_len && self.cfg.write_from_record => {
+                            Ok(Some(rbuf))
+                        }
+                        Ok(in_place) => {
+                            if in_place {
+                                out[..raw_len].copy_from_slice(
+                                    &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + raw_len],
+                                );
+                            }
+                            out[raw_len..slot_len].fill(0);
+                            Ok(None)
                         }
                         Err(e) => Err((FillError::Chunk, e.to_string())),
                     }
                 };
-                self.pool.give(rbuf);
                 match outcome {
-                    Ok(()) => {
+                    Ok(Some(buf)) => {
+                        self.pool.give(dbuf);
+                        let at = RECORD_HEADER_BYTES + (w_off - slot_off) as usize;
+                        self.write(req, Some(buf), at, w_len, w_off);
+                    }
+                    Ok(None) => {
+                        self.pool.give(rbuf);
                         self.write(req, Some(dbuf), (w_off - slot_off) as usize, w_len, w_off);
                     }
                     Err((why, msg)) => {
+                        self.pool.give(rbuf);
                         self.pool.give(dbuf);
                         let counter = match why {
                             FillError::Chunk => &self.counters[self.id].chunk_errors,
