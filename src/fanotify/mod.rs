@@ -49,18 +49,28 @@
 //!   once (fd number, blob, range; see [`journal`]), then hand out one per call. An
 //!   event whose range is filled already is answered inside `next`, batched through the
 //!   thread's [`respond::Responder`] io_uring; otherwise `Next::Fill` with
-//!   `source = Chunked(table)`, `offset`/`len` = the slot-aligned cover of the missing
-//!   chunks (so that the page map is set exactly for what the engine wrote),
-//!   `target` = the event fd, and a token naming the journal slot, blob and range.
-//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
-//!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
-//!   the request (closing the event fd) after `complete` returns, which keeps the order
-//!   response -> slot cleared -> fd closed that recovery relies on.
+//!   `source = Chunked(table)`, `offset`/`len` = the first run of its missing chunks
+//!   that no request in flight writes (claimed for the request, so that the page map is
+//!   set exactly for what the engine wrote), `target` = the event fd, and a token
+//!   carrying the event. An event whose missing chunks are all claimed by requests in
+//!   flight (a prefetch, another reader) is parked on the blob instead of filling them
+//!   again.
+//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, release
+//!   the claim and answer the parked events it completes (FAN_ALLOW, from whichever
+//!   thread completed it); an event's own request that failed is answered
+//!   FAN_DENY_ERRNO(EIO), and parked events that still need a chunk nobody writes are
+//!   redriven into fills of their own (so a corrupt chunk fails only the events that
+//!   touch it). Every answer: response, journal slot cleared, fd closed (by the last
+//!   reference: the engine drops the request's after `complete` returns), the order
+//!   recovery relies on.
 //! - Journal slots per engine thread: [`MAX_FILLS_PER_THREAD`] in flight plus one read
-//!   batch queued, so at most [`MAX_WORKERS`] threads.
-//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] on its thread; the
-//!   thread hands it to the engine as a fill request into the blob's kept write fd,
-//!   whose completion only sets the page map (no event, no answer).
+//!   batch queued, so at most [`MAX_WORKERS`] threads. A slot freed by another thread
+//!   (a parked event answered there) goes back to its owner.
+//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] in pieces of
+//!   [`PREFETCH_PIECE_BYTES`] on a queue shared by the engine threads and wakes them
+//!   ([`crate::serve::FrontEnd::wake_fd`]); a thread with no event to read takes a
+//!   piece and fills it into the blob's kept write fd (no event, no answer), so both
+//!   cores fill ahead of the reader.
 //! - Before the engine starts: holder attach, blob files, marks and recovery; after it
 //!   starts: priming the write fds, then mounts. Recovery (and events still queued when
 //!   the engine stops) fill synchronously with [`fill::PackFiller`], which uses the same
