@@ -17,9 +17,11 @@
 //!   `read(2)` of at most as many events as there are free slots (each journaled at
 //!   once), and only when the group has nothing queued, a prefetch piece from the
 //!   shared queue: claimed the same way, filled into the blob's kept write fd.
-//! - `complete`: on success the page map gets the request's pages (only now: the
-//!   writes have landed), then its claims are released and the blob's parked events
-//!   are looked at again: filled ones are answered `FAN_ALLOW` (by whichever thread
+//! - `written` (after each write of a request landed): its pages are set in the page
+//!   map (verified bytes are in the file) and the blob's parked events are looked at
+//!   again, so a reader waits for its own chunks, not for a whole prefetch piece.
+//! - `complete`: on success the page map gets the request's pages, then its claims are
+//!   released and the blob's parked events are looked at again: filled ones are answered `FAN_ALLOW` (by whichever thread
 //!   completed the fill), ones that need a chunk nobody writes any more (a failed
 //!   request) go to the shared `redrive` queue for a fill of their own. An event's own
 //!   request that succeeded is settled the same way (allowed, parked, or redriven); one
@@ -218,17 +220,29 @@ impl Shared {
     /// and, on success, the page map was set) and answers or redrives the parked events
     /// that no longer wait for anything.
     fn release(&self, bi: usize, start: u64, stop: u64, local: &mut Local) {
+        self.recheck_parked(bi, Some((start, stop)), local);
+    }
+
+    /// Looks at the parked events of blob `bi` again (after releasing the claim on
+    /// `release`, if given): answers those whose range is filled, redrives those that
+    /// need a chunk nobody writes, keeps the rest parked.
+    fn recheck_parked(&self, bi: usize, release: Option<(u64, u64)>, local: &mut Local) {
         let b = &self.blobs[bi];
         let mut ready = Vec::new();
         let mut redrive = Vec::new();
         {
             let mut claims = b.claims.lock().unwrap_or_else(|p| p.into_inner());
-            claims.set(
-                start / PAGE_BYTES,
-                stop.div_ceil(PAGE_BYTES),
-                false,
-                b.map.pages(),
-            );
+            if let Some((start, stop)) = release {
+                claims.set(
+                    start / PAGE_BYTES,
+                    stop.div_ceil(PAGE_BYTES),
+                    false,
+                    b.map.pages(),
+                );
+            }
+            if claims.parked.is_empty() {
+                return;
+            }
             let parked = std::mem::take(&mut claims.parked);
             for w in parked {
                 match self.plan(bi, &mut claims, w.offset, w.end, false) {
@@ -705,6 +719,20 @@ impl FrontEnd for Shared {
             }
         }
         Next::Empty
+    }
+
+    fn written(&self, local: &mut Local, token: &Token, offset: u64, len: u64) {
+        // The write landed, of verified bytes (or the zeros past the data): its pages
+        // hold data now, and an event parked on them need not wait for the rest of the
+        // request (a whole prefetch piece).
+        let bi = match token {
+            Token::Event { w, .. } => w.bi,
+            Token::Prefetch { bi, .. } => *bi,
+        };
+        self.blobs[bi]
+            .map
+            .set(offset / PAGE_BYTES, (offset + len) / PAGE_BYTES);
+        self.recheck_parked(bi, None, local);
     }
 
     fn complete(

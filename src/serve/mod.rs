@@ -184,6 +184,10 @@ pub trait FrontEnd: Send + Sync + 'static {
         outcome: FillOutcome,
         counters: &ThreadCounters,
     );
+    /// Called after each write of a request landed: `[offset, offset + len)` of its
+    /// target now holds verified bytes (or the zeros past the data), before the request
+    /// as a whole completes. Default: nothing.
+    fn written(&self, _local: &mut Self::Local, _token: &Self::Token, _offset: u64, _len: u64) {}
     /// OPENs per blob name, for stats.
     fn opens_by_blob(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()

@@ -101,11 +101,12 @@ enum Op {
         len: u32,
         data_bytes: u64,
     },
-    /// A write of `len` bytes from `buf` (None: the zero buffer) is in flight.
+    /// A write of `len` bytes from `buf` (None: the zero buffer) at `off` is in flight.
     Write {
         req: u32,
         buf: Option<u16>,
         len: u32,
+        off: u64,
     },
 }
 
@@ -643,7 +644,7 @@ impl<F: FrontEnd> Worker<F> {
             return;
         };
         if q.failed.is_some() {
-            self.write_done(r, buf, Err(io::Error::other("skipped")), false);
+            self.write_done(r, buf, off, Err(io::Error::other("skipped")), false);
             return;
         }
         let target = q.target.clone();
@@ -659,11 +660,16 @@ impl<F: FrontEnd> Worker<F> {
                     std::slice::from_raw_parts(self.pool.ptr(slot).add(at), len as usize)
                 };
                 let res = engine_sync::write_all_at(target.as_fd(), bytes, off);
-                self.write_done(r, buf, res.map(|()| len as usize), true);
+                self.write_done(r, buf, off, res.map(|()| len as usize), true);
             }
             WriteStrategy::Uring => {
-                let Ok(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
-                    self.write_done(r, buf, Err(io::Error::other("no op slot")), true);
+                let Ok(i) = self.ops.insert(Op::Write {
+                    req: r,
+                    buf,
+                    len,
+                    off,
+                }) else {
+                    self.write_done(r, buf, off, Err(io::Error::other("no op slot")), true);
                     return;
                 };
                 // SAFETY: as above, `at + len` stays inside the slot.
@@ -678,13 +684,20 @@ impl<F: FrontEnd> Worker<F> {
                 );
                 if let Err(err) = self.push(&e) {
                     self.ops.remove(i);
-                    self.write_done(r, buf, Err(err), true);
+                    self.write_done(r, buf, off, Err(err), true);
                 }
             }
         }
     }
 
-    fn write_done(&mut self, r: u32, buf: Option<u16>, res: io::Result<usize>, count: bool) {
+    fn write_done(
+        &mut self,
+        r: u32,
+        buf: Option<u16>,
+        off: u64,
+        res: io::Result<usize>,
+        count: bool,
+    ) {
         if let Some(b) = buf {
             self.pool.give(b);
         }
@@ -693,6 +706,11 @@ impl<F: FrontEnd> Worker<F> {
                 self.c()
                     .bytes_written
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if n > 0 {
+                    if let Some(token) = self.reqs.get_mut(r).and_then(|q| q.token.as_ref()) {
+                        self.front.written(&mut self.local, token, off, n as u64);
+                    }
+                }
             }
             Err(e) => {
                 if count {
@@ -718,7 +736,7 @@ impl<F: FrontEnd> Worker<F> {
             return;
         };
         match op {
-            Op::Write { req, buf, len } => {
+            Op::Write { req, buf, len, off } => {
                 let r = if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
                 } else if res as u32 != len {
@@ -729,7 +747,7 @@ impl<F: FrontEnd> Worker<F> {
                 } else {
                     Ok(len as usize)
                 };
-                self.write_done(req, buf, r, true);
+                self.write_done(req, buf, off, r, true);
             }
             Op::PackRead {
                 req,
@@ -790,7 +808,7 @@ impl<F: FrontEnd> Worker<F> {
                         bump(counter);
                         tracing::warn!(chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
                         self.fail(req, why);
-                        self.write_done(req, None, Ok(0), false);
+                        self.write_done(req, None, 0, Ok(0), false);
                     }
                 }
             }
@@ -812,7 +830,7 @@ impl<F: FrontEnd> Worker<F> {
                         bump(&self.c().source_errors);
                         tracing::warn!(offset = off, "image read failed or short ({res})");
                         self.fail(req, FillError::Source);
-                        self.write_done(req, None, Ok(0), false);
+                        self.write_done(req, None, 0, Ok(0), false);
                     }
                 }
             }
