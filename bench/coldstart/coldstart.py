@@ -199,6 +199,8 @@ class Bench:
         self.reg_log = os.path.join(self.work, "registry.log")
         self.sysdev = block_device_of(self.work)
         self.seq = 0
+        self.restarts = 0
+        self.measured_dedup = False
 
     # --- services ----------------------------------------------------------------------
     def spawn(self, cmd, logname):
@@ -266,6 +268,35 @@ http:
             errors.append(f"`dedupd {sub}` exited {p.returncode}")
         tail = open(os.path.join(self.work, "dedupd.log"), errors="replace").read()[-1500:]
         raise Fail(f"dedupd did not serve its socket ({'; '.join(errors)}); log tail:\n{tail}")
+
+    def dedupd_log_size(self):
+        try:
+            return os.path.getsize(os.path.join(self.work, "dedupd.log"))
+        except OSError:
+            return 0
+
+    def commit_timing(self, since):
+        """Sums of the snapshotter's `commit timing` log lines written after byte `since`
+        of dedupd.log: seconds spent at Commit (disk usage walk, conversion, mount,
+        metadata and removal of the unpacked tree) and the number of layers."""
+        sums = {"commit_s": 0.0, "commit_usage_s": 0.0, "commit_convert_s": 0.0,
+                "commit_mount_s": 0.0, "commit_record_s": 0.0, "commit_remove_s": 0.0,
+                "commit_layers": 0}
+        try:
+            with open(os.path.join(self.work, "dedupd.log"), "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines():
+            if "commit timing" not in line:
+                continue
+            f = dict(re.findall(r"(\w+)_ms=([0-9.]+)", line))
+            sums["commit_s"] += float(f.get("total", 0)) / 1e3
+            for k in ("usage", "convert", "mount", "record", "remove"):
+                sums[f"commit_{k}_s"] += float(f.get(k, 0)) / 1e3
+            sums["commit_layers"] += 1
+        return sums if sums["commit_layers"] else None
 
     def dedupd_status(self):
         """dedupd's own counters (`ROOT/run/stats.json`, written by `dedupd run`), if any."""
@@ -340,6 +371,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for m in sorted((m for m in mounts if m.startswith(self.work)), reverse=True):
             if subprocess.run(["umount", m], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", m], capture_output=True)
+        # With layers still mounted when dedupd stopped (a failed run), its fanotify
+        # holder stays for a successor that will not come.
+        self.stop_holder(2)
         if self.args.keep:
             log(f"kept {self.work}")
         else:
@@ -405,8 +439,73 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             raise Fail(f"{' '.join(cmd)}: exit {rc}, ready line {'seen' if ready else 'missing'}: {err.strip()[-1000:]}")
         return ready, done, cg_read
 
+    def holder_pid(self):
+        """Pid of the fanotify front end's holder process of our dedupd, if it runs."""
+        try:
+            pid = int(open(os.path.join(self.droot, "fanotify", "holder.pid")).read().split()[0])
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except (OSError, ValueError, IndexError):
+            return None
+        if b"fanotify-holder" in cmdline and self.work.encode() in cmdline:
+            return pid
+        return None
+
+    def stop_holder(self, limit_s):
+        """Waits up to `limit_s` for the holder to exit, then kills it (it ignores
+        SIGTERM by design: it outlives a daemon so that a successor can take over)."""
+        end = time.monotonic() + limit_s
+        while self.holder_pid() is not None and time.monotonic() < end:
+            time.sleep(0.1)
+        pid = self.holder_pid()
+        if pid is not None:
+            log(f"killing dedupd's fanotify holder (pid {pid})")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def restart_dedupd(self):
+        """Stops dedupd (and its fanotify holder), deletes its cachefiles cache
+        (ROOT/cache) and starts it again on the same root; the chunk store stays.
+
+        Why, per front end:
+        - cachefiles keeps the data it served in cache files that outlive the layer: a
+          layer converted again (the next repetition) has the same blob ids, and its
+          reads would be answered from the old cache files instead of by dedupd. Dropping
+          the cache while dedupd is down (unbound) keeps every repetition cold.
+        - fanotify: a blob file deleted and created again under the same id within one
+          holder's life is filled through the holder's old writer fd (the deleted inode),
+          so readers of the new file read holes (zeros): a front-end bug, worked around
+          here by a fresh holder per measurement (see bench/RESULTS.md).
+        """
+        p = self.dedupd
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        self.stop_holder(10)
+        shutil.rmtree(os.path.join(self.droot, "cache"), ignore_errors=True)
+        if os.path.exists(self.dsock):
+            os.unlink(self.dsock)
+        self.start_dedupd()
+        self.restarts += 1
+        # containerd redials the proxy with a backoff of at most a few seconds: wait
+        # until a real round trip (prepare and remove a scratch snapshot) goes through.
+        def reachable():
+            key = f"coldstart-probe-{self.restarts}"
+            snap = ["ctr", "-a", self.csock, "-n", NS, "snapshots", "--snapshotter", "dedup"]
+            ok = subprocess.run(snap + ["prepare", key], capture_output=True).returncode == 0
+            return ok and subprocess.run(snap + ["rm", key], capture_output=True).returncode == 0
+        wait_until(reachable, "containerd to reach the restarted dedupd")
+
     def measure_group(self, snapshotter, group):
         self.clean(snapshotter)
+        if snapshotter == "dedup" and self.args.restart_dedupd and self.measured_dedup:
+            self.restart_dedupd()
+        if snapshotter == "dedup":
+            self.measured_dedup = True
         dpid = self.dedupd.pid if (snapshotter == "dedup" and self.dedupd) else None
         snap_dirs = [os.path.join(self.croot, "io.containerd.snapshotter.v1.overlayfs")]
         if snapshotter == "dedup":
@@ -421,11 +520,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for name in group:
             net0 = self.registry_bytes()
             dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            log0 = self.dedupd_log_size() if dpid else 0
             t0 = time.monotonic()
             self.ctr("image", "pull", "--plain-http", "--snapshotter", snapshotter, self.ref(name))
             pull_s = time.monotonic() - t0
             out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0,
                          "dedupd_pull_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None}
+            if dpid:
+                out[name].update(self.commit_timing(log0) or {})
         content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
         snap = disk_bytes(*snap_dirs) - residual
         breakdown = {e: disk_bytes(os.path.join(self.droot, e))
@@ -436,7 +538,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for name in group:
             disk0 = device_read_bytes(self.sysdev)
             dio0 = proc_io(dpid, "read_bytes") if dpid else 0
+            st0 = self.dedupd_status() if dpid else None
             ready_s, exit_s, cg_read = self.run_container(snapshotter, name)
+            st1 = self.dedupd_status() if dpid else None
+            for k, field in (("bytes_written", "dedupd_filled_bytes"), ("reads", "dedupd_events")):
+                if st0 and st1 and k in st0 and k in st1:
+                    # The program slept a second after READY: stats.json (rewritten every
+                    # 200 ms) holds the start's fills.
+                    out[name][field] = st1[k] - st0[k]
             out[name].update({
                 "ready_s": ready_s, "exit_s": exit_s,
                 "pull_to_ready_s": out[name]["pull_s"] + ready_s,
@@ -503,6 +612,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             "mode": "vm" if a.in_vm else "native",
             "dedupd_command": self.dedupd_cmd,
             "dedupd_front_end": self.front_end(),
+            "dedupd_restarted_between_measurements": self.args.restart_dedupd,
+            "dedupd_restarts": self.restarts,
             "images": self.info,
             "groups": [" ".join(g) for g in groups],
             "samples": samples,
@@ -540,12 +651,17 @@ def summarize(results):
             per_group[gname] = {k: median([r.get(k) for r in reps])
                                 for k in ("disk_content_bytes", "disk_snapshot_bytes",
                                           "disk_total_bytes", "dedupd_hwm_bytes", "residual_before_pull_bytes",
-                                          "dedupd_bytes_written", "dedupd_chunks_fetched")}
+                                          "dedupd_bytes_written", "dedupd_chunks_fetched",
+                                          "dedupd_reads")}
             for name in gname.split():
                 per_image[name] = {k: median([r["images"][name].get(k) for r in reps])
                                    for k in ("pull_s", "ready_s", "exit_s", "pull_to_ready_s",
                                              "net_bytes", "device_read_bytes", "container_read_bytes",
-                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes")}
+                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes",
+                                             "commit_s", "commit_usage_s", "commit_convert_s",
+                                             "commit_mount_s", "commit_record_s", "commit_remove_s",
+                                             "commit_layers", "dedupd_filled_bytes",
+                                             "dedupd_events")}
         out[s] = {"images": per_image, "groups": per_group}
     return out
 
@@ -599,6 +715,9 @@ def main():
                          "it and stop; without, serve the images pushed there before")
     ap.add_argument("--prepare-registry", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-restart-dedupd", dest="restart_dedupd", action="store_false",
+                    help="keep one dedupd for the whole run instead of a fresh one (and an "
+                         "empty cachefiles cache) before each dedup measurement")
     ap.add_argument("--command-line", default=" ".join(sys.argv))
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
                     help="only redraw the chart and tables of an earlier run's results.json")

@@ -23,6 +23,10 @@ def _pct(a, b):
     return "-" if a is None or not b else f"{a / b:.1%}"
 
 
+def _n(x):
+    return "-" if x is None else f"{x:g}"
+
+
 def _s(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -38,6 +42,16 @@ def _r(x, target=None):
         return "-"
     mark = "" if target is None else (" ok" if x <= target else " **miss**")
     return f"{x:.2f}x{mark}"
+
+
+def fetched(d):
+    """Bytes a dedup container's start brought in from storage: what the lazy front end
+    filled from the chunk store, or (no fills: the local front end) its disk reads."""
+    if not d:
+        return None
+    if d.get("dedupd_filled_bytes"):
+        return d["dedupd_filled_bytes"]
+    return d.get("container_read_bytes")
 
 
 def image_order(results):
@@ -102,6 +116,40 @@ def markdown(results, chart_path):
                "EROFS + chunks). Ready: `ctr run --rm` until the container prints READY, page "
                "caches dropped after the pull. For app-v2, v1 is already pulled (shared base layer).")
     out.append("")
+    if both and any(summ["dedup"]["images"][n].get("commit_s") is not None for n in names):
+        out.append("### Where dedup's extra time goes")
+        out.append("")
+        out.append("| image | pull: dedup - overlayfs (s) | Commit in dedupd (s) | convert | "
+                   "mount | record | remove tree | layers converted | ready: dedup - overlayfs (s) "
+                   "| front-end events at start | MiB filled at start |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for g in results["groups"]:
+            dg = summ["dedup"]["groups"].get(g, {})
+            for i, n in enumerate(g.split()):
+                o = summ["overlayfs"]["images"][n]
+                d = summ["dedup"]["images"][n]
+                diff = lambda k: None if d.get(k) is None or o.get(k) is None else d[k] - o[k]
+                ev = d.get("dedupd_events")
+                filled = d.get("dedupd_filled_bytes")
+                if ev is None and i == 0:  # results from before per-image counters
+                    ev, filled = dg.get("dedupd_reads"), dg.get("dedupd_bytes_written")
+                out.append(
+                    f"| {n} | {_s(diff('pull_s'))} | {_s(d.get('commit_s'))} "
+                    f"| {_s(d.get('commit_convert_s'))} | {_s(d.get('commit_mount_s'))} "
+                    f"| {_s(d.get('commit_record_s'))} | {_s(d.get('commit_remove_s'))} "
+                    f"| {_n(d.get('commit_layers'))} "
+                    f"| {_s(diff('ready_s'))} | {_n(ev)} | {_mib(filled)} |")
+        out.append("")
+        out.append("Commit: the snapshotter's work when containerd commits an unpacked layer (its "
+                   "`commit timing` log line), summed over the image's layers: disk-usage walk "
+                   "(the rest), conversion into EROFS + chunks (read back, hash, compress, write, "
+                   "fsync), mounting the layer through the front end, recording the committed "
+                   "snapshot (a durable metadata transaction) and removing the unpacked tree; "
+                   "all inside `ctr image pull`. Events: READs (cachefiles) or pre-content events (fanotify) "
+                   "answered from `ctr run` to the container's exit; filled: bytes the front end "
+                   "wrote into its cache or blob files then (`ROOT/run/stats.json`). Medians; a layer already converted "
+                   "(app-v2's base) is not converted again.")
+        out.append("")
     out.append("### Disk use after pull (MiB) and ratios dedup / overlayfs")
     out.append("")
     out.append("| images | overlayfs content + snapshots | dedup content + dedupd root | total ratio "
@@ -143,8 +191,9 @@ def markdown(results, chart_path):
     out.append("### Bytes read at start, network, dedupd memory")
     out.append("")
     out.append("| image | image MiB | read by the program (designed) | fraction | container disk reads: overlayfs "
-               "| dedup | fraction (dedup) | dedupd disk reads at run | registry MiB per pull | dedupd peak RSS MiB |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+               "| dedup | dedupd filled at start | fetched at start: overlayfs | dedup "
+               "| dedupd disk reads at run | registry MiB per pull | dedupd peak RSS MiB |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for g in results["groups"]:
         dg = summ.get("dedup", {}).get("groups", {}).get(g, {})
         for n in g.split():
@@ -155,15 +204,21 @@ def markdown(results, chart_path):
                 f"| {n} | {_mib(info[n]['tar_bytes'])} | {_mib(info[n]['read_bytes'])} "
                 f"({info[n]['read_note']}) | {info[n]['read_bytes'] / info[n]['tar_bytes']:.1%} "
                 f"| {_mib(o.get('container_read_bytes'))} | {_mib(d.get('container_read_bytes'))} "
-                f"| {_pct(d.get('container_read_bytes'), info[n]['tar_bytes'])} "
+                f"| {_mib(d.get('dedupd_filled_bytes'))} "
+                f"| {_pct(o.get('container_read_bytes'), info[n]['tar_bytes'])} "
+                f"| {_pct(fetched(d), info[n]['tar_bytes'])} "
                 f"| {_mib(d.get('dedupd_run_read_bytes'))} | {_mib(net)} "
                 f"| {_mib(dg.get('dedupd_hwm_bytes'))} |")
     out.append("")
     out.append("Designed: the bytes the start-up program asks for (the image's READY condition). "
                "Container disk reads: storage reads caused by the container's processes from `ctr run` "
                "to READY (`/proc/PID/io` read_bytes, reaped children included), caches dropped: "
-               "the program's page-cache misses, readahead included; fraction = over the image's "
-               "uncompressed size. "
+               "the program's page-cache misses, readahead included. dedupd filled: bytes the "
+               "lazy front end wrote into its blob or cache files from `ctr run` to exit (with "
+               "fanotify the container then reads them from the page cache, so its own disk "
+               "reads are about 0). Fetched at start = over the image's uncompressed size: "
+               "overlayfs the container's disk reads, dedup the bytes filled (or its disk "
+               "reads when nothing was filled). "
                "dedupd disk reads: bytes dedupd itself read from disk (`/proc/PID/io`) meanwhile "
                "(a lazy front end fills from the chunk store here). Registry: bytes the registry "
                "sent for the pull (its access log). Peak RSS: dedupd's VmHWM, reset before each "
