@@ -452,6 +452,67 @@ fn concurrent_readers_at_random_offsets() {
     assert_eq!(num(&st, "denied"), 0, "{st}");
 }
 
+/// Several readers walk the same files front to back at once, with prefetch on: events
+/// that land on a range a request in flight is writing wait for it instead of filling
+/// it again, so no slot of any blob is read from the store twice.
+#[test]
+fn concurrent_sequential_readers_fill_each_slot_once() {
+    if !can_run("concurrent_sequential_readers_fill_each_slot_once") {
+        return;
+    }
+    let s = Arc::new(setup(&[0, 1]));
+    let slots: u64 = {
+        let store = dedupd::store::Store::open(&s.root).unwrap();
+        let mut blobs = std::collections::BTreeSet::new();
+        for (id, _) in &s.layers {
+            blobs.extend(store.layer(id).unwrap().unwrap().blobs);
+        }
+        blobs
+            .iter()
+            .map(|b| store.blob_table(b).unwrap().unwrap().entries().len() as u64)
+            .sum()
+    };
+    let d = Daemon::start(&s, &["--workers", "2"]);
+    drop_caches();
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for (id, files) in &s.layers {
+                    for (rel, want) in files.iter().filter(|(_, v)| !v.is_empty()) {
+                        let path = s.mnt.join(id).join(rel);
+                        let f = fs::File::open(&path).unwrap();
+                        let mut off = 0;
+                        // Bounded by the file's length.
+                        while off < want.len() {
+                            let len = (128 << 10).min(want.len() - off);
+                            let mut buf = vec![0u8; len];
+                            f.read_exact_at(&mut buf, off as u64).unwrap();
+                            assert!(
+                                buf == want[off..off + len],
+                                "{} at {off}+{len}",
+                                path.display()
+                            );
+                            off += len;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader");
+    }
+    let st = d.stop();
+    all_answered(&st);
+    assert_eq!(num(&st, "denied"), 0, "{st}");
+    assert!(
+        num(&st, "chunks_fetched") <= slots,
+        "{} chunks fetched for {slots} slots: some were filled twice; {st}",
+        num(&st, "chunks_fetched")
+    );
+}
+
 #[test]
 fn a_corrupt_chunk_gives_eio_and_everything_else_is_served() {
     if !can_run("a_corrupt_chunk_gives_eio") {

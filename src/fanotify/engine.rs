@@ -8,19 +8,35 @@
 //! events needing no fill through the thread's io_uring, and a queue of prefetch ranges.
 //!
 //! - `next`: hands out queued events first. One whose range is filled already (per the
-//!   page map) is answered at once, without touching the store; one that needs data
-//!   becomes a [`FillRequest`] for the slot-aligned cover of its missing chunks, into
-//!   the event's fd. With the queue empty, a pending prefetch becomes a fill request
-//!   into the blob's kept write fd (no event, no answer). Otherwise one `read(2)` of at
-//!   most as many events as there are free slots; each event is journaled at once.
-//! - `complete`: on success the page map gets the request's pages (only now: the
-//!   writes have landed) and a complete blob is unmarked; the event is answered
-//!   `FAN_ALLOW`, or `FAN_DENY_ERRNO(EIO)` on failure, its journal slot cleared, and
-//!   then the engine drops the request, closing the event fd: response -> slot cleared
-//!   -> fd closed, the order recovery relies on.
+//!   page map) is answered at once, without touching the store. One that needs data
+//!   claims (see [`Claims`]) the first run of its missing chunks that no request in
+//!   flight writes, and becomes a [`FillRequest`] for that run into the event's fd; if
+//!   every missing chunk of it is claimed already (a prefetch, or another reader's
+//!   fill, is writing it), the event is *parked* on the blob instead of filling the
+//!   same bytes twice. Then events handed back by other threads (`redrive`), then one
+//!   `read(2)` of at most as many events as there are free slots (each journaled at
+//!   once), and only when the group has nothing queued, a prefetch piece from the
+//!   shared queue: claimed the same way, filled into the blob's kept write fd.
+//! - `written` (after each write of a request landed): its pages are set in the page
+//!   map (verified bytes are in the file) and the blob's parked events are looked at
+//!   again, so a reader waits for its own chunks, not for a whole prefetch piece.
+//! - `complete`: on success the page map gets the request's pages, then its claims are
+//!   released and the blob's parked events are looked at again: filled ones are answered `FAN_ALLOW` (by whichever thread
+//!   completed the fill), ones that need a chunk nobody writes any more (a failed
+//!   request) go to the shared `redrive` queue for a fill of their own. An event's own
+//!   request that succeeded is settled the same way (allowed, parked, or redriven); one
+//!   that failed is answered `FAN_DENY_ERRNO(EIO)`. Each answer: response, journal slot
+//!   cleared, fd closed (the engine drops its reference after `complete`), in that
+//!   order, which recovery relies on; the slot goes back to the thread that owns it.
+//! - Prefetch: a sequential event queues the [`PREFETCH_BYTES`] after it, in pieces of
+//!   [`PREFETCH_PIECE_BYTES`], on a queue shared by the engine threads, and writes the
+//!   front end's wake eventfd ([`crate::serve::FrontEnd::wake_fd`]) so that an idle
+//!   thread on the other core takes pieces too: fills run ahead of the reader on both
+//!   cores while the reader copies.
 //! - When an engine thread ends, events it read but did not hand out are filled
 //!   synchronously ([`super::fill::PackFiller`], the same `decode_record` step) and
-//!   answered, so that nothing read is left unanswered.
+//!   answered, so that nothing read is left unanswered; parked and redriven events
+//!   left when the engine stopped are answered the same way ([`Shared::answer_leftovers`]).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -33,19 +49,27 @@ use super::fill::PackFiller;
 use super::journal::Entry;
 use super::respond::Responder;
 use super::{
-    sys, Answer, Shared, EVENTS_PER_READ, MAX_WORKERS, PREFETCH_BYTES, PREFETCH_QUEUE,
-    SLOTS_PER_THREAD,
+    sys, Answer, Shared, EVENTS_PER_READ, MAX_WORKERS, PREFETCH_BYTES, PREFETCH_PIECE_BYTES,
+    PREFETCH_QUEUE, SLOTS_PER_THREAD,
 };
 use crate::serve::{FillOutcome, FillRequest, FillSource, FrontEnd, Next, ThreadCounters};
 
+/// An event that needs data: its journal slot, its fd (owned from here on; closed when
+/// the last reference goes, after the answer) and its range of blob `bi`.
+pub(super) struct Waiter {
+    slot: usize,
+    fd: Arc<OwnedFd>,
+    bi: usize,
+    offset: u64,
+    end: u64,
+}
+
 /// Completion token of a fill request.
 pub enum Token {
-    /// A permission event waiting for `[start, stop)` of blob `bi`.
+    /// A permission event's fill of `[start, stop)` (slot-aligned, claimed).
     Event {
-        /// Its journal slot.
-        slot: usize,
-        /// Blob index.
-        bi: usize,
+        /// The event.
+        w: Waiter,
         /// Slot-aligned range the request writes.
         start: u64,
         /// End of it.
@@ -55,11 +79,55 @@ pub enum Token {
     Prefetch {
         /// Blob index.
         bi: usize,
-        /// Slot-aligned range the request writes.
+        /// Slot-aligned range the request writes (claimed).
         start: u64,
         /// End of it.
         stop: u64,
     },
+}
+
+/// Pages of one blob that fill requests in flight are writing, and the events waiting
+/// for them. Guarded by the blob's mutex; a claim covers whole slots and lasts from the
+/// moment a request is handed to the engine until its `complete`.
+#[derive(Default)]
+pub(super) struct Claims {
+    /// One bit per page (allocated on first use).
+    bits: Vec<u64>,
+    /// Events whose missing chunks are all claimed.
+    parked: Vec<Waiter>,
+}
+
+impl Claims {
+    fn get(&self, page: u64) -> bool {
+        self.bits
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn set(&mut self, first: u64, end: u64, on: bool, pages: u64) {
+        if self.bits.is_empty() {
+            self.bits = vec![0; pages.div_ceil(64) as usize];
+        }
+        for p in first..end.min(pages) {
+            let w = &mut self.bits[(p / 64) as usize];
+            if on {
+                *w |= 1 << (p % 64);
+            } else {
+                *w &= !(1 << (p % 64));
+            }
+        }
+    }
+}
+
+/// What a range needs, as seen under the blob's claims lock.
+enum Plan {
+    /// Every page is filled.
+    Ready,
+    /// Every missing chunk is being written by a request in flight.
+    Wait,
+    /// `[start, stop)`, a run of missing, unclaimed slots (claimed by `plan` when asked
+    /// to claim).
+    Fill(u64, u64),
 }
 
 /// One event read and journaled, not yet handed to the engine.
@@ -72,6 +140,8 @@ struct Queued {
 /// Per engine thread state.
 pub struct Local {
     shared: Arc<Shared>,
+    /// This thread's index: its journal slots are `t * SLOTS_PER_THREAD..`.
+    t: usize,
     buf: Vec<u8>,
     evs: Vec<Event>,
     queue: VecDeque<Queued>,
@@ -80,7 +150,6 @@ pub struct Local {
     /// Slots of answers queued in the responder (freed once it finished).
     answered: Vec<usize>,
     responder: Responder,
-    prefetch: VecDeque<(usize, u64, u64)>,
 }
 
 impl Local {
@@ -109,24 +178,162 @@ impl Drop for Local {
 }
 
 impl Shared {
-    /// The slot-aligned cover of the chunks of `[offset, offset + count)` of blob `bi`
-    /// that have a missing page; None when every page of the range is filled.
-    fn missing_cover(&self, bi: usize, offset: u64, count: u64) -> Option<(u64, u64)> {
+    /// What `[offset, end)` of blob `bi` needs: scans its slots for the first run of
+    /// missing slots no request in flight writes (skipping claimed ones), and with
+    /// `claim` claims that run. Call with the blob's claims lock held.
+    fn plan(&self, bi: usize, claims: &mut Claims, offset: u64, end: u64, claim: bool) -> Plan {
         let b = &self.blobs[bi];
-        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        let end = end.min(b.table.size_bytes());
         if offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES)) {
-            return None;
+            return Plan::Ready;
         }
-        let entries = b.table.overlapping(offset, end - offset);
-        let missing = |e: &&crate::store::BlobEntry| {
-            !b.map.all(
-                e.blob_offset / PAGE_BYTES,
-                (e.blob_offset + e.slot_len()) / PAGE_BYTES,
-            )
+        let mut waiting = false;
+        let mut run: Option<(u64, u64)> = None;
+        for e in b.table.overlapping(offset, end - offset) {
+            let first = e.blob_offset / PAGE_BYTES;
+            let missing = !b
+                .map
+                .all(first, (e.blob_offset + e.slot_len()) / PAGE_BYTES);
+            let claimed = claims.get(first);
+            let slot_end = e.blob_offset + e.slot_len();
+            match run {
+                None if !missing => {}
+                None if claimed => waiting = true,
+                None => run = Some((e.blob_offset, slot_end)),
+                Some((s, _)) if missing && !claimed => run = Some((s, slot_end)),
+                Some(_) => break,
+            }
+        }
+        match run {
+            Some((s, t)) => {
+                if claim {
+                    claims.set(s / PAGE_BYTES, t.div_ceil(PAGE_BYTES), true, b.map.pages());
+                }
+                Plan::Fill(s, t)
+            }
+            None if waiting => Plan::Wait,
+            None => Plan::Ready,
+        }
+    }
+
+    /// Releases the claim on `[start, stop)` of blob `bi` (after its request completed
+    /// and, on success, the page map was set) and answers or redrives the parked events
+    /// that no longer wait for anything.
+    fn release(&self, bi: usize, start: u64, stop: u64, local: &mut Local) {
+        self.recheck_parked(bi, Some((start, stop)), local);
+    }
+
+    /// Looks at the parked events of blob `bi` again (after releasing the claim on
+    /// `release`, if given): answers those whose range is filled, redrives those that
+    /// need a chunk nobody writes, keeps the rest parked.
+    fn recheck_parked(&self, bi: usize, release: Option<(u64, u64)>, local: &mut Local) {
+        let b = &self.blobs[bi];
+        let mut ready = Vec::new();
+        let mut redrive = Vec::new();
+        {
+            let mut claims = b.claims.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((start, stop)) = release {
+                claims.set(
+                    start / PAGE_BYTES,
+                    stop.div_ceil(PAGE_BYTES),
+                    false,
+                    b.map.pages(),
+                );
+            }
+            if claims.parked.is_empty() {
+                return;
+            }
+            let parked = std::mem::take(&mut claims.parked);
+            for w in parked {
+                match self.plan(bi, &mut claims, w.offset, w.end, false) {
+                    Plan::Ready => ready.push(w),
+                    Plan::Wait => claims.parked.push(w),
+                    Plan::Fill(..) => redrive.push(w),
+                }
+            }
+        }
+        for w in ready {
+            self.finish_waiter(w, sys::FAN_ALLOW, local);
+        }
+        if !redrive.is_empty() {
+            self.redrive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(redrive);
+            self.wake();
+        }
+    }
+
+    /// Wakes every engine thread (their multishot polls on the wake eventfd). The
+    /// counter is never read back: each write is one wake-up.
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        let _ = nix::unistd::write(&self.wake, &one);
+    }
+
+    /// Answers `w` (response, journal slot cleared, then its fd dropped: closed now, or
+    /// when the engine drops the request holding it) and gives its slot back.
+    fn finish_waiter(&self, w: Waiter, response: u32, local: &mut Local) {
+        if response == sys::FAN_ALLOW {
+            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = sys::respond(self.group.as_fd(), w.fd.as_raw_fd(), response) {
+            tracing::error!(fd = w.fd.as_raw_fd(), "fanotify response: {e}");
+        }
+        self.journal.clear(w.slot);
+        drop(w.fd);
+        self.free_slot(w.slot, local);
+    }
+
+    /// Gives journal slot `slot` back to the thread that owns it.
+    fn free_slot(&self, slot: usize, local: &mut Local) {
+        let owner = slot / SLOTS_PER_THREAD;
+        if owner == local.t {
+            local.free.push(slot);
+        } else if let Some(r) = self.returned.get(owner) {
+            r.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        }
+    }
+
+    /// An event that needs data: allowed at once, parked, or (with `may_fill`) a fill
+    /// request for the first run of its missing, unclaimed chunks. Without `may_fill`
+    /// an event that needs such a run goes to the redrive queue.
+    fn drive(&self, w: Waiter, may_fill: bool, local: &mut Local) -> Option<FillRequest<Token>> {
+        let bi = w.bi;
+        let b = &self.blobs[bi];
+        let plan = {
+            let mut claims = b.claims.lock().unwrap_or_else(|p| p.into_inner());
+            let plan = self.plan(bi, &mut claims, w.offset, w.end, may_fill);
+            if let Plan::Wait = plan {
+                self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                claims.parked.push(w);
+                return None;
+            }
+            plan
         };
-        let first = entries.iter().find(missing)?;
-        let last = entries.iter().rev().find(missing)?;
-        Some((first.blob_offset, last.blob_offset + last.slot_len()))
+        match plan {
+            Plan::Ready | Plan::Wait => {
+                self.finish_waiter(w, sys::FAN_ALLOW, local);
+                None
+            }
+            Plan::Fill(start, stop) if may_fill => Some(FillRequest {
+                source: FillSource::Chunked(b.table.clone()),
+                offset: start,
+                len: stop - start,
+                target: w.fd.clone(),
+                token: Token::Event { w, start, stop },
+            }),
+            Plan::Fill(..) => {
+                self.redrive
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(w);
+                self.wake();
+                None
+            }
+        }
     }
 
     /// Records `[start, stop)` of blob `bi` as written (after the writes landed).
@@ -159,9 +366,10 @@ impl Shared {
         }
     }
 
-    /// Notes the event range; when it continues the previous one, queues the range
-    /// after it (up to [`PREFETCH_BYTES`] ahead) for prefetching.
-    fn note_sequential(&self, bi: usize, offset: u64, count: u64, local: &mut Local) {
+    /// Notes the event range; when it continues the previous one, queues the
+    /// [`PREFETCH_BYTES`] after it (from where earlier prefetches stopped) in pieces on
+    /// the shared prefetch queue, and wakes the engine threads.
+    fn note_sequential(&self, bi: usize, offset: u64, count: u64) {
         if !self.prefetch {
             return;
         }
@@ -172,26 +380,32 @@ impl Shared {
         if prev != offset || end >= size {
             return;
         }
-        let ahead = b.prefetched_to.load(Ordering::Acquire);
-        // Continue from what was handed out already when it is within this window.
-        let from = if ahead > end && ahead < end + PREFETCH_BYTES {
-            ahead
-        } else {
-            end
-        };
         let to = (end + PREFETCH_BYTES).min(size);
-        // In halves of the window, so that requests are large.
-        if to <= from || (to - from < PREFETCH_BYTES / 2 && to < size) {
+        let ahead = b.prefetched_to.load(Ordering::Acquire);
+        if ahead >= to {
             return;
         }
-        if local.prefetch.len() < PREFETCH_QUEUE {
-            b.prefetched_to.fetch_max(to, Ordering::AcqRel);
-            local.prefetch.push_back((bi, from, to - from));
+        let mut from = ahead.max(end);
+        // Whole pieces, so that requests are large (the blob's tail excepted).
+        if to - from < PREFETCH_PIECE_BYTES && to < size {
+            return;
         }
+        {
+            let mut q = self.prefetch_q.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the window: at most PREFETCH_BYTES / PREFETCH_PIECE_BYTES pieces.
+            while from < to && q.len() < PREFETCH_QUEUE {
+                let len = PREFETCH_PIECE_BYTES.min(to - from);
+                q.push_back((bi, from, len));
+                from += len;
+            }
+        }
+        b.prefetched_to.fetch_max(from, Ordering::AcqRel);
+        self.wake();
     }
 
-    /// The answer of an event that needs no fill, or its fill request.
-    fn classify(&self, q: &Queued, local: &mut Local) -> Result<u32, FillRequest<Token>> {
+    /// Handles one queued event: its answer when it needs no fill (batched by the
+    /// caller), else it is driven (see [`Shared::drive`]): a fill request, or parked.
+    fn classify(&self, q: &Queued, local: &mut Local) -> Result<u32, Option<FillRequest<Token>>> {
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         let (Some(bi), Some((offset, count)), true) =
             (q.blob, q.ev.range, q.ev.mask & sys::FAN_PRE_ACCESS != 0)
@@ -203,35 +417,45 @@ impl Shared {
         // event is answered.
         let fd = unsafe { BorrowedFd::borrow_raw(q.ev.fd) };
         self.adopt_writer(bi, fd);
-        self.note_sequential(bi, offset, count, local);
-        match self.missing_cover(bi, offset, count) {
-            None => {
-                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                self.counters.cached.fetch_add(1, Ordering::Relaxed);
-                Ok(sys::FAN_ALLOW)
-            }
-            Some((start, stop)) => Err(FillRequest {
-                source: FillSource::Chunked(self.blobs[bi].table.clone()),
-                offset: start,
-                len: stop - start,
-                // SAFETY: the event fd is ours (installed by our read); from here the
-                // request owns it, and the engine closes it after `complete`.
-                target: Arc::new(unsafe { OwnedFd::from_raw_fd(q.ev.fd) }),
-                token: Token::Event {
-                    slot: q.slot,
-                    bi,
-                    start,
-                    stop,
-                },
-            }),
+        self.note_sequential(bi, offset, count);
+        let b = &self.blobs[bi];
+        let end = offset.saturating_add(count).min(b.table.size_bytes());
+        if offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES)) {
+            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+            self.counters.cached.fetch_add(1, Ordering::Relaxed);
+            return Ok(sys::FAN_ALLOW);
         }
+        let w = Waiter {
+            slot: q.slot,
+            // SAFETY: the event fd is ours (installed by our read); from here the waiter
+            // owns it, and it is closed once, after the answer.
+            fd: Arc::new(unsafe { OwnedFd::from_raw_fd(q.ev.fd) }),
+            bi,
+            offset,
+            end,
+        };
+        Err(self.drive(w, true, local))
     }
 
-    /// A fill request for a queued prefetch range, if anything of it is missing.
+    /// A fill request for a prefetch piece: its first run of missing, unclaimed slots
+    /// (claimed here); the rest of the piece goes back to the queue's front.
     fn prefetch_request(&self, bi: usize, offset: u64, len: u64) -> Option<FillRequest<Token>> {
         let b = &self.blobs[bi];
         let writer = b.writer.get()?.clone();
-        let (start, stop) = self.missing_cover(bi, offset, len)?;
+        let end = offset + len;
+        let plan = {
+            let mut claims = b.claims.lock().unwrap_or_else(|p| p.into_inner());
+            self.plan(bi, &mut claims, offset, end, true)
+        };
+        let Plan::Fill(start, stop) = plan else {
+            return None;
+        };
+        if stop < end {
+            self.prefetch_q
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_front((bi, stop, end - stop));
+        }
         Some(FillRequest {
             source: FillSource::Chunked(b.table.clone()),
             offset: start,
@@ -360,6 +584,46 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// After the engine stopped: answers events still parked or queued for a redrive
+    /// (none should be parked: every claim's request completed), filling synchronously.
+    pub(super) fn answer_leftovers(&self) {
+        let mut left: Vec<Waiter> = self
+            .redrive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for b in &self.blobs {
+            let mut claims = b.claims.lock().unwrap_or_else(|p| p.into_inner());
+            left.append(&mut claims.parked);
+            claims.bits.clear();
+        }
+        if left.is_empty() {
+            return;
+        }
+        let mut filler = PackFiller::new(self.packs.clone());
+        for w in left {
+            let answer =
+                self.fill_range(w.bi, w.offset, w.end - w.offset, w.fd.as_fd(), &mut filler);
+            let response = match answer {
+                Answer::Allow { .. } => {
+                    self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                    sys::FAN_ALLOW
+                }
+                Answer::Deny => {
+                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    sys::FAN_DENY_EIO
+                }
+            };
+            if let Err(e) = sys::respond(self.group.as_fd(), w.fd.as_raw_fd(), response) {
+                tracing::error!(fd = w.fd.as_raw_fd(), "fanotify response: {e}");
+            }
+            self.journal.clear(w.slot);
+        }
+    }
+}
+
 impl FrontEnd for Shared {
     type Token = Token;
     type Local = Local;
@@ -376,6 +640,7 @@ impl FrontEnd for Shared {
             .expect("the engine runs on a live front end");
         Local {
             shared,
+            t,
             buf: vec![0u8; EVENTS_PER_READ * sys::EVENT_METADATA_BYTES],
             evs: Vec::with_capacity(EVENTS_PER_READ),
             queue: VecDeque::with_capacity(EVENTS_PER_READ),
@@ -384,7 +649,6 @@ impl FrontEnd for Shared {
                 .collect(),
             answered: Vec::with_capacity(EVENTS_PER_READ),
             responder: Responder::new(self.uring_responses),
-            prefetch: VecDeque::with_capacity(PREFETCH_QUEUE),
         }
     }
 
@@ -392,7 +656,16 @@ impl FrontEnd for Shared {
         self.group.as_raw_fd()
     }
 
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.wake.as_raw_fd())
+    }
+
     fn next(&self, local: &mut Local, _c: &ThreadCounters) -> Next<Token> {
+        if let Some(r) = self.returned.get(local.t) {
+            local
+                .free
+                .append(&mut r.lock().unwrap_or_else(|p| p.into_inner()));
+        }
         // Bounded by the queue (at most one read batch).
         while let Some(q) = local.queue.pop_front() {
             match self.classify(&q, local) {
@@ -406,57 +679,89 @@ impl FrontEnd for Shared {
                     );
                     local.answered.push(q.slot);
                 }
-                Err(req) => {
+                Err(Some(req)) => {
                     // Readers answered so far must not wait for this fill.
                     local.flush_answers();
                     return Next::Fill(req);
                 }
+                Err(None) => {}
             }
         }
         local.flush_answers();
-        if let Some((bi, offset, len)) = local.prefetch.pop_front() {
-            return match self.prefetch_request(bi, offset, len) {
+        let redriven = self
+            .redrive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        if let Some(w) = redriven {
+            return match self.drive(w, true, local) {
                 Some(req) => Next::Fill(req),
                 None => Next::Handled,
             };
         }
-        self.read_batch(local)
+        match self.read_batch(local) {
+            Next::Empty => {}
+            other => return other,
+        }
+        // The group has nothing queued: fill ahead of sequential readers. Bounded by
+        // the queue's length.
+        for _ in 0..PREFETCH_QUEUE {
+            let piece = self
+                .prefetch_q
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            let Some((bi, offset, len)) = piece else {
+                break;
+            };
+            if let Some(req) = self.prefetch_request(bi, offset, len) {
+                return Next::Fill(req);
+            }
+        }
+        Next::Empty
+    }
+
+    fn written(&self, local: &mut Local, token: &Token, offset: u64, len: u64) {
+        // The write landed, of verified bytes (or the zeros past the data): its pages
+        // hold data now, and an event parked on them need not wait for the rest of the
+        // request (a whole prefetch piece).
+        let bi = match token {
+            Token::Event { w, .. } => w.bi,
+            Token::Prefetch { bi, .. } => *bi,
+        };
+        self.blobs[bi]
+            .map
+            .set(offset / PAGE_BYTES, (offset + len) / PAGE_BYTES);
+        self.recheck_parked(bi, None, local);
     }
 
     fn complete(
         &self,
         local: &mut Local,
         token: Token,
-        target: &OwnedFd,
+        _target: &OwnedFd,
         outcome: FillOutcome,
         _c: &ThreadCounters,
     ) {
         match token {
-            Token::Event {
-                slot,
-                bi,
-                start,
-                stop,
-            } => {
-                let response = if outcome == FillOutcome::Ok {
+            Token::Event { w, start, stop } => {
+                let bi = w.bi;
+                if outcome == FillOutcome::Ok {
                     self.mark_filled(bi, start, stop);
-                    self.counters.allowed.fetch_add(1, Ordering::Relaxed);
-                    sys::FAN_ALLOW
+                    self.release(bi, start, stop, local);
+                    // Its range may hold further runs (another request's, or unclaimed).
+                    let _ = self.drive(w, false, local);
                 } else {
                     tracing::error!(blob = %self.blobs[bi].id, start, stop, ?outcome, "fill failed, answering EIO");
-                    self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                    sys::FAN_DENY_EIO
-                };
-                if let Err(e) = sys::respond(self.group.as_fd(), target.as_raw_fd(), response) {
-                    tracing::error!(fd = target.as_raw_fd(), "fanotify response: {e}");
+                    self.release(bi, start, stop, local);
+                    self.finish_waiter(w, sys::FAN_DENY_EIO, local);
                 }
-                self.journal.clear(slot);
-                local.free.push(slot);
             }
             Token::Prefetch { bi, start, stop } => {
                 if outcome == FillOutcome::Ok {
                     self.mark_filled(bi, start, stop);
                 }
+                self.release(bi, start, stop, local);
             }
         }
     }

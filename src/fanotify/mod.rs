@@ -49,18 +49,28 @@
 //!   once (fd number, blob, range; see [`journal`]), then hand out one per call. An
 //!   event whose range is filled already is answered inside `next`, batched through the
 //!   thread's [`respond::Responder`] io_uring; otherwise `Next::Fill` with
-//!   `source = Chunked(table)`, `offset`/`len` = the slot-aligned cover of the missing
-//!   chunks (so that the page map is set exactly for what the engine wrote),
-//!   `target` = the event fd, and a token naming the journal slot, blob and range.
-//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, answer
-//!   FAN_ALLOW; else FAN_DENY_ERRNO(EIO). Then clear the journal slot. The engine drops
-//!   the request (closing the event fd) after `complete` returns, which keeps the order
-//!   response -> slot cleared -> fd closed that recovery relies on.
+//!   `source = Chunked(table)`, `offset`/`len` = the first run of its missing chunks
+//!   that no request in flight writes (claimed for the request, so that the page map is
+//!   set exactly for what the engine wrote), `target` = the event fd, and a token
+//!   carrying the event. An event whose missing chunks are all claimed by requests in
+//!   flight (a prefetch, another reader) is parked on the blob instead of filling them
+//!   again.
+//! - `complete`: on `Ok`, set the page-map bits, unmark the blob if complete, release
+//!   the claim and answer the parked events it completes (FAN_ALLOW, from whichever
+//!   thread completed it); an event's own request that failed is answered
+//!   FAN_DENY_ERRNO(EIO), and parked events that still need a chunk nobody writes are
+//!   redriven into fills of their own (so a corrupt chunk fails only the events that
+//!   touch it). Every answer: response, journal slot cleared, fd closed (by the last
+//!   reference: the engine drops the request's after `complete` returns), the order
+//!   recovery relies on.
 //! - Journal slots per engine thread: [`MAX_FILLS_PER_THREAD`] in flight plus one read
-//!   batch queued, so at most [`MAX_WORKERS`] threads.
-//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] on its thread; the
-//!   thread hands it to the engine as a fill request into the blob's kept write fd,
-//!   whose completion only sets the page map (no event, no answer).
+//!   batch queued, so at most [`MAX_WORKERS`] threads. A slot freed by another thread
+//!   (a parked event answered there) goes back to its owner.
+//! - Prefetch: a sequential event queues the next [`PREFETCH_BYTES`] in pieces of
+//!   [`PREFETCH_PIECE_BYTES`] on a queue shared by the engine threads and wakes them
+//!   ([`crate::serve::FrontEnd::wake_fd`]); a thread with no event to read takes a
+//!   piece and fills it into the blob's kept write fd (no event, no answer), so both
+//!   cores fill ahead of the reader.
 //! - Before the engine starts: holder attach, blob files, marks and recovery; after it
 //!   starts: priming the write fds, then mounts. Recovery (and events still queued when
 //!   the engine stops) fill synchronously with [`fill::PackFiller`], which uses the same
@@ -230,6 +240,8 @@ pub struct Stats {
     pub recovered_journaled: u64,
     /// Events left by a previous daemon without a journal entry, denied.
     pub recovered_orphans: u64,
+    /// Times an event waited for a fill already in flight instead of filling again.
+    pub parked: u64,
     /// True when this daemon continued a group (the holder outlived a previous daemon).
     pub continued: bool,
 }
@@ -244,6 +256,7 @@ struct Counters {
     unmarked: AtomicU64,
     recovered_journaled: AtomicU64,
     recovered_orphans: AtomicU64,
+    parked: AtomicU64,
 }
 
 /// One data blob being served.
@@ -261,15 +274,19 @@ struct Blob {
     writer: OnceLock<Arc<OwnedFd>>,
     /// End of the last event range: an event starting there is sequential.
     next_seq: AtomicU64,
-    /// End of the last range handed to the engine as a prefetch.
+    /// End of the last range queued as a prefetch.
     prefetched_to: AtomicU64,
+    /// Ranges fill requests in flight are writing, and events parked on them.
+    claims: Mutex<engine::Claims>,
 }
 
 /// How far ahead of a sequential reader the prefetcher fills.
 pub const PREFETCH_BYTES: u64 = 4 << 20;
-/// Prefetch requests queued per engine thread at most (dropped when full: prefetch is
-/// only a hint).
-const PREFETCH_QUEUE: usize = 16;
+/// Size of one prefetch request: the window is cut into pieces that either engine
+/// thread takes, so that both cores fill ahead of a reader.
+pub const PREFETCH_PIECE_BYTES: u64 = 512 << 10;
+/// Prefetch pieces queued at most (beyond it prefetch is dropped: it is only a hint).
+const PREFETCH_QUEUE: usize = 64;
 /// Fill requests in flight per engine thread.
 pub const MAX_FILLS_PER_THREAD: usize = 64;
 /// Journal slots of one engine thread: one read batch queued plus every fill in flight.
@@ -295,6 +312,14 @@ struct Shared {
     me: std::sync::Weak<Shared>,
     /// Engine threads that took their journal slots so far.
     threads_started: std::sync::atomic::AtomicUsize,
+    /// Written to wake the engine threads (work queued below): never read back.
+    wake: OwnedFd,
+    /// Prefetch pieces `(blob, offset, len)`, taken by whichever engine thread is free.
+    prefetch_q: Mutex<std::collections::VecDeque<(usize, u64, u64)>>,
+    /// Events handed back for a fill of their own (a request they waited for failed).
+    redrive: Mutex<std::collections::VecDeque<engine::Waiter>>,
+    /// Journal slots freed by another thread, per owning thread.
+    returned: Vec<Mutex<Vec<usize>>>,
 }
 
 /// The running front end.
@@ -491,6 +516,7 @@ impl FanotifyFrontEnd {
                 writer,
                 next_seq: AtomicU64::new(u64::MAX),
                 prefetched_to: AtomicU64::new(0),
+                claims: Mutex::default(),
             });
         }
         // Blobs that are gone (and so not served): their writers keep dead inodes, and
@@ -538,6 +564,11 @@ impl FanotifyFrontEnd {
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
         )
         .map_err(|e| kerr("eventfd")(e.into()))?;
+        let wake = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(|e| kerr("eventfd")(e.into()))?;
         let shared = Arc::new_cyclic(|me| Shared {
             group: att.group,
             journal,
@@ -555,6 +586,10 @@ impl FanotifyFrontEnd {
             prefetch: opts.prefetch,
             me: me.clone(),
             threads_started: Default::default(),
+            wake: wake.into(),
+            prefetch_q: Mutex::default(),
+            redrive: Mutex::default(),
+            returned: (0..MAX_WORKERS).map(|_| Mutex::default()).collect(),
         });
         // Pending events of a dead daemon first: no new event is read before this.
         shared.recover(&mut PackFiller::new(packs.clone()));
@@ -643,6 +678,7 @@ impl FanotifyFrontEnd {
             unmarked: l(&c.unmarked),
             recovered_journaled: l(&c.recovered_journaled),
             recovered_orphans: l(&c.recovered_orphans),
+            parked: l(&c.parked),
             continued: self.shared.continued,
         }
     }
@@ -653,6 +689,7 @@ impl FanotifyFrontEnd {
     fn halt(&mut self) {
         if let Some(e) = self.engine.take() {
             self.engine_chunks = e.stop().chunks_fetched;
+            self.shared.answer_leftovers();
             self.shared.drain_sync();
         }
         let one = 1u64.to_ne_bytes();
@@ -701,6 +738,9 @@ fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
     // that cannot complete inline is handed to an io-wq thread, one more context switch
     // per chunk on a machine whose CPUs the readers need too).
     cfg.write_strategy = crate::serve::WriteStrategy::Sync;
+    // Buffered writes into the blob files: a chunk stored raw is written from the
+    // buffer it was read and verified in (one copy less per chunk).
+    cfg.write_from_record = true;
     cfg
 }
 

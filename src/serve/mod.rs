@@ -166,6 +166,13 @@ pub trait FrontEnd: Send + Sync + 'static {
     fn new_local(&self) -> Self::Local;
     /// Fd that polls readable when events may be queued.
     fn poll_fd(&self) -> RawFd;
+    /// An eventfd the front end writes when it has work for [`FrontEnd::next`] that no
+    /// kernel event announces (work queued by another engine thread). Every thread arms
+    /// a multishot poll on it and treats a wake-up like one of [`FrontEnd::poll_fd`].
+    /// Default: none.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Reads one event.
     fn next(&self, local: &mut Self::Local, counters: &ThreadCounters) -> Next<Self::Token>;
     /// Acknowledges a request once all its writes have landed.
@@ -177,6 +184,10 @@ pub trait FrontEnd: Send + Sync + 'static {
         outcome: FillOutcome,
         counters: &ThreadCounters,
     );
+    /// Called after each write of a request landed: `[offset, offset + len)` of its
+    /// target now holds verified bytes (or the zeros past the data), before the request
+    /// as a whole completes. Default: nothing.
+    fn written(&self, _local: &mut Self::Local, _token: &Self::Token, _offset: u64, _len: u64) {}
     /// OPENs per blob name, for stats.
     fn opens_by_blob(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()
@@ -232,6 +243,11 @@ pub struct EngineConfig {
     /// and verified anyway, and once its slot is cached the kernel sends no READ for the
     /// rest of it (see `bench/RESULTS.md`, reader_seq).
     pub read_around: bool,
+    /// Write a chunk stored uncompressed straight from the buffer its record was read
+    /// into (verified there), skipping the copy into a second buffer. The source address
+    /// is then not page-aligned, so only for targets written buffered (fanotify blob
+    /// files), never for O_DIRECT ones (cachefiles). Default off.
+    pub write_from_record: bool,
     /// Directory of the store's pack files (`<root>/chunks`).
     pub packs_dir: PathBuf,
 }
@@ -252,6 +268,7 @@ impl EngineConfig {
             ring_entries: 256,
             iowq_workers: 4,
             read_around: true,
+            write_from_record: false,
             packs_dir,
         }
     }

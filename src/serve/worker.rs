@@ -4,7 +4,9 @@
 //! buffer of a plain file, or a run of zeros) are started from the cursor while buffers
 //! and operation slots last; a request waiting for buffers sits in `pending`, and while
 //! anything is pending the device is not drained. Each piece is a read (pack record or
-//! file) into a registered buffer, a decode into a second registered buffer, and a write
+//! file) into a registered buffer, a decode into a second registered buffer (with
+//! `write_from_record`, a record stored uncompressed is verified where it was read and
+//! written from there), and a write
 //! into the target; an in-flight operation owns its buffers until its CQE arrives.
 
 use std::collections::hash_map::Entry;
@@ -24,12 +26,18 @@ use super::{
     FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
 };
 use crate::digest::ChunkDigest;
-use crate::store::chunk::{decode_record, ChunkLoc};
+use crate::store::chunk::{decode_record_or_in_place, ChunkLoc, RECORD_HEADER_BYTES};
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
+const POLL_WAKE: u64 = u64::MAX - 2;
 /// Events read from the front end per loop turn before completions are looked at again.
 const DRAIN_BATCH: usize = 256;
+/// Operation completions handled per loop turn before the front end is read again.
+/// Reads of cached pack data complete inline at submit, so one turn could otherwise
+/// decode, verify and write every chunk in flight (16 and more, about 30 us each)
+/// while new kernel events wait; this keeps their wait to a few chunks.
+const OPS_PER_TURN: usize = 4;
 /// Read-around window for plain-file sources (metadata images).
 const FILE_READ_AROUND_BYTES: u64 = 128 << 10;
 /// Pack files kept open per thread.
@@ -93,11 +101,12 @@ enum Op {
         len: u32,
         data_bytes: u64,
     },
-    /// A write of `len` bytes from `buf` (None: the zero buffer) is in flight.
+    /// A write of `len` bytes from `buf` (None: the zero buffer) at `off` is in flight.
     Write {
         req: u32,
         buf: Option<u16>,
         len: u32,
+        off: u64,
     },
 }
 
@@ -240,11 +249,26 @@ impl<F: FrontEnd> Worker<F> {
         }
     }
 
+    /// Arms the multishot poll on the front end's wake fd, if it has one.
+    fn arm_wake(&mut self) {
+        let Some(fd) = self.front.wake_fd() else {
+            return;
+        };
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(POLL_WAKE);
+        if let Err(err) = self.push(&e) {
+            tracing::error!(thread = self.id, "arming wake poll: {err}");
+        }
+    }
+
     pub(super) fn run(mut self) {
         self.arm_polls(true, true);
+        self.arm_wake();
         // Bounded by the stop request: every turn either makes progress or waits.
         loop {
-            self.reap();
+            let left = self.reap();
             self.pump();
             if self.device_ready && !self.stopping {
                 self.drain();
@@ -252,7 +276,7 @@ impl<F: FrontEnd> Worker<F> {
             if self.stopping && self.reqs.len() == 0 && self.ops.len() == 0 {
                 break;
             }
-            let busy = self.device_ready && !self.stopping && self.can_admit();
+            let busy = left || (self.device_ready && !self.stopping && self.can_admit());
             let want = usize::from(!busy);
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
@@ -271,10 +295,27 @@ impl<F: FrontEnd> Worker<F> {
         self.reqs.room() > 0 && self.pending.is_empty()
     }
 
-    fn reap(&mut self) {
+    /// Handles completions: every poll completion queued, and at most
+    /// [`OPS_PER_TURN`] operation completions (the rest stay queued for the next turn).
+    /// Returns true when completions were left.
+    fn reap(&mut self) -> bool {
         self.cqes.clear();
-        for cqe in self.ring.completion() {
-            self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        let mut ops = 0;
+        let mut left = false;
+        {
+            let mut cq = self.ring.completion();
+            // Bounded by the queue's length.
+            while let Some(cqe) = cq.next() {
+                let ud = cqe.user_data();
+                self.cqes.push((ud, cqe.result(), cqe.flags()));
+                if ud < POLL_WAKE {
+                    ops += 1;
+                    if ops == OPS_PER_TURN {
+                        left = !cq.is_empty();
+                        break;
+                    }
+                }
+            }
         }
         let cqes = std::mem::take(&mut self.cqes);
         for &(ud, res, flags) in &cqes {
@@ -297,11 +338,23 @@ impl<F: FrontEnd> Worker<F> {
                         self.arm_polls(true, false);
                     }
                 }
+                POLL_WAKE => {
+                    if res >= 0 {
+                        self.device_ready = true;
+                    }
+                    if !cqueue::more(flags) && !self.stopping {
+                        if res < 0 {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        self.arm_wake();
+                    }
+                }
                 POLL_STOP => self.stopping = true,
                 _ => self.op_done(ud as u32, res),
             }
         }
         self.cqes = cqes;
+        left
     }
 
     fn drain(&mut self) {
@@ -595,7 +648,7 @@ impl<F: FrontEnd> Worker<F> {
             return;
         };
         if q.failed.is_some() {
-            self.write_done(r, buf, Err(io::Error::other("skipped")), false);
+            self.write_done(r, buf, off, Err(io::Error::other("skipped")), false);
             return;
         }
         let target = q.target.clone();
@@ -605,16 +658,22 @@ impl<F: FrontEnd> Worker<F> {
             WriteStrategy::Sync => {
                 // SAFETY: the slot is owned by this request (or is the zero slot) and no
                 // I/O is in flight on it; `at + len` is within the slot (checked when the
-                // piece was planned: w_len <= slot_len <= slot_bytes).
+                // piece was planned: w_len <= slot_len <= slot_bytes, and for a write
+                // straight from a record buffer at + len <= record_len <= slot_bytes).
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.pool.ptr(slot).add(at), len as usize)
                 };
                 let res = engine_sync::write_all_at(target.as_fd(), bytes, off);
-                self.write_done(r, buf, res.map(|()| len as usize), true);
+                self.write_done(r, buf, off, res.map(|()| len as usize), true);
             }
             WriteStrategy::Uring => {
-                let Ok(i) = self.ops.insert(Op::Write { req: r, buf, len }) else {
-                    self.write_done(r, buf, Err(io::Error::other("no op slot")), true);
+                let Ok(i) = self.ops.insert(Op::Write {
+                    req: r,
+                    buf,
+                    len,
+                    off,
+                }) else {
+                    self.write_done(r, buf, off, Err(io::Error::other("no op slot")), true);
                     return;
                 };
                 // SAFETY: as above, `at + len` stays inside the slot.
@@ -629,13 +688,20 @@ impl<F: FrontEnd> Worker<F> {
                 );
                 if let Err(err) = self.push(&e) {
                     self.ops.remove(i);
-                    self.write_done(r, buf, Err(err), true);
+                    self.write_done(r, buf, off, Err(err), true);
                 }
             }
         }
     }
 
-    fn write_done(&mut self, r: u32, buf: Option<u16>, res: io::Result<usize>, count: bool) {
+    fn write_done(
+        &mut self,
+        r: u32,
+        buf: Option<u16>,
+        off: u64,
+        res: io::Result<usize>,
+        count: bool,
+    ) {
         if let Some(b) = buf {
             self.pool.give(b);
         }
@@ -644,6 +710,11 @@ impl<F: FrontEnd> Worker<F> {
                 self.c()
                     .bytes_written
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                if n > 0 {
+                    if let Some(token) = self.reqs.get_mut(r).and_then(|q| q.token.as_ref()) {
+                        self.front.written(&mut self.local, token, off, n as u64);
+                    }
+                }
             }
             Err(e) => {
                 if count {
@@ -669,7 +740,7 @@ impl<F: FrontEnd> Worker<F> {
             return;
         };
         match op {
-            Op::Write { req, buf, len } => {
+            Op::Write { req, buf, len, off } => {
                 let r = if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
                 } else if res as u32 != len {
@@ -680,7 +751,7 @@ impl<F: FrontEnd> Worker<F> {
                 } else {
                     Ok(len as usize)
                 };
-                self.write_done(req, buf, r, true);
+                self.write_done(req, buf, off, r, true);
             }
             Op::PackRead {
                 req,
@@ -701,22 +772,38 @@ impl<F: FrontEnd> Worker<F> {
                 } else {
                     let (rec, out) = self.pool.pair_mut(rbuf, dbuf);
                     let n = (res as usize).min(rec.len());
-                    match decode_record(&rec[..n], &loc, &digest, out) {
-                        Ok(()) => {
-                            let slot_len = (loc.raw_len as usize).div_ceil(PAGE_BYTES as usize)
-                                * PAGE_BYTES as usize;
-                            out[loc.raw_len as usize..slot_len].fill(0);
-                            Ok(())
+                    let raw_len = loc.raw_len as usize;
+                    let slot_len = raw_len.div_ceil(PAGE_BYTES as usize) * PAGE_BYTES as usize;
+                    match decode_record_or_in_place(&rec[..n], &loc, &digest, out) {
+                        // Stored raw and whole pages: written straight from the record
+                        // buffer, no copy.
+                        Ok(true) if raw_len == slot_len && self.cfg.write_from_record => {
+                            Ok(Some(rbuf))
+                        }
+                        Ok(in_place) => {
+                            if in_place {
+                                out[..raw_len].copy_from_slice(
+                                    &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + raw_len],
+                                );
+                            }
+                            out[raw_len..slot_len].fill(0);
+                            Ok(None)
                         }
                         Err(e) => Err((FillError::Chunk, e.to_string())),
                     }
                 };
-                self.pool.give(rbuf);
                 match outcome {
-                    Ok(()) => {
+                    Ok(Some(buf)) => {
+                        self.pool.give(dbuf);
+                        let at = RECORD_HEADER_BYTES + (w_off - slot_off) as usize;
+                        self.write(req, Some(buf), at, w_len, w_off);
+                    }
+                    Ok(None) => {
+                        self.pool.give(rbuf);
                         self.write(req, Some(dbuf), (w_off - slot_off) as usize, w_len, w_off);
                     }
                     Err((why, msg)) => {
+                        self.pool.give(rbuf);
                         self.pool.give(dbuf);
                         let counter = match why {
                             FillError::Chunk => &self.counters[self.id].chunk_errors,
@@ -725,7 +812,7 @@ impl<F: FrontEnd> Worker<F> {
                         bump(counter);
                         tracing::warn!(chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
                         self.fail(req, why);
-                        self.write_done(req, None, Ok(0), false);
+                        self.write_done(req, None, 0, Ok(0), false);
                     }
                 }
             }
@@ -747,7 +834,7 @@ impl<F: FrontEnd> Worker<F> {
                         bump(&self.c().source_errors);
                         tracing::warn!(offset = off, "image read failed or short ({res})");
                         self.fail(req, FillError::Source);
-                        self.write_done(req, None, Ok(0), false);
+                        self.write_done(req, None, 0, Ok(0), false);
                     }
                 }
             }

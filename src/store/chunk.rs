@@ -109,6 +109,23 @@ pub fn decode_record(
     digest: &ChunkDigest,
     out: &mut [u8],
 ) -> Result<(), ChunkError> {
+    if decode_record_or_in_place(record, loc, digest, out)? {
+        let raw_len = loc.raw_len as usize;
+        out[..raw_len].copy_from_slice(&record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + raw_len]);
+    }
+    Ok(())
+}
+
+/// [`decode_record`] without the copy of a record stored uncompressed: returns `true`
+/// when the verified bytes are `record[RECORD_HEADER_BYTES..][..loc.raw_len]` (stored
+/// raw; `out` untouched), `false` when they were decompressed into `out[..loc.raw_len]`.
+/// Either way the digest was checked; on error no byte of either is valid.
+pub fn decode_record_or_in_place(
+    record: &[u8],
+    loc: &ChunkLoc,
+    digest: &ChunkDigest,
+    out: &mut [u8],
+) -> Result<bool, ChunkError> {
     let want = loc.record_len();
     if record.len() < want {
         return Err(ChunkError::Truncated {
@@ -132,22 +149,25 @@ pub fn decode_record(
         return Err(ChunkError::HeaderMismatch);
     }
     let payload = &record[RECORD_HEADER_BYTES..want];
-    let out = &mut out[..raw_len];
     if word(4) & FLAG_LZ4 != 0 {
+        let out = &mut out[..raw_len];
         match lz4_flex::block::decompress_into(payload, out) {
             Ok(n) if n == raw_len => {}
             _ => return Err(ChunkError::Decompress),
         }
+        if ChunkDigest::of(out) != *digest {
+            return Err(ChunkError::DigestMismatch);
+        }
+        Ok(false)
     } else {
         if payload.len() != raw_len {
             return Err(ChunkError::Decompress);
         }
-        out.copy_from_slice(payload);
+        if ChunkDigest::of(payload) != *digest {
+            return Err(ChunkError::DigestMismatch);
+        }
+        Ok(true)
     }
-    if ChunkDigest::of(out) != *digest {
-        return Err(ChunkError::DigestMismatch);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -200,6 +220,50 @@ mod tests {
             matches!(err, ChunkError::Decompress | ChunkError::DigestMismatch),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn raw_records_verify_in_place_and_compressed_ones_decode() {
+        // xorshift64: incompressible for lz4, so stored raw.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        for (data, raw) in [(noise, true), (vec![3u8; 65536], false)] {
+            let digest = ChunkDigest::of(&data);
+            let mut rec = Vec::new();
+            encode_record(&data, &digest, &mut rec);
+            let loc = ChunkLoc {
+                pack: 0,
+                offset: 0,
+                stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
+                raw_len: data.len() as u32,
+            };
+            let mut out = vec![0u8; data.len()];
+            assert_eq!(
+                decode_record_or_in_place(&rec, &loc, &digest, &mut out).unwrap(),
+                raw
+            );
+            let got = if raw {
+                &rec[RECORD_HEADER_BYTES..]
+            } else {
+                &out[..]
+            };
+            assert_eq!(got, &data[..]);
+            // A flipped bit of the payload is caught either way.
+            let last = rec.len() - 1;
+            rec[last] ^= 0x10;
+            let err = decode_record_or_in_place(&rec, &loc, &digest, &mut out).unwrap_err();
+            assert!(
+                matches!(err, ChunkError::Decompress | ChunkError::DigestMismatch),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
