@@ -28,7 +28,7 @@ note "e2e: big file ${E2E_BIG_MIB:-256} MiB, ${E2E_SMALL_FILES:-3000} small file
 PATH=/usr/bin:/usr/sbin:$PATH TMPDIR=$SCRATCH/e2e-tmp \
   DEDUPD=$(command -v dedupd) DEDUPD_CMD=run EXPECT_FRONT_END=cachefiles \
   BIG_MIB=${E2E_BIG_MIB:-256} SMALL_FILES=${E2E_SMALL_FILES:-3000} \
-  E2E_TMP=$SCRATCH CTR_RUN_FLAGS=--no-pivot KEEP=1 \
+  E2E_TMP=$SCRATCH CTR_RUN_FLAGS=--no-pivot E2E_WAIT_S=180 KEEP=1 \
   bash "$stage/snapshotter-e2e" >"$log" 2>&1
 rc=$?
 # Progress to the console, results to the suite.
