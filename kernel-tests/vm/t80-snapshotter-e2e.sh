@@ -25,12 +25,27 @@ log=/out/snapshotter-e2e.log
 note "e2e: big file ${E2E_BIG_MIB:-256} MiB, ${E2E_SMALL_FILES:-3000} small files; log in out/$(basename "$log")"
 # Host-path binaries (GNU tar, bash, containerd...) first, busybox after. skopeo and umoci
 # keep their temporary blobs on ext4, not in the VM's memory.
+# A watcher writes every process (state, current system call, command line) and the tail
+# of the test's dedupd log to out/e2e-watch.log each 30 s: where a hang sits shows live.
+watch_once() {
+  local d st
+  echo "--- $(date -u +%T)"
+  for d in /proc/[0-9]*/task/[0-9]*; do
+    st=$(sed -n 's/^[0-9]* ([^)]*) \(.\).*/\1/p' "$d/stat" 2>/dev/null)
+    [ -n "$st" ] || continue
+    echo "$st ${d#/proc/} $(cat "$d/comm" 2>/dev/null) [$(cut -d' ' -f1-3 "$d/syscall" 2>/dev/null)] $(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-120)"
+  done | grep -v ' kworker\| ksoftirq\| migration\| rcu_\| cpuhp\| idle_inject' 
+  tail -n 3 "$SCRATCH"/dedupd-e2e.*/dedupd.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200
+}
+( while sleep 30; do watch_once >>/out/e2e-watch.log 2>&1; done ) &
+watcher=$!
 PATH=/usr/bin:/usr/sbin:$PATH TMPDIR=$SCRATCH/e2e-tmp \
   DEDUPD=$(command -v dedupd) DEDUPD_CMD=run EXPECT_FRONT_END=cachefiles \
   BIG_MIB=${E2E_BIG_MIB:-256} SMALL_FILES=${E2E_SMALL_FILES:-3000} \
   E2E_TMP=$SCRATCH CTR_RUN_FLAGS=--no-pivot E2E_WAIT_S=180 KEEP=1 \
   bash "$stage/snapshotter-e2e" >"$log" 2>&1
 rc=$?
+kill $watcher 2>/dev/null
 # Progress to the console, results to the suite.
 sed -n 's/^e2e: /kt: e2e: /p' "$log"
 sed -n 's/^e2e: ok \([a-z0-9-]*\): .*/\1/p' "$log" | while read -r name; do pass "e2e-$name"; done
