@@ -34,7 +34,11 @@ watch_once() {
     st=$(sed -n 's/^[0-9]* ([^)]*) \(.\).*/\1/p' "$d/stat" 2>/dev/null)
     [ -n "$st" ] || continue
     echo "$st ${d#/proc/} $(cat "$d/comm" 2>/dev/null) [$(cut -d' ' -f1-3 "$d/syscall" 2>/dev/null)] $(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-120)"
-  done | grep -v ' kworker\| ksoftirq\| migration\| rcu_\| cpuhp\| idle_inject' 
+  done | grep -v ' ksoftirq\| migration\| rcu_\| cpuhp\| idle_inject' 
+  for d in /proc/[0-9]*; do # open pipes: who holds the other end of a blocked read
+    l=$(ls -l "$d/fd" 2>/dev/null | grep -o 'pipe:\[[0-9]*\]' | tr '\n' ' ')
+    [ -n "$l" ] && echo "pipes ${d#/proc/} $(cat "$d/comm" 2>/dev/null): $l"
+  done
   tail -n 3 "$SCRATCH"/dedupd-e2e.*/dedupd.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200
 }
 ( while sleep 30; do watch_once >>/out/e2e-watch.log 2>&1; done ) &
