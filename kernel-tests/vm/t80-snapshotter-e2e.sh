@@ -26,7 +26,7 @@ note "e2e: big file ${E2E_BIG_MIB:-256} MiB, ${E2E_SMALL_FILES:-3000} small file
 # Host-path binaries (GNU tar, bash, containerd...) first, busybox after. skopeo and umoci
 # keep their temporary blobs on ext4, not in the VM's memory.
 # A watcher writes every process (state, current system call, command line) and the tail
-# of the test's dedupd log to out/e2e-watch.log each 30 s: where a hang sits shows live.
+# of the test's dedupd log to out/e2e-watch.log every 2 min: where a hang sits shows live.
 watch_once() {
   local d st
   echo "--- $(date -u +%T)"
@@ -41,7 +41,7 @@ watch_once() {
   done
   tail -n 3 "$SCRATCH"/dedupd-e2e.*/dedupd.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200
 }
-( while sleep 30; do watch_once >>/out/e2e-watch.log 2>&1; done ) &
+( while sleep 120; do watch_once >>/out/e2e-watch.log 2>&1; done ) &
 watcher=$!
 PATH=/usr/bin:/usr/sbin:$PATH TMPDIR=$SCRATCH/e2e-tmp \
   DEDUPD=$(command -v dedupd) DEDUPD_CMD=run EXPECT_FRONT_END=cachefiles \
