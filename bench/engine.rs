@@ -215,7 +215,9 @@ struct Served {
     _cache: tempfile::TempDir,
 }
 
-fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy) -> Served {
+/// `greedy`: a thread takes every queued request in one turn (the engine before
+/// `admit_per_turn`), kept beside the default to show what spreading requests is worth.
+fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, greedy: bool) -> Served {
     let (cache, sim) = new_sim(s);
     let front = Arc::new(CachefilesFront::new(
         sim.clone(),
@@ -228,11 +230,19 @@ fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy) -> Served {
     cfg.threads = threads;
     cfg.write_strategy = strategy;
     cfg.read_around = false; // the same bytes as the limit and the sync loop
+    if greedy {
+        cfg.admit_per_turn = cfg.max_requests_per_thread;
+    }
     let engine = Engine::start(cfg, front).unwrap();
     let (object, _) = sim.open(&s.name, WAIT).unwrap();
     prefill(&sim, object);
     Served {
-        key: format!("engine/{}/{}t", strategy.name(), threads),
+        key: format!(
+            "engine/{}/{}t{}",
+            strategy.name(),
+            threads,
+            if greedy { "/greedy" } else { "" }
+        ),
         sim,
         object,
         engine: Some(engine),
@@ -245,9 +255,10 @@ fn bench_sizes(c: &mut Criterion, s: &Setup, results: &Results) {
     let mut served = Vec::new();
     for strategy in [WriteStrategy::Uring, WriteStrategy::Sync] {
         for threads in [1usize, 2] {
-            served.push(start_engine(s, threads, strategy));
+            served.push(start_engine(s, threads, strategy, false));
         }
     }
+    served.push(start_engine(s, 2, WriteStrategy::Uring, true));
     let (_loop_cache, loop_sim) = new_sim(s);
     let stop = Arc::new(AtomicBool::new(false));
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

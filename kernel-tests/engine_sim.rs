@@ -353,9 +353,28 @@ fn serve_everything(f: &Fixture, r: &Running, seed: u64) -> StatsSnapshot {
             }
         }
     }
-    // Close and reopen every object: new object ids and fds over the same cache files.
-    for (name, id) in &objects {
+    // Close every object: the daemon must let go of every anon fd at once, including
+    // fds other (idle) threads have seen; the kernel frees the object, and the volume a
+    // later mount of the domain waits for, only then.
+    for id in objects.values() {
         r.sim.close(*id).unwrap();
+    }
+    for name in objects.keys() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let held = r.sim.daemon_fds(name).unwrap();
+            if held == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "blob {name}: the daemon still holds {held} anon fd(s) 10 s after CLOSE"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Reopen every object: new object ids and fds over the same cache files.
+    for (name, id) in &objects {
         let (id2, _) = r.sim.open(name, T).unwrap();
         assert_ne!(id2, *id);
         let b = f.blobs.iter().find(|b| &b.name == name).unwrap();

@@ -807,3 +807,34 @@ fn a_dead_holder_is_replaced_and_the_group_survives_a_daemon_crash() {
         "the group survived: {st}"
     );
 }
+
+/// A blob file deleted and made again (its layer removed and pulled again) while the
+/// holder still keeps a write fd of the old file: the new daemon must not adopt that fd.
+/// Prefetch through it would fill the dead inode and mark the new file's pages as
+/// filled, and they would read as zeros.
+#[test]
+fn a_blob_file_made_again_never_gets_the_old_files_writer() {
+    if !can_run("a_blob_file_made_again_never_gets_the_old_files_writer") {
+        return;
+    }
+    let s = setup(&[11, 12]);
+    let d = Daemon::start(&s, &[]);
+    check_all(&s);
+    // A crash: the holder keeps the group and every blob's write fd.
+    d.kill9();
+    assert!(holder_alive(&s), "the holder outlives the daemon");
+    for e in fs::read_dir(&s.mnt).unwrap().flatten() {
+        nix::mount::umount2(&e.path(), nix::mount::MntFlags::empty()).unwrap();
+    }
+    let blobs = s.root.join("fanotify/blobs");
+    let mut deleted = 0;
+    for e in fs::read_dir(&blobs).unwrap().flatten() {
+        fs::remove_file(e.path()).unwrap();
+        deleted += 1;
+    }
+    assert!(deleted >= 2, "{deleted} blob files in {}", blobs.display());
+    drop_caches();
+    let d = Daemon::start(&s, &[]);
+    check_all(&s);
+    all_answered(&d.stop());
+}

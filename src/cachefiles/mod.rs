@@ -4,6 +4,7 @@
 //! [`CachefilesDevice`]; simulated: `serve::sim::Sim`).
 
 pub mod abi;
+pub mod cull;
 pub mod msg;
 
 use std::fs::File;
@@ -34,6 +35,9 @@ pub enum Command {
     },
     /// `restore`: a new daemon takes over objects of a previous one.
     Restore,
+    /// `cull <name>`: removes the unused cache entry `name` of the writer's current
+    /// directory (see [`cull`]).
+    Cull(String),
 }
 
 /// A command that cannot be expressed (the kernel would refuse it).
@@ -92,6 +96,16 @@ impl Command {
                 }
             },
             Command::Restore => b"restore".to_vec(),
+            Command::Cull(name) => {
+                if name.is_empty()
+                    || name == "."
+                    || name == ".."
+                    || name.contains(|c: char| c == '/' || c == '\0' || c.is_whitespace())
+                {
+                    return Err(bad("cull name", name));
+                }
+                format!("cull {name}").into_bytes()
+            }
         })
     }
 }
@@ -236,6 +250,10 @@ mod tests {
             "copen 6,-2"
         );
         assert_eq!(b(Command::Restore), "restore");
+        assert_eq!(b(Command::Cull("Dab".into())), "cull Dab");
+        for bad in ["", "..", "a/b", "a b", "a\nb"] {
+            assert!(Command::Cull(bad.into()).to_bytes().is_err(), "{bad:?}");
+        }
         assert!(Command::Tag("a b".into()).to_bytes().is_err());
         assert!(Command::Dir("/a\nb".into()).to_bytes().is_err());
         assert!(Command::Copen {

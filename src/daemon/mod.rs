@@ -369,7 +369,8 @@ fn start_data_plane(
             ecfg.threads = config.thread_count();
             ecfg.write_strategy = args.write_strategy;
             ecfg.read_around = !args.no_read_around;
-            let front = Arc::new(CachefilesFront::new(Arc::new(dev), registry.clone()));
+            let dev: Arc<dyn cachefiles::Device> = Arc::new(dev);
+            let front = Arc::new(CachefilesFront::new(dev.clone(), registry.clone()));
             let engine = Engine::start(ecfg, front)?;
             let st = store.clone();
             let refresh: RegistryRefresh = Arc::new(move || {
@@ -377,7 +378,8 @@ fn start_data_plane(
                 registry.replace(reg);
                 Ok(())
             });
-            let m = FscacheMounter::new(&config.root, None, refresh)?;
+            let m = FscacheMounter::new(&config.root, None, refresh)?
+                .with_cull(dev, cachefiles_cache_dir(&config.root));
             Ok((DataPlane::Cachefiles(engine), Arc::new(m)))
         }
         FrontEnd::Fanotify => {
@@ -398,6 +400,11 @@ fn start_data_plane(
             Arc::new(LocalMounter::new(store.clone())?),
         )),
     }
+}
+
+/// The directory the cachefiles cache is bound to.
+fn cachefiles_cache_dir(root: &Path) -> PathBuf {
+    root.join("cache")
 }
 
 fn open_cachefiles(config: &Config) -> anyhow::Result<CachefilesDevice> {
@@ -425,7 +432,7 @@ fn open_cachefiles(config: &Config) -> anyhow::Result<CachefilesDevice> {
             anyhow::anyhow!("{}: {e}", cachefiles::DEVICE_PATH)
         }
     })?;
-    let cache_dir = config.root.join("cache");
+    let cache_dir = cachefiles_cache_dir(&config.root);
     fs::create_dir_all(&cache_dir).with_context(|| format!("{}", cache_dir.display()))?;
     dev.bind(&cache_dir, CACHE_TAG).with_context(|| {
         format!(

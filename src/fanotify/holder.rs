@@ -12,6 +12,7 @@
 //! - daemon -> a holder started with `--adopt` (the previous holder died while the
 //!   daemon ran): `ADOPT` with fds [group, journal memfd], then `KEEP`s as below.
 //! - daemon -> holder: `KEEP id` with one fd (keep this blob's write fd for successors);
+//!   `DROP id` (forget it: the blob is gone, or its file was made again);
 //!   `BYE` (clean shutdown: mounts are gone, the holder exits and the group closes).
 //!
 //! When a daemon goes away without `BYE` and none attaches within the grace period,
@@ -244,6 +245,8 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                         if let Some(fd) = fds.pop() {
                             writers.insert(id.to_string(), fd);
                         }
+                    } else if let Some(id) = msg.strip_prefix("DROP ") {
+                        writers.remove(id);
                     } else {
                         tracing::warn!("fanotify holder: unknown message {msg:?}");
                     }

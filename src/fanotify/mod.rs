@@ -453,6 +453,8 @@ impl FanotifyFrontEnd {
         let mut ids: Vec<&String> = registry.blobs.keys().collect();
         ids.sort();
         let mut writers = att.writers;
+        // Writers the holder keeps that this daemon will not use: told to drop them.
+        let mut stale: Vec<String> = Vec::new();
         for id in ids {
             let BlobSource::Chunked(table) = &*registry.blobs[id] else {
                 continue;
@@ -467,7 +469,16 @@ impl FanotifyFrontEnd {
             let map = PageMap::from_file(&file, table.size_bytes(), &path)?;
             let writer = OnceLock::new();
             if let Some(w) = writers.remove(id.as_str()) {
-                let _ = writer.set(Arc::new(w));
+                // A writer kept for an earlier file of this blob (deleted when its layer
+                // went, made again since) writes into that dead inode: fills through it
+                // would mark pages that this file never gets, and they would read as
+                // zeros. Only a writer of this very file is adopted.
+                if same_inode(&w, &file) {
+                    let _ = writer.set(Arc::new(w));
+                } else {
+                    tracing::warn!(blob = %id, "the holder's write fd is for an earlier file of this blob; dropped");
+                    stale.push(id.clone());
+                }
             }
             blobs.push(Blob {
                 id: id.clone(),
@@ -481,6 +492,15 @@ impl FanotifyFrontEnd {
                 next_seq: AtomicU64::new(u64::MAX),
                 prefetched_to: AtomicU64::new(0),
             });
+        }
+        // Blobs that are gone (and so not served): their writers keep dead inodes, and
+        // their disk space, alive in the holder.
+        stale.extend(writers.into_keys());
+        for id in &stale {
+            let msg = format!("DROP {id}");
+            if let Err(e) = holder::send(att.conn.as_fd(), msg.as_bytes(), &[]) {
+                tracing::warn!(blob = %id, "asking the holder to drop a stale write fd: {e}");
+            }
         }
         let mut by_inode = HashMap::new();
         let mut by_id = HashMap::new();
@@ -875,5 +895,13 @@ impl Shared {
         }
         self.unmark_if_complete(bi);
         Answer::Allow { cached: false }
+    }
+}
+
+/// Whether two fds are the same file (device and inode).
+fn same_inode(a: &OwnedFd, b: &File) -> bool {
+    match (nix::sys::stat::fstat(a), nix::sys::stat::fstat(b)) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
     }
 }

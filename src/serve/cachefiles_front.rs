@@ -5,12 +5,18 @@
 //! OPEN and CLOSE; each engine thread keeps its own cache of it, invalidated by an epoch
 //! counter, so a READ costs one atomic load and a local hash lookup. The blob registry
 //! is swapped whole ([`RegistryHandle::replace`]) and read only on OPEN.
+//!
+//! Only the shared table and in-flight fills own an object's anon fd; thread caches hold
+//! weak references. A CLOSE must release the fd at once, even while other threads sleep
+//! in poll: the kernel frees the cachefiles object, and with it the fscache volume, only
+//! when the last fd is gone, and a later mount of the same domain waits for that volume
+//! inside mount(2).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::stats::{bump, ThreadCounters};
 use super::{FillOutcome, FillRequest, FillSource, FrontEnd, Next, MAX_FILL_BYTES};
@@ -45,10 +51,10 @@ struct Object {
     fd: Arc<OwnedFd>,
 }
 
-/// Per-thread state: the message buffer and the object cache.
+/// Per-thread state: the message buffer and the object cache (weak: see the module doc).
 pub struct Local {
     buf: Vec<u8>,
-    cache: HashMap<u32, Arc<Object>>,
+    cache: HashMap<u32, Weak<Object>>,
     epoch: u64,
 }
 
@@ -91,17 +97,25 @@ impl CachefilesFront {
             local.cache.clear();
             local.epoch = epoch;
         }
-        if let Some(o) = local.cache.get(&object_id) {
-            return Some(o.clone());
+        if let Some(o) = local.cache.get(&object_id).and_then(Weak::upgrade) {
+            return Some(o);
         }
-        let o = self
+        let found = self
             .objects
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&object_id)?
-            .clone();
-        local.cache.insert(object_id, o.clone());
-        Some(o)
+            .get(&object_id)
+            .cloned();
+        match found {
+            Some(o) => {
+                local.cache.insert(object_id, Arc::downgrade(&o));
+                Some(o)
+            }
+            None => {
+                local.cache.remove(&object_id);
+                None
+            }
+        }
     }
 
     fn on_open(

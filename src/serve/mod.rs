@@ -220,6 +220,10 @@ pub struct EngineConfig {
     pub buffer_bytes: usize,
     /// Fill requests in flight per thread; the device is not drained beyond it.
     pub max_requests_per_thread: usize,
+    /// Fill requests a thread takes from the front end per loop turn before it starts
+    /// them and looks again. Small, so that a burst of requests on the shared device is
+    /// spread over the threads instead of queueing behind the one that woke first.
+    pub admit_per_turn: usize,
     /// Submission queue entries per ring (also bounds in-flight operations).
     pub ring_entries: u32,
     /// io-wq workers per ring (bounded and unbounded), for io_uring writes.
@@ -244,6 +248,7 @@ impl EngineConfig {
             buffers_per_thread: 32,
             buffer_bytes: crate::store::chunk::MAX_RECORD_BYTES,
             max_requests_per_thread: 64,
+            admit_per_turn: 4,
             ring_entries: 256,
             iowq_workers: 4,
             read_around: true,
@@ -300,9 +305,14 @@ impl Engine {
                 cfg.buffer_bytes
             )));
         }
-        if cfg.max_requests_per_thread == 0 || cfg.ring_entries < 8 || cfg.ring_entries > 4096 {
+        if cfg.max_requests_per_thread == 0
+            || cfg.admit_per_turn == 0
+            || cfg.ring_entries < 8
+            || cfg.ring_entries > 4096
+        {
             return Err(EngineError::Config(
-                "max_requests_per_thread >= 1 and ring_entries in 8..=4096".into(),
+                "max_requests_per_thread >= 1, admit_per_turn >= 1 and ring_entries in 8..=4096"
+                    .into(),
             ));
         }
         // SAFETY: eventfd(2) with valid flags; the returned fd is checked below.

@@ -503,6 +503,27 @@ impl Sim {
         out
     }
 
+    /// Anon fds of `blob` the daemon still holds (every open fd of this process on the
+    /// blob's cache file, less the simulator's own two). The kernel frees a cachefiles
+    /// object only when its last anon fd is closed, so after a CLOSE this must reach 0.
+    pub fn daemon_fds(&self, blob: &str) -> io::Result<usize> {
+        let Some(b) = lock(&self.state).blobs.get(blob).cloned() else {
+            return Ok(0);
+        };
+        let dev = b.check.metadata()?.dev();
+        let mut n = 0usize;
+        for e in std::fs::read_dir("/proc/self/fd")? {
+            // An fd closed while we list is simply not counted.
+            let Ok(m) = std::fs::metadata(e?.path()) else {
+                continue;
+            };
+            if m.ino() == b.ino && m.dev() == dev {
+                n += 1;
+            }
+        }
+        Ok(n.saturating_sub(2))
+    }
+
     /// Bytes of `blob`'s cache file that are written (not holes).
     pub fn cached_bytes(&self, blob: &str) -> u64 {
         let Some(b) = lock(&self.state).blobs.get(blob).cloned() else {

@@ -305,8 +305,11 @@ impl<F: FrontEnd> Worker<F> {
     }
 
     fn drain(&mut self) {
+        let mut admitted = 0;
         for _ in 0..DRAIN_BATCH {
-            if !self.can_admit() {
+            // The device stays ready: the rest is for the other threads, or for the
+            // next turn of this one once these are started.
+            if !self.can_admit() || admitted >= self.cfg.admit_per_turn {
                 return;
             }
             let next = self.front.next(&mut self.local, &self.counters[self.id]);
@@ -325,6 +328,7 @@ impl<F: FrontEnd> Worker<F> {
                 Next::Fill(r) => {
                     self.admit(r);
                     self.pump();
+                    admitted += 1;
                 }
             }
         }

@@ -11,6 +11,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::cachefiles::cull::cull_dead;
+use crate::cachefiles::Device;
 use crate::store::{LayerRecord, Store};
 
 /// Errors of layer mounts. Messages name the layer or path.
@@ -260,7 +262,13 @@ pub struct FscacheMounter {
     refresh: RegistryRefresh,
     /// Serializes mounts and unmounts; holds the layers this process mounted.
     lock: Mutex<std::collections::HashSet<String>>,
+    cull: Option<(Arc<dyn Device>, PathBuf)>,
 }
+
+/// Passes of `cull` while dead entries are still busy: the kernel withdraws the objects
+/// of an unmounted layer asynchronously.
+const CULL_PASSES: u32 = 10;
+const CULL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl FscacheMounter {
     /// Mounts under `root/mnt`; `domain_id` shares blobs (and their page cache) between
@@ -277,7 +285,15 @@ impl FscacheMounter {
             domain_id,
             refresh,
             lock: Mutex::new(std::collections::HashSet::new()),
+            cull: None,
         })
+    }
+
+    /// Frees cache files of removed layers and blobs through `dev`'s `cull` command;
+    /// `cache_dir` is the directory the cache was bound to.
+    pub fn with_cull(mut self, dev: Arc<dyn Device>, cache_dir: PathBuf) -> FscacheMounter {
+        self.cull = Some((dev, cache_dir));
+        self
     }
 
     fn refresh(&self, layer: &str) -> Result<(), MountError> {
@@ -339,11 +355,39 @@ impl LayerMounter for FscacheMounter {
         self.refresh("")
     }
 
-    fn release_blobs(&self, _store: &Store) -> Result<u64, MountError> {
-        // Removed blobs leave the registry; their cache files are culled by the
-        // cachefiles front end (follow-up), not here.
+    fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
+        // Removed blobs leave the registry first, so no new OPEN finds them.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh("-")?;
-        Ok(0)
+        let Some((dev, cache_dir)) = &self.cull else {
+            return Ok(0);
+        };
+        let layers = store.layers().map_err(|e| MountError::Io {
+            path: cache_dir.clone(),
+            source: io::Error::other(format!("reading the store's layers: {e}")),
+        })?;
+        // Cookie keys still in use: every layer's image (its fsid) and data blobs.
+        let keys: std::collections::HashSet<&str> = layers
+            .iter()
+            .flat_map(|l| std::iter::once(l.id_hex()).chain(l.blobs.iter().map(String::as_str)))
+            .collect();
+        let live = |id: &str| keys.contains(id);
+        let mut freed = 0;
+        for pass in 0..CULL_PASSES {
+            let r = cull_dead(&**dev, cache_dir, &live).map_err(|e| MountError::Io {
+                path: cache_dir.clone(),
+                source: e,
+            })?;
+            freed += r.volumes + r.files;
+            if r.busy == 0 {
+                break;
+            }
+            if pass + 1 == CULL_PASSES {
+                tracing::info!(busy = r.busy, "cache entries still in use; culled later");
+            } else {
+                std::thread::sleep(CULL_RETRY);
+            }
+        }
+        Ok(freed)
     }
 }
