@@ -250,11 +250,18 @@ pub type RegistryRefresh = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// (`mount -t erofs none -o fsid=<layer hex>[,domain_id=<domain>]`); the kernel asks the
 /// daemon's data plane for the image and its blobs by name, lazily. Not exercised on a
 /// kernel without on-demand cachefiles (this host); the VM suite is where it runs.
+///
+/// A mount outlives the daemon that made it, but its data does not: when the daemon exits,
+/// its `/dev/cachefiles` fd closes and the kernel withdraws the cache, and every read that
+/// misses the page cache fails (ENOBUFS). So a layer mount found at start that this
+/// process did not make is replaced: unmounted (lazily if a container still uses it) and
+/// mounted again over the new cache.
 pub struct FscacheMounter {
     mnt_dir: PathBuf,
     domain_id: Option<String>,
     refresh: RegistryRefresh,
-    lock: Mutex<()>,
+    /// Serializes mounts and unmounts; holds the layers this process mounted.
+    lock: Mutex<std::collections::HashSet<String>>,
     cull: Option<(Arc<dyn Device>, PathBuf)>,
 }
 
@@ -277,7 +284,7 @@ impl FscacheMounter {
             mnt_dir,
             domain_id,
             refresh,
-            lock: Mutex::new(()),
+            lock: Mutex::new(std::collections::HashSet::new()),
             cull: None,
         })
     }
@@ -307,11 +314,18 @@ impl LayerMounter for FscacheMounter {
     }
 
     fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let hex = layer.id_hex();
         let target = self.mountpoint(hex);
         if is_mountpoint(&target) {
-            return Ok(target);
+            if mine.contains(hex) {
+                return Ok(target);
+            }
+            tracing::info!(
+                layer = %hex,
+                "replacing a layer mount left by an earlier daemon (its cache is gone)"
+            );
+            unmount_dir(&target)?;
         }
         self.refresh(hex)?;
         fs::create_dir_all(&target).map_err(io_err(&target))?;
@@ -327,11 +341,13 @@ impl LayerMounter for FscacheMounter {
             Some(data.as_str()),
         )
         .map_err(|e| io_err(&target)(e.into()))?;
+        mine.insert(hex.to_string());
         Ok(target)
     }
 
     fn unmount(&self, hex: &str) -> Result<(), MountError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mine = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        mine.remove(hex);
         unmount_dir(&self.mountpoint(hex))
     }
 
