@@ -73,6 +73,19 @@ def drop_caches():
         f.write("3\n")
 
 
+def settle_trash(trash, limit_s=30.0):
+    """Waits (bounded) until dedupd's background deletions have emptied `trash`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if not os.listdir(trash):
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    log(f"{trash} still not empty after {limit_s:.0f} s; measuring anyway")
+
+
 def disk_bytes(*roots):
     """Allocated bytes under `roots`, each hard-linked inode once, not crossing mounts."""
     seen = set()
@@ -528,6 +541,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                          "dedupd_pull_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None}
             if dpid:
                 out[name].update(self.commit_timing(log0) or {})
+        if snapshotter == "dedup":
+            # dedupd deletes unpacked trees in the background after Commit (its
+            # <root>/trash): measure the steady state, not a deletion in progress.
+            settle_trash(os.path.join(self.droot, "trash"))
         content = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content"))
         snap = disk_bytes(*snap_dirs) - residual
         breakdown = {e: disk_bytes(os.path.join(self.droot, e))
