@@ -387,45 +387,28 @@ fn interleaved(
         );
         ratios.push((len, med));
     }
-    println!(
-        "\n| size | {} |",
-        served
-            .iter()
-            .map(|x| format!("{}/limit", x.key))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|{}", "---:|".repeat(served.len()));
-    for (len, med) in &ratios {
+    // Ratio tables: every engine over the limit (column 0), then over the sync loop (1).
+    for (base, name) in [(0, "limit"), (1, "sync_loop")] {
         println!(
-            "| {} | {} |",
-            kib(*len),
-            med[2..]
+            "\n| size | {} |",
+            served
                 .iter()
-                .map(|r| format!("{:.2}", r / med[0]))
+                .map(|x| format!("{}/{name}", x.key))
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
-    }
-    println!(
-        "\n| size | {} |",
-        served
-            .iter()
-            .map(|x| format!("{}/sync_loop", x.key))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|{}", "---:|".repeat(served.len()));
-    for (len, med) in &ratios {
-        println!(
-            "| {} | {} |",
-            kib(*len),
-            med[2..]
-                .iter()
-                .map(|r| format!("{:.2}", r / med[1]))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
+        println!("|---|{}", "---:|".repeat(served.len()));
+        for (len, med) in &ratios {
+            println!(
+                "| {} | {} |",
+                kib(*len),
+                med[2..]
+                    .iter()
+                    .map(|r| format!("{:.2}", r / med[base]))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
     }
 }
 

@@ -79,26 +79,7 @@ async fn start(root: &Path) -> Server {
         .await
         .unwrap();
     });
-    // Wait for the socket (bounded).
-    for _ in 0..200 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = connect(&socket).await;
     Server {
         shutdown: Some(tx),
         task,
@@ -799,25 +780,7 @@ fn control_thread_serves_and_stops() {
     let control = dedupd::snapshotter::ControlThread::spawn(socket.clone(), snap).unwrap();
     let rt = runtime();
     rt.block_on(async {
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let path = socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = connect(&socket).await;
         let mut c = SnapshotsClient::new(channel);
         assert_eq!(code(stat(&mut c, "nope").await), Code::NotFound);
         assert_eq!(list(&mut c, &[]).await.unwrap().len(), 0);
@@ -836,4 +799,27 @@ fn control_thread_serves_and_stops() {
     );
     control.stop().unwrap();
     assert!(!socket.exists());
+}
+
+/// Waits (bounded) for the server's unix socket and connects a channel to it.
+async fn connect(socket: &std::path::Path) -> tonic::transport::Channel {
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
 }

@@ -178,6 +178,24 @@ impl Drop for Local {
 }
 
 impl Shared {
+    /// Journals event `ev` in `slot` (before any answer) and returns its blob, if any
+    /// of ours.
+    fn journal_event(&self, slot: usize, ev: &Event) -> Option<usize> {
+        // SAFETY: installed for us by the read that produced `ev`; open until answered.
+        let blob = self.blob_of_fd(unsafe { BorrowedFd::borrow_raw(ev.fd) });
+        let (offset, count) = ev.range.unwrap_or((0, 0));
+        self.journal.record(
+            slot,
+            &Entry {
+                fd: ev.fd,
+                offset,
+                count,
+                blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
+            },
+        );
+        blob
+    }
+
     /// What `[offset, end)` of blob `bi` needs: scans its slots for the first run of
     /// missing slots no request in flight writes (skipping claimed ones), and with
     /// `claim` claims that run. Call with the blob's claims lock held.
@@ -495,18 +513,7 @@ impl Shared {
                 drop(unsafe { OwnedFd::from_raw_fd(ev.fd) });
                 continue;
             };
-            // SAFETY: installed for us by this read; open until answered.
-            let blob = self.blob_of_fd(unsafe { BorrowedFd::borrow_raw(ev.fd) });
-            let (offset, count) = ev.range.unwrap_or((0, 0));
-            self.journal.record(
-                slot,
-                &Entry {
-                    fd: ev.fd,
-                    offset,
-                    count,
-                    blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
-                },
-            );
+            let blob = self.journal_event(slot, &ev);
             local.queue.push_back(Queued { slot, ev, blob });
         }
         Next::Handled
@@ -566,18 +573,7 @@ impl Shared {
             }
             let filler = filler.get_or_insert_with(|| PackFiller::new(self.packs.clone()));
             for (slot, ev) in evs.iter().enumerate().filter(|(_, e)| e.fd >= 0) {
-                // SAFETY: installed for us by this read; open until answered.
-                let blob = self.blob_of_fd(unsafe { BorrowedFd::borrow_raw(ev.fd) });
-                let (offset, count) = ev.range.unwrap_or((0, 0));
-                self.journal.record(
-                    slot,
-                    &Entry {
-                        fd: ev.fd,
-                        offset,
-                        count,
-                        blob: blob.map(|b| self.blobs[b].id_bin).unwrap_or([0; 32]),
-                    },
-                );
+                let blob = self.journal_event(slot, ev);
                 self.answer_now(slot, ev, blob, filler);
             }
         }
