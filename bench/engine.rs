@@ -20,8 +20,8 @@ use dedupd::cachefiles::{self, Command, Device, Msg};
 use dedupd::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use dedupd::serve::sim::{ReadTicket, Sim};
 use dedupd::serve::{Engine, EngineConfig, WriteStrategy};
-use dedupd::store::blob::{blob_id, BlobBuilder, BlobTable};
-use dedupd::store::chunk::decode_record;
+use dedupd::store::blob::{blob_id, BlobBuilder, BlobTable, RawEntry};
+use dedupd::store::chunk::{decode_record, ChunkLoc};
 use dedupd::store::{BlobSource, LayerCommit, LayerRecord, Registry, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -215,14 +215,43 @@ struct Served {
     _cache: tempfile::TempDir,
 }
 
-/// `greedy`: a thread takes every queued request in one turn (the engine before
-/// `admit_per_turn`), kept beside the default to show what spreading requests is worth.
-fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, greedy: bool) -> Served {
+/// `whole`: the blob's table without payload digests (a store converted before they
+/// were kept), so every chunk is decoded and verified whole, as the limit and the sync
+/// loop do; kept beside the default to show what decoding only a prefix is worth.
+fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, whole: bool) -> Served {
     let (cache, sim) = new_sim(s);
+    let mut blobs = s.registry.blobs.clone();
+    if whole {
+        let raw: Vec<RawEntry> = s
+            .table
+            .entries()
+            .iter()
+            .map(|e| RawEntry {
+                raw_len: e.raw_len,
+                digest: e.digest,
+            })
+            .collect();
+        let locs: HashMap<_, _> = s
+            .table
+            .entries()
+            .iter()
+            .map(|e| (e.digest, e.loc))
+            .collect();
+        let stripped = BlobTable::new(s.name.clone(), &raw, |d| {
+            locs[d].map(|l| ChunkLoc {
+                payload_digest: None,
+                ..l
+            })
+        });
+        blobs.insert(
+            s.name.clone(),
+            Arc::new(BlobSource::Chunked(Arc::new(stripped))),
+        );
+    }
     let front = Arc::new(CachefilesFront::new(
         sim.clone(),
         Arc::new(RegistryHandle::new(Registry {
-            blobs: s.registry.blobs.clone(),
+            blobs,
             packs: s.registry.packs.clone(),
         })),
     ));
@@ -230,9 +259,6 @@ fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, greedy: bool
     cfg.threads = threads;
     cfg.write_strategy = strategy;
     cfg.read_around = false; // the same bytes as the limit and the sync loop
-    if greedy {
-        cfg.admit_per_turn = cfg.max_requests_per_thread;
-    }
     let engine = Engine::start(cfg, front).unwrap();
     let (object, _) = sim.open(&s.name, WAIT).unwrap();
     prefill(&sim, object);
@@ -241,7 +267,7 @@ fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, greedy: bool
             "engine/{}/{}t{}",
             strategy.name(),
             threads,
-            if greedy { "/greedy" } else { "" }
+            if whole { "/whole" } else { "" }
         ),
         sim,
         object,

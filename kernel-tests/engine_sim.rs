@@ -182,6 +182,14 @@ fn fixture() -> Fixture {
     let mut byte = [0u8; 1];
     pack.read_exact_at(&mut byte, at).unwrap();
     pack.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
+    // And an lz4 chunk in its last payload byte: a read of its first page needs only a
+    // prefix of the payload, so only the payload digest can catch this one.
+    let victim2 = t0.entries()[5];
+    let loc2 = victim2.loc.unwrap();
+    assert!(loc2.payload_digest.is_some(), "compressible, stored as lz4");
+    let at = loc2.offset + 48 + u64::from(loc2.stored_len) - 1;
+    pack.read_exact_at(&mut byte, at).unwrap();
+    pack.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
     // Remove a chunk from layer 1's table: the store no longer resolves it.
     let raw1 = store.blob_entries(&names[1].1).unwrap().unwrap();
     let missing = raw1[7].digest;
@@ -206,7 +214,9 @@ fn fixture() -> Fixture {
         };
         let mut bad = Vec::new();
         if i == 0 {
-            bad.push((victim.blob_offset, victim.blob_offset + victim.slot_len()));
+            for v in [victim, victim2] {
+                bad.push((v.blob_offset, v.blob_offset + v.slot_len()));
+            }
         }
         if i == 1 {
             bad.push((
@@ -446,6 +456,36 @@ fn two_threads_sync_writes_serve_every_byte() {
 #[test]
 fn read_around_serves_every_byte() {
     run_config(2, WriteStrategy::Uring, true, 5);
+}
+
+#[test]
+fn a_corrupt_tail_fails_a_read_of_the_chunk_head() {
+    // Without read-around a 4 KiB READ decodes its chunk only up to the page it needs;
+    // the corrupt last byte of fixture's second victim must still give EIO there.
+    let f = fixture();
+    let r = start(&f, 1, WriteStrategy::Uring, false);
+    let b = &f.blobs[0];
+    let (head, end) = b.bad[1];
+    let (id, _) = r.sim.open(&b.name, T).unwrap();
+    assert_eq!(
+        r.sim.read(id, head, BLOCK_BYTES, T).unwrap(),
+        ReadOutcome::Eio
+    );
+    // The compressible chunk before the first victim is served from its head.
+    let clean = head - 4 * (64 << 10);
+    assert!(!overlaps_bad(b, clean, BLOCK_BYTES));
+    assert_eq!(
+        r.sim.read(id, clean, BLOCK_BYTES, T).unwrap(),
+        ReadOutcome::Served
+    );
+    assert_eq!(
+        r.sim.read(id, end - BLOCK_BYTES, BLOCK_BYTES, T).unwrap(),
+        ReadOutcome::Eio
+    );
+    assert_eq!(r.sim.violations(), Vec::<String>::new());
+    assert_eq!(r.sim.check_all(), Vec::<String>::new());
+    let s = r.engine.stop();
+    assert_eq!(s.chunk_errors, 2, "{s:?}");
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! the record it thinks it does, and an index could be rebuilt from the packs alone.
 
 use crate::digest::ChunkDigest;
+use crate::store::lz4prefix;
 
 /// Size of the record header in bytes.
 pub const RECORD_HEADER_BYTES: usize = 48;
@@ -39,6 +40,9 @@ pub struct ChunkLoc {
     pub stored_len: u32,
     /// Uncompressed length in bytes.
     pub raw_len: u32,
+    /// BLAKE3 of the lz4 payload, from the index (see [`decode_record_upto`]); `None` for
+    /// records stored raw and for chunks converted before the index kept it.
+    pub payload_digest: Option<ChunkDigest>,
 }
 
 impl ChunkLoc {
@@ -101,6 +105,67 @@ pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// The digest kept in the index for an encoded record: BLAKE3 of its payload when the
+/// payload is an lz4 block, `None` when it is stored raw (the chunk digest covers it).
+pub fn payload_digest(record: &[u8]) -> Option<ChunkDigest> {
+    let flags = u32::from_le_bytes(record.get(4..8)?.try_into().ok()?);
+    let payload = record.get(RECORD_HEADER_BYTES..)?;
+    (flags & FLAG_LZ4 != 0).then(|| ChunkDigest::of(payload))
+}
+
+/// Checks the record header against the index: magic, lengths and chunk digest.
+fn check_header(record: &[u8], loc: &ChunkLoc, digest: &ChunkDigest) -> Result<(), ChunkError> {
+    let want = loc.record_len();
+    if record.len() < want {
+        return Err(ChunkError::Truncated {
+            got: record.len(),
+            want,
+        });
+    }
+    let word = |i: usize| u32::from_le_bytes(record[i..i + 4].try_into().expect("4 bytes"));
+    if word(0) != RECORD_MAGIC
+        || word(8) != loc.raw_len
+        || word(12) != loc.stored_len
+        || record[16..48] != digest.0
+    {
+        return Err(ChunkError::HeaderMismatch);
+    }
+    Ok(())
+}
+
+/// [`decode_record_or_in_place`] for a reader that needs only `out[..want]`: when the
+/// payload is an lz4 block whose BLAKE3 matches the payload digest the index kept for
+/// it (`loc.payload_digest`, computed from the payload written at conversion), only the
+/// sequences up to `want` are decoded. lz4 decoding is deterministic, so a verified
+/// payload yields the chunk's bytes, which the chunk digest was computed over. In every
+/// other case (no payload digest, a mismatch, `want` covering the chunk) the chunk is
+/// decoded and verified whole. Returns what [`decode_record_or_in_place`] returns; on
+/// `Ok(false)` at least `out[..want]` is valid.
+pub fn decode_record_upto(
+    record: &[u8],
+    loc: &ChunkLoc,
+    digest: &ChunkDigest,
+    out: &mut [u8],
+    want: usize,
+) -> Result<bool, ChunkError> {
+    let raw_len = loc.raw_len as usize;
+    if let Some(pd) = &loc.payload_digest {
+        if want < raw_len && out.len() >= raw_len {
+            check_header(record, loc, digest)?;
+            let lz4 = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) & FLAG_LZ4;
+            let payload = &record[RECORD_HEADER_BYTES..loc.record_len()];
+            if lz4 != 0 && ChunkDigest::of(payload) == *pd {
+                return match lz4prefix::decode_prefix(payload, &mut out[..raw_len], want) {
+                    Ok(_) => Ok(false),
+                    Err(_) => Err(ChunkError::Decompress),
+                };
+            }
+            // A payload digest that does not match: the whole-chunk check decides.
+        }
+    }
+    decode_record_or_in_place(record, loc, digest, out)
+}
+
 /// Decodes the record in `record` (header plus payload, as read from `loc`) into
 /// `out[..loc.raw_len]`, and verifies the digest. No byte of `out` is valid on error.
 pub fn decode_record(
@@ -126,13 +191,7 @@ pub fn decode_record_or_in_place(
     digest: &ChunkDigest,
     out: &mut [u8],
 ) -> Result<bool, ChunkError> {
-    let want = loc.record_len();
-    if record.len() < want {
-        return Err(ChunkError::Truncated {
-            got: record.len(),
-            want,
-        });
-    }
+    check_header(record, loc, digest)?;
     let raw_len = loc.raw_len as usize;
     if out.len() < raw_len {
         return Err(ChunkError::BufferTooSmall {
@@ -140,16 +199,9 @@ pub fn decode_record_or_in_place(
             want: raw_len,
         });
     }
-    let word = |i: usize| u32::from_le_bytes(record[i..i + 4].try_into().expect("4 bytes"));
-    if word(0) != RECORD_MAGIC
-        || word(8) != loc.raw_len
-        || word(12) != loc.stored_len
-        || record[16..48] != digest.0
-    {
-        return Err(ChunkError::HeaderMismatch);
-    }
-    let payload = &record[RECORD_HEADER_BYTES..want];
-    if word(4) & FLAG_LZ4 != 0 {
+    let payload = &record[RECORD_HEADER_BYTES..loc.record_len()];
+    let flags = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes"));
+    if flags & FLAG_LZ4 != 0 {
         let out = &mut out[..raw_len];
         match lz4_flex::block::decompress_into(payload, out) {
             Ok(n) if n == raw_len => {}
@@ -184,6 +236,7 @@ mod tests {
             offset: 0,
             stored_len,
             raw_len: data.len() as u32,
+            payload_digest: None,
         };
         let mut out = vec![0u8; data.len()];
         decode_record(&rec, &loc, &digest, &mut out).unwrap();
@@ -211,6 +264,7 @@ mod tests {
             offset: 0,
             stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: 8192,
+            payload_digest: None,
         };
         let last = rec.len() - 1;
         rec[last] ^= 0x40;
@@ -243,6 +297,7 @@ mod tests {
                 offset: 0,
                 stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
                 raw_len: data.len() as u32,
+                payload_digest: None,
             };
             let mut out = vec![0u8; data.len()];
             assert_eq!(
@@ -266,6 +321,81 @@ mod tests {
         }
     }
 
+    /// A compressible 64 KiB chunk, its record, and its location with the payload
+    /// digest the index would keep.
+    fn lz4_chunk() -> (Vec<u8>, ChunkDigest, Vec<u8>, ChunkLoc) {
+        let data: Vec<u8> = (0..65536u32)
+            .map(|i| (i / 7 % 61) as u8 ^ (i >> 12) as u8)
+            .collect();
+        let digest = ChunkDigest::of(&data);
+        let mut rec = Vec::new();
+        encode_record(&data, &digest, &mut rec);
+        let loc = ChunkLoc {
+            pack: 0,
+            offset: 0,
+            stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
+            raw_len: data.len() as u32,
+            payload_digest: payload_digest(&rec),
+        };
+        assert!(
+            loc.payload_digest.is_some(),
+            "compressible, so stored as lz4"
+        );
+        (data, digest, rec, loc)
+    }
+
+    #[test]
+    fn a_verified_payload_is_decoded_only_up_to_what_is_wanted() {
+        let (data, digest, rec, loc) = lz4_chunk();
+        for want in [1usize, 4096, 20_000, 65535] {
+            // Bytes past the prefix keep the marker: the rest was not decoded.
+            let mut out = vec![0xEEu8; data.len()];
+            assert!(!decode_record_upto(&rec, &loc, &digest, &mut out, want).unwrap());
+            assert_eq!(out[..want], data[..want]);
+            if want <= 20_000 {
+                assert_eq!(out[data.len() - 1], 0xEE, "want {want}");
+            }
+        }
+        let mut out = vec![0u8; data.len()];
+        decode_record_upto(&rec, &loc, &digest, &mut out, data.len()).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn a_corrupt_tail_fails_a_read_of_the_head() {
+        // The flipped byte lies past what the prefix needs, so only the payload digest
+        // can catch it; the whole-chunk check then refuses it.
+        let (data, digest, mut rec, loc) = lz4_chunk();
+        let last = rec.len() - 1;
+        rec[last] ^= 0x01;
+        let mut out = vec![0u8; data.len()];
+        let err = decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Decompress | ChunkError::DigestMismatch),
+            "{err:?}"
+        );
+        // So does a wrong chunk digest in the header, before any decoding.
+        let (_, _, mut rec, loc) = lz4_chunk();
+        rec[20] ^= 1;
+        assert_eq!(
+            decode_record_upto(&rec, &loc, &digest, &mut out, 4096),
+            Err(ChunkError::HeaderMismatch)
+        );
+    }
+
+    #[test]
+    fn a_stale_payload_digest_falls_back_to_the_whole_chunk() {
+        let (data, digest, rec, mut loc) = lz4_chunk();
+        loc.payload_digest = Some(ChunkDigest([7; 32]));
+        let mut out = vec![0u8; data.len()];
+        decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap();
+        assert_eq!(out, data, "decoded whole and verified");
+        loc.payload_digest = None;
+        let mut out = vec![0u8; data.len()];
+        decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap();
+        assert_eq!(out, data);
+    }
+
     #[test]
     fn a_short_record_is_refused() {
         let loc = ChunkLoc {
@@ -273,6 +403,7 @@ mod tests {
             offset: 0,
             stored_len: 10,
             raw_len: 10,
+            payload_digest: None,
         };
         let mut out = [0u8; 10];
         assert!(matches!(

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     chunk, io_err, read_full_at, record_bytes, ChunkLoc, Ingest, Result, Store, StoreError, CHUNKS,
-    META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
+    CHUNK_PAYLOADS, META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
 };
 use crate::digest::ChunkDigest;
 
@@ -206,6 +206,7 @@ impl Store {
                         offset,
                         stored_len,
                         raw_len,
+                        payload_digest: None,
                     },
                 ));
             }
@@ -337,6 +338,7 @@ impl Ingest<'_> {
             let txn = store.db.begin_write()?;
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
+                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
                 let mut packs = txn.open_table(PACKS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut meta = txn.open_table(STORE_META)?;
@@ -354,12 +356,17 @@ impl Ingest<'_> {
                         d.0.as_slice(),
                         (new.pack, new.offset, new.stored_len, new.raw_len, refs),
                     )?;
+                    // The record was copied verbatim; its payload digest is the same.
+                    if let Some(pd) = &new.payload_digest {
+                        payloads.insert(d.0.as_slice(), pd.0.as_slice())?;
+                    }
                     added += record_bytes(new.stored_len);
                 }
                 for (d, old) in corrupt {
                     let cur = chunks.get(d.0.as_slice())?.map(|v| v.value());
                     if cur.is_some_and(|(p, o, ..)| (p, o) == (old.pack, old.offset)) {
                         chunks.remove(d.0.as_slice())?;
+                        payloads.remove(d.0.as_slice())?;
                     }
                 }
                 if !moved.is_empty() {
@@ -461,6 +468,11 @@ mod tests {
             let mut got = vec![0u8; loc.raw_len as usize];
             chunk::decode_record(&rec, &loc, &e.digest, &mut got).unwrap();
             assert_eq!(&got, c);
+            // The payload digest follows the record wherever it moves.
+            assert_eq!(loc.payload_digest, chunk::payload_digest(&rec));
+            let half = c.len() / 2;
+            chunk::decode_record_upto(&rec, &loc, &e.digest, &mut got, half).unwrap();
+            assert_eq!(&got[..half], &c[..half]);
         }
     }
 
@@ -468,7 +480,17 @@ mod tests {
     fn compaction_frees_dead_packs_and_rewrites_sparse_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let a: Vec<Vec<u8>> = (0..4).map(|n| chunk(n, 20_000)).collect();
+        // a[0], which compaction moves, is compressible: stored as lz4 with a payload digest.
+        let text: Vec<u8> = (0..20_000u32).map(|i| (i % 89) as u8).collect();
+        let a: Vec<Vec<u8>> = (0..4)
+            .map(|n| {
+                if n == 0 {
+                    text.clone()
+                } else {
+                    chunk(n, 20_000)
+                }
+            })
+            .collect();
         let b: Vec<Vec<u8>> = (10..14).map(|n| chunk(n, 20_000)).collect();
         // Layer c keeps one chunk of a's pack alive.
         let c = vec![a[0].clone(), chunk(20, 30_000)];

@@ -46,6 +46,7 @@
 pub mod blob;
 pub mod chunk;
 mod compact;
+pub mod lz4prefix;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -69,6 +70,10 @@ const PACK_ROLL_BYTES: u64 = 1 << 30;
 
 /// digest -> (pack, offset, stored_len, raw_len, refs). `refs` counts blobs that hold it.
 const CHUNKS: TableDefinition<&[u8], (u32, u64, u32, u32, u32)> = TableDefinition::new("chunks");
+/// digest -> BLAKE3 of the chunk's lz4 payload as written at conversion (lz4 records
+/// only). Lets a reader verify the payload and then decode only a prefix of the chunk;
+/// a chunk without a row (stores from before this table) is decoded whole.
+const CHUNK_PAYLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_payloads");
 /// pack -> committed length.
 const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 /// pack -> bytes of records of indexed chunks in it (the live bytes).
@@ -293,6 +298,7 @@ impl Store {
         let txn = store.db.begin_write().map_err(store.db_err())?;
         {
             txn.open_table(CHUNKS).map_err(store.db_err())?;
+            txn.open_table(CHUNK_PAYLOADS).map_err(store.db_err())?;
             txn.open_table(PACKS).map_err(store.db_err())?;
             txn.open_table(BLOBS).map_err(store.db_err())?;
             txn.open_table(BLOB_REFS).map_err(store.db_err())?;
@@ -403,18 +409,8 @@ impl Store {
     pub fn locate(&self, digest: &ChunkDigest) -> Result<Option<ChunkLoc>> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
-        Ok(chunks
-            .get(digest.0.as_slice())
-            .map_err(self.db_err())?
-            .map(|v| {
-                let (pack, offset, stored_len, raw_len, _) = v.value();
-                ChunkLoc {
-                    pack,
-                    offset,
-                    stored_len,
-                    raw_len,
-                }
-            }))
+        let payloads = txn.open_table(CHUNK_PAYLOADS).map_err(self.db_err())?;
+        resolve_loc(&chunks, &payloads, digest).map_err(self.db_err())
     }
 
     /// The chunk table of blob `id`.
@@ -436,18 +432,11 @@ impl Store {
         };
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        let payloads = txn.open_table(CHUNK_PAYLOADS).map_err(self.db_err())?;
         let mut failed = None;
         let table = BlobTable::new(id.to_string(), &entries, |d| {
-            match chunks.get(d.0.as_slice()) {
-                Ok(v) => v.map(|v| {
-                    let (pack, offset, stored_len, raw_len, _) = v.value();
-                    ChunkLoc {
-                        pack,
-                        offset,
-                        stored_len,
-                        raw_len,
-                    }
-                }),
+            match resolve_loc(&chunks, &payloads, d) {
+                Ok(loc) => loc,
                 Err(e) => {
                     failed.get_or_insert(e);
                     None
@@ -563,6 +552,7 @@ impl Store {
                 let mut blobs = txn.open_table(BLOBS)?;
                 let mut blob_refs = txn.open_table(BLOB_REFS)?;
                 let mut chunks = txn.open_table(CHUNKS)?;
+                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 layers.remove(record.diff_id.as_str())?;
                 for d in &record.digests {
@@ -597,6 +587,7 @@ impl Store {
                             chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n - 1))?;
                         } else {
                             chunks.remove(e.digest.0.as_slice())?;
+                            payloads.remove(e.digest.0.as_slice())?;
                             let live = pack_live.get(p)?.map_or(0, |v| v.value());
                             pack_live.insert(p, live.saturating_sub(record_bytes(s)))?;
                             removed.chunks += 1;
@@ -686,6 +677,29 @@ impl Store {
             done: false,
         })
     }
+}
+
+/// The location of chunk `digest` in the index, with its payload digest when it has one
+/// (a row of the wrong length counts as none: the chunk is then verified whole).
+fn resolve_loc(
+    chunks: &impl ReadableTable<&'static [u8], (u32, u64, u32, u32, u32)>,
+    payloads: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    digest: &ChunkDigest,
+) -> std::result::Result<Option<ChunkLoc>, redb::StorageError> {
+    let Some(v) = chunks.get(digest.0.as_slice())? else {
+        return Ok(None);
+    };
+    let (pack, offset, stored_len, raw_len, _) = v.value();
+    let payload_digest = payloads
+        .get(digest.0.as_slice())?
+        .and_then(|p| p.value().try_into().ok().map(ChunkDigest));
+    Ok(Some(ChunkLoc {
+        pack,
+        offset,
+        stored_len,
+        raw_len,
+        payload_digest,
+    }))
 }
 
 /// Bytes of the record of a chunk whose payload is `stored_len` bytes.
@@ -787,6 +801,7 @@ impl Ingest<'_> {
             offset: self.len,
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
+            payload_digest: chunk::payload_digest(record),
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
@@ -824,11 +839,16 @@ impl Ingest<'_> {
             let txn = store.db.begin_write()?;
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
+                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
                 for (d, l) in &self.pending {
                     chunks.insert(
                         d.0.as_slice(),
                         (l.pack, l.offset, l.stored_len, l.raw_len, 0),
                     )?;
+                    match &l.payload_digest {
+                        Some(p) => payloads.insert(d.0.as_slice(), p.0.as_slice())?,
+                        None => payloads.remove(d.0.as_slice())?,
+                    };
                 }
                 if self.len != self.committed {
                     // A layer with no new chunk leaves the packs (and pack numbers) alone.
@@ -1034,6 +1054,55 @@ pub(crate) mod tests {
         assert_eq!(store.stats().unwrap().chunks, 0);
         assert_eq!(store.stats().unwrap().layers, 0);
         assert!(store.remove_layer("bb").unwrap().is_none());
+    }
+
+    /// The payload digest rows, for tests.
+    fn payload_rows(store: &Store) -> usize {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(CHUNK_PAYLOADS).unwrap();
+        t.iter().unwrap().count()
+    }
+
+    #[test]
+    fn lz4_chunks_keep_a_payload_digest_until_they_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let text: Vec<u8> = (0..65536u32).map(|i| (i % 97) as u8).collect();
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        commit_layer(&store, "aa", &[text.clone(), noise.clone()]);
+        let loc = store.locate(&ChunkDigest::of(&text)).unwrap().unwrap();
+        let mut rec = vec![0u8; loc.record_len()];
+        File::open(store.pack_path(loc.pack))
+            .unwrap()
+            .read_exact_at(&mut rec, loc.offset)
+            .unwrap();
+        assert_eq!(loc.payload_digest, chunk::payload_digest(&rec));
+        assert!(loc.payload_digest.is_some());
+        // Stored raw: the chunk digest covers the payload, no row.
+        let raw = store.locate(&ChunkDigest::of(&noise)).unwrap().unwrap();
+        assert_eq!(raw.payload_digest, None);
+        assert_eq!(payload_rows(&store), 1);
+        // The served table carries it too.
+        let reg = store.registry().unwrap();
+        let served = reg
+            .blobs
+            .values()
+            .find_map(|b| match &**b {
+                BlobSource::Chunked(t) => Some(t.entries()[0].loc),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(served, Some(loc));
+        store.remove_layer("aa").unwrap().unwrap();
+        assert_eq!(payload_rows(&store), 0);
     }
 
     #[test]
