@@ -199,8 +199,8 @@ impl PieceSender {
     }
 }
 
-/// Per piece: its digest, and its encoded record (`None`: the store holds it).
-type HashedPieces = Vec<(ChunkDigest, Option<Vec<u8>>)>;
+/// Per piece: its digest, and (when the store lacks it) its encoded record and payload digest.
+type HashedPieces = Vec<(ChunkDigest, Option<(Vec<u8>, Option<ChunkDigest>)>)>;
 
 /// A batch after a worker hashed it (and compressed the chunks the store lacks).
 struct Hashed {
@@ -221,8 +221,8 @@ fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
                 let found = store.locate(&digest)?;
                 let record = found.is_none().then(|| {
                     let mut r = Vec::new();
-                    encode_record(data, &digest, &mut r);
-                    r
+                    let payload_digest = encode_record(data, &digest, &mut r);
+                    (r, payload_digest)
                 });
                 Ok((digest, record))
             })
@@ -267,8 +267,8 @@ impl PieceReceiver {
                 while let Some(h) = waiting.remove(&(addrs.len() as u64)) {
                     let Hashed { batch, results } = h;
                     for (&(_, len), (digest, record)) in batch.pieces.iter().zip(results?) {
-                        if let Some(record) = record {
-                            ingest.put_encoded(digest, len as u32, &record)?;
+                        if let Some((record, payload_digest)) = record {
+                            ingest.put_encoded(digest, len as u32, &record, payload_digest)?;
                         }
                         addrs.push(builder.add(digest, len as u32));
                     }

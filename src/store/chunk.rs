@@ -83,7 +83,10 @@ pub enum ChunkError {
 }
 
 /// Encodes a record for `data` into `out` (cleared first); compresses when that saves space.
-pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
+/// Returns the payload digest for the index when the payload is an lz4 block: by then
+/// the block has been decoded back whole and compared with `data` (see [`vouch_payload`]).
+/// A block that does not round-trip is not used; the chunk is stored raw.
+pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) -> Option<ChunkDigest> {
     assert!(
         data.len() <= MAX_CHUNK_BYTES,
         "chunk of {} bytes exceeds the limit",
@@ -92,25 +95,46 @@ pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
     out.clear();
     out.resize(RECORD_HEADER_BYTES, 0);
     let compressed = lz4_flex::block::compress(data);
-    let (flags, payload): (u32, &[u8]) = if compressed.len() < data.len() {
-        (FLAG_LZ4, &compressed)
-    } else {
-        (0, data)
-    };
+    let mut flags = 0;
+    let mut payload_digest = None;
+    if compressed.len() < data.len() {
+        payload_digest = vouch_payload(FLAG_LZ4, &compressed, data);
+        if payload_digest.is_some() {
+            flags = FLAG_LZ4;
+        } else {
+            tracing::error!(chunk = %digest, "lz4 block does not decode to its chunk; stored raw");
+        }
+    }
+    let payload: &[u8] = if flags == FLAG_LZ4 { &compressed } else { data };
     out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     out[4..8].copy_from_slice(&flags.to_le_bytes());
     out[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
     out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     out[16..48].copy_from_slice(&digest.0);
     out.extend_from_slice(payload);
+    payload_digest
 }
 
-/// The digest kept in the index for an encoded record: BLAKE3 of its payload when the
-/// payload is an lz4 block, `None` when it is stored raw (the chunk digest covers it).
-pub fn payload_digest(record: &[u8]) -> Option<ChunkDigest> {
-    let flags = u32::from_le_bytes(record.get(4..8)?.try_into().ok()?);
-    let payload = record.get(RECORD_HEADER_BYTES..)?;
-    (flags & FLAG_LZ4 != 0).then(|| ChunkDigest::of(payload))
+/// The payload digest the index may keep for a record whose payload (with `flags`) must
+/// decode to `data`, bytes already known to be the chunk's: BLAKE3 of the payload, once
+/// the data plane's prefix decoder has decoded it whole to exactly `data`. So a reader
+/// that finds a payload with this digest gets the chunk's bytes from any prefix of it.
+/// `None` for a raw payload (the chunk digest covers it) or one that does not decode.
+pub fn vouch_payload(flags: u32, payload: &[u8], data: &[u8]) -> Option<ChunkDigest> {
+    if flags & FLAG_LZ4 == 0 {
+        return None;
+    }
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.resize(data.len(), 0);
+        match lz4prefix::decode_prefix(payload, &mut buf, data.len()) {
+            Ok(n) if n == data.len() && buf[..] == *data => Some(ChunkDigest::of(payload)),
+            _ => None,
+        }
+    })
 }
 
 /// Checks the record header against the index: magic, lengths and chunk digest.
@@ -155,10 +179,14 @@ pub fn decode_record_upto(
             let lz4 = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) & FLAG_LZ4;
             let payload = &record[RECORD_HEADER_BYTES..loc.record_len()];
             if lz4 != 0 && ChunkDigest::of(payload) == *pd {
-                return match lz4prefix::decode_prefix(payload, &mut out[..raw_len], want) {
-                    Ok(_) => Ok(false),
-                    Err(_) => Err(ChunkError::Decompress),
-                };
+                match lz4prefix::decode_prefix(payload, &mut out[..raw_len], want) {
+                    Ok(_) => return Ok(false),
+                    // It decoded whole at ingest: only a decoder bug gets here.
+                    Err(e) => tracing::error!(
+                        chunk = %digest,
+                        "prefix decode of a vouched payload failed ({e:?}); decoding whole"
+                    ),
+                }
             }
             // A payload digest that does not match: the whole-chunk check decides.
         }
@@ -329,13 +357,13 @@ mod tests {
             .collect();
         let digest = ChunkDigest::of(&data);
         let mut rec = Vec::new();
-        encode_record(&data, &digest, &mut rec);
+        let payload_digest = encode_record(&data, &digest, &mut rec);
         let loc = ChunkLoc {
             pack: 0,
             offset: 0,
             stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: data.len() as u32,
-            payload_digest: payload_digest(&rec),
+            payload_digest,
         };
         assert!(
             loc.payload_digest.is_some(),
@@ -381,6 +409,23 @@ mod tests {
             decode_record_upto(&rec, &loc, &digest, &mut out, 4096),
             Err(ChunkError::HeaderMismatch)
         );
+    }
+
+    #[test]
+    fn only_a_payload_that_decodes_to_its_chunk_is_vouched_for() {
+        let (data, _, rec, loc) = lz4_chunk();
+        let payload = &rec[RECORD_HEADER_BYTES..];
+        assert_eq!(vouch_payload(FLAG_LZ4, payload, &data), loc.payload_digest);
+        // Other bytes than the chunk's, a payload that decodes to something else, or a
+        // raw payload: no digest for the index.
+        let mut other = data.clone();
+        other[60_000] ^= 1;
+        assert_eq!(vouch_payload(FLAG_LZ4, payload, &other), None);
+        let mut bad = payload.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(vouch_payload(FLAG_LZ4, &bad, &data), None);
+        assert_eq!(vouch_payload(0, &data, &data), None);
     }
 
     #[test]

@@ -235,7 +235,11 @@ impl Store {
             let n = read_full_at(file, rec, loc.offset).map_err(io_err(&path))?;
             match chunk::decode_record(&rec[..n], &loc, &digest, &mut out) {
                 Ok(()) => {
-                    ing.append_record(rec, digest, loc.raw_len)?;
+                    // `out` holds the chunk's bytes, just verified against its digest.
+                    let flags = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
+                    let payload = &rec[chunk::RECORD_HEADER_BYTES..];
+                    let pd = chunk::vouch_payload(flags, payload, &out[..loc.raw_len as usize]);
+                    ing.append_record(rec, digest, loc.raw_len, pd)?;
                     moved.push((digest, loc));
                 }
                 Err(e) => {
@@ -356,10 +360,10 @@ impl Ingest<'_> {
                         d.0.as_slice(),
                         (new.pack, new.offset, new.stored_len, new.raw_len, refs),
                     )?;
-                    // The record was copied verbatim; its payload digest is the same.
-                    if let Some(pd) = &new.payload_digest {
-                        payloads.insert(d.0.as_slice(), pd.0.as_slice())?;
-                    }
+                    match &new.payload_digest {
+                        Some(pd) => payloads.insert(d.0.as_slice(), pd.0.as_slice())?,
+                        None => payloads.remove(d.0.as_slice())?,
+                    };
                     added += record_bytes(new.stored_len);
                 }
                 for (d, old) in corrupt {
@@ -469,7 +473,9 @@ mod tests {
             chunk::decode_record(&rec, &loc, &e.digest, &mut got).unwrap();
             assert_eq!(&got, c);
             // The payload digest follows the record wherever it moves.
-            assert_eq!(loc.payload_digest, chunk::payload_digest(&rec));
+            let flags = u32::from_le_bytes(rec[4..8].try_into().unwrap());
+            let payload = &rec[chunk::RECORD_HEADER_BYTES..];
+            assert_eq!(loc.payload_digest, chunk::vouch_payload(flags, payload, c));
             let half = c.len() / 2;
             chunk::decode_record_upto(&rec, &loc, &e.digest, &mut got, half).unwrap();
             assert_eq!(&got[..half], &c[..half]);

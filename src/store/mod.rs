@@ -771,15 +771,22 @@ impl Ingest<'_> {
             return Ok(Put { digest, new: false });
         }
         let mut record = std::mem::take(&mut self.record);
-        chunk::encode_record(data, &digest, &mut record);
-        let put = self.append_record(&record, digest, data.len() as u32);
+        let payload_digest = chunk::encode_record(data, &digest, &mut record);
+        let put = self.append_record(&record, digest, data.len() as u32, payload_digest);
         self.record = record;
         put
     }
 
     /// As [`Ingest::put_chunk_with_digest`], with the record already encoded by
-    /// [`chunk::encode_record`] (so that callers can compress on other threads).
-    pub fn put_encoded(&mut self, digest: ChunkDigest, raw_len: u32, record: &[u8]) -> Result<Put> {
+    /// [`chunk::encode_record`] (so that callers can compress on other threads), and the
+    /// payload digest it returned.
+    pub fn put_encoded(
+        &mut self,
+        digest: ChunkDigest,
+        raw_len: u32,
+        record: &[u8],
+        payload_digest: Option<ChunkDigest>,
+    ) -> Result<Put> {
         assert!(
             record.len() >= chunk::RECORD_HEADER_BYTES
                 && record[8..12] == raw_len.to_le_bytes()
@@ -789,10 +796,18 @@ impl Ingest<'_> {
         if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
             return Ok(Put { digest, new: false });
         }
-        self.append_record(record, digest, raw_len)
+        self.append_record(record, digest, raw_len, payload_digest)
     }
 
-    fn append_record(&mut self, record: &[u8], digest: ChunkDigest, raw_len: u32) -> Result<Put> {
+    /// Appends `record`; `payload_digest` must come from [`chunk::vouch_payload`] (or
+    /// [`chunk::encode_record`]) for this record's payload and chunk bytes.
+    fn append_record(
+        &mut self,
+        record: &[u8],
+        digest: ChunkDigest,
+        raw_len: u32,
+        payload_digest: Option<ChunkDigest>,
+    ) -> Result<Put> {
         self.file
             .write_all_at(record, self.len)
             .map_err(io_err(&self.pack_path))?;
@@ -801,7 +816,7 @@ impl Ingest<'_> {
             offset: self.len,
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
-            payload_digest: chunk::payload_digest(record),
+            payload_digest,
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
@@ -1084,7 +1099,11 @@ pub(crate) mod tests {
             .unwrap()
             .read_exact_at(&mut rec, loc.offset)
             .unwrap();
-        assert_eq!(loc.payload_digest, chunk::payload_digest(&rec));
+        let flags = u32::from_le_bytes(rec[4..8].try_into().unwrap());
+        assert_eq!(
+            loc.payload_digest,
+            chunk::vouch_payload(flags, &rec[chunk::RECORD_HEADER_BYTES..], &text)
+        );
         assert!(loc.payload_digest.is_some());
         // Stored raw: the chunk digest covers the payload, no row.
         let raw = store.locate(&ChunkDigest::of(&noise)).unwrap().unwrap();
