@@ -215,9 +215,9 @@ struct Served {
     _cache: tempfile::TempDir,
 }
 
-/// `whole`: the blob's table without payload digests (a store converted before they
-/// were kept), so every chunk is decoded and verified whole, as the limit and the sync
-/// loop do; kept beside the default to show what decoding only a prefix is worth.
+/// `whole`: the blob's table without leaves (a store converted before they were kept),
+/// so every chunk is decoded and verified whole, as the limit and the sync loop do;
+/// kept beside the default to show what decoding and verifying only part is worth.
 fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, whole: bool) -> Served {
     let (cache, sim) = new_sim(s);
     let mut blobs = s.registry.blobs.clone();
@@ -238,10 +238,7 @@ fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, whole: bool)
             .map(|e| (e.digest, e.loc))
             .collect();
         let stripped = BlobTable::new(s.name.clone(), &raw, |d| {
-            locs[d].map(|l| ChunkLoc {
-                payload_digest: None,
-                ..l
-            })
+            locs[d].map(|l| ChunkLoc { leaves: None, ..l })
         });
         blobs.insert(
             s.name.clone(),

@@ -16,7 +16,7 @@ use dedupd::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use dedupd::serve::sim::{ReadOutcome, Sim, SimError};
 use dedupd::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use dedupd::store::blob::{blob_id, BlobBuilder, BlobTable};
-use dedupd::store::{BlobSource, LayerCommit, LayerRecord, Registry, Store, BLOCK_BYTES};
+use dedupd::store::{BlobSource, LayerCommit, LayerRecord, Leaves, Registry, Store, BLOCK_BYTES};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -145,9 +145,11 @@ fn expected_of(table: &BlobTable, data: &HashMap<ChunkDigest, Vec<u8>>) -> Arc<[
     v.into()
 }
 
-/// Builds four layers in a fresh store, corrupts one chunk record in its pack, and
-/// removes one chunk from a blob's table.
-fn fixture() -> Fixture {
+/// Builds four layers in a fresh store, corrupts two chunk records in their pack, and
+/// removes one chunk from a blob's table. `read_around`: whether the engine under test
+/// widens READs to whole chunks, which decides what of the second corrupt chunk (bad in
+/// its last leaf only) reads as EIO.
+fn fixture(read_around: bool) -> Fixture {
     let dir = tempfile::tempdir_in(tmp_base()).unwrap();
     let root = dir.path().join("store");
     let store = Store::open(&root).unwrap();
@@ -182,14 +184,64 @@ fn fixture() -> Fixture {
     let mut byte = [0u8; 1];
     pack.read_exact_at(&mut byte, at).unwrap();
     pack.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
-    // And an lz4 chunk in its last payload byte: a read of its first page needs only a
-    // prefix of the payload, so only the payload digest can catch this one.
-    let victim2 = t0.entries()[5];
-    let loc2 = victim2.loc.unwrap();
-    assert!(loc2.payload_digest.is_some(), "compressible, stored as lz4");
-    let at = loc2.offset + 48 + u64::from(loc2.stored_len) - 1;
-    pack.read_exact_at(&mut byte, at).unwrap();
-    pack.write_all_at(&[byte[0] ^ 0x01], at).unwrap();
+    // And two lz4 chunks in one literal byte each, so that they still decode: entry 5 in
+    // its last byte (the chunk's last byte, so only its last leaf decodes wrong), entry 9
+    // in its first literal (copied on by later matches, so several leaves may go
+    // wrong). Without read-around, READs are decoded and verified leaf by leaf: those
+    // of good leaves are served, those of wrong leaves and of the last leaf (which needs
+    // the whole chunk, which does not verify) are refused.
+    let mut partly_bad = Vec::new();
+    for (i, first_literal) in [(5usize, false), (9, true)] {
+        let e = t0.entries()[i];
+        let l = e.loc.unwrap();
+        assert!(l.leaves.is_some(), "entry {i}: a chunk of several leaves");
+        let mut rec = vec![0u8; l.record_len()];
+        pack.read_exact_at(&mut rec, l.offset).unwrap();
+        assert_eq!(rec[4] & 1, 1, "entry {i}: stored as lz4");
+        let payload = &mut rec[48..];
+        let at = if first_literal {
+            assert!(payload[0] >> 4 > 0, "entry {i}: starts with literals");
+            // Past the literal length's extra bytes, if any.
+            let mut p = 1;
+            if payload[0] >> 4 == 15 {
+                while payload[p] == 255 {
+                    p += 1;
+                }
+                p += 1;
+            }
+            p
+        } else {
+            payload.len() - 1
+        };
+        payload[at] ^= 0x01;
+        pack.write_all_at(&payload[at..at + 1], l.offset + 48 + at as u64)
+            .unwrap();
+        let decoded = lz4_flex::block::decompress(payload, e.raw_len as usize).unwrap();
+        let original = &data[&e.digest];
+        assert_ne!(&decoded, original);
+        let raw_len = e.raw_len as usize;
+        let leaf = Leaves::leaf_bytes(raw_len);
+        let leaves = raw_len.div_ceil(leaf);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for k in 0..leaves {
+            let (a, b) = (k * leaf, ((k + 1) * leaf).min(raw_len));
+            let bad = read_around || k == leaves - 1 || decoded[a..b] != original[a..b];
+            if !bad {
+                continue;
+            }
+            let (a, b) = (e.blob_offset + a as u64, e.blob_offset + b as u64);
+            let b = if k == leaves - 1 {
+                e.blob_offset + e.slot_len()
+            } else {
+                b
+            };
+            match ranges.last_mut() {
+                Some(r) if r.1 == a => r.1 = b,
+                _ => ranges.push((a, b)),
+            }
+        }
+        partly_bad.extend(ranges);
+    }
     // Remove a chunk from layer 1's table: the store no longer resolves it.
     let raw1 = store.blob_entries(&names[1].1).unwrap().unwrap();
     let missing = raw1[7].digest;
@@ -214,9 +266,8 @@ fn fixture() -> Fixture {
         };
         let mut bad = Vec::new();
         if i == 0 {
-            for v in [victim, victim2] {
-                bad.push((v.blob_offset, v.blob_offset + v.slot_len()));
-            }
+            bad.push((victim.blob_offset, victim.blob_offset + victim.slot_len()));
+            bad.extend(partly_bad.iter().copied());
         }
         if i == 1 {
             bad.push((
@@ -424,7 +475,7 @@ fn assert_counts(s: &StatsSnapshot, threads: u64) {
 }
 
 fn run_config(threads: usize, strategy: WriteStrategy, read_around: bool, seed: u64) {
-    let f = fixture();
+    let f = fixture(read_around);
     let r = start(&f, threads, strategy, read_around);
     let s = serve_everything(&f, &r, seed);
     assert_counts(&s, threads as u64);
@@ -459,38 +510,41 @@ fn read_around_serves_every_byte() {
 }
 
 #[test]
-fn a_corrupt_tail_fails_a_read_of_the_chunk_head() {
-    // Without read-around a 4 KiB READ decodes its chunk only up to the page it needs;
-    // the corrupt last byte of fixture's second victim must still give EIO there.
-    let f = fixture();
+fn a_corrupt_tail_spoils_only_the_leaf_it_is_in() {
+    // Without read-around a 4 KiB READ decodes its chunk only up to the end of the leaf
+    // it needs and verifies that leaf: the second victim's head is served (the simulator
+    // checks the bytes), its last leaf gives EIO.
+    let f = fixture(false);
     let r = start(&f, 1, WriteStrategy::Uring, false);
     let b = &f.blobs[0];
-    let (head, end) = b.bad[1];
+    let (bad, end) = b.bad[1];
+    let head = end - (64 << 10);
+    assert!(bad > head, "only the last leaf is bad");
     let (id, _) = r.sim.open(&b.name, T).unwrap();
-    assert_eq!(
-        r.sim.read(id, head, BLOCK_BYTES, T).unwrap(),
-        ReadOutcome::Eio
-    );
-    // The compressible chunk before the first victim is served from its head.
-    let clean = head - 4 * (64 << 10);
-    assert!(!overlaps_bad(b, clean, BLOCK_BYTES));
-    assert_eq!(
-        r.sim.read(id, clean, BLOCK_BYTES, T).unwrap(),
-        ReadOutcome::Served
-    );
-    assert_eq!(
-        r.sim.read(id, end - BLOCK_BYTES, BLOCK_BYTES, T).unwrap(),
-        ReadOutcome::Eio
-    );
+    for p in (head..end).step_by(BLOCK_BYTES as usize) {
+        let want = if p < bad {
+            ReadOutcome::Served
+        } else {
+            ReadOutcome::Eio
+        };
+        assert_eq!(
+            r.sim.read(id, p, BLOCK_BYTES, T).unwrap(),
+            want,
+            "page at {p}"
+        );
+    }
+    // Reaching into the last leaf refuses the whole READ.
+    assert_eq!(r.sim.read(id, head, 64 << 10, T).unwrap(), ReadOutcome::Eio);
     assert_eq!(r.sim.violations(), Vec::<String>::new());
     assert_eq!(r.sim.check_all(), Vec::<String>::new());
+    assert_eq!(r.sim.cached_bytes(&b.name), bad - head);
     let s = r.engine.stop();
-    assert_eq!(s.chunk_errors, 2, "{s:?}");
+    assert_eq!(s.chunk_errors, 5, "{s:?}");
 }
 
 #[test]
 fn malformed_messages_are_counted_and_survived() {
-    let f = fixture();
+    let f = fixture(false);
     let r = start(&f, 2, WriteStrategy::Uring, false);
     let b = &f.blobs[2]; // layer 1's image... any blob without bad ranges
     let b = if b.bad.is_empty() { b } else { &f.blobs[3] };
@@ -569,7 +623,7 @@ fn malformed_messages_are_counted_and_survived() {
 fn a_full_disk_fails_requests_without_wrong_bytes() {
     // Writes that fail (here: the engine's target is a read-only fd) are counted and
     // complete the READ with nothing written.
-    let f = fixture();
+    let f = fixture(false);
     let cache = tempfile::tempdir_in(tmp_base()).unwrap();
     let sim = Arc::new(Sim::new(cache.path(), "test", true).unwrap());
     let b = &f.blobs[4];

@@ -15,7 +15,7 @@ use std::io::{self, Read};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::digest::ChunkDigest;
+use crate::digest::{ChunkDigest, Leaves};
 use crate::erofs::{ChunkAddr, FileData, Kind, Tree};
 use crate::store::chunk::encode_record;
 use crate::store::{BlobBuilder, Ingest, Store, StoreError};
@@ -199,8 +199,8 @@ impl PieceSender {
     }
 }
 
-/// Per piece: its digest, and (when the store lacks it) its encoded record and payload digest.
-type HashedPieces = Vec<(ChunkDigest, Option<(Vec<u8>, Option<ChunkDigest>)>)>;
+/// Per piece: its digest, and (when the store lacks it) its encoded record and leaves.
+type HashedPieces = Vec<(ChunkDigest, Option<(Vec<u8>, Option<Leaves>)>)>;
 
 /// A batch after a worker hashed it (and compressed the chunks the store lacks).
 struct Hashed {
@@ -217,12 +217,12 @@ fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
             .iter()
             .map(|&(at, len)| {
                 let data = &batch.buf[at..at + len];
-                let digest = ChunkDigest::of(data);
+                let (digest, leaves) = Leaves::digest_of(data);
                 let found = store.locate(&digest)?;
                 let record = found.is_none().then(|| {
                     let mut r = Vec::new();
-                    let payload_digest = encode_record(data, &digest, &mut r);
-                    (r, payload_digest)
+                    encode_record(data, &digest, &mut r);
+                    (r, leaves)
                 });
                 Ok((digest, record))
             })
@@ -267,8 +267,8 @@ impl PieceReceiver {
                 while let Some(h) = waiting.remove(&(addrs.len() as u64)) {
                     let Hashed { batch, results } = h;
                     for (&(_, len), (digest, record)) in batch.pieces.iter().zip(results?) {
-                        if let Some((record, payload_digest)) = record {
-                            ingest.put_encoded(digest, len as u32, &record, payload_digest)?;
+                        if let Some((record, leaves)) = record {
+                            ingest.put_encoded(digest, len as u32, &record, leaves)?;
                         }
                         addrs.push(builder.add(digest, len as u32));
                     }

@@ -5,7 +5,7 @@
 //! and operation slots last; a request waiting for buffers sits in `pending`, and while
 //! anything is pending the device is not drained. Each piece is a read (pack record or
 //! file) into a registered buffer, a decode into a second registered buffer (only up to
-//! the end of the write when the chunk's payload digest allows it; with
+//! the end of the write when the chunk's BLAKE3 leaves allow it; with
 //! `write_from_record`, a record stored uncompressed is verified where it was read and
 //! written from there), and a write
 //! into the target; an in-flight operation owns its buffers until its CQE arrives.
@@ -27,7 +27,7 @@ use super::{
     FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
 };
 use crate::digest::ChunkDigest;
-use crate::store::chunk::{decode_record_upto, ChunkLoc, RECORD_HEADER_BYTES};
+use crate::store::chunk::{decode_record_range, ChunkLoc, RECORD_HEADER_BYTES};
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
@@ -775,9 +775,11 @@ impl<F: FrontEnd> Worker<F> {
                     let n = (res as usize).min(rec.len());
                     let raw_len = loc.raw_len as usize;
                     let slot_len = raw_len.div_ceil(PAGE_BYTES as usize) * PAGE_BYTES as usize;
-                    // Only the slot's bytes up to the end of the write are needed.
-                    let want = ((w_off - slot_off) as usize + w_len as usize).min(raw_len);
-                    match decode_record_upto(&rec[..n], &loc, &digest, out, want) {
+                    // Only the slot's bytes under the write are needed (past the chunk's
+                    // end the slot is zeros, filled below).
+                    let from = ((w_off - slot_off) as usize).min(raw_len);
+                    let to = ((w_off - slot_off) as usize + w_len as usize).min(raw_len);
+                    match decode_record_range(&rec[..n], &loc, &digest, out, from, to) {
                         // Stored raw and whole pages: written straight from the record
                         // buffer, no copy.
                         Ok(true) if raw_len == slot_len && self.cfg.write_from_record => {

@@ -15,7 +15,7 @@
 //! The header repeats what the index knows, so a reader can check that the index points at
 //! the record it thinks it does, and an index could be rebuilt from the packs alone.
 
-use crate::digest::ChunkDigest;
+use crate::digest::{ChunkDigest, Leaves};
 use crate::store::lz4prefix;
 
 /// Size of the record header in bytes.
@@ -40,9 +40,9 @@ pub struct ChunkLoc {
     pub stored_len: u32,
     /// Uncompressed length in bytes.
     pub raw_len: u32,
-    /// BLAKE3 of the lz4 payload, from the index (see [`decode_record_upto`]); `None` for
-    /// records stored raw and for chunks converted before the index kept it.
-    pub payload_digest: Option<ChunkDigest>,
+    /// The chunk's BLAKE3 leaves, from the index (see [`decode_record_range`]); `None`
+    /// for chunks of one leaf and for chunks converted before the index kept them.
+    pub leaves: Option<Leaves>,
 }
 
 impl ChunkLoc {
@@ -83,10 +83,7 @@ pub enum ChunkError {
 }
 
 /// Encodes a record for `data` into `out` (cleared first); compresses when that saves space.
-/// Returns the payload digest for the index when the payload is an lz4 block: by then
-/// the block has been decoded back whole and compared with `data` (see [`vouch_payload`]).
-/// A block that does not round-trip is not used; the chunk is stored raw.
-pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) -> Option<ChunkDigest> {
+pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
     assert!(
         data.len() <= MAX_CHUNK_BYTES,
         "chunk of {} bytes exceeds the limit",
@@ -95,46 +92,17 @@ pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) -> Op
     out.clear();
     out.resize(RECORD_HEADER_BYTES, 0);
     let compressed = lz4_flex::block::compress(data);
-    let mut flags = 0;
-    let mut payload_digest = None;
-    if compressed.len() < data.len() {
-        payload_digest = vouch_payload(FLAG_LZ4, &compressed, data);
-        if payload_digest.is_some() {
-            flags = FLAG_LZ4;
-        } else {
-            tracing::error!(chunk = %digest, "lz4 block does not decode to its chunk; stored raw");
-        }
-    }
-    let payload: &[u8] = if flags == FLAG_LZ4 { &compressed } else { data };
+    let (flags, payload): (u32, &[u8]) = if compressed.len() < data.len() {
+        (FLAG_LZ4, &compressed)
+    } else {
+        (0, data)
+    };
     out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     out[4..8].copy_from_slice(&flags.to_le_bytes());
     out[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
     out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     out[16..48].copy_from_slice(&digest.0);
     out.extend_from_slice(payload);
-    payload_digest
-}
-
-/// The payload digest the index may keep for a record whose payload (with `flags`) must
-/// decode to `data`, bytes already known to be the chunk's: BLAKE3 of the payload, once
-/// the data plane's prefix decoder has decoded it whole to exactly `data`. So a reader
-/// that finds a payload with this digest gets the chunk's bytes from any prefix of it.
-/// `None` for a raw payload (the chunk digest covers it) or one that does not decode.
-pub fn vouch_payload(flags: u32, payload: &[u8], data: &[u8]) -> Option<ChunkDigest> {
-    if flags & FLAG_LZ4 == 0 {
-        return None;
-    }
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        buf.resize(data.len(), 0);
-        match lz4prefix::decode_prefix(payload, &mut buf, data.len()) {
-            Ok(n) if n == data.len() && buf[..] == *data => Some(ChunkDigest::of(payload)),
-            _ => None,
-        }
-    })
 }
 
 /// Checks the record header against the index: magic, lengths and chunk digest.
@@ -157,38 +125,41 @@ fn check_header(record: &[u8], loc: &ChunkLoc, digest: &ChunkDigest) -> Result<(
     Ok(())
 }
 
-/// [`decode_record_or_in_place`] for a reader that needs only `out[..want]`: when the
-/// payload is an lz4 block whose BLAKE3 matches the payload digest the index kept for
-/// it (`loc.payload_digest`, computed from the payload written at conversion), only the
-/// sequences up to `want` are decoded. lz4 decoding is deterministic, so a verified
-/// payload yields the chunk's bytes, which the chunk digest was computed over. In every
-/// other case (no payload digest, a mismatch, `want` covering the chunk) the chunk is
-/// decoded and verified whole. Returns what [`decode_record_or_in_place`] returns; on
-/// `Ok(false)` at least `out[..want]` is valid.
-pub fn decode_record_upto(
+/// [`decode_record_or_in_place`] for a reader that needs only `out[from..to]`. When the
+/// index has the chunk's leaves (`loc.leaves`), they combine to the chunk digest, and
+/// the payload is an lz4 block, only the sequences up to the end of the last leaf the
+/// range touches are decoded, and only the leaves the range touches are hashed: BLAKE3
+/// is a tree, so those leaves are verified against the chunk digest as firmly as the
+/// whole chunk would be. In every other case (no leaves, a range reaching the last
+/// leaf, a leaf that does not verify) the chunk is decoded and verified whole, which
+/// refuses a corrupt record. Returns what [`decode_record_or_in_place`] returns; on
+/// `Ok(false)` at least `out[from..to]` is valid.
+pub fn decode_record_range(
     record: &[u8],
     loc: &ChunkLoc,
     digest: &ChunkDigest,
     out: &mut [u8],
-    want: usize,
+    from: usize,
+    to: usize,
 ) -> Result<bool, ChunkError> {
     let raw_len = loc.raw_len as usize;
-    if let Some(pd) = &loc.payload_digest {
-        if want < raw_len && out.len() >= raw_len {
+    if let Some(leaves) = &loc.leaves {
+        let leaf = Leaves::leaf_bytes(raw_len);
+        let (first, last) = (from / leaf, to.saturating_sub(1) / leaf);
+        let end = (last + 1).saturating_mul(leaf);
+        if from < to && end < raw_len && out.len() >= raw_len {
             check_header(record, loc, digest)?;
             let lz4 = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) & FLAG_LZ4;
             let payload = &record[RECORD_HEADER_BYTES..loc.record_len()];
-            if lz4 != 0 && ChunkDigest::of(payload) == *pd {
-                match lz4prefix::decode_prefix(payload, &mut out[..raw_len], want) {
-                    Ok(_) => return Ok(false),
-                    // It decoded whole at ingest: only a decoder bug gets here.
-                    Err(e) => tracing::error!(
-                        chunk = %digest,
-                        "prefix decode of a vouched payload failed ({e:?}); decoding whole"
-                    ),
-                }
+            if lz4 != 0
+                && leaves.combine_to(raw_len, digest)
+                && lz4prefix::decode_prefix(payload, &mut out[..raw_len], end).is_ok()
+                && (first..=last)
+                    .all(|i| leaves.check_leaf(raw_len, i, &out[i * leaf..(i + 1) * leaf]))
+            {
+                return Ok(false);
             }
-            // A payload digest that does not match: the whole-chunk check decides.
+            // Not verified this way: the whole-chunk check decides.
         }
     }
     decode_record_or_in_place(record, loc, digest, out)
@@ -264,7 +235,7 @@ mod tests {
             offset: 0,
             stored_len,
             raw_len: data.len() as u32,
-            payload_digest: None,
+            leaves: None,
         };
         let mut out = vec![0u8; data.len()];
         decode_record(&rec, &loc, &digest, &mut out).unwrap();
@@ -292,7 +263,7 @@ mod tests {
             offset: 0,
             stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: 8192,
-            payload_digest: None,
+            leaves: None,
         };
         let last = rec.len() - 1;
         rec[last] ^= 0x40;
@@ -325,7 +296,7 @@ mod tests {
                 offset: 0,
                 stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
                 raw_len: data.len() as u32,
-                payload_digest: None,
+                leaves: None,
             };
             let mut out = vec![0u8; data.len()];
             assert_eq!(
@@ -349,95 +320,92 @@ mod tests {
         }
     }
 
-    /// A compressible 64 KiB chunk, its record, and its location with the payload
-    /// digest the index would keep.
+    /// A compressible 64 KiB chunk, its record, and its location with the leaves the
+    /// index would keep.
     fn lz4_chunk() -> (Vec<u8>, ChunkDigest, Vec<u8>, ChunkLoc) {
         let data: Vec<u8> = (0..65536u32)
             .map(|i| (i / 7 % 61) as u8 ^ (i >> 12) as u8)
             .collect();
-        let digest = ChunkDigest::of(&data);
+        let (digest, leaves) = Leaves::digest_of(&data);
         let mut rec = Vec::new();
-        let payload_digest = encode_record(&data, &digest, &mut rec);
+        encode_record(&data, &digest, &mut rec);
         let loc = ChunkLoc {
             pack: 0,
             offset: 0,
             stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: data.len() as u32,
-            payload_digest,
+            leaves,
         };
-        assert!(
-            loc.payload_digest.is_some(),
-            "compressible, so stored as lz4"
-        );
+        assert_eq!(rec[4], FLAG_LZ4 as u8, "compressible, so stored as lz4");
+        assert!(loc.leaves.is_some());
         (data, digest, rec, loc)
     }
 
     #[test]
-    fn a_verified_payload_is_decoded_only_up_to_what_is_wanted() {
+    fn a_range_is_decoded_only_up_to_the_end_of_its_last_leaf() {
         let (data, digest, rec, loc) = lz4_chunk();
-        for want in [1usize, 4096, 20_000, 65535] {
-            // Bytes past the prefix keep the marker: the rest was not decoded.
+        for (from, to) in [(0usize, 1usize), (0, 4096), (16384, 20480), (20000, 40000)] {
+            // Bytes past the last leaf touched keep the marker: they were not decoded.
             let mut out = vec![0xEEu8; data.len()];
-            assert!(!decode_record_upto(&rec, &loc, &digest, &mut out, want).unwrap());
-            assert_eq!(out[..want], data[..want]);
-            if want <= 20_000 {
-                assert_eq!(out[data.len() - 1], 0xEE, "want {want}");
-            }
+            assert!(!decode_record_range(&rec, &loc, &digest, &mut out, from, to).unwrap());
+            assert_eq!(out[from..to], data[from..to]);
+            assert_eq!(out[data.len() - 1], 0xEE, "[{from}, {to})");
         }
+        // Reaching the last leaf: decoded and verified whole.
         let mut out = vec![0u8; data.len()];
-        decode_record_upto(&rec, &loc, &digest, &mut out, data.len()).unwrap();
+        decode_record_range(&rec, &loc, &digest, &mut out, 4096, data.len()).unwrap();
         assert_eq!(out, data);
     }
 
     #[test]
-    fn a_corrupt_tail_fails_a_read_of_the_head() {
-        // The flipped byte lies past what the prefix needs, so only the payload digest
-        // can catch it; the whole-chunk check then refuses it.
+    fn a_corrupt_tail_spoils_only_the_leaves_it_changes() {
+        // The last payload byte is the chunk's last literal: leaf 3 decodes wrong.
         let (data, digest, mut rec, loc) = lz4_chunk();
         let last = rec.len() - 1;
         rec[last] ^= 0x01;
         let mut out = vec![0u8; data.len()];
-        let err = decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap_err();
+        // A read of the head decodes and verifies leaf 0 only: the right bytes.
+        assert!(!decode_record_range(&rec, &loc, &digest, &mut out, 0, 4096).unwrap());
+        assert_eq!(out[..4096], data[..4096]);
+        // A read of the tail needs the whole chunk, which no longer verifies.
+        let err = decode_record_range(&rec, &loc, &digest, &mut out, 61440, 65536).unwrap_err();
         assert!(
             matches!(err, ChunkError::Decompress | ChunkError::DigestMismatch),
             "{err:?}"
         );
-        // So does a wrong chunk digest in the header, before any decoding.
-        let (_, _, mut rec, loc) = lz4_chunk();
+        // A corrupt first literal still decodes, but leaf 0 comes out wrong: refused.
+        let (_, _, mut rec, _) = lz4_chunk();
+        let token = rec[RECORD_HEADER_BYTES];
+        assert!(
+            token >> 4 > 0 && token >> 4 < 15,
+            "starts with a few literals"
+        );
+        rec[RECORD_HEADER_BYTES + 1] ^= 0x20;
+        let mut whole = vec![0u8; data.len()];
+        lz4_flex::block::decompress_into(&rec[RECORD_HEADER_BYTES..], &mut whole).unwrap();
+        assert_ne!(whole[..4096], data[..4096]);
+        assert!(decode_record_range(&rec, &loc, &digest, &mut out, 0, 4096).is_err());
+        // A wrong chunk digest in the header: refused before any decoding.
+        let (_, _, mut rec, _) = lz4_chunk();
         rec[20] ^= 1;
         assert_eq!(
-            decode_record_upto(&rec, &loc, &digest, &mut out, 4096),
+            decode_record_range(&rec, &loc, &digest, &mut out, 0, 4096),
             Err(ChunkError::HeaderMismatch)
         );
     }
 
     #[test]
-    fn only_a_payload_that_decodes_to_its_chunk_is_vouched_for() {
-        let (data, _, rec, loc) = lz4_chunk();
-        let payload = &rec[RECORD_HEADER_BYTES..];
-        assert_eq!(vouch_payload(FLAG_LZ4, payload, &data), loc.payload_digest);
-        // Other bytes than the chunk's, a payload that decodes to something else, or a
-        // raw payload: no digest for the index.
-        let mut other = data.clone();
-        other[60_000] ^= 1;
-        assert_eq!(vouch_payload(FLAG_LZ4, payload, &other), None);
-        let mut bad = payload.to_vec();
-        let last = bad.len() - 1;
-        bad[last] ^= 1;
-        assert_eq!(vouch_payload(FLAG_LZ4, &bad, &data), None);
-        assert_eq!(vouch_payload(0, &data, &data), None);
-    }
-
-    #[test]
-    fn a_stale_payload_digest_falls_back_to_the_whole_chunk() {
+    fn leaves_that_do_not_combine_to_the_digest_are_not_trusted() {
         let (data, digest, rec, mut loc) = lz4_chunk();
-        loc.payload_digest = Some(ChunkDigest([7; 32]));
+        let mut b = loc.leaves.unwrap().as_bytes().to_vec();
+        b[0] ^= 1;
+        loc.leaves = Leaves::from_bytes(&b);
         let mut out = vec![0u8; data.len()];
-        decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap();
+        decode_record_range(&rec, &loc, &digest, &mut out, 0, 4096).unwrap();
         assert_eq!(out, data, "decoded whole and verified");
-        loc.payload_digest = None;
+        loc.leaves = None;
         let mut out = vec![0u8; data.len()];
-        decode_record_upto(&rec, &loc, &digest, &mut out, 4096).unwrap();
+        decode_record_range(&rec, &loc, &digest, &mut out, 0, 4096).unwrap();
         assert_eq!(out, data);
     }
 
@@ -448,7 +416,7 @@ mod tests {
             offset: 0,
             stored_len: 10,
             raw_len: 10,
-            payload_digest: None,
+            leaves: None,
         };
         let mut out = [0u8; 10];
         assert!(matches!(

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     chunk, io_err, read_full_at, record_bytes, ChunkLoc, Ingest, Result, Store, StoreError, CHUNKS,
-    CHUNK_PAYLOADS, META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
+    CHUNK_LEAVES, META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
 };
 use crate::digest::ChunkDigest;
 
@@ -206,7 +206,7 @@ impl Store {
                         offset,
                         stored_len,
                         raw_len,
-                        payload_digest: None,
+                        leaves: None,
                     },
                 ));
             }
@@ -235,11 +235,8 @@ impl Store {
             let n = read_full_at(file, rec, loc.offset).map_err(io_err(&path))?;
             match chunk::decode_record(&rec[..n], &loc, &digest, &mut out) {
                 Ok(()) => {
-                    // `out` holds the chunk's bytes, just verified against its digest.
-                    let flags = u32::from_le_bytes(rec[4..8].try_into().expect("4 bytes"));
-                    let payload = &rec[chunk::RECORD_HEADER_BYTES..];
-                    let pd = chunk::vouch_payload(flags, payload, &out[..loc.raw_len as usize]);
-                    ing.append_record(rec, digest, loc.raw_len, pd)?;
+                    // The chunk's leaves row, keyed by its digest, stays as it is.
+                    ing.append_record(rec, digest, loc.raw_len, None)?;
                     moved.push((digest, loc));
                 }
                 Err(e) => {
@@ -342,7 +339,7 @@ impl Ingest<'_> {
             let txn = store.db.begin_write()?;
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
-                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
+                let mut leaves = txn.open_table(CHUNK_LEAVES)?;
                 let mut packs = txn.open_table(PACKS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut meta = txn.open_table(STORE_META)?;
@@ -360,17 +357,13 @@ impl Ingest<'_> {
                         d.0.as_slice(),
                         (new.pack, new.offset, new.stored_len, new.raw_len, refs),
                     )?;
-                    match &new.payload_digest {
-                        Some(pd) => payloads.insert(d.0.as_slice(), pd.0.as_slice())?,
-                        None => payloads.remove(d.0.as_slice())?,
-                    };
                     added += record_bytes(new.stored_len);
                 }
                 for (d, old) in corrupt {
                     let cur = chunks.get(d.0.as_slice())?.map(|v| v.value());
                     if cur.is_some_and(|(p, o, ..)| (p, o) == (old.pack, old.offset)) {
                         chunks.remove(d.0.as_slice())?;
-                        payloads.remove(d.0.as_slice())?;
+                        leaves.remove(d.0.as_slice())?;
                     }
                 }
                 if !moved.is_empty() {
@@ -472,13 +465,16 @@ mod tests {
             let mut got = vec![0u8; loc.raw_len as usize];
             chunk::decode_record(&rec, &loc, &e.digest, &mut got).unwrap();
             assert_eq!(&got, c);
-            // The payload digest follows the record wherever it moves.
-            let flags = u32::from_le_bytes(rec[4..8].try_into().unwrap());
-            let payload = &rec[chunk::RECORD_HEADER_BYTES..];
-            assert_eq!(loc.payload_digest, chunk::vouch_payload(flags, payload, c));
-            let half = c.len() / 2;
-            chunk::decode_record_upto(&rec, &loc, &e.digest, &mut got, half).unwrap();
-            assert_eq!(&got[..half], &c[..half]);
+            // The leaves stay with the chunk wherever its record moves.
+            assert_eq!(loc.leaves, crate::digest::Leaves::digest_of(c).1);
+            got.fill(0);
+            let head =
+                if chunk::decode_record_range(&rec, &loc, &e.digest, &mut got, 0, 100).unwrap() {
+                    &rec[chunk::RECORD_HEADER_BYTES..][..100]
+                } else {
+                    &got[..100]
+                };
+            assert_eq!(head, &c[..100]);
         }
     }
 
@@ -486,7 +482,8 @@ mod tests {
     fn compaction_frees_dead_packs_and_rewrites_sparse_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        // a[0], which compaction moves, is compressible: stored as lz4 with a payload digest.
+        // a[0], which compaction moves, is compressible and of two leaves: stored as lz4
+        // with its leaves.
         let text: Vec<u8> = (0..20_000u32).map(|i| (i % 89) as u8).collect();
         let a: Vec<Vec<u8>> = (0..4)
             .map(|n| {

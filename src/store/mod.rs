@@ -62,6 +62,7 @@ pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
 pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
 pub use self::compact::{CompactOptions, CompactStats, FinishStats};
 use crate::digest::ChunkDigest;
+pub use crate::digest::Leaves;
 
 /// Default chunk size: the unit of dedup, of verification, and of each fill.
 pub const DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
@@ -70,10 +71,11 @@ const PACK_ROLL_BYTES: u64 = 1 << 30;
 
 /// digest -> (pack, offset, stored_len, raw_len, refs). `refs` counts blobs that hold it.
 const CHUNKS: TableDefinition<&[u8], (u32, u64, u32, u32, u32)> = TableDefinition::new("chunks");
-/// digest -> BLAKE3 of the chunk's lz4 payload as written at conversion (lz4 records
-/// only). Lets a reader verify the payload and then decode only a prefix of the chunk;
-/// a chunk without a row (stores from before this table) is decoded whole.
-const CHUNK_PAYLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_payloads");
+/// digest -> the chunk's BLAKE3 leaves ([`Leaves::as_bytes`]), for chunks of more than
+/// one leaf. They let a reader verify part of a chunk, so decode only a prefix of it;
+/// they follow from the chunk's bytes alone and are checked against its digest before
+/// use. A chunk without a row (stores from before this table) is decoded whole.
+const CHUNK_LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_leaves");
 /// pack -> committed length.
 const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 /// pack -> bytes of records of indexed chunks in it (the live bytes).
@@ -298,7 +300,7 @@ impl Store {
         let txn = store.db.begin_write().map_err(store.db_err())?;
         {
             txn.open_table(CHUNKS).map_err(store.db_err())?;
-            txn.open_table(CHUNK_PAYLOADS).map_err(store.db_err())?;
+            txn.open_table(CHUNK_LEAVES).map_err(store.db_err())?;
             txn.open_table(PACKS).map_err(store.db_err())?;
             txn.open_table(BLOBS).map_err(store.db_err())?;
             txn.open_table(BLOB_REFS).map_err(store.db_err())?;
@@ -409,8 +411,8 @@ impl Store {
     pub fn locate(&self, digest: &ChunkDigest) -> Result<Option<ChunkLoc>> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
-        let payloads = txn.open_table(CHUNK_PAYLOADS).map_err(self.db_err())?;
-        resolve_loc(&chunks, &payloads, digest).map_err(self.db_err())
+        let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
+        resolve_loc(&chunks, &leaves, digest).map_err(self.db_err())
     }
 
     /// The chunk table of blob `id`.
@@ -432,10 +434,10 @@ impl Store {
         };
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
-        let payloads = txn.open_table(CHUNK_PAYLOADS).map_err(self.db_err())?;
+        let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
         let mut failed = None;
         let table = BlobTable::new(id.to_string(), &entries, |d| {
-            match resolve_loc(&chunks, &payloads, d) {
+            match resolve_loc(&chunks, &leaves, d) {
                 Ok(loc) => loc,
                 Err(e) => {
                     failed.get_or_insert(e);
@@ -552,7 +554,7 @@ impl Store {
                 let mut blobs = txn.open_table(BLOBS)?;
                 let mut blob_refs = txn.open_table(BLOB_REFS)?;
                 let mut chunks = txn.open_table(CHUNKS)?;
-                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
+                let mut leaves = txn.open_table(CHUNK_LEAVES)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 layers.remove(record.diff_id.as_str())?;
                 for d in &record.digests {
@@ -587,7 +589,7 @@ impl Store {
                             chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n - 1))?;
                         } else {
                             chunks.remove(e.digest.0.as_slice())?;
-                            payloads.remove(e.digest.0.as_slice())?;
+                            leaves.remove(e.digest.0.as_slice())?;
                             let live = pack_live.get(p)?.map_or(0, |v| v.value());
                             pack_live.insert(p, live.saturating_sub(record_bytes(s)))?;
                             removed.chunks += 1;
@@ -679,26 +681,26 @@ impl Store {
     }
 }
 
-/// The location of chunk `digest` in the index, with its payload digest when it has one
-/// (a row of the wrong length counts as none: the chunk is then verified whole).
+/// The location of chunk `digest` in the index, with its leaves when it has them (a
+/// malformed row counts as none: the chunk is then verified whole).
 fn resolve_loc(
     chunks: &impl ReadableTable<&'static [u8], (u32, u64, u32, u32, u32)>,
-    payloads: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    leaves: &impl ReadableTable<&'static [u8], &'static [u8]>,
     digest: &ChunkDigest,
 ) -> std::result::Result<Option<ChunkLoc>, redb::StorageError> {
     let Some(v) = chunks.get(digest.0.as_slice())? else {
         return Ok(None);
     };
     let (pack, offset, stored_len, raw_len, _) = v.value();
-    let payload_digest = payloads
+    let leaves = leaves
         .get(digest.0.as_slice())?
-        .and_then(|p| p.value().try_into().ok().map(ChunkDigest));
+        .and_then(|l| Leaves::from_bytes(l.value()));
     Ok(Some(ChunkLoc {
         pack,
         offset,
         stored_len,
         raw_len,
-        payload_digest,
+        leaves,
     }))
 }
 
@@ -761,31 +763,26 @@ pub struct LayerCommit<'a> {
 impl Ingest<'_> {
     /// Stores `data` (at most [`MAX_CHUNK_BYTES`]) unless a chunk with its digest exists.
     pub fn put_chunk(&mut self, data: &[u8]) -> Result<Put> {
-        let digest = ChunkDigest::of(data);
-        self.put_chunk_with_digest(data, digest)
-    }
-
-    /// As [`Ingest::put_chunk`], with a digest the caller already computed.
-    pub fn put_chunk_with_digest(&mut self, data: &[u8], digest: ChunkDigest) -> Result<Put> {
+        let (digest, leaves) = Leaves::digest_of(data);
         if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
             return Ok(Put { digest, new: false });
         }
         let mut record = std::mem::take(&mut self.record);
-        let payload_digest = chunk::encode_record(data, &digest, &mut record);
-        let put = self.append_record(&record, digest, data.len() as u32, payload_digest);
+        chunk::encode_record(data, &digest, &mut record);
+        let put = self.append_record(&record, digest, data.len() as u32, leaves);
         self.record = record;
         put
     }
 
-    /// As [`Ingest::put_chunk_with_digest`], with the record already encoded by
-    /// [`chunk::encode_record`] (so that callers can compress on other threads), and the
-    /// payload digest it returned.
+    /// As [`Ingest::put_chunk`], with the record already encoded by
+    /// [`chunk::encode_record`] and the digest and leaves from [`Leaves::digest_of`] (so
+    /// that callers can hash and compress on other threads).
     pub fn put_encoded(
         &mut self,
         digest: ChunkDigest,
         raw_len: u32,
         record: &[u8],
-        payload_digest: Option<ChunkDigest>,
+        leaves: Option<Leaves>,
     ) -> Result<Put> {
         assert!(
             record.len() >= chunk::RECORD_HEADER_BYTES
@@ -796,17 +793,15 @@ impl Ingest<'_> {
         if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
             return Ok(Put { digest, new: false });
         }
-        self.append_record(record, digest, raw_len, payload_digest)
+        self.append_record(record, digest, raw_len, leaves)
     }
 
-    /// Appends `record`; `payload_digest` must come from [`chunk::vouch_payload`] (or
-    /// [`chunk::encode_record`]) for this record's payload and chunk bytes.
     fn append_record(
         &mut self,
         record: &[u8],
         digest: ChunkDigest,
         raw_len: u32,
-        payload_digest: Option<ChunkDigest>,
+        leaves: Option<Leaves>,
     ) -> Result<Put> {
         self.file
             .write_all_at(record, self.len)
@@ -816,7 +811,7 @@ impl Ingest<'_> {
             offset: self.len,
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
-            payload_digest,
+            leaves,
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
@@ -854,16 +849,15 @@ impl Ingest<'_> {
             let txn = store.db.begin_write()?;
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
-                let mut payloads = txn.open_table(CHUNK_PAYLOADS)?;
+                let mut leaves = txn.open_table(CHUNK_LEAVES)?;
                 for (d, l) in &self.pending {
                     chunks.insert(
                         d.0.as_slice(),
                         (l.pack, l.offset, l.stored_len, l.raw_len, 0),
                     )?;
-                    match &l.payload_digest {
-                        Some(p) => payloads.insert(d.0.as_slice(), p.0.as_slice())?,
-                        None => payloads.remove(d.0.as_slice())?,
-                    };
+                    if let Some(lv) = &l.leaves {
+                        leaves.insert(d.0.as_slice(), lv.as_bytes())?;
+                    }
                 }
                 if self.len != self.committed {
                     // A layer with no new chunk leaves the packs (and pack numbers) alone.
@@ -1071,45 +1065,28 @@ pub(crate) mod tests {
         assert!(store.remove_layer("bb").unwrap().is_none());
     }
 
-    /// The payload digest rows, for tests.
-    fn payload_rows(store: &Store) -> usize {
+    /// The leaf rows, for tests.
+    fn leaf_rows(store: &Store) -> usize {
         let txn = store.db.begin_read().unwrap();
-        let t = txn.open_table(CHUNK_PAYLOADS).unwrap();
+        let t = txn.open_table(CHUNK_LEAVES).unwrap();
         t.iter().unwrap().count()
     }
 
     #[test]
-    fn lz4_chunks_keep_a_payload_digest_until_they_are_removed() {
+    fn chunks_of_several_leaves_keep_them_until_they_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let text: Vec<u8> = (0..65536u32).map(|i| (i % 97) as u8).collect();
-        let mut x = 1u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect();
-        commit_layer(&store, "aa", &[text.clone(), noise.clone()]);
-        let loc = store.locate(&ChunkDigest::of(&text)).unwrap().unwrap();
-        let mut rec = vec![0u8; loc.record_len()];
-        File::open(store.pack_path(loc.pack))
-            .unwrap()
-            .read_exact_at(&mut rec, loc.offset)
-            .unwrap();
-        let flags = u32::from_le_bytes(rec[4..8].try_into().unwrap());
-        assert_eq!(
-            loc.payload_digest,
-            chunk::vouch_payload(flags, &rec[chunk::RECORD_HEADER_BYTES..], &text)
-        );
-        assert!(loc.payload_digest.is_some());
-        // Stored raw: the chunk digest covers the payload, no row.
-        let raw = store.locate(&ChunkDigest::of(&noise)).unwrap().unwrap();
-        assert_eq!(raw.payload_digest, None);
-        assert_eq!(payload_rows(&store), 1);
-        // The served table carries it too.
+        let big: Vec<u8> = (0..65536u32).map(|i| (i % 97) as u8).collect();
+        let small = vec![5u8; 4096];
+        commit_layer(&store, "aa", &[big.clone(), small.clone()]);
+        let loc = store.locate(&ChunkDigest::of(&big)).unwrap().unwrap();
+        assert_eq!(loc.leaves, Leaves::digest_of(&big).1);
+        assert!(loc.leaves.is_some());
+        // One leaf: nothing to keep.
+        let one = store.locate(&ChunkDigest::of(&small)).unwrap().unwrap();
+        assert_eq!(one.leaves, None);
+        assert_eq!(leaf_rows(&store), 1);
+        // The served table carries them too.
         let reg = store.registry().unwrap();
         let served = reg
             .blobs
@@ -1121,7 +1098,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(served, Some(loc));
         store.remove_layer("aa").unwrap().unwrap();
-        assert_eq!(payload_rows(&store), 0);
+        assert_eq!(leaf_rows(&store), 0);
     }
 
     #[test]
