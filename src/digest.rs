@@ -105,6 +105,7 @@ impl Leaves {
     pub fn check_leaf(&self, len: usize, i: usize, data: &[u8]) -> bool {
         let leaf = Self::leaf_bytes(len);
         i < usize::from(self.count)
+            && i * leaf < len
             && data.len() == leaf.min(len - i * leaf)
             && leaf_cv(i * leaf, data) == self.cvs[i]
     }
@@ -279,6 +280,9 @@ mod tests {
             b[5] ^= 1;
             assert!(!Leaves::from_bytes(&b).unwrap().combine_to(len, &digest));
         }
+        // A row of more leaves than the length has: refused, not a panic.
+        let (_, four) = Leaves::digest_of(&data[..65536]);
+        assert!(!four.unwrap().check_leaf(20000, 3, &data[..100]));
         assert_eq!(Leaves::from_bytes(&[0; 32]), None);
         assert_eq!(Leaves::from_bytes(&[0; 33]), None);
         assert_eq!(Leaves::from_bytes(&[0; 32 * (MAX_LEAVES + 1)]), None);

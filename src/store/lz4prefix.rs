@@ -2,10 +2,11 @@
 //!
 //! A chunk is one lz4 block, and a 4 KiB READ needs only the bytes up to the end of its
 //! range: every later sequence can be skipped. `lz4_flex` decodes whole blocks only, so
-//! the data plane uses this decoder for such prefixes. It is safe Rust: every copy is
-//! bounds-checked, and malformed input gives an error, never a panic. Its input is a
-//! payload already checked against the digest recorded for it at conversion (see
-//! `chunk::decode_record_upto`), so the error paths guard against bugs, not attackers.
+//! the data plane uses this decoder for such prefixes (`chunk::decode_record_range`,
+//! which verifies what it decoded through the chunk's BLAKE3 leaves). Its input is read
+//! from a pack file and may be corrupt, so it is safe Rust: every copy is
+//! bounds-checked, and malformed input gives an error, never a panic (fuzzed by the
+//! `lz4_prefix` cargo-fuzz target).
 //!
 //! Block format (lz4 "block" specification): a sequence of
 //! `token | [literal length bytes] | literals | offset (u16 le) | [match length bytes]`,
