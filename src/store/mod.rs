@@ -4,7 +4,8 @@
 //! Layout under the root (default `/var/lib/dedupd`):
 //!
 //! ```text
-//! dedupd.redb             chunk index, pack lengths, blobs, layers (redb, transactional)
+//! dedupd.redb             chunk index (with BLAKE3 leaves), pack lengths, blobs, layers
+//!                         (redb, transactional)
 //! chunks/NNNNNNNN.pack    append-only chunk records (see [`chunk`])
 //! layers/<hex>.erofs      EROFS metadata images, one per layer (diff_id hex)
 //! ```
