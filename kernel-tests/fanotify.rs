@@ -344,13 +344,28 @@ fn num(v: &serde_json::Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("stats has no {k}: {v}"))
 }
 
-/// Asserts that every event was answered, and returns the counters.
+/// Asserts that every event was answered.
 fn all_answered(v: &serde_json::Value) {
     assert_eq!(
         num(v, "events"),
         num(v, "allowed") + num(v, "denied"),
         "{v}"
     );
+}
+
+/// Joins the reader threads, stops the daemon, and checks that every event was answered
+/// and none denied; returns the counters.
+fn join_readers_and_stop(
+    threads: Vec<std::thread::JoinHandle<()>>,
+    d: Daemon,
+) -> serde_json::Value {
+    for t in threads {
+        t.join().expect("reader");
+    }
+    let st = d.stop();
+    all_answered(&st);
+    assert_eq!(num(&st, "denied"), 0, "{st}");
+    st
 }
 
 #[test]
@@ -444,12 +459,7 @@ fn concurrent_readers_at_random_offsets() {
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("reader");
-    }
-    let st = d.stop();
-    all_answered(&st);
-    assert_eq!(num(&st, "denied"), 0, "{st}");
+    join_readers_and_stop(threads, d);
 }
 
 /// Several readers walk the same files front to back at once, with prefetch on: events
@@ -500,12 +510,7 @@ fn concurrent_sequential_readers_fill_each_slot_once() {
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("reader");
-    }
-    let st = d.stop();
-    all_answered(&st);
-    assert_eq!(num(&st, "denied"), 0, "{st}");
+    let st = join_readers_and_stop(threads, d);
     assert!(
         num(&st, "chunks_fetched") <= slots,
         "{} chunks fetched for {slots} slots: some were filled twice; {st}",

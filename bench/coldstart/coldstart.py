@@ -59,6 +59,16 @@ def wait_until(pred, what, limit_s=WAIT_LIMIT_S):
     raise Fail(f"timed out after {limit_s} s waiting for {what}")
 
 
+def terminate(p, limit_s):
+    """SIGTERM `p` and wait up to `limit_s` seconds for it, then SIGKILL it."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -364,12 +374,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 self.ctr("containers", "rm", c, check=False)
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                terminate(p, 15)
         # Shims of this containerd: their environment names our scratch dir.
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -486,18 +491,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
           layer converted again (the next repetition) has the same blob ids, and its
           reads would be answered from the old cache files instead of by dedupd. Dropping
           the cache while dedupd is down (unbound) keeps every repetition cold.
-        - fanotify: a blob file deleted and created again under the same id within one
-          holder's life is filled through the holder's old writer fd (the deleted inode),
-          so readers of the new file read holes (zeros): a front-end bug, worked around
-          here by a fresh holder per measurement (see bench/RESULTS.md).
+        - fanotify: a fresh holder per measurement starts every repetition with no
+          kept writer fds or group state from the last one. (It was first needed for a
+          front-end bug, since fixed: a blob file made again under the same id got the
+          holder's writer fd for the deleted inode, so readers read holes.)
         """
-        p = self.dedupd
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        terminate(self.dedupd, 30)
         self.stop_holder(10)
         shutil.rmtree(os.path.join(self.droot, "cache"), ignore_errors=True)
         if os.path.exists(self.dsock):

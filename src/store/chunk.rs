@@ -225,18 +225,24 @@ pub fn decode_record_or_in_place(
 mod tests {
     use super::*;
 
-    fn round_trip(data: &[u8]) {
-        let digest = ChunkDigest::of(data);
+    /// `data`'s digest, its record, and the record's location (at offset 0 of pack 0,
+    /// with the leaves the index would keep).
+    fn encoded(data: &[u8]) -> (ChunkDigest, Vec<u8>, ChunkLoc) {
+        let (digest, leaves) = Leaves::digest_of(data);
         let mut rec = Vec::new();
         encode_record(data, &digest, &mut rec);
-        let stored_len = (rec.len() - RECORD_HEADER_BYTES) as u32;
         let loc = ChunkLoc {
             pack: 0,
             offset: 0,
-            stored_len,
+            stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: data.len() as u32,
-            leaves: None,
+            leaves,
         };
+        (digest, rec, loc)
+    }
+
+    fn round_trip(data: &[u8]) {
+        let (digest, rec, loc) = encoded(data);
         let mut out = vec![0u8; data.len()];
         decode_record(&rec, &loc, &digest, &mut out).unwrap();
         assert_eq!(out, data);
@@ -255,16 +261,7 @@ mod tests {
     #[test]
     fn a_flipped_payload_bit_is_caught() {
         let data = vec![1u8; 8192];
-        let digest = ChunkDigest::of(&data);
-        let mut rec = Vec::new();
-        encode_record(&data, &digest, &mut rec);
-        let loc = ChunkLoc {
-            pack: 0,
-            offset: 0,
-            stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
-            raw_len: 8192,
-            leaves: None,
-        };
+        let (digest, mut rec, loc) = encoded(&data);
         let last = rec.len() - 1;
         rec[last] ^= 0x40;
         let mut out = vec![0u8; 8192];
@@ -288,16 +285,7 @@ mod tests {
             })
             .collect();
         for (data, raw) in [(noise, true), (vec![3u8; 65536], false)] {
-            let digest = ChunkDigest::of(&data);
-            let mut rec = Vec::new();
-            encode_record(&data, &digest, &mut rec);
-            let loc = ChunkLoc {
-                pack: 0,
-                offset: 0,
-                stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
-                raw_len: data.len() as u32,
-                leaves: None,
-            };
+            let (digest, mut rec, loc) = encoded(&data);
             let mut out = vec![0u8; data.len()];
             assert_eq!(
                 decode_record_or_in_place(&rec, &loc, &digest, &mut out).unwrap(),
@@ -326,16 +314,7 @@ mod tests {
         let data: Vec<u8> = (0..65536u32)
             .map(|i| (i / 7 % 61) as u8 ^ (i >> 12) as u8)
             .collect();
-        let (digest, leaves) = Leaves::digest_of(&data);
-        let mut rec = Vec::new();
-        encode_record(&data, &digest, &mut rec);
-        let loc = ChunkLoc {
-            pack: 0,
-            offset: 0,
-            stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
-            raw_len: data.len() as u32,
-            leaves,
-        };
+        let (digest, rec, loc) = encoded(&data);
         assert_eq!(rec[4], FLAG_LZ4 as u8, "compressible, so stored as lz4");
         assert!(loc.leaves.is_some());
         (data, digest, rec, loc)
