@@ -342,6 +342,7 @@ where
                 new_chunks: 0,
                 logical_bytes,
                 stored_bytes: 0,
+                remote: None,
             };
             (record, blobs)
         }

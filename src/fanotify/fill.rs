@@ -319,6 +319,7 @@ mod tests {
             new_chunks: 0,
             logical_bytes: 0,
             stored_bytes: 0,
+            remote: None,
         };
         ing.commit(LayerCommit {
             record,

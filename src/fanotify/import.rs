@@ -99,6 +99,7 @@ pub fn import_erofs(
         new_chunks: 0,
         logical_bytes: logical,
         stored_bytes: 0,
+        remote: None,
     };
     Ok(ingest.commit(LayerCommit {
         record,

@@ -6,8 +6,11 @@
 //! it point at the same slot. The blob's name is the BLAKE3 of its encoded table, so the
 //! same table has the same name everywhere.
 
+use std::sync::Arc;
+
 use crate::digest::ChunkDigest;
 use crate::store::chunk::{ChunkLoc, MAX_CHUNK_BYTES};
+use crate::store::remote::RemoteBlob;
 
 /// EROFS block size, and the granularity of blob slots and cache-file writes.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -145,6 +148,9 @@ pub struct BlobTable {
     /// whose slot ends after the bucket's start. A lookup scans at most
     /// `MAX_CHUNK_BYTES / BLOCK_BYTES` entries from there.
     bucket_first: Vec<u32>,
+    /// Where the chunks are published, for a lazily pulled blob: entries whose `loc` is
+    /// `None` are fetched from there.
+    remote: Option<Arc<RemoteBlob>>,
 }
 
 /// log2 of the bucket size of the lookup index.
@@ -188,7 +194,19 @@ impl BlobTable {
             size_bytes,
             entries,
             bucket_first,
+            remote: None,
         }
+    }
+
+    /// Makes the table lazily pulled: `remote` has one locator per entry.
+    pub fn set_remote(&mut self, remote: Arc<RemoteBlob>) {
+        assert_eq!(remote.locators.len(), self.entries.len());
+        self.remote = Some(remote);
+    }
+
+    /// Where the chunks are published, for a lazily pulled blob.
+    pub fn remote(&self) -> Option<&Arc<RemoteBlob>> {
+        self.remote.as_ref()
     }
 
     /// The blob's name.
@@ -207,7 +225,7 @@ impl BlobTable {
     }
 
     /// Index of the entry whose slot contains `offset`, if `offset < size`.
-    fn index_at(&self, offset: u64) -> Option<usize> {
+    pub fn index_at(&self, offset: u64) -> Option<usize> {
         if offset >= self.size_bytes {
             return None;
         }

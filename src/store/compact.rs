@@ -102,7 +102,10 @@ impl Store {
     ) -> Result<CompactStats> {
         let guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut stats = CompactStats::default();
-        let (active, _) = self.active_pack()?;
+        // Packs a writer appends to are left alone, and so is the one the next ingest
+        // would take (rewriting it into itself gains nothing).
+        let held = self.held_packs();
+        let active = self.newest_pack()?.0.map(|(p, _)| p);
 
         // Plan from one snapshot of the index.
         let mut dead = Vec::new();
@@ -133,9 +136,12 @@ impl Store {
                     tracing::warn!("pack {pack}: live-bytes counter {kept} != index {live}; fixed");
                     drifted.push((pack, live));
                 }
+                if held.contains(&pack) {
+                    continue;
+                }
                 if live == 0 {
                     dead.push((pack, len));
-                } else if pack != active
+                } else if Some(pack) != active
                     && u128::from(live) * 100 < u128::from(len) * u128::from(opts.live_percent)
                 {
                     sparse.push((pack, len, live));
@@ -273,6 +279,7 @@ impl Store {
     /// only once no registry built before the compaction is in use.
     pub fn finish_compaction(&self) -> Result<FinishStats> {
         let _guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.held_packs();
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let packs = txn.open_table(PACKS).map_err(self.db_err())?;
         let meta = txn.open_table(STORE_META).map_err(self.db_err())?;
@@ -296,9 +303,12 @@ impl Store {
             else {
                 continue;
             };
-            // Numbers above max_pack belong to an ingest not committed yet (or crashed):
-            // the next ingest truncates them.
-            if u64::from(num) > max_pack || packs.get(num).map_err(self.db_err())?.is_some() {
+            // Numbers above max_pack belong to a writer not committed yet (or crashed):
+            // the next one truncates them. A leased pack is being written.
+            if u64::from(num) > max_pack
+                || held.contains(&num)
+                || packs.get(num).map_err(self.db_err())?.is_some()
+            {
                 continue;
             }
             let path = entry.path();

@@ -48,20 +48,24 @@ pub mod blob;
 pub mod chunk;
 mod compact;
 pub mod lz4prefix;
+pub mod remote;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
 pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
 pub use self::compact::{CompactOptions, CompactStats, FinishStats};
+pub use self::remote::{
+    FetchCommit, FetchWriter, Locator, RemoteBlob, RemoteLayerCommit, RemoteSource,
+};
 use crate::digest::ChunkDigest;
 pub use crate::digest::Leaves;
 
@@ -95,6 +99,12 @@ const BLOB_REFS: TableDefinition<&str, u32> = TableDefinition::new("blob_refs");
 const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
 /// compressed digest -> diff_id.
 const LAYER_ALIASES: TableDefinition<&str, &str> = TableDefinition::new("layer_aliases");
+/// chunk digest -> blobs naming it, for chunks registered blobs name but the packs do not
+/// hold (lazily pulled; see [`remote`]). A chunk is in this table or in `chunks`, never
+/// both.
+const REMOTE_REFS: TableDefinition<&[u8], u32> = TableDefinition::new("remote_refs");
+/// blob id -> where its chunks are published ([`RemoteBlob::encode`]).
+const REMOTE_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_blobs");
 
 /// Errors of the store. Messages name the root or the item involved.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +180,18 @@ pub struct LayerRecord {
     pub logical_bytes: u64,
     /// Bytes this layer added to the packs.
     pub stored_bytes: u64,
+    /// Set for a layer pulled lazily: its chunks are fetched from a registry when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteLayer>,
+}
+
+/// Where a lazily pulled layer came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteLayer {
+    /// The repository of the image and its artifact.
+    pub source: RemoteSource,
+    /// Digest of the dedupd artifact manifest the layer's metadata came from.
+    pub artifact: String,
 }
 
 impl LayerRecord {
@@ -258,6 +280,9 @@ pub struct Store {
     db: redb::Database,
     /// Serializes ingests: one layer is written at a time.
     ingest_lock: Mutex<()>,
+    /// Packs being written (by an ingest or the fetch writer): no other writer appends
+    /// to them and compaction leaves them alone.
+    leases: Mutex<Leases>,
     /// A new pack is started once the active one reaches this size.
     pack_roll_bytes: u64,
 }
@@ -295,6 +320,7 @@ impl Store {
             db_path,
             db,
             ingest_lock: Mutex::new(()),
+            leases: Mutex::new(Leases::default()),
             pack_roll_bytes: PACK_ROLL_BYTES,
         };
         // Create every table so that readers never meet a missing one.
@@ -307,6 +333,8 @@ impl Store {
             txn.open_table(BLOB_REFS).map_err(store.db_err())?;
             txn.open_table(LAYERS).map_err(store.db_err())?;
             txn.open_table(LAYER_ALIASES).map_err(store.db_err())?;
+            txn.open_table(REMOTE_REFS).map_err(store.db_err())?;
+            txn.open_table(REMOTE_BLOBS).map_err(store.db_err())?;
             let mut meta = txn.open_table(STORE_META).map_err(store.db_err())?;
             let ready = meta
                 .get(META_PACK_LIVE_READY)
@@ -449,7 +477,39 @@ impl Store {
         if let Some(e) = failed {
             return Err(self.db_err()(e));
         }
+        let mut table = table;
+        if let Some(r) = self.remote_blob(id)? {
+            if r.locators.len() != table.entries().len() {
+                return Err(self.corrupt(format!(
+                    "remote blob {id}: {} locators for {} chunks",
+                    r.locators.len(),
+                    table.entries().len()
+                )));
+            }
+            table.set_remote(Arc::new(r));
+        }
         Ok(Some(table))
+    }
+
+    /// Where the chunks of blob `id` are published, for a lazily pulled blob.
+    pub fn remote_blob(&self, id: &str) -> Result<Option<RemoteBlob>> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let t = txn.open_table(REMOTE_BLOBS).map_err(self.db_err())?;
+        match t.get(id).map_err(self.db_err())? {
+            Some(v) => {
+                Ok(Some(RemoteBlob::decode(v.value()).ok_or_else(|| {
+                    self.corrupt(format!("remote blob {id}"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Chunks registered blobs name that the packs do not hold.
+    pub fn remote_chunks(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let t = txn.open_table(REMOTE_REFS).map_err(self.db_err())?;
+        Ok(t.len().map_err(self.db_err())?)
     }
 
     /// Reads chunk `entry` back into `out` (resized to its length), verified. The slow
@@ -557,6 +617,8 @@ impl Store {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
+                let mut remote_refs = txn.open_table(REMOTE_REFS)?;
+                let mut remote_blobs = txn.open_table(REMOTE_BLOBS)?;
                 layers.remove(record.diff_id.as_str())?;
                 for d in &record.digests {
                     let points_here = aliases
@@ -574,6 +636,7 @@ impl Store {
                     }
                     blob_refs.remove(id.as_str())?;
                     let table = blobs.remove(id.as_str())?.map(|v| v.value().to_vec());
+                    remote_blobs.remove(id.as_str())?;
                     removed.blobs.push(id.clone());
                     let Some(table) = table else { continue };
                     let entries = blob::decode_table(&table).ok_or_else(|| {
@@ -585,7 +648,21 @@ impl Store {
                             continue;
                         }
                         let v = chunks.get(e.digest.0.as_slice())?.map(|v| v.value());
-                        let Some((p, o, s, r, n)) = v else { continue };
+                        let Some((p, o, s, r, n)) = v else {
+                            // Never fetched: only its count goes.
+                            let key = e.digest.0.as_slice();
+                            let count = remote_refs.get(key)?.map(|v| v.value());
+                            match count {
+                                Some(n) if n > 1 => {
+                                    remote_refs.insert(key, n - 1)?;
+                                }
+                                Some(_) => {
+                                    remote_refs.remove(key)?;
+                                }
+                                None => {}
+                            }
+                            continue;
+                        };
                         if n > 1 {
                             chunks.insert(e.digest.0.as_slice(), (p, o, s, r, n - 1))?;
                         } else {
@@ -629,9 +706,9 @@ impl Store {
         self.open_ingest(guard)
     }
 
-    /// The pack the next ingest appends to, and its committed length: the newest pack
-    /// while it is under the roll size and still has its row, else a new number.
-    fn active_pack(&self) -> Result<(u32, u64)> {
+    /// The newest pack while an ingest may still append to it (under the roll size, with
+    /// its row), with its committed length, and the highest pack number ever committed.
+    fn newest_pack(&self) -> Result<(Option<(u32, u64)>, u32)> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let packs = txn.open_table(PACKS).map_err(self.db_err())?;
         let meta = txn.open_table(STORE_META).map_err(self.db_err())?;
@@ -643,28 +720,74 @@ impl Store {
         let last = packs
             .last()
             .map_err(self.db_err())?
-            .map(|(k, v)| (k.value(), v.value()));
-        let next = max_pack
-            .checked_add(1)
-            .ok_or_else(|| self.corrupt("pack numbers exhausted"))?;
-        Ok(match last {
-            Some((p, len)) if p == max_pack && len < self.pack_roll_bytes => (p, len),
-            _ => (next, 0),
-        })
+            .map(|(k, v)| (k.value(), v.value()))
+            .filter(|&(p, len)| p == max_pack && len < self.pack_roll_bytes);
+        Ok((last, max_pack))
+    }
+
+    /// Leases the pack the next ingest appends to and returns its committed length: the
+    /// newest pack if [`Store::newest_pack`] offers it and no other writer holds it,
+    /// else a new number.
+    fn lease_ingest_pack(&self) -> Result<(u32, u64)> {
+        let (last, _) = self.newest_pack()?;
+        if let Some((p, len)) = last {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if leases.held.insert(p) {
+                return Ok((p, len));
+            }
+        }
+        Ok((self.lease_new_pack()?, 0))
+    }
+
+    /// Leases the lowest pack number above every committed one that no writer holds.
+    /// Numbers above the highest committed one hold nothing the index names (a file
+    /// under one, left by a writer that crashed or gave up, is truncated by its new
+    /// owner), so reusing them is safe, and it leaves no stray file behind.
+    fn lease_new_pack(&self) -> Result<u32> {
+        let (_, max_pack) = self.newest_pack()?;
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the number of leases held.
+        let mut n = max_pack;
+        loop {
+            n = n
+                .checked_add(1)
+                .ok_or_else(|| self.corrupt("pack numbers exhausted"))?;
+            if leases.held.insert(n) {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Ends a lease taken by [`Store::lease_ingest_pack`] or [`Store::lease_new_pack`].
+    fn release_pack(&self, pack: u32) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.held.remove(&pack);
+    }
+
+    /// Packs a writer holds now.
+    fn held_packs(&self) -> HashSet<u32> {
+        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.held.clone()
     }
 
     fn open_ingest<'s>(&'s self, guard: MutexGuard<'s, ()>) -> Result<Ingest<'s>> {
-        let (pack, committed) = self.active_pack()?;
+        let (pack, committed) = self.lease_ingest_pack()?;
         let path = self.pack_path(pack);
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(io_err(&path))?;
-        // Drop whatever a crashed ingest appended past the committed length.
-        file.set_len(committed).map_err(io_err(&path))?;
+            // Drop whatever a crashed ingest appended past the committed length.
+            .and_then(|f| f.set_len(committed).map(|()| f));
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                self.release_pack(pack);
+                return Err(io_err(&path)(e));
+            }
+        };
         Ok(Ingest {
             store: self,
             _guard: guard,
@@ -851,10 +974,13 @@ impl Ingest<'_> {
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut remote_refs = txn.open_table(REMOTE_REFS)?;
                 for (d, l) in &self.pending {
+                    // Lazily pulled blobs that name this chunk now find it here.
+                    let named = remote_refs.remove(d.0.as_slice())?.map_or(0, |v| v.value());
                     chunks.insert(
                         d.0.as_slice(),
-                        (l.pack, l.offset, l.stored_len, l.raw_len, 0),
+                        (l.pack, l.offset, l.stored_len, l.raw_len, named),
                     )?;
                     if let Some(lv) = &l.leaves {
                         leaves.insert(d.0.as_slice(), lv.as_bytes())?;
@@ -945,7 +1071,15 @@ impl Drop for Ingest<'_> {
             // Best effort: a failure here is repaired by the next ingest's truncate.
             let _ = self.file.set_len(self.committed);
         }
+        self.store.release_pack(self.pack);
     }
+}
+
+/// Pack leases of one process (see [`Store::lease_new_pack`]).
+#[derive(Debug, Default)]
+struct Leases {
+    /// Packs held by a writer.
+    held: HashSet<u32>,
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
@@ -989,6 +1123,7 @@ pub(crate) mod tests {
             new_chunks: 0,
             logical_bytes: chunks.iter().map(|c| c.len() as u64).sum(),
             stored_bytes: 0,
+            remote: None,
         };
         ing.commit(LayerCommit {
             record,
