@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod digest;
 pub mod erofs;
 pub mod fanotify;
+pub mod remote;
 pub mod serve;
 pub mod snapshotter;
 pub mod store;

@@ -221,9 +221,85 @@ pub fn decode_record_or_in_place(
     }
 }
 
+/// Checks a record that arrived from outside the node (a registry's data blob) before
+/// anything keeps it: the header must describe chunk `digest` of `raw_len` bytes and
+/// span exactly `record`, the payload must decode to exactly `raw_len` bytes, and those
+/// must hash to `digest`. Leaves the chunk in `out[..raw_len]` and returns its leaves
+/// (computed in the same BLAKE3 pass as the digest). On error no byte is valid.
+pub fn verify_foreign_record(
+    record: &[u8],
+    raw_len: u32,
+    digest: &ChunkDigest,
+    out: &mut [u8],
+) -> Result<Option<Leaves>, ChunkError> {
+    let stored_len = record
+        .len()
+        .checked_sub(RECORD_HEADER_BYTES)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or(ChunkError::Truncated {
+            got: record.len(),
+            want: RECORD_HEADER_BYTES,
+        })?;
+    let loc = ChunkLoc {
+        pack: 0,
+        offset: 0,
+        stored_len,
+        raw_len,
+        leaves: None,
+    };
+    check_header(record, &loc, digest)?;
+    let n = raw_len as usize;
+    if out.len() < n {
+        return Err(ChunkError::BufferTooSmall {
+            got: out.len(),
+            want: n,
+        });
+    }
+    let out = &mut out[..n];
+    let payload = &record[RECORD_HEADER_BYTES..];
+    let flags = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes"));
+    if flags & FLAG_LZ4 != 0 {
+        match lz4_flex::block::decompress_into(payload, out) {
+            Ok(got) if got == n => {}
+            _ => return Err(ChunkError::Decompress),
+        }
+    } else if flags == 0 && payload.len() == n {
+        out.copy_from_slice(payload);
+    } else {
+        return Err(ChunkError::Decompress);
+    }
+    let (got, leaves) = Leaves::digest_of(out);
+    if got != *digest {
+        return Err(ChunkError::DigestMismatch);
+    }
+    Ok(leaves)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_records_are_verified_whole_before_they_are_kept() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let (digest, rec, loc) = encoded(&data);
+        let mut out = vec![0u8; data.len()];
+        let leaves = verify_foreign_record(&rec, data.len() as u32, &digest, &mut out).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(leaves, loc.leaves);
+        // A flipped payload bit, a wrong length, a short record, trailing bytes.
+        let mut bad = rec.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(verify_foreign_record(&bad, data.len() as u32, &digest, &mut out).is_err());
+        assert!(verify_foreign_record(&rec, data.len() as u32 - 1, &digest, &mut out).is_err());
+        assert!(verify_foreign_record(&rec[..100], data.len() as u32, &digest, &mut out).is_err());
+        let mut long = rec.clone();
+        long.push(0);
+        assert!(verify_foreign_record(&long, data.len() as u32, &digest, &mut out).is_err());
+        let other = ChunkDigest::of(b"other");
+        assert!(verify_foreign_record(&rec, data.len() as u32, &other, &mut out).is_err());
+    }
 
     /// `data`'s digest, its record, and the record's location (at offset 0 of pack 0,
     /// with the leaves the index would keep).

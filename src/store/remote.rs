@@ -23,6 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
@@ -177,8 +178,8 @@ impl RemoteBlob {
 
 /// Appends verified fetched records to a leased pack and commits them to the index in
 /// groups (see the module doc). One per process: the fetcher owns it.
-pub struct FetchWriter<'s> {
-    store: &'s Store,
+pub struct FetchWriter {
+    store: Arc<Store>,
     pack: u32,
     path: PathBuf,
     file: File,
@@ -188,8 +189,10 @@ pub struct FetchWriter<'s> {
 }
 
 /// What [`FetchWriter::commit`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FetchCommit {
+    /// Every chunk the commit settled (indexed or dropped): none of them is pending.
+    pub digests: Vec<ChunkDigest>,
     /// Chunks that entered the index.
     pub indexed: u64,
     /// Chunks left out: stored meanwhile by someone else, or named by no blob any more
@@ -307,7 +310,7 @@ impl Store {
     }
 
     /// The writer of fetched chunks, on a pack of its own.
-    pub fn fetch_writer(&self) -> Result<FetchWriter<'_>> {
+    pub fn fetch_writer(self: &Arc<Self>) -> Result<FetchWriter> {
         let pack = self.lease_new_pack()?;
         let path = self.pack_path(pack);
         let file = match OpenOptions::new()
@@ -324,7 +327,7 @@ impl Store {
             }
         };
         Ok(FetchWriter {
-            store: self,
+            store: self.clone(),
             pack,
             path,
             file,
@@ -335,7 +338,7 @@ impl Store {
     }
 }
 
-impl FetchWriter<'_> {
+impl FetchWriter {
     /// Appends `record`, a `DDC1` record already verified to hold chunk `digest` of
     /// `raw_len` bytes (with its `leaves`), and returns where it is readable from now on.
     /// It enters the index at the next [`FetchWriter::commit`].
@@ -380,7 +383,7 @@ impl FetchWriter<'_> {
             return Ok(FetchCommit::default());
         }
         self.file.sync_data().map_err(io_err(&self.path))?;
-        let store = self.store;
+        let store = &self.store;
         let mut done = FetchCommit::default();
         let result = (|| -> std::result::Result<(), redb::Error> {
             let txn = store.db.begin_write()?;
@@ -423,7 +426,7 @@ impl FetchWriter<'_> {
             source: e,
         })?;
         self.committed = self.len;
-        self.pending.clear();
+        done.digests = self.pending.drain().map(|(d, _)| d).collect();
         Ok(done)
     }
 
@@ -449,7 +452,7 @@ impl FetchWriter<'_> {
     }
 }
 
-impl Drop for FetchWriter<'_> {
+impl Drop for FetchWriter {
     fn drop(&mut self) {
         if self.len != self.committed {
             // Uncommitted records are never named by the index: drop them.
@@ -590,7 +593,7 @@ mod store_tests {
     #[test]
     fn a_remote_layer_counts_absent_chunks_until_they_are_fetched() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let (a, b, c) = (chunk(1, 65536), chunk(2, 4000), chunk(3, 70_000));
         // `a` is local already (a converted layer has it).
         commit_layer(&store, "11", std::slice::from_ref(&a));
@@ -610,13 +613,8 @@ mod store_tests {
         let loc = w.append(&rb, db, b.len() as u32, lb).unwrap();
         let mut out = vec![];
         assert!(store.read_chunk(&db, &mut out).is_err(), "not indexed yet");
-        assert_eq!(
-            w.commit().unwrap(),
-            FetchCommit {
-                indexed: 1,
-                dropped: 0
-            }
-        );
+        let done = w.commit().unwrap();
+        assert_eq!((done.indexed, done.dropped, done.digests), (1, 0, vec![db]));
         assert_eq!(store.locate(&db).unwrap(), Some(loc));
         store.read_chunk(&db, &mut out).unwrap();
         assert_eq!(out, b);
@@ -639,7 +637,7 @@ mod store_tests {
     #[test]
     fn fetched_chunks_nobody_names_or_already_stored_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let (a, b) = (chunk(4, 65536), chunk(5, 9000));
         let rec = remote_layer(&store, "44", std::slice::from_ref(&a));
         let mut w = store.fetch_writer().unwrap();
@@ -649,20 +647,15 @@ mod store_tests {
         w.append(&rb, dbb, b.len() as u32, lb).unwrap();
         // The layer goes before the commit: `a` is named by nobody now.
         store.remove_layer(&rec.diff_id).unwrap();
-        assert_eq!(
-            w.commit().unwrap(),
-            FetchCommit {
-                indexed: 0,
-                dropped: 2
-            }
-        );
+        let done = w.commit().unwrap();
+        assert_eq!((done.indexed, done.dropped), (0, 2));
         assert!(store.locate(&da).unwrap().is_none());
     }
 
     #[test]
     fn a_converted_layer_absorbs_the_remote_count_of_its_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let a = chunk(6, 65536);
         let remote = remote_layer(&store, "55", std::slice::from_ref(&a));
         commit_layer(&store, "66", std::slice::from_ref(&a));
@@ -677,7 +670,7 @@ mod store_tests {
     #[test]
     fn the_fetch_writer_and_an_ingest_never_share_a_pack() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         commit_layer(&store, "77", &[chunk(7, 1000)]);
         let mut w = store.fetch_writer().unwrap();
         let ing = store.ingest().unwrap();
