@@ -13,7 +13,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::error::{from_reqwest, from_status};
+use super::error::{from_reqwest, from_status, is_stale_connection};
 use super::hosts::HostConfig;
 use super::{ImageRef, RegistryError, Target};
 
@@ -221,7 +221,14 @@ impl Endpoint {
             result.map_err(|e| self.fix(RegistryError::from_oci(e, at)))
         };
         let seen = self.renewal_count(r, op);
-        match attempt().await {
+        let first = match attempt().await {
+            Err(e) if is_stale_connection(&e) => {
+                tracing::debug!(host = %self.cfg.host, "stale keep-alive connection: sending again");
+                attempt().await
+            }
+            other => other,
+        };
+        match first {
             Err(e) if e.is_401() => {
                 self.renew(r, op, seen, at).await?;
                 attempt()

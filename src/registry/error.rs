@@ -152,6 +152,16 @@ pub enum RegistryError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The TLS handshake failed: an untrusted or wrong certificate, or a server that
+    /// does not speak TLS. Not retryable: it needs a CA, `skip_verify` or plain HTTP.
+    #[error("{at}: TLS handshake failed")]
+    Tls {
+        /// What was asked.
+        at: Target,
+        /// The transport error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// No answer in time.
     #[error("{at}: no answer within {after:?}")]
     Timeout {
@@ -192,6 +202,7 @@ impl RegistryError {
     pub(crate) fn falls_back(&self) -> bool {
         match self {
             RegistryError::Network { .. }
+            | RegistryError::Tls { .. }
             | RegistryError::Timeout { .. }
             | RegistryError::NotFound { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500,
@@ -311,10 +322,58 @@ pub(crate) fn from_reqwest(at: Target, e: reqwest::Error) -> RegistryError {
             reason: shorten(&e.to_string()),
         };
     }
+    if is_tls(&e) {
+        return RegistryError::Tls {
+            at,
+            source: Box::new(e),
+        };
+    }
     RegistryError::Network {
         at,
         source: Box::new(e),
     }
+}
+
+/// True if a rustls error is among the causes of `e`. `io::Error` hides the error it
+/// wraps from `source()`, so look inside those too.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    // Causes nest a handful deep (reqwest, hyper-util, the connector, io, rustls).
+    for _ in 0..16 {
+        let Some(err) = cur else { return false };
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
+/// True if the request went out on a kept-alive connection the server had already
+/// closed (hyper's "incomplete message"): the usual fate of the first request after a
+/// registry restarts or drops idle connections, and safe to send once more.
+pub(crate) fn is_stale_connection(e: &RegistryError) -> bool {
+    let RegistryError::Network { source, .. } = e else {
+        return false;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+    for _ in 0..16 {
+        let Some(err) = cur else { return false };
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Maps an I/O error of a body stream: a digest mismatch found at its end, or a
