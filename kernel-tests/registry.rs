@@ -622,6 +622,30 @@ async fn faults_give_retryable_errors() {
             layer[..10]
         );
 
+        // At most max_requests_per_host (2 here) in flight: six slow requests take
+        // three rounds.
+        let bounded_reg = Registry::new(RegistryOptions {
+            plain_http: true,
+            max_requests_per_host: 2,
+            ..options(scratch.path())
+        })
+        .unwrap();
+        proxy.set(Fault::Delay(300));
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..6u64 {
+            let (reg, r, d) = (bounded_reg.clone(), r.clone(), d.clone());
+            set.spawn(async move { reg.get_blob_range(&r, &d, i * 10, 10).await });
+        }
+        while let Some(res) = set.join_next().await {
+            res.unwrap().unwrap();
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(850),
+            "six requests, two at a time, took {took:?}"
+        );
+
         proxy.set(Fault::Pass);
         proxy.clear();
         assert_eq!(
