@@ -438,6 +438,19 @@ fn every_rpc_over_a_unix_socket() {
                 .unwrap(),
             ["ctr-1", "view-1"]
         );
+        // A quoted empty string is the empty string (issue 12): `!=""` keeps only the
+        // snapshots with a parent, `==""` only those without.
+        assert_eq!(
+            list(&mut c, &[r#"parent!="""#]).await.unwrap(),
+            ["ctr-1", "layer2", "view-1", "view-2"]
+        );
+        assert_eq!(
+            list(&mut c, &[r#"parent!="",labels."containerd.io/gc.root"==x"#])
+                .await
+                .unwrap(),
+            ["layer2"]
+        );
+        assert_eq!(list(&mut c, &["parent==\"\""]).await.unwrap(), ["layer1"]);
 
         // Usage: the container's upper holds one file; committed layers report their data.
         let u = c
@@ -639,6 +652,10 @@ fn bad_requests_get_grpc_errors() {
         // Malformed filter and update mask.
         assert_eq!(
             code(list(&mut c, &["kind==\"x"]).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(list(&mut c, &["parent!="]).await),
             Code::InvalidArgument
         );
         assert_eq!(

@@ -14,6 +14,7 @@
 //! - [`cachefiles`]: the `/dev/cachefiles` on-demand kernel ABI.
 //! - [`serve`]: the thread-per-core io_uring engine and the kernel simulator.
 //! - [`fanotify`]: the fanotify pre-content front end.
+//! - [`registry`]: the registry client (hosts.toml, credentials, ranges, referrers).
 //! - [`snapshotter`]: the containerd snapshots gRPC service.
 //! - [`daemon`]: `dedupd run`: front-end selection, blob registry, threads.
 //! - [`config`]: configuration with embedded defaults.
@@ -25,6 +26,7 @@ pub mod daemon;
 pub mod digest;
 pub mod erofs;
 pub mod fanotify;
+pub mod registry;
 pub mod remote;
 pub mod serve;
 pub mod snapshotter;

@@ -5,6 +5,8 @@
 //! Not every test crate uses every helper.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::File;

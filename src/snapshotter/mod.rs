@@ -585,27 +585,7 @@ impl Snapshotter {
 
     /// List, filtered (containerd filter syntax; several filters are ORed).
     pub fn list(&self, filters: &[String]) -> Result<Vec<(String, Snap)>, SnapError> {
-        let parsed = filters
-            .iter()
-            .filter(|f| !f.trim().is_empty())
-            .map(|f| filter::Filter::parse(f))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self
-            .meta
-            .list()?
-            .into_iter()
-            .filter(|(k, s)| {
-                filter::any_matches(
-                    &parsed,
-                    &filter::Fields {
-                        name: k,
-                        parent: &s.parent,
-                        kind: s.kind.as_str(),
-                        labels: &s.labels,
-                    },
-                )
-            })
-            .collect())
+        filter::select(filters, self.meta.list()?)
     }
 
     /// Usage: an active snapshot's upper directory as it is now; a committed snapshot's
