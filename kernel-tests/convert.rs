@@ -1457,7 +1457,47 @@ fn bad_layers_are_refused_and_leave_the_store_unchanged() {
         *b ^= 0x33;
     }
     let zst = zstd::stream::encode_all(&good_tar[..], 1).unwrap();
+    // GNU tar's own sparse entry after the fresh data, its real size then cut to 1000
+    // bytes, below its data region.
+    let sparse_dir = work.path().join("sparse-tree");
+    let island = vec![(512 << 10, vec![9u8; 100])];
+    write_sparse_tree(
+        &sparse_dir,
+        &[SEntry::new(
+            b"holey",
+            SKind::File(Data::Sparse(1 << 20, island)),
+        )],
+    );
+    let out = run(Command::new("tar")
+        .args(["--sparse", "--format=gnu", "-cf", "-", "-C"])
+        .arg(&sparse_dir)
+        .arg("holey"));
+    assert!(
+        out.status.success(),
+        "GNU tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut gnu_sparse = out.stdout;
+    let at = 512
+        * gnu_sparse
+            .chunks_exact(512)
+            .position(|b| b[156] == b'S')
+            .expect("GNU tar wrote an `S` header");
+    let header = &mut gnu_sparse[at..at + 512];
+    header[483..495].copy_from_slice(b"00000001750\0");
+    header[148..156].fill(b' ');
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut past_real_size = raw_tar(fresh);
+    past_real_size.truncate(past_real_size.len() - 1024);
+    past_real_size.extend_from_slice(&gnu_sparse);
     let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "sparse-past-real-size",
+            past_real_size,
+            "sparse file \"holey\"",
+            "past the real size 1000",
+        ),
         (
             "dotdot",
             raw_tar(|b| {
@@ -1571,4 +1611,246 @@ fn bad_layers_are_refused_and_leave_the_store_unchanged() {
     fsck(&e);
     let m = mount(&e, &work.path().join("good-mnt"));
     assert_same(&want, &actual(&m.dir), "good layer after bad ones");
+}
+
+// ---------------------------------------------------------------- sparse files from GNU tar
+
+/// Writes each file entry as a sparse file under `dir`: the size set first, then each
+/// island written at its offset, so the holes stay unallocated; mode and mtime as the
+/// entry says.
+fn write_sparse_tree(dir: &Path, entries: &[SEntry]) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    fs::create_dir_all(dir).unwrap();
+    for e in entries {
+        let SKind::File(Data::Sparse(size, islands)) = &e.kind else {
+            panic!("{}: only sparse files here", show(&e.path));
+        };
+        let path = dir.join(os(&e.path));
+        let f = File::create(&path).unwrap();
+        f.set_len(*size).unwrap();
+        for (at, bytes) in islands {
+            assert!(
+                at + bytes.len() as u64 <= *size,
+                "{}: island past the end",
+                show(&e.path)
+            );
+            f.write_all_at(bytes, *at).unwrap();
+        }
+        f.set_permissions(fs::Permissions::from_mode(e.perm))
+            .unwrap();
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime);
+        f.set_modified(mtime).unwrap();
+    }
+}
+
+/// The sparse files of the GNU tar layers: holes at the start, in the middle and at the
+/// end, a file that is all hole, an empty one, data not aligned to chunks (islands across
+/// chunk boundaries, several islands in one chunk), more regions than an old GNU header
+/// and its first extension block hold, and one of over 4 GiB.
+fn sparse_tree() -> Vec<SEntry> {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut random = |n: usize| {
+        let mut b = vec![0u8; n];
+        rng.fill(&mut b[..]);
+        b
+    };
+    let file = |name: &[u8], size: u64, islands: Vec<(u64, Vec<u8>)>| {
+        SEntry::new(name, SKind::File(Data::Sparse(size, islands)))
+    };
+    vec![
+        file(
+            b"hole-first",
+            (3 << 20) + 123,
+            vec![
+                ((2 << 20) + 5, random(70_000)),
+                ((3 << 20) + 100, random(23)),
+            ],
+        ),
+        file(
+            b"hole-between",
+            (2 << 20) + 4097,
+            vec![(0, random(10_000)), ((1 << 20) + 777, random(65_536))],
+        ),
+        file(b"hole-last", 5 << 20, vec![(0, random(100_000))]),
+        file(b"all-hole", (2 << 20) + 1, vec![]),
+        file(b"empty", 0, vec![]),
+        file(b"dense", 50_000, vec![(0, random(50_000))]),
+        file(
+            b"many-regions",
+            4 << 20,
+            (0..40u64)
+                .map(|i| (i * 100_000 + 4093, random(100)))
+                .collect(),
+        ),
+        file(
+            b"over-4-gib",
+            (4u64 << 30) + 65_536 + 12345,
+            vec![
+                (0, b"head".to_vec()),
+                ((4u64 << 30) - 7, random(20_000)),
+                ((4u64 << 30) + 65_536 + 12340, b"tail!".to_vec()),
+            ],
+        ),
+    ]
+}
+
+/// Chunks of `chunk_bytes` that hold file data (any island byte): the rest are holes.
+fn data_chunks(entries: &[SEntry], chunk_bytes: u64) -> u64 {
+    let mut n = 0;
+    for e in entries {
+        let SKind::File(Data::Sparse(_, islands)) = &e.kind else {
+            unreachable!()
+        };
+        let mut touched = BTreeSet::new();
+        for (at, bytes) in islands {
+            touched.extend(at / chunk_bytes..=(at + bytes.len() as u64 - 1) / chunk_bytes);
+        }
+        n += touched.len() as u64;
+    }
+    n
+}
+
+/// Whether `tar` holds an old GNU sparse header (typeflag `S` with the GNU magic).
+fn has_old_gnu_sparse_header(tar: &[u8]) -> bool {
+    tar.chunks_exact(512)
+        .any(|b| b[156] == b'S' && &b[257..265] == b"ustar  \0")
+}
+
+#[test]
+fn gnu_tar_sparse_layers_round_trip_through_the_kernel() {
+    require_root!();
+    let version = run(Command::new("tar").arg("--version"));
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        version.starts_with("tar (GNU tar)"),
+        "this test needs GNU tar to write the layers, found: {version}"
+    );
+    let work = scratch();
+    let entries = sparse_tree();
+    let tree = work.path().join("tree");
+    write_sparse_tree(&tree, &entries);
+    let want = expected(&entries);
+    let apparent: u64 = entries
+        .iter()
+        .map(|e| match &e.kind {
+            SKind::File(d) => d.size(),
+            _ => 0,
+        })
+        .sum();
+    // Each format with its own store and chunk size; the marker proves GNU tar wrote the
+    // sparse format asked for rather than plain entries.
+    let formats: [(&str, &[&str], &[u8], u32); 4] = [
+        ("gnu", &["--format=gnu"], b"", 4096),
+        (
+            "pax-0.0",
+            &["--format=posix", "--sparse-version=0.0"],
+            b"GNU.sparse.offset=",
+            65536,
+        ),
+        (
+            "pax-0.1",
+            &["--format=posix", "--sparse-version=0.1"],
+            b"GNU.sparse.map=",
+            1 << 20,
+        ),
+        (
+            "pax-1.0",
+            &["--format=posix", "--sparse-version=1.0"],
+            b"GNU.sparse.major=1",
+            65536,
+        ),
+    ];
+    for (name, args, marker, chunk_bytes) in formats {
+        let layer = work.path().join(format!("{name}.tar"));
+        let out = run(Command::new("tar")
+            .arg("--sparse")
+            .args(args)
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+            .arg(&layer)
+            .arg("-C")
+            .arg(&tree)
+            .args(entries.iter().map(|e| os(&e.path))));
+        assert!(
+            out.status.success(),
+            "tar {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tar_bytes = fs::read(&layer).unwrap();
+        if marker.is_empty() {
+            assert!(
+                has_old_gnu_sparse_header(&tar_bytes),
+                "{name}: no `S` header"
+            );
+        } else {
+            assert!(
+                tar_bytes.windows(marker.len()).any(|w| w == marker),
+                "{name}: GNU tar wrote no {}",
+                show(marker)
+            );
+        }
+        assert!(
+            (tar_bytes.len() as u64) < apparent / 100,
+            "{name}: GNU tar stored the holes"
+        );
+        drop(tar_bytes);
+
+        let root = work.path().join(format!("{name}.store"));
+        let report = convert(&root, chunk_bytes, &[&layer]).remove(0);
+        eprintln!("{name}: {report}");
+        let e = export(
+            &root,
+            report["digest"].as_str().unwrap(),
+            &work.path().join(format!("{name}.export")),
+        );
+        fsck(&e);
+        let m = mount(&e, &work.path().join(format!("{name}.mnt")));
+        assert_same(&want, &actual(&m.dir), name);
+        drop(m);
+
+        // The bounds. A chunk holding any data byte is read, hashed and stored like any
+        // chunk: at most its bytes plus a record header (48 bytes), since lz4 output
+        // that does not shrink is stored raw. Every chunk that is all hole points to one
+        // all-zero chunk, stored once: an lz4 record of chunk_bytes zeros, under
+        // chunk_bytes / 128 + 64 bytes. So the store grows by the data chunks only.
+        let cb = u64::from(chunk_bytes);
+        let data = data_chunks(&entries, cb);
+        let get = |k: &str| report[k].as_u64().unwrap();
+        assert!(get("new_chunks") <= data + 1, "{name}: {report}");
+        assert!(get("logical_bytes") <= data * cb, "{name}: {report}");
+        let store_bound = data * (cb + 48) + (48 + cb / 128 + 64);
+        assert!(
+            get("stored_bytes") <= store_bound,
+            "{name}: stored {} > {store_bound}",
+            get("stored_bytes")
+        );
+        // The data blob holds each distinct chunk once, the zero chunk once: holes take
+        // no blob space.
+        let blob_bytes: u64 = e
+            .devices
+            .iter()
+            .map(|d| fs::metadata(d).unwrap().len())
+            .sum();
+        assert!(
+            blob_bytes <= (data + 1) * cb,
+            "{name}: blob of {blob_bytes} bytes for {data} data chunks"
+        );
+        // The image holds metadata and one 8-byte chunk index entry per chunk of each
+        // file, holes included (EROFS has no run-length form); 64 KiB covers the
+        // superblock, the root directory and these few inodes.
+        let index_bytes: u64 = entries
+            .iter()
+            .map(|e| match &e.kind {
+                SKind::File(d) => 8 * d.size().div_ceil(cb),
+                _ => 0,
+            })
+            .sum();
+        assert!(
+            get("image_bytes") <= index_bytes + (64 << 10),
+            "{name}: image of {} bytes, index {index_bytes}",
+            get("image_bytes")
+        );
+        fs::remove_dir_all(e.image.parent().unwrap()).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+        fs::remove_file(&layer).unwrap();
+    }
 }

@@ -27,10 +27,13 @@ struct Root {
 impl Root {
     fn new() -> Root {
         // Under /var/tmp: EROFS file-backed mounts and overlay uppers want a real disk fs.
+        // Short, but no shorter than the default root (`/var/tmp/dsnapXXXXXX`, 20 bytes):
+        // what mounts here mounts there.
         let dir = tempfile::Builder::new()
-            .prefix("dedupd-snap-")
+            .prefix("dsnap")
             .tempdir_in("/var/tmp")
             .unwrap();
+        assert!(dir.path().as_os_str().len() >= dedupd::config::DEFAULT_ROOT.len());
         Root {
             dir,
             extra_mounts: Vec::new(),
@@ -46,9 +49,11 @@ impl Drop for Root {
         for m in self.extra_mounts.iter().rev() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
-        if let Ok(rd) = fs::read_dir(self.path().join("mnt")) {
-            for e in rd.flatten() {
-                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        for dir in ["m", "mnt"] {
+            if let Ok(rd) = fs::read_dir(self.path().join(dir)) {
+                for e in rd.flatten() {
+                    let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+                }
             }
         }
     }
@@ -239,7 +244,12 @@ fn every_rpc_over_a_unix_socket() {
             i.labels.get("containerd.io/gc.root").map(String::as_str),
             Some("x")
         );
-        let layer1_mnt = root.path().join("mnt").join(hex::encode([1u8; 32]));
+        let layer1_mnt = server
+            .snap
+            .layer_mountpoint(&hex::encode([1u8; 32]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(layer1_mnt, root.path().join("m/1"), "the first mount slot");
         // The remote-snapshot fast path: the same chain again is AlreadyExists, and
         // containerd's follow-up List filter finds the committed snapshot.
         let again = prepare(
@@ -514,6 +524,7 @@ fn every_rpc_over_a_unix_socket() {
             !layer1_mnt.exists(),
             "layer mount is gone with its last snapshot"
         );
+        assert_eq!(server.snap.meta().layer_slots().unwrap(), []);
         c.cleanup(pb::CleanupRequest {
             snapshotter: "dedup".into(),
         })
@@ -524,12 +535,295 @@ fn every_rpc_over_a_unix_socket() {
             fs::read_dir(root.path().join("snapshots")).unwrap().count(),
             0
         );
-        assert_eq!(fs::read_dir(root.path().join("mnt")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(root.path().join("m")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(root.path().join("layers")).unwrap().count(), 0);
         server.stop().await;
         let store = Store::open(root.path()).unwrap();
         let stats = store.stats().unwrap();
         assert_eq!((stats.layers, stats.chunks), (0, 0));
+    });
+}
+
+/// mount(2) copies at most a page of options, NUL included.
+const PAGE_BYTES: usize = 4096;
+
+/// Mounts `m` at `target` with mount(2), the options joined exactly as returned.
+fn mount_as_returned(m: &dedupd::snapshotter::proto::types::Mount, target: &Path) {
+    fs::create_dir_all(target).unwrap();
+    let data = m.options.join(",");
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        target,
+        Some(m.r#type.as_str()),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "mount -t {} ({} bytes of options): {e}",
+            m.r#type,
+            data.len()
+        )
+    });
+}
+
+async fn mounts(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+) -> Vec<dedupd::snapshotter::proto::types::Mount> {
+    c.mounts(pb::MountsRequest {
+        snapshotter: "dedup".into(),
+        key: key.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .mounts
+}
+
+/// Issue 12: 128 single-file layers unpacked and committed as containerd does, then a
+/// container on top. Its overlay options fit one page and mount with a plain mount(2)
+/// (no rewriting, as containerd does under a long root), under a root at least as long as
+/// the default one; every layer's file reads through it, the top layer wins, and writes
+/// go to the container's upper dir only. Under the old layout (`mnt/<64 hex>`) the same
+/// options would not fit a page, not even with containerd's relative lowerdirs.
+#[test]
+fn a_container_over_128_layers_mounts_with_plain_mount() {
+    if !is_root() {
+        eprintln!("SKIPPED a_container_over_128_layers_mounts_with_plain_mount: needs root");
+        return;
+    }
+    const LAYERS: u8 = 128;
+    let mut root = Root::new();
+    let rt = runtime();
+    rt.block_on(async {
+        let server = start(root.path()).await;
+        let mut c = server.client.clone();
+        let started = std::time::Instant::now();
+        let mut parent = String::new();
+        for i in 1..=LAYERS {
+            let key = format!("extract-{i}");
+            let m = prepare(
+                &mut c,
+                &key,
+                &parent,
+                labels(&[("containerd.io/snapshot.ref", &chain(i))]),
+            )
+            .await
+            .unwrap();
+            // What the applier writes into: the bind source of the first layer, the
+            // overlay's upper dir above it.
+            let dir = match option(&m[0], "upperdir") {
+                Some(u) => PathBuf::from(u),
+                None => PathBuf::from(&m[0].source),
+            };
+            fs::create_dir_all(dir.join("l")).unwrap();
+            fs::write(dir.join(format!("l/{i}")), format!("layer {i}\n")).unwrap();
+            fs::write(dir.join("top"), format!("{i}\n")).unwrap();
+            let name = format!("layer-{i}");
+            commit(&mut c, &key, &name).await.unwrap();
+            parent = name;
+        }
+        eprintln!(
+            "{LAYERS} layers prepared and committed in {:?}",
+            started.elapsed()
+        );
+
+        let m = prepare(&mut c, "ctr", &parent, HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!((m.len(), m[0].r#type.as_str()), (1, "overlay"));
+        let lowers: Vec<&str> = option(&m[0], "lowerdir").unwrap().split(':').collect();
+        assert_eq!(lowers.len(), usize::from(LAYERS));
+        let mdir = root.path().join("m");
+        assert!(lowers
+            .iter()
+            .all(|l| Path::new(l).parent() == Some(mdir.as_path())));
+        let data_bytes = m[0].options.join(",").len();
+        assert!(data_bytes < PAGE_BYTES, "{data_bytes} bytes of options");
+        // containerd 1.6 passes options summing under a page less 512 as they are.
+        let sum: usize = m[0].options.iter().map(String::len).sum();
+        assert!(sum < PAGE_BYTES - 512, "{sum}");
+        // The old layout's mountpoints, absolute and as containerd would rewrite them.
+        let old: Vec<String> = (1..=LAYERS)
+            .rev()
+            .map(|i| format!("{}/mnt/{}", root.path().display(), hex::encode([i; 32])))
+            .collect();
+        let old_opts = |lower: String| -> usize {
+            let mut o: Vec<String> = m[0]
+                .options
+                .iter()
+                .filter(|o| !o.starts_with("lowerdir="))
+                .cloned()
+                .collect();
+            o.push(format!("lowerdir={lower}"));
+            o.join(",").len()
+        };
+        let old_abs = old_opts(old.join(":"));
+        let old_rel = old_opts(
+            (1..=LAYERS)
+                .rev()
+                .map(|i| hex::encode([i; 32]))
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+        assert!(
+            old_abs > PAGE_BYTES && old_rel > PAGE_BYTES,
+            "{old_abs} {old_rel}"
+        );
+        eprintln!(
+            "options of a 128-layer container: {data_bytes} bytes (old layout: {old_abs}, \
+             {old_rel} with relative lowerdirs)"
+        );
+
+        let target = root.path().join("rootfs");
+        mount_as_returned(&m[0], &target);
+        root.extra_mounts.push(target.clone());
+        for i in 1..=LAYERS {
+            assert_eq!(
+                fs::read_to_string(target.join(format!("l/{i}"))).unwrap(),
+                format!("layer {i}\n")
+            );
+        }
+        assert_eq!(
+            fs::read_dir(target.join("l")).unwrap().count(),
+            usize::from(LAYERS)
+        );
+        assert_eq!(fs::read_to_string(target.join("top")).unwrap(), "128\n");
+        fs::write(target.join("written"), b"by the container").unwrap();
+        let upper = PathBuf::from(option(&m[0], "upperdir").unwrap());
+        assert_eq!(
+            fs::read(upper.join("written")).unwrap(),
+            b"by the container"
+        );
+        assert!(lowers
+            .iter()
+            .all(|l| !Path::new(l).join("written").exists()));
+        nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+        root.extra_mounts.pop();
+
+        // A restart mounts the 128 layers again at the same paths.
+        server.stop().await;
+        let server = start(root.path()).await;
+        let mut c = server.client.clone();
+        assert_eq!(mounts(&mut c, "ctr").await, m);
+        mount_as_returned(&m[0], &target);
+        root.extra_mounts.push(target.clone());
+        assert_eq!(
+            fs::read_to_string(target.join("l/64")).unwrap(),
+            "layer 64\n"
+        );
+        assert_eq!(
+            fs::read(target.join("written")).unwrap(),
+            b"by the container"
+        );
+        nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+        root.extra_mounts.pop();
+
+        remove(&mut c, "ctr").await.unwrap();
+        for i in (1..=LAYERS).rev() {
+            remove(&mut c, &format!("layer-{i}")).await.unwrap();
+        }
+        assert_eq!(fs::read_dir(&mdir).unwrap().count(), 0);
+        assert_eq!(server.snap.meta().layer_slots().unwrap(), []);
+        server.stop().await;
+    });
+}
+
+/// An upgrade from the layout before mount slots: a layer mounted at `mnt/<layer hex>`
+/// by the old daemon, with a container's overlay over it, and no slots in the metadata.
+/// At start the old mount goes (detached: the running container keeps reading through
+/// it), the layer is mounted at `m/<slot>`, and Mounts names the new path.
+#[test]
+fn old_layout_mounts_move_to_slots_at_start() {
+    if !is_root() {
+        eprintln!("SKIPPED old_layout_mounts_move_to_slots_at_start: needs root");
+        return;
+    }
+    let mut root = Root::new();
+    let hex = hex::encode([3u8; 32]);
+    let rt = runtime();
+    rt.block_on(async {
+        let server = start(root.path()).await;
+        let mut c = server.client.clone();
+        let m = prepare(
+            &mut c,
+            "extract-3",
+            "",
+            labels(&[("containerd.io/snapshot.ref", &chain(3))]),
+        )
+        .await
+        .unwrap();
+        fs::write(Path::new(&m[0].source).join("f"), b"from the layer").unwrap();
+        commit(&mut c, "extract-3", "layer").await.unwrap();
+        prepare(&mut c, "ctr", "layer", HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            server.snap.layer_mountpoint(&hex).unwrap(),
+            Some(root.path().join("m/1"))
+        );
+        server.stop().await;
+    });
+    // What the old daemon left: the layer at mnt/<hex>, no slot, a container over it.
+    let slot_mnt = root.path().join("m/1");
+    nix::mount::umount2(&slot_mnt, nix::mount::MntFlags::empty()).unwrap();
+    fs::remove_dir(&slot_mnt).unwrap();
+    let meta = dedupd::snapshotter::meta::Meta::open(&root.path().join("snapshots.redb")).unwrap();
+    meta.free_layer_slot(&hex).unwrap();
+    drop(meta);
+    let legacy = root.path().join("mnt").join(&hex);
+    {
+        let store = Arc::new(Store::open(root.path()).unwrap());
+        let record = store.layer(&hex).unwrap().unwrap();
+        LocalMounter::new(store)
+            .unwrap()
+            .mount(&record, &legacy)
+            .unwrap();
+    }
+    let running = root.path().join("running");
+    fs::create_dir_all(&running).unwrap();
+    let (up, work) = (root.path().join("old-up"), root.path().join("old-work"));
+    fs::create_dir_all(&up).unwrap();
+    fs::create_dir_all(&work).unwrap();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        legacy.display(),
+        up.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &running,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .unwrap();
+    root.extra_mounts.push(running.clone());
+
+    rt.block_on(async {
+        let server = start(root.path()).await;
+        let mut c = server.client.clone();
+        assert!(
+            !root.path().join("mnt").exists(),
+            "the old mount dir is gone"
+        );
+        assert_eq!(
+            server.snap.layer_mountpoint(&hex).unwrap(),
+            Some(slot_mnt.clone())
+        );
+        assert_eq!(fs::read(slot_mnt.join("f")).unwrap(), b"from the layer");
+        assert_eq!(
+            fs::read(running.join("f")).unwrap(),
+            b"from the layer",
+            "the running container still reads"
+        );
+        let m = mounts(&mut c, "ctr").await;
+        assert_eq!(option(&m[0], "lowerdir"), slot_mnt.to_str());
+        remove(&mut c, "ctr").await.unwrap();
+        remove(&mut c, "layer").await.unwrap();
+        server.stop().await;
     });
 }
 
@@ -690,7 +984,7 @@ fn bad_requests_get_grpc_errors() {
         );
         // Still serving, and the snapshots are intact.
         assert_eq!(list(&mut c, &[]).await.unwrap(), ["base", "top", "v"]);
-        assert!(fs::metadata(root.path().join("mnt"))
+        assert!(fs::metadata(root.path().join("m"))
             .unwrap()
             .file_type()
             .is_dir());
@@ -743,8 +1037,12 @@ fn cleanup_removes_what_a_crash_leaves() {
         dedupd::convert::convert_dir(&server.store, &src, &format!("sha256:{orphan_hex}")).unwrap();
         let before = server.store.stats().unwrap();
         assert_eq!(before.layers, 2);
-        let stray_mnt = root.path().join("mnt").join(hex::encode([8u8; 32]));
+        // A mountpoint no slot names, and a slot of a layer no snapshot references.
+        let stray_mnt = root.path().join("m/77");
         fs::create_dir_all(&stray_mnt).unwrap();
+        let orphan_slot = server.snap.meta().assign_layer_slot(&orphan_hex).unwrap();
+        let orphan_mnt = root.path().join(format!("m/{orphan_slot}"));
+        fs::create_dir_all(&orphan_mnt).unwrap();
         fs::write(root.path().join("local/deadbeef.tmp"), b"partial").unwrap();
 
         c.cleanup(pb::CleanupRequest {
@@ -753,7 +1051,8 @@ fn cleanup_removes_what_a_crash_leaves() {
         .await
         .unwrap();
         assert!(!root.path().join("snapshots/999").exists());
-        assert!(!stray_mnt.exists());
+        assert!(!stray_mnt.exists() && !orphan_mnt.exists());
+        assert_eq!(server.snap.meta().layer_slot(&orphan_hex).unwrap(), None);
         assert!(!root.path().join("local/deadbeef.tmp").exists());
         let after = server.store.stats().unwrap();
         assert_eq!(
@@ -766,7 +1065,11 @@ fn cleanup_removes_what_a_crash_leaves() {
         );
         assert!(server.store.layer(&orphan_hex).unwrap().is_none());
         // What snapshots use is intact.
-        let live_mnt = root.path().join("mnt").join(hex::encode([5u8; 32]));
+        let live_mnt = server
+            .snap
+            .layer_mountpoint(&hex::encode([5u8; 32]))
+            .unwrap()
+            .unwrap();
         assert_eq!(fs::read(live_mnt.join("live")).unwrap(), b"live data");
         let m = c
             .mounts(pb::MountsRequest {

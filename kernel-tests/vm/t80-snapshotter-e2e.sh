@@ -22,7 +22,7 @@ fi
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 mkdir -p /var/tmp "$SCRATCH/e2e-tmp"
 log=/out/snapshotter-e2e.log
-note "e2e: big file ${E2E_BIG_MIB:-256} MiB, ${E2E_SMALL_FILES:-3000} small files; log in out/$(basename "$log")"
+note "e2e: big file ${E2E_BIG_MIB:-256} MiB, ${E2E_SMALL_FILES:-3000} small files, ${E2E_MANY_LAYERS:-128} layers in d; log in out/$(basename "$log")"
 # Host-path binaries (GNU tar, bash, containerd...) first, busybox after. skopeo and umoci
 # keep their temporary blobs on ext4, not in the VM's memory.
 # A watcher writes every process (state, current system call, command line) and the tail
@@ -46,6 +46,7 @@ watcher=$!
 PATH=/usr/bin:/usr/sbin:$PATH TMPDIR=$SCRATCH/e2e-tmp \
   DEDUPD=$(command -v dedupd) DEDUPD_CMD=run EXPECT_FRONT_END=cachefiles \
   BIG_MIB=${E2E_BIG_MIB:-256} SMALL_FILES=${E2E_SMALL_FILES:-3000} \
+  MANY_LAYERS=${E2E_MANY_LAYERS:-128} \
   E2E_TMP=$SCRATCH CTR_RUN_FLAGS=--no-pivot E2E_WAIT_S=180 KEEP=1 \
   bash "$stage/snapshotter-e2e" >"$log" 2>&1
 rc=$?

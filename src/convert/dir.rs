@@ -203,6 +203,9 @@ fn walk(root: &Path, pieces: &mut PieceSender) -> Result<(Tree, u64)> {
                         entry: format!("{path:?}"),
                         rule: "the layer has more than 2^32 chunks".into(),
                     },
+                    PieceError::TooManyHoleChunks => {
+                        unreachable!("a file read whole has no holes")
+                    }
                 })?;
                 Kind::File(data)
             } else if ft.is_symlink() {

@@ -11,6 +11,7 @@
 mod dir;
 mod export;
 mod pieces;
+mod sparse;
 pub mod tar;
 mod tarfmt;
 #[cfg(test)]

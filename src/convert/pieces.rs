@@ -1,7 +1,8 @@
 //! The conversion pipeline between the parser and the store.
 //!
 //! The parser thread (decompression, tar parsing, the tree) cuts each regular file into
-//! chunk-sized pieces (all-zero ones too: see [`PieceSender::file`]), packed, in order, into
+//! chunk-sized pieces (all-zero ones too: see [`PieceSender::file`]; the chunks of a
+//! sparse file's holes share one all-zero piece), packed, in order, into
 //! batches of about 1 MiB that worker threads hash and compress, and that the store side
 //! appends and places in the layer's data blob in sequence order (so the result does not
 //! depend on thread timing). Batches, not chunks, cross threads: on a busy machine every
@@ -26,6 +27,11 @@ pub(crate) const PIPELINE_BATCHES: usize = 8;
 const BATCH_BYTES: usize = 1 << 20;
 /// At most this many hashing and compressing threads.
 const MAX_WORKERS: usize = 4;
+/// The most chunks of sparse-file holes one layer may have. Data chunks are bounded by
+/// the layer's size, but a hole costs a few bytes of tar, and each of its chunks costs 8
+/// bytes of memory and of image (its chunk index entry): this caps both at 128 MiB
+/// (1 TiB of holes in 64 KiB chunks, 16 TiB in 1 MiB chunks).
+pub(crate) const MAX_HOLE_CHUNKS: u64 = 1 << 24;
 
 /// Consecutive non-zero pieces of file data on their way to the store.
 pub(crate) struct Batch {
@@ -54,6 +60,8 @@ pub(crate) enum PieceError {
     StoreGone,
     /// More chunks than a block address can number.
     TooManyChunks,
+    /// More chunks of holes than [`MAX_HOLE_CHUNKS`].
+    TooManyHoleChunks,
 }
 
 /// The parser's end of the pipeline.
@@ -64,6 +72,11 @@ pub(crate) struct PieceSender {
     /// The batch being filled.
     current: Option<Batch>,
     next_seq: u64,
+    /// The sequence number of the all-zero piece that every hole chunk points to, once
+    /// sent.
+    zero_seq: Option<u32>,
+    /// Hole chunks so far (at most [`MAX_HOLE_CHUNKS`]).
+    hole_chunks: u64,
     /// Non-hole chunks sent.
     pub chunks: u64,
     /// Bytes of non-hole chunks sent.
@@ -99,6 +112,8 @@ pub(crate) fn pipeline(chunk_bytes: u32) -> (PieceSender, PieceReceiver) {
             free: free_rx,
             current: None,
             next_seq: 0,
+            zero_seq: None,
+            hole_chunks: 0,
             chunks: 0,
             logical_bytes: 0,
         },
@@ -157,36 +172,80 @@ impl PieceSender {
     }
 
     /// Cuts the next `size` bytes of `r` into chunks, which all go to the store (an
-    /// all-zero chunk is stored once and shared, not written as a hole). The returned addresses are sequence numbers until
-    /// [`resolve_addrs`] runs.
+    /// all-zero chunk is stored once and shared, not written as a hole). The returned
+    /// addresses are sequence numbers until [`resolve_addrs`] runs.
     pub(crate) fn file<R: Read + ?Sized>(
         &mut self,
         r: &mut R,
         size: u64,
     ) -> Result<FileData, PieceError> {
-        let chunk_bytes = self.chunk_bytes;
-        let n_chunks = size.div_ceil(chunk_bytes as u64);
-        // Never trust a declared size for an allocation: grow as data arrives.
-        let mut chunks = Vec::with_capacity(n_chunks.min(1024) as usize);
-        let mut left = size;
-        while left > 0 {
-            let len = left.min(chunk_bytes as u64) as usize;
+        self.sparse_file(r, size, &[(0, size)])
+    }
+
+    /// Cuts a sparse file of `size` bytes into chunks: `r` gives the bytes of its data
+    /// `regions` (offset, length; in order, not overlapping, within `size`) back to back,
+    /// and the rest reads as zeros. A chunk with data is read and sent like any other
+    /// (its hole parts zeroed); a chunk that is all hole is never read, hashed or
+    /// compressed: it points to one all-zero chunk, sent once per layer. Over fscache,
+    /// 6.12's erofs zero-fills the rest of a read request after an unmapped chunk, so
+    /// data following an EROFS hole in the same readahead window would read as zeros:
+    /// hence a shared zero chunk rather than an EROFS hole. The last chunk of a file may
+    /// point to it too: the kernel reads only the blocks the file covers.
+    pub(crate) fn sparse_file<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        size: u64,
+        regions: &[(u64, u64)],
+    ) -> Result<FileData, PieceError> {
+        let chunk_bytes = self.chunk_bytes as u64;
+        let want: u64 = regions.iter().map(|&(_, len)| len).sum();
+        let mut got = 0u64;
+        // Never trust a declared size for an allocation: grow as chunks are cut.
+        let mut chunks = Vec::with_capacity(size.div_ceil(chunk_bytes).min(1024) as usize);
+        // The first region that may still overlap the current chunk.
+        let mut next = 0;
+        let mut start = 0u64;
+        while start < size {
+            let end = size.min(start + chunk_bytes);
+            // Regions before this chunk were read with the chunks they overlap.
+            while next < regions.len() && regions[next].0 + regions[next].1 <= start {
+                next += 1;
+            }
+            let overlapping = regions[next..]
+                .iter()
+                .take_while(|&&(offset, _)| offset < end)
+                .map(|&(offset, len)| (offset.max(start), (offset + len).min(end)))
+                .filter(|&(lo, hi)| lo < hi);
+            let covered: u64 = overlapping.clone().map(|(lo, hi)| hi - lo).sum();
+            if covered == 0 {
+                let blkaddr = self.zero_chunk()?;
+                self.hole_chunks += 1;
+                if self.hole_chunks > MAX_HOLE_CHUNKS {
+                    return Err(PieceError::TooManyHoleChunks);
+                }
+                chunks.push(ChunkAddr::Blob { device: 1, blkaddr });
+                start = end;
+                continue;
+            }
+            let len = (end - start) as usize;
             self.make_room()?;
             let batch = self.current.as_mut().expect("make_room leaves a batch");
             let at = batch.used;
             let piece = &mut batch.buf[at..at + len];
-            let got = read_full(r, piece).map_err(PieceError::Read)?;
-            if got < len {
-                return Err(PieceError::Short {
-                    got: size - left + got as u64,
-                    want: size,
-                });
+            if covered < len as u64 {
+                // Batch buffers are reused: the hole parts must be zeroed.
+                piece.fill(0);
             }
-            left -= len as u64;
-            // All-zero pieces are stored like any other (the store and the blob keep one
-            // copy), never as EROFS holes: over fscache, 6.12's erofs zero-fills the rest
-            // of a read request after an unmapped chunk, so data following a hole in the
-            // same readahead window would read as zeros.
+            for (lo, hi) in overlapping {
+                let part = &mut piece[(lo - start) as usize..(hi - start) as usize];
+                let n = read_full(r, part).map_err(PieceError::Read)?;
+                got += n as u64;
+                if n < part.len() {
+                    return Err(PieceError::Short { got, want });
+                }
+            }
+            // All-zero pieces of data are stored like any other (the store and the blob
+            // keep one copy), never as EROFS holes (see above).
             let blkaddr = u32::try_from(self.next_seq).map_err(|_| PieceError::TooManyChunks)?;
             batch.pieces.push((at, len));
             batch.used += len;
@@ -194,8 +253,29 @@ impl PieceSender {
             self.chunks += 1;
             self.logical_bytes += len as u64;
             chunks.push(ChunkAddr::Blob { device: 1, blkaddr });
+            start = end;
         }
+        debug_assert_eq!(got, want, "the caller checked the regions");
         Ok(FileData { size, chunks })
+    }
+
+    /// The sequence number of the all-zero chunk (of `chunk_bytes`) that holes point to,
+    /// sending it the first time. It is not counted in `chunks` or `logical_bytes`.
+    fn zero_chunk(&mut self) -> Result<u32, PieceError> {
+        if let Some(seq) = self.zero_seq {
+            return Ok(seq);
+        }
+        let seq = u32::try_from(self.next_seq).map_err(|_| PieceError::TooManyChunks)?;
+        self.make_room()?;
+        let len = self.chunk_bytes;
+        let batch = self.current.as_mut().expect("make_room leaves a batch");
+        let at = batch.used;
+        batch.buf[at..at + len].fill(0);
+        batch.pieces.push((at, len));
+        batch.used += len;
+        self.next_seq += 1;
+        self.zero_seq = Some(seq);
+        Ok(seq)
     }
 }
 
@@ -283,17 +363,22 @@ impl PieceReceiver {
 
 #[cfg(test)]
 impl PieceReceiver {
-    /// Consumes every piece without storing it; each piece's "address" is its sequence
-    /// number.
-    pub(crate) fn drain(self) -> Vec<u32> {
-        let mut addrs = Vec::new();
+    /// Consumes every piece without storing it; returns the pieces' bytes by sequence
+    /// number (each piece's "address" is its sequence number).
+    pub(crate) fn drain(self) -> Vec<Vec<u8>> {
+        let mut pieces = Vec::new();
         for batch in self.work.iter() {
-            for i in 0..batch.pieces.len() {
-                addrs.push((batch.first_seq + i as u64) as u32);
+            assert_eq!(
+                batch.first_seq,
+                pieces.len() as u64,
+                "batches arrive in order"
+            );
+            for &(at, len) in &batch.pieces {
+                pieces.push(batch.buf[at..at + len].to_vec());
             }
             let _ = self.free.send(batch);
         }
-        addrs
+        pieces
     }
 }
 

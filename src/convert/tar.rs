@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
-use super::pieces::{PieceError, PieceSender};
+use super::pieces::{PieceError, PieceSender, MAX_HOLE_CHUNKS};
 use super::tarfmt::{EntryKind, Header, TarError, TarReader};
 use super::{check_xattr, ConvertError, Parsed, MAX_NAME_BYTES};
 use crate::digest::HashingReader;
@@ -425,7 +425,11 @@ impl<'a> TreeBuilder<'a> {
                 Kind::Dir(BTreeMap::new())
             }
             EntryKind::File => {
-                let file = pieces.file(data, h.size).map_err(|e| match e {
+                let sent = match &h.sparse {
+                    Some(map) => pieces.sparse_file(data, map.real_size, &map.regions),
+                    None => pieces.file(data, h.size),
+                };
+                let file = sent.map_err(|e| match e {
                     PieceError::Read(e) => stream_error(self.layer, format!("{shown:?}"), e),
                     PieceError::Short { got, want } => self.err(
                         shown,
@@ -435,6 +439,13 @@ impl<'a> TreeBuilder<'a> {
                     PieceError::TooManyChunks => {
                         self.err(shown, "the layer has more than 2^32 chunks")
                     }
+                    PieceError::TooManyHoleChunks => self.err(
+                        shown,
+                        format!(
+                            "the layer's sparse files have more than {MAX_HOLE_CHUNKS} chunks \
+                             of holes; a larger chunk size needs fewer"
+                        ),
+                    ),
                 })?;
                 Kind::File(file)
             }

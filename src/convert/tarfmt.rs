@@ -8,6 +8,11 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 
+use super::sparse::{
+    self, DataMapParser, Layout, PaxSparse, SparseMap, OLD_GNU_EXTENSION_SLOTS,
+    OLD_GNU_HEADER_SLOTS,
+};
+
 /// The tar block size.
 pub const BLOCK_BYTES: u64 = 512;
 /// The largest PAX extended header we accept.
@@ -49,7 +54,7 @@ pub struct Header {
     pub uid: u64,
     /// Group.
     pub gid: u64,
-    /// Data size in bytes.
+    /// Data size in bytes: for a sparse file, the bytes of its data regions.
     pub size: u64,
     /// Modification time, seconds.
     pub mtime: i64,
@@ -61,6 +66,9 @@ pub struct Header {
     pub dev_minor: u32,
     /// `SCHILY.xattr.*` records.
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For a sparse file (GNU `S`, or PAX `GNU.sparse.*`): where its data lies, checked
+    /// against `size`.
+    pub sparse: Option<SparseMap>,
 }
 
 /// Why the archive could not be read.
@@ -243,22 +251,122 @@ impl<R: Read> TarReader<R> {
             if let Some(l) = long_link {
                 h.link = l;
             }
-            if let Some(records) = pax {
-                apply_pax(&mut h, records)?;
+            let mut layout = None;
+            if typeflag == b'S' {
+                // Its extension blocks come before the data.
+                layout = Some(Layout::Map(self.read_old_gnu_map(&block, &h.path)?));
             }
+            if let Some(records) = pax {
+                if let Some(l) = apply_pax(&mut h, records)? {
+                    if layout.is_some() {
+                        return Err(sparse_error(
+                            &h.path,
+                            "both an old GNU sparse header and PAX sparse records",
+                        ));
+                    }
+                    layout = Some(l);
+                }
+            }
+            if layout.is_some() && h.kind != EntryKind::File {
+                return Err(sparse_error(
+                    &h.path,
+                    format!("a sparse map on a {:?} entry", h.kind),
+                ));
+            }
+            self.start_data(h.size);
             if h.kind == EntryKind::Dir || h.kind == EntryKind::HardLink {
                 // Their data, if any, is not file content (GNU dumpdir listings).
-                self.start_data(h.size);
                 self.finish_entry()?;
                 h.size = 0;
-            } else {
-                self.start_data(h.size);
+            }
+            h.sparse = match layout {
+                None => None,
+                Some(Layout::Map(map)) => Some(map),
+                Some(Layout::InData { real_size }) => Some(SparseMap {
+                    real_size,
+                    regions: self.read_data_map(&h.path)?,
+                }),
+            };
+            if let Some(map) = &h.sparse {
+                h.size = self.remaining;
+                map.check(h.size)
+                    .map_err(|rule| sparse_error(&h.path, rule))?;
             }
             return Ok(Some(h));
         }
         Err(TarError::Corrupt(
             "too many extension headers for one entry".into(),
         ))
+    }
+}
+
+impl<R: Read> TarReader<R> {
+    /// Reads the map of an old GNU sparse header (`block`): four slots in the header, then
+    /// 21 in each extension block while the one before sets its `isextended` byte.
+    fn read_old_gnu_map(&mut self, block: &[u8; 512], path: &[u8]) -> Result<SparseMap, TarError> {
+        let number = |field: &[u8], what: &str| numeric(field, what).map_err(|e| e.to_string());
+        let bad = |rule: String| sparse_error(path, rule);
+        let real_size = numeric(&block[483..495], "sparse real size")?;
+        let real_size =
+            u64::try_from(real_size).map_err(|_| bad(format!("negative real size {real_size}")))?;
+        let mut regions = Vec::new();
+        let slots = &block[386..386 + OLD_GNU_HEADER_SLOTS * 24];
+        let mut open = sparse::old_gnu_slots(slots, &mut regions, number).map_err(bad)?;
+        let mut extended = block[482] != 0;
+        // Bounded: each block adds 21 regions, and the map takes MAX_SPARSE_REGIONS at most.
+        while extended {
+            if !open {
+                return Err(bad(
+                    "an extension block follows a map that ended at an empty slot".into(),
+                ));
+            }
+            let mut ext = [0u8; BLOCK_BYTES as usize];
+            read_exact_or_truncated(&mut self.inner, &mut ext, "a sparse extension block")?;
+            open =
+                sparse::old_gnu_slots(&ext[..OLD_GNU_EXTENSION_SLOTS * 24], &mut regions, number)
+                    .map_err(bad)?;
+            extended = ext[504] != 0;
+        }
+        Ok(SparseMap { real_size, regions })
+    }
+
+    /// Reads a PAX 1.0 map from the start of the entry's data (whole blocks), leaving
+    /// `remaining` at the data regions.
+    fn read_data_map(&mut self, path: &[u8]) -> Result<Vec<(u64, u64)>, TarError> {
+        let mut parser = DataMapParser::default();
+        // Bounded: the parser refuses a map of more than MAX_SPARSE_REGIONS regions, each
+        // number at most 20 digits.
+        loop {
+            if self.remaining < BLOCK_BYTES {
+                return Err(sparse_error(path, "the 1.0 map runs past the entry's data"));
+            }
+            let mut block = [0u8; BLOCK_BYTES as usize];
+            read_exact_or_truncated(&mut self.inner, &mut block, "a sparse map")?;
+            self.remaining -= BLOCK_BYTES;
+            if let Some(regions) = parser
+                .feed(&block)
+                .map_err(|rule| sparse_error(path, rule))?
+            {
+                return Ok(regions);
+            }
+        }
+    }
+}
+
+/// A bad sparse entry, named by its path.
+fn sparse_error(path: &[u8], rule: impl std::fmt::Display) -> TarError {
+    TarError::Corrupt(format!(
+        "sparse file {:?}: {rule}",
+        String::from_utf8_lossy(path)
+    ))
+}
+
+impl std::fmt::Display for TarError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TarError::Io(e) => write!(f, "{e}"),
+            TarError::Truncated(why) | TarError::Corrupt(why) => f.write_str(why),
+        }
     }
 }
 
@@ -364,11 +472,8 @@ fn parse_header(b: &[u8; 512], size: u64) -> Result<Header, TarError> {
         b'4' => EntryKind::Block,
         b'5' | b'D' => EntryKind::Dir,
         b'6' => EntryKind::Fifo,
-        b'S' => {
-            return Err(TarError::Corrupt(
-                "GNU sparse entries are not supported".into(),
-            ))
-        }
+        // Old GNU sparse: the caller reads its map.
+        b'S' => EntryKind::File,
         t => {
             return Err(TarError::Corrupt(format!(
                 "unsupported entry type {:?}",
@@ -406,6 +511,7 @@ fn parse_header(b: &[u8; 512], size: u64) -> Result<Header, TarError> {
             0
         },
         xattrs: BTreeMap::new(),
+        sparse: None,
     })
 }
 
@@ -447,7 +553,9 @@ pub fn parse_pax(mut data: &[u8]) -> Result<Vec<PaxRecord>, TarError> {
     Ok(out)
 }
 
-fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<(), TarError> {
+/// Applies PAX records to a header; returns the sparse layout their `GNU.sparse.*`
+/// records describe, if any.
+fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<Option<Layout>, TarError> {
     let num = |key: &[u8], v: &[u8]| -> Result<u64, TarError> {
         std::str::from_utf8(v)
             .ok()
@@ -460,6 +568,7 @@ fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<(), TarError> {
                 ))
             })
     };
+    let mut sparse_records = Vec::new();
     for (key, value) in records {
         match &key[..] {
             b"path" => h.path = value,
@@ -472,11 +581,7 @@ fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<(), TarError> {
                 (h.mtime, h.mtime_nsec) = super::tar::parse_pax_time(&v)
                     .ok_or_else(|| TarError::Corrupt(format!("bad PAX mtime {v:?}")))?;
             }
-            k if k.starts_with(b"GNU.sparse.") => {
-                return Err(TarError::Corrupt(
-                    "PAX sparse entries are not supported".into(),
-                ))
-            }
+            k if k.starts_with(b"GNU.sparse.") => sparse_records.push((key, value)),
             k => {
                 if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
                     h.xattrs.insert(name.to_vec(), value);
@@ -484,12 +589,291 @@ fn apply_pax(h: &mut Header, records: Vec<PaxRecord>) -> Result<(), TarError> {
             }
         }
     }
-    Ok(())
+    if sparse_records.is_empty() {
+        return Ok(None);
+    }
+    // The real name wins over `path`, which 0.1 and 1.0 set to a made-up one (and an
+    // error should name the real one).
+    if let Some((_, name)) = sparse_records
+        .iter()
+        .rev()
+        .find(|(k, _)| k == b"GNU.sparse.name")
+    {
+        h.path = name.clone();
+    }
+    // In order: 0.0 maps are repeated offset and length records.
+    let mut sparse = PaxSparse::default();
+    for (key, value) in &sparse_records {
+        sparse
+            .record(key, value)
+            .map_err(|rule| sparse_error(&h.path, rule))?;
+    }
+    let layout = sparse
+        .finish()
+        .map_err(|rule| sparse_error(&h.path, rule))?;
+    Ok(Some(layout))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::gnu_sparse::{self, header, num12, seal};
     use super::*;
+
+    /// Reads every entry with its data.
+    fn read_all(tar: &[u8]) -> Result<Vec<(Header, Vec<u8>)>, TarError> {
+        let mut r = TarReader::new(tar);
+        let mut out = Vec::new();
+        while let Some(h) = r.next()? {
+            let mut data = Vec::new();
+            r.read_to_end(&mut data)?;
+            out.push((h, data));
+        }
+        Ok(out)
+    }
+
+    fn ended(mut tar: Vec<u8>) -> Vec<u8> {
+        tar.extend_from_slice(&[0u8; 1024]);
+        tar
+    }
+
+    #[test]
+    fn sparse_headers_give_the_real_name_size_and_map() {
+        let regions = [(4096, 10), (8192, 0)];
+        let (_, data) = gnu_sparse::content(8192, &regions);
+        for (format, write) in gnu_sparse::FORMATS {
+            let mut tar = Vec::new();
+            write(&mut tar, "dir/real", 8192, &regions, &data);
+            let entries = read_all(&ended(tar)).unwrap_or_else(|e| panic!("{format}: {e}"));
+            let (h, got) = &entries[0];
+            assert_eq!(h.path, b"dir/real", "{format}");
+            assert_eq!(h.kind, EntryKind::File, "{format}");
+            assert_eq!(h.size, 10, "{format}: the data regions' bytes");
+            assert_eq!(*got, data, "{format}");
+            let map = h.sparse.as_ref().unwrap();
+            assert_eq!((map.real_size, &map.regions[..]), (8192, &regions[..]));
+        }
+    }
+
+    #[test]
+    fn old_gnu_maps_take_base256_numbers_and_extension_blocks() {
+        // Past 8 GiB GNU tar writes base-256; 4 + 21 + 2 regions take two extension blocks.
+        let base = 9u64 << 30;
+        let regions: Vec<(u64, u64)> = (0..27).map(|i| (base + i * 100, 1)).collect();
+        let mut tar = Vec::new();
+        gnu_sparse::old_gnu(&mut tar, "big", base + 10_000, &regions, &[7; 27]);
+        assert_eq!(tar.len(), 512 * 4, "header, two extension blocks, data");
+        let entries = read_all(&ended(tar)).unwrap();
+        let map = entries[0].0.sparse.as_ref().unwrap();
+        assert_eq!(map.real_size, base + 10_000);
+        assert_eq!(map.regions, regions);
+        assert_eq!(entries[0].1, vec![7; 27]);
+    }
+
+    /// Parses `tar` and checks that it is refused naming `entry` and `rule`.
+    fn refused(tar: Vec<u8>, entry: &str, rule: &str) {
+        let e = read_all(&ended(tar))
+            .err()
+            .unwrap_or_else(|| panic!("{rule}: accepted"));
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("sparse file \"{entry}\"")),
+            "{e} should name {entry}"
+        );
+        assert!(e.contains(rule), "{e} should say {rule}");
+    }
+
+    #[test]
+    fn malformed_sparse_maps_are_refused() {
+        use gnu_sparse::{old_gnu, pax_0_0, pax_0_1, pax_1_0};
+        let build = |write: gnu_sparse::Writer, real: u64, regions: &[(u64, u64)], data: usize| {
+            let mut tar = Vec::new();
+            write(&mut tar, "f", real, regions, &vec![1; data]);
+            tar
+        };
+        refused(
+            build(old_gnu, 99, &[(50, 1), (10, 1)], 2),
+            "f",
+            "must be in order",
+        );
+        refused(
+            build(pax_0_1, 99, &[(0, 10), (9, 1)], 11),
+            "f",
+            "must not overlap",
+        );
+        refused(
+            build(pax_0_0, 99, &[(0, 10), (90, 10)], 20),
+            "f",
+            "past the real size 99",
+        );
+        refused(
+            build(pax_1_0, 9, &[(0, 10)], 10),
+            "f",
+            "past the real size 9",
+        );
+        refused(build(old_gnu, 99, &[(0, 10)], 9), "f", "holds 9 data bytes");
+        refused(
+            build(pax_1_0, 99, &[(0, 10)], 11),
+            "f",
+            "regions add up to 10",
+        );
+        // Lengths past 2^64 overflow.
+        refused(
+            build(
+                pax_0_1,
+                u64::MAX,
+                &[(u64::MAX - 1, 1), (u64::MAX, u64::MAX)],
+                1,
+            ),
+            "f",
+            "past the real size",
+        );
+
+        // Numbers that do not parse.
+        let mut tar = build(old_gnu, 99, &[(0, 1)], 1);
+        tar[386 + 3] = b'9';
+        seal((&mut tar[..512]).try_into().unwrap());
+        refused(tar, "f", "bad sparse offset field");
+        let mut tar = build(old_gnu, 99, &[(0, 1)], 1);
+        tar[398..410].copy_from_slice(&[0xff; 12]);
+        seal((&mut tar[..512]).try_into().unwrap());
+        refused(tar, "f", "negative");
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.size", "9".into()),
+                ("GNU.sparse.map", "0,1x".into()),
+            ],
+        );
+        gnu_sparse::padded(&mut tar, &header(b"f", b'0', 1, false));
+        refused(
+            seal_last(tar, 1),
+            "f",
+            "GNU.sparse.map length \"1x\" is not a decimal number",
+        );
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.size", "99999999999999999999".into()),
+                ("GNU.sparse.map", "".into()),
+            ],
+        );
+        gnu_sparse::padded(&mut tar, &header(b"f", b'0', 0, false));
+        refused(seal_last(tar, 0), "f", "below 2^64");
+
+        // Counts that do not match.
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.size", "9".into()),
+                ("GNU.sparse.numblocks", "2".into()),
+                ("GNU.sparse.offset", "0".into()),
+                ("GNU.sparse.numbytes", "1".into()),
+            ],
+        );
+        gnu_sparse::padded(&mut tar, &header(b"f", b'0', 1, false));
+        refused(
+            seal_last(tar, 1),
+            "f",
+            "numblocks says 2 regions but the map has 1",
+        );
+        // A 1.0 count of 3 with two regions: the padding is read where numbers belong.
+        let mut tar = pax_1_0_raw("f", 99, b"3\n0\n1\n5\n1\n", &[1, 1]);
+        refused(tar.clone(), "f", "\"\\0\" where a decimal number");
+        // The same map with no block of data left for it.
+        tar.truncate(tar.len() - 1024);
+        let at = tar.len() - 512;
+        let h: &mut [u8; 512] = (&mut tar[at..]).try_into().unwrap();
+        h[124..136].copy_from_slice(&num12(0));
+        seal(h);
+        refused(tar, "f", "the 1.0 map runs past the entry's data");
+    }
+
+    /// Re-seals the last header of `tar`, followed by `data_blocks` zero blocks of data.
+    fn seal_last(mut tar: Vec<u8>, data: u64) -> Vec<u8> {
+        let at = tar.len() - 512;
+        let h: &mut [u8; 512] = (&mut tar[at..]).try_into().unwrap();
+        seal(h);
+        tar.resize(tar.len() + data.next_multiple_of(512) as usize, 0);
+        tar
+    }
+
+    /// A 1.0 entry with a map given as text.
+    fn pax_1_0_raw(name: &str, real_size: u64, map: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.major", "1".into()),
+                ("GNU.sparse.minor", "0".into()),
+                ("GNU.sparse.name", name.into()),
+                ("GNU.sparse.realsize", real_size.to_string()),
+            ],
+        );
+        let mut body = map.to_vec();
+        body.resize(body.len().next_multiple_of(512), 0);
+        body.extend_from_slice(data);
+        let mut h = header(b"GNUSparseFile.1/x", b'0', body.len() as u64, false);
+        seal(&mut h);
+        tar.extend_from_slice(&h);
+        gnu_sparse::padded(&mut tar, &body);
+        tar
+    }
+
+    #[test]
+    fn sparse_records_where_they_do_not_belong_are_refused() {
+        // An extension block after a map that ended at an empty slot.
+        let mut tar = Vec::new();
+        gnu_sparse::old_gnu(&mut tar, "f", 99, &[(0, 1)], &[1]);
+        tar[482] = 1;
+        seal((&mut tar[..512]).try_into().unwrap());
+        refused(tar, "f", "an extension block follows a map that ended");
+        // A sparse map on a directory.
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.size", "9".into()),
+                ("GNU.sparse.map", "".into()),
+            ],
+        );
+        let mut h = header(b"d", b'5', 0, false);
+        seal(&mut h);
+        tar.extend_from_slice(&h);
+        refused(tar, "d", "a sparse map on a Dir entry");
+        // Both an old GNU map and PAX records.
+        let mut tar = Vec::new();
+        gnu_sparse::pax(
+            &mut tar,
+            &[
+                ("GNU.sparse.size", "9".into()),
+                ("GNU.sparse.map", "".into()),
+            ],
+        );
+        gnu_sparse::old_gnu(&mut tar, "f", 99, &[(0, 1)], &[1]);
+        refused(
+            tar,
+            "f",
+            "both an old GNU sparse header and PAX sparse records",
+        );
+    }
+
+    #[test]
+    fn a_stream_ending_inside_the_sparse_map_is_truncated() {
+        let regions: Vec<(u64, u64)> = (0..10).map(|i| (i * 10, 1)).collect();
+        let mut tar = Vec::new();
+        gnu_sparse::old_gnu(&mut tar, "f", 99, &regions, &[1; 10]);
+        tar.truncate(512 + 100);
+        assert!(
+            matches!(read_all(&tar), Err(TarError::Truncated(why)) if why.contains("sparse extension block"))
+        );
+        let mut tar = pax_1_0_raw("f", 99, b"1\n0\n1\n", &[1]);
+        let cut = tar.len() - 1024 + 10;
+        tar.truncate(cut);
+        assert!(matches!(read_all(&tar), Err(TarError::Truncated(_))));
+    }
 
     #[test]
     fn pax_records_are_taken_by_length_even_with_newlines_inside() {

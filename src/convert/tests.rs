@@ -73,6 +73,8 @@ struct Out {
     diff_id: String,
     compression: Compression,
     files: u64,
+    /// The bytes of every piece sent, by address (4 KiB chunks).
+    pieces: Vec<Vec<u8>>,
 }
 
 fn parse_file(path: &Path) -> Result<Out, ConvertError> {
@@ -82,7 +84,8 @@ fn parse_file(path: &Path) -> Result<Out, ConvertError> {
         let r = parse_layer(path, &mut sender);
         sender.flush().unwrap();
         drop(sender);
-        let addrs = drain.join().unwrap();
+        let pieces = drain.join().unwrap();
+        let addrs: Vec<u32> = (0..pieces.len() as u32).collect();
         r.map(|(mut p, compression)| {
             pieces::resolve_addrs(&mut p.tree, &addrs);
             Out {
@@ -91,6 +94,7 @@ fn parse_file(path: &Path) -> Result<Out, ConvertError> {
                 diff_id: p.diff_id,
                 compression,
                 files: p.files,
+                pieces,
             }
         })
     })
@@ -312,6 +316,13 @@ fn bad_input_is_refused_with_the_entry_named() {
 
 fn sample_tar() -> Vec<u8> {
     use ::tar::EntryType as T;
+    // Sparse entries first, one per format, with an extension block for the old GNU one.
+    let mut tar = Vec::new();
+    let regions: Vec<(u64, u64)> = (0..6).map(|i| (i * 700 + 3, 200)).collect();
+    let (_, data) = gnu_sparse::content(5000, &regions);
+    for (i, (_, write)) in gnu_sparse::FORMATS.iter().enumerate() {
+        write(&mut tar, &format!("sparse{i}"), 5000, &regions, &data);
+    }
     let mut w = TarWriter::new();
     w.dir("d", 0o755);
     w.file("d/f", &[3u8; 5000]);
@@ -320,7 +331,8 @@ fn sample_tar() -> Vec<u8> {
     w.file(&"l".repeat(150), b"long");
     w.link(T::Link, "d/h", "d/f");
     w.link(T::Symlink, "s", "d");
-    w.finish()
+    tar.extend_from_slice(&w.finish());
+    tar
 }
 
 proptest::proptest! {
@@ -329,7 +341,7 @@ proptest::proptest! {
     /// Corrupt archives and compressed streams give errors, never panics.
     #[test]
     fn mutated_archives_never_panic(
-        flips in proptest::collection::vec((0usize..8192, proptest::prelude::any::<u8>()), 1..6),
+        flips in proptest::collection::vec((0usize..16384, proptest::prelude::any::<u8>()), 1..6),
         cut in proptest::prelude::any::<Option<u16>>(),
         compress in 0u8..3,
         post_flip in proptest::prelude::any::<Option<(usize, u8)>>(),
@@ -353,4 +365,347 @@ proptest::proptest! {
         }
         let _ = parse(&bytes);
     }
+}
+
+/// Sparse entries laid out as GNU tar writes them (GNU tar manual, "Sparse Formats"),
+/// byte by byte, for the formats the `tar` crate cannot write.
+pub(crate) mod gnu_sparse {
+    /// A sparse map: (offset, length) of each data region.
+    pub(crate) type Regions = [(u64, u64)];
+
+    /// A 12-byte number field: octal when it fits, else GNU base-256.
+    pub(crate) fn num12(v: u64) -> [u8; 12] {
+        let mut f = [0u8; 12];
+        if v < 1 << 33 {
+            f[..11].copy_from_slice(format!("{v:011o}").as_bytes());
+        } else {
+            f[0] = 0x80;
+            f[4..].copy_from_slice(&v.to_be_bytes());
+        }
+        f
+    }
+
+    /// A header block; `gnu` picks the old GNU magic (else POSIX ustar).
+    pub(crate) fn header(name: &[u8], typeflag: u8, size: u64, gnu: bool) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[..name.len()].copy_from_slice(name);
+        b[100..108].copy_from_slice(b"0000644\0");
+        b[108..116].copy_from_slice(b"0000000\0");
+        b[116..124].copy_from_slice(b"0000000\0");
+        b[124..136].copy_from_slice(&num12(size));
+        b[136..148].copy_from_slice(b"13200000000\0");
+        b[156] = typeflag;
+        b[257..265].copy_from_slice(if gnu { b"ustar  \0" } else { b"ustar\x0000" });
+        b
+    }
+
+    /// Sets the checksum of a header block.
+    pub(crate) fn seal(b: &mut [u8; 512]) {
+        b[148..156].fill(b' ');
+        let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
+        b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    /// Appends bytes padded to a block.
+    pub(crate) fn padded(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(bytes);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    /// A PAX `x` entry holding `records` in order.
+    pub(crate) fn pax(out: &mut Vec<u8>, records: &[(&str, String)]) {
+        let mut body = Vec::new();
+        for (k, v) in records {
+            let kv = format!(" {k}={v}\n");
+            let mut len = kv.len() + 1;
+            while len.to_string().len() + kv.len() != len {
+                len += 1;
+            }
+            body.extend_from_slice(format!("{len}{kv}").as_bytes());
+        }
+        let mut h = header(b"PaxHeaders/x", b'x', body.len() as u64, false);
+        seal(&mut h);
+        out.extend_from_slice(&h);
+        padded(out, &body);
+    }
+
+    /// The file a map describes (regions filled with a pattern, zeros elsewhere) and
+    /// the entry data (the regions back to back).
+    pub(crate) fn content(real_size: u64, regions: &Regions) -> (Vec<u8>, Vec<u8>) {
+        let mut file = vec![0u8; real_size as usize];
+        let mut data = Vec::new();
+        for &(offset, len) in regions {
+            for i in offset..offset + len {
+                let b = (i % 251) as u8 + 1;
+                file[i as usize] = b;
+                data.push(b);
+            }
+        }
+        (file, data)
+    }
+
+    /// An old GNU `S` entry: four slots in the header, 21 in each extension block.
+    pub(crate) fn old_gnu(
+        out: &mut Vec<u8>,
+        name: &str,
+        real_size: u64,
+        regions: &Regions,
+        data: &[u8],
+    ) {
+        let mut h = header(name.as_bytes(), b'S', data.len() as u64, true);
+        let slot = |b: &mut [u8], at: usize, (offset, len): (u64, u64)| {
+            b[at..at + 12].copy_from_slice(&num12(offset));
+            b[at + 12..at + 24].copy_from_slice(&num12(len));
+        };
+        for (i, &r) in regions.iter().take(4).enumerate() {
+            slot(&mut h, 386 + 24 * i, r);
+        }
+        h[482] = u8::from(regions.len() > 4);
+        h[483..495].copy_from_slice(&num12(real_size));
+        seal(&mut h);
+        out.extend_from_slice(&h);
+        let mut rest = &regions[regions.len().min(4)..];
+        while !rest.is_empty() {
+            let n = rest.len().min(21);
+            let mut e = [0u8; 512];
+            for (i, &r) in rest[..n].iter().enumerate() {
+                slot(&mut e, 24 * i, r);
+            }
+            rest = &rest[n..];
+            e[504] = u8::from(!rest.is_empty());
+            out.extend_from_slice(&e);
+        }
+        padded(out, data);
+    }
+
+    /// The file entry after a PAX sparse header (its header names a made-up path, as
+    /// GNU tar's do for 0.1 and 1.0).
+    fn posix_file(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+        let mut h = header(name.as_bytes(), b'0', data.len() as u64, false);
+        seal(&mut h);
+        out.extend_from_slice(&h);
+        padded(out, data);
+    }
+
+    /// A PAX 0.0 entry: repeated offset and length records.
+    pub(crate) fn pax_0_0(
+        out: &mut Vec<u8>,
+        name: &str,
+        real_size: u64,
+        regions: &Regions,
+        data: &[u8],
+    ) {
+        let mut records = vec![
+            ("GNU.sparse.size", real_size.to_string()),
+            ("GNU.sparse.numblocks", regions.len().to_string()),
+        ];
+        for &(offset, len) in regions {
+            records.push(("GNU.sparse.offset", offset.to_string()));
+            records.push(("GNU.sparse.numbytes", len.to_string()));
+        }
+        pax(out, &records);
+        posix_file(out, name, data);
+    }
+
+    /// A PAX 0.1 entry: one `GNU.sparse.map` list.
+    pub(crate) fn pax_0_1(
+        out: &mut Vec<u8>,
+        name: &str,
+        real_size: u64,
+        regions: &Regions,
+        data: &[u8],
+    ) {
+        let map: Vec<String> = regions
+            .iter()
+            .flat_map(|&(o, l)| [o.to_string(), l.to_string()])
+            .collect();
+        pax(
+            out,
+            &[
+                ("GNU.sparse.size", real_size.to_string()),
+                ("GNU.sparse.numblocks", regions.len().to_string()),
+                ("GNU.sparse.name", name.to_string()),
+                ("GNU.sparse.map", map.join(",")),
+            ],
+        );
+        posix_file(out, &format!("GNUSparseFile.1/{name}"), data);
+    }
+
+    /// The text of a 1.0 map, padded to a block.
+    pub(crate) fn map_1_0(regions: &Regions) -> Vec<u8> {
+        let mut text = format!("{}\n", regions.len());
+        for &(o, l) in regions {
+            text.push_str(&format!("{o}\n{l}\n"));
+        }
+        let mut text = text.into_bytes();
+        text.resize(text.len().next_multiple_of(512), 0);
+        text
+    }
+
+    /// A PAX 1.0 entry: the map opens the data.
+    pub(crate) fn pax_1_0(
+        out: &mut Vec<u8>,
+        name: &str,
+        real_size: u64,
+        regions: &Regions,
+        data: &[u8],
+    ) {
+        pax(
+            out,
+            &[
+                ("GNU.sparse.major", "1".into()),
+                ("GNU.sparse.minor", "0".into()),
+                ("GNU.sparse.name", name.to_string()),
+                ("GNU.sparse.realsize", real_size.to_string()),
+                ("path", format!("GNUSparseFile.1/{name}")),
+            ],
+        );
+        let body = [map_1_0(regions), data.to_vec()].concat();
+        posix_file(out, &format!("GNUSparseFile.1/{name}"), &body);
+    }
+
+    /// One writer per format GNU tar writes.
+    pub(crate) type Writer = fn(&mut Vec<u8>, &str, u64, &Regions, &[u8]);
+
+    /// The four formats, named.
+    pub(crate) const FORMATS: [(&str, Writer); 4] = [
+        ("old GNU", old_gnu),
+        ("PAX 0.0", pax_0_0),
+        ("PAX 0.1", pax_0_1),
+        ("PAX 1.0", pax_1_0),
+    ];
+}
+
+/// A regular file's bytes as the tree and the pieces sent give them.
+fn content_of(out: &Out, path: &str) -> Vec<u8> {
+    let Kind::File(f) = &out.tree.node(lookup(&out.tree, path).unwrap()).kind else {
+        panic!("{path} is not a file");
+    };
+    let mut bytes = Vec::new();
+    for (i, c) in f.chunks.iter().enumerate() {
+        let ChunkAddr::Blob { blkaddr, .. } = c else {
+            panic!("{path}: chunk {i} is an EROFS hole");
+        };
+        let want = (f.size - i as u64 * 4096).min(4096) as usize;
+        bytes.extend_from_slice(&out.pieces[*blkaddr as usize][..want]);
+    }
+    assert_eq!(bytes.len() as u64, f.size);
+    bytes
+}
+
+/// A sparse file to write: name, real size, data regions.
+type SparseSample = (&'static str, u64, Vec<(u64, u64)>);
+
+/// The sparse files of [`every_gnu_sparse_format_reads_back_the_same_files`].
+fn sparse_samples() -> Vec<SparseSample> {
+    vec![
+        // Holes at the start, in the middle (whole chunks and parts of chunks) and at the
+        // end (the last, partial chunk too), and a region across a chunk boundary.
+        (
+            "holes",
+            5 * 4096 + 100,
+            vec![(5000, 3000), (12288, 4096), (20580, 0)],
+        ),
+        // Data at both ends only.
+        ("ends", 3 * 4096 + 1, vec![(0, 10), (3 * 4096 - 5, 6)]),
+        // All hole, the way GNU tar stores it: one empty region at the real size.
+        ("all-hole", 1 << 20, vec![(1 << 20, 0)]),
+        ("empty", 0, vec![(0, 0)]),
+        // More regions than the old GNU header and its first extension block hold,
+        // several in one chunk.
+        (
+            "many",
+            40 * 1000,
+            (0..30).map(|i| (i * 1000 + 7, 300)).collect(),
+        ),
+    ]
+}
+
+#[test]
+fn every_gnu_sparse_format_reads_back_the_same_files() {
+    for (format, write) in gnu_sparse::FORMATS {
+        let mut tar = Vec::new();
+        let mut want = Vec::new();
+        for (name, real_size, regions) in sparse_samples() {
+            let (file, data) = gnu_sparse::content(real_size, &regions);
+            write(&mut tar, name, real_size, &regions, &data);
+            want.push((name, file));
+        }
+        // A plain file after them: the stream is in step after the sparse entries.
+        let mut w = TarWriter::new();
+        w.file("after", b"plain");
+        tar.extend_from_slice(&w.finish());
+        let out = parse(&tar).unwrap_or_else(|e| panic!("{format}: {e}"));
+        assert_eq!(out.files, want.len() as u64 + 1, "{format}");
+        for (name, file) in &want {
+            assert!(content_of(&out, name) == *file, "{format}: {name} differs");
+        }
+        assert_eq!(content_of(&out, "after"), b"plain");
+        // Every chunk that is all hole points to one all-zero piece, sent once; the
+        // others were read: 2 chunks of "holes", 3 of "ends", 8 of "many", "after".
+        let zero_addr = match &out.tree.node(lookup(&out.tree, "all-hole").unwrap()).kind {
+            Kind::File(f) => {
+                assert_eq!(f.chunks.len(), 256);
+                assert!(f.chunks.iter().all(|c| *c == f.chunks[0]));
+                f.chunks[0]
+            }
+            k => panic!("{k:?}"),
+        };
+        let ChunkAddr::Blob { blkaddr, .. } = zero_addr else {
+            panic!("{zero_addr:?}")
+        };
+        assert_eq!(out.pieces[blkaddr as usize], vec![0u8; 4096]);
+        assert_eq!(out.pieces.len(), 1 + 2 + 3 + 8 + 1, "{format}");
+        match &out.tree.node(lookup(&out.tree, "holes").unwrap()).kind {
+            Kind::File(f) => {
+                let holes: Vec<bool> = f.chunks.iter().map(|c| *c == zero_addr).collect();
+                assert_eq!(holes, [true, false, true, false, true, true], "{format}");
+            }
+            k => panic!("{k:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_huge_sparse_file_costs_its_chunk_index_only() {
+    // 64 GiB of hole and a few bytes at its end: no byte of the hole is read or sent.
+    let real_size = 64u64 << 30;
+    let regions = [(real_size - 3, 3)];
+    let mut tar = Vec::new();
+    gnu_sparse::old_gnu(&mut tar, "huge", real_size, &regions, b"end");
+    tar.extend_from_slice(&[0u8; 1024]);
+    let out = parse(&tar).unwrap();
+    assert_eq!(out.pieces.len(), 2, "the zero chunk and the last chunk");
+    match &out.tree.node(lookup(&out.tree, "huge").unwrap()).kind {
+        Kind::File(f) => {
+            assert_eq!(f.size, real_size);
+            assert_eq!(f.chunks.len() as u64, real_size / 4096);
+        }
+        k => panic!("{k:?}"),
+    }
+    // That is 2^24 - 1 chunks of hole, within the limit of a layer; 2^24 + 1 are not.
+    assert_eq!(real_size / 4096, pieces::MAX_HOLE_CHUNKS);
+    let mut tar = Vec::new();
+    let real_size = real_size + 2 * 4096;
+    gnu_sparse::old_gnu(&mut tar, "huger", real_size, &[(real_size - 3, 3)], b"end");
+    tar.extend_from_slice(&[0u8; 1024]);
+    assert_refused(&tar, "\"huger\"", "more than 16777216 chunks of holes");
+}
+
+#[test]
+fn bad_sparse_entries_are_refused_with_the_entry_named() {
+    let mut tar = Vec::new();
+    gnu_sparse::old_gnu(&mut tar, "overlap", 100, &[(0, 10), (5, 10)], &[1; 20]);
+    assert_refused(&tar, "sparse file \"overlap\"", "must not overlap");
+
+    let mut tar = Vec::new();
+    gnu_sparse::pax_1_0(&mut tar, "real/name", 10, &[(5, 10)], &[1; 10]);
+    assert_refused(&tar, "sparse file \"real/name\"", "past the real size 10");
+
+    // The layer holds the one bad entry, after a good one.
+    let mut tar = Vec::new();
+    let (_, data) = gnu_sparse::content(9000, &[(100, 5)]);
+    gnu_sparse::pax_0_1(&mut tar, "good", 9000, &[(100, 5)], &data);
+    gnu_sparse::pax_0_0(&mut tar, "short", 100, &[(0, 10)], &[1; 9]);
+    assert_refused(&tar, "after \"good\"", "regions add up to 10");
 }

@@ -378,7 +378,7 @@ fn start_data_plane(
                 registry.replace(reg);
                 Ok(())
             });
-            let m = FscacheMounter::new(&config.root, None, refresh)?
+            let m = FscacheMounter::new(None, refresh)
                 .with_cull(dev, cachefiles_cache_dir(&config.root));
             Ok((DataPlane::Cachefiles(engine), Arc::new(m)))
         }

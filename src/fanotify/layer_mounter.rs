@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{blobfile, mount, FanotifyFrontEnd, Options, Stats};
-use crate::snapshotter::mounter::{is_mountpoint, unmount_dir, MountError};
+use crate::snapshotter::mounter::{self, is_mountpoint, unmount_dir, MountError};
 use crate::snapshotter::LayerMounter;
 use crate::store::{LayerRecord, Store};
 
@@ -44,15 +44,18 @@ struct State {
 pub struct FanotifyMounter {
     store: Arc<Store>,
     opts: Options,
+    /// Where the snapshotter mounts layers (`ROOT/m`): a layer still mounted there keeps
+    /// the group alive at shutdown.
     mnt_dir: PathBuf,
     state: Mutex<State>,
 }
 
 impl FanotifyMounter {
     /// Starts the front end over every blob the store has (blob files prepared and
-    /// marked, the holder attached or started) and mounts under `<store root>/mnt`.
+    /// marked, the holder attached or started); layers are mounted under
+    /// `<store root>/m`.
     pub fn start(store: Arc<Store>, opts: Options) -> Result<FanotifyMounter, MountError> {
-        let mnt_dir = store.root().join("mnt");
+        let mnt_dir = mounter::mount_dir(store.root());
         fs::create_dir_all(&mnt_dir).map_err(io_err(&mnt_dir))?;
         let registry = store.registry().map_err(|source| MountError::Store {
             layer: "-".into(),
@@ -139,25 +142,20 @@ impl LayerMounter for FanotifyMounter {
         "fanotify"
     }
 
-    fn mountpoint(&self, hex: &str) -> PathBuf {
-        self.mnt_dir.join(hex)
-    }
-
-    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
+    fn mount(&self, layer: &LayerRecord, target: &Path) -> Result<(), MountError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let hex = layer.id_hex().to_string();
-        let target = self.mountpoint(&hex);
-        if is_mountpoint(&target) {
+        if is_mountpoint(target) {
             let continued = st.fe.as_ref().is_some_and(FanotifyFrontEnd::continued);
             if st.mounted_here.contains(&hex) || continued {
-                return Ok(target);
+                return Ok(());
             }
             // Mounted under a group that is gone: holes may have read as zeros.
             tracing::warn!(
                 "{} was mounted under a lost group; detaching it",
                 target.display()
             );
-            mount::unmount(&target, true).map_err(io_err(&target))?;
+            mount::unmount(target, true).map_err(io_err(target))?;
         }
         let served = |st: &State| {
             st.fe
@@ -182,15 +180,15 @@ impl LayerMounter for FanotifyMounter {
             devices.push(p.to_path_buf());
         }
         let image = self.store.image_path(&hex);
-        mount::mount_erofs(&image, &devices, &target).map_err(io_err(&image))?;
+        mount::mount_erofs(&image, &devices, target).map_err(io_err(&image))?;
         st.mounted_here.insert(hex);
-        Ok(target)
+        Ok(())
     }
 
-    fn unmount(&self, hex: &str) -> Result<(), MountError> {
+    fn unmount(&self, hex: &str, target: &Path) -> Result<(), MountError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.mounted_here.remove(hex);
-        unmount_dir(&self.mountpoint(hex))
+        unmount_dir(target)
     }
 
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {

@@ -18,6 +18,16 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// Layers (diff id hex) this snapshotter converted or adopted, and so may remove from the
 /// store when no snapshot references them. Value: unix seconds when recorded.
 const OWNED_LAYERS: TableDefinition<&str, u64> = TableDefinition::new("owned_layers");
+/// Layer (hex) -> its mount slot, the number naming its mountpoint `ROOT/m/<slot>`. A
+/// slot is given when the layer is first mounted and freed only once it is unmounted, so
+/// a path never names two layers while either is mounted.
+const LAYER_SLOTS: TableDefinition<&str, u64> = TableDefinition::new("layer_slots");
+
+/// Highest mount slot, so at most this many layers are mounted at once. Slots are given
+/// lowest free first, so they stay as short as the number of mounted layers allows; five
+/// digits keep a 128-layer overlay's options under a page (see
+/// `super::OVERLAY_WORST_DATA_BYTES`).
+pub const MAX_LAYER_SLOT: u64 = 99_999;
 
 /// Largest label key plus value, in bytes (containerd's own limit).
 pub const MAX_LABEL_BYTES: usize = 4096;
@@ -151,6 +161,7 @@ impl Meta {
             txn.open_table(SNAPSHOTS).map_err(meta.err())?;
             txn.open_table(COUNTERS).map_err(meta.err())?;
             txn.open_table(OWNED_LAYERS).map_err(meta.err())?;
+            txn.open_table(LAYER_SLOTS).map_err(meta.err())?;
         }
         txn.commit().map_err(meta.err())?;
         Ok(meta)
@@ -450,6 +461,70 @@ impl Meta {
         }
         Ok(out)
     }
+
+    /// The mount slot of layer `hex`, if it has one.
+    pub fn layer_slot(&self, hex: &str) -> Result<Option<u64>, SnapError> {
+        let txn = self.db.begin_read().map_err(self.err())?;
+        let t = txn.open_table(LAYER_SLOTS).map_err(self.err())?;
+        Ok(t.get(hex).map_err(self.err())?.map(|v| v.value()))
+    }
+
+    /// The mount slot of layer `hex`, given now (the lowest free one) if it has none.
+    /// FailedPrecondition when all [`MAX_LAYER_SLOT`] slots are taken.
+    pub fn assign_layer_slot(&self, hex: &str) -> Result<u64, SnapError> {
+        let txn = self.db.begin_write().map_err(self.err())?;
+        let slot = {
+            let mut t = txn.open_table(LAYER_SLOTS).map_err(self.err())?;
+            if let Some(v) = t.get(hex).map_err(self.err())? {
+                return Ok(v.value());
+            }
+            let mut taken = Vec::new();
+            for item in t.iter().map_err(self.err())? {
+                taken.push(item.map_err(self.err())?.1.value());
+            }
+            taken.sort_unstable();
+            // The lowest slot from 1 not taken: the first gap in the sorted list.
+            let mut slot = 1;
+            for s in taken {
+                if s == slot {
+                    slot += 1;
+                } else if s > slot {
+                    break;
+                }
+            }
+            if slot > MAX_LAYER_SLOT {
+                return Err(SnapError::FailedPrecondition(format!(
+                    "layer {hex}: {MAX_LAYER_SLOT} layers are mounted, no mount slot is free"
+                )));
+            }
+            t.insert(hex, slot).map_err(self.err())?;
+            slot
+        };
+        txn.commit().map_err(self.err())?;
+        Ok(slot)
+    }
+
+    /// Frees the mount slot of layer `hex` (call once it is unmounted).
+    pub fn free_layer_slot(&self, hex: &str) -> Result<(), SnapError> {
+        let txn = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = txn.open_table(LAYER_SLOTS).map_err(self.err())?;
+            t.remove(hex).map_err(self.err())?;
+        }
+        txn.commit().map_err(self.err())
+    }
+
+    /// Every layer holding a mount slot, with its slot.
+    pub fn layer_slots(&self) -> Result<Vec<(String, u64)>, SnapError> {
+        let txn = self.db.begin_read().map_err(self.err())?;
+        let t = txn.open_table(LAYER_SLOTS).map_err(self.err())?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(self.err())? {
+            let (k, v) = item.map_err(self.err())?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -518,5 +593,35 @@ mod tests {
             m.update("a", &new, &["kind".to_string()]),
             Err(SnapError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn layer_slots_are_lowest_free_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let m = Meta::open(&path).unwrap();
+            assert_eq!(m.layer_slot("a").unwrap(), None);
+            assert_eq!(m.assign_layer_slot("a").unwrap(), 1);
+            assert_eq!(m.assign_layer_slot("b").unwrap(), 2);
+            assert_eq!(m.assign_layer_slot("c").unwrap(), 3);
+            assert_eq!(
+                m.assign_layer_slot("a").unwrap(),
+                1,
+                "a layer keeps its slot"
+            );
+            m.free_layer_slot("b").unwrap();
+            assert_eq!(m.assign_layer_slot("d").unwrap(), 2, "the lowest free slot");
+            assert_eq!(m.assign_layer_slot("e").unwrap(), 4);
+        }
+        let m = Meta::open(&path).unwrap();
+        let mut slots = m.layer_slots().unwrap();
+        slots.sort();
+        let want = [("a", 1), ("c", 3), ("d", 2), ("e", 4)];
+        assert_eq!(
+            slots,
+            want.map(|(h, s)| (h.to_string(), s)).to_vec(),
+            "slots survive a reopen"
+        );
     }
 }

@@ -7,8 +7,17 @@
 //! snapshots.redb          snapshot metadata (its own redb file, see [`meta`])
 //! snapshots/<id>/fs       upper directory of an active snapshot (or an unpacking layer)
 //! snapshots/<id>/work     overlay work directory
-//! mnt/<layer hex>         a converted layer's EROFS mount (see [`mounter`])
+//! m/<slot>                a converted layer's EROFS mount (see [`mounter`]); the slot is
+//!                         a small number per layer, kept in the metadata
 //! ```
+//!
+//! A container's overlay names every layer below it in one `lowerdir=` option, and the
+//! whole option string of mount(2) must fit a page. Layer mountpoints are therefore
+//! short and share one parent: 128 layers under the default root fit a plain mount(2)
+//! (worst case in [`OVERLAY_WORST_DATA_BYTES`]), and under a longer root containerd's
+//! mount code still fits them by passing the lowerdirs relative to `m/`. Daemons before
+//! slots mounted layers at `mnt/<layer hex>` (65 bytes a layer even relative: about 60
+//! layers at most); those mounts are moved to `m/<slot>` at start.
 //!
 //! Committing an active snapshot converts its directory into an EROFS image plus chunks
 //! in the store (once per layer id), mounts the layer, and removes the unpacked files: a
@@ -81,6 +90,62 @@ pub mod proto {
 /// The label containerd's unpacker puts on the snapshot it prepares for a layer: the
 /// layer's chain id.
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+/// Layers one container's overlay can stack and still mount with a plain mount(2) under
+/// the default root: Docker's limit (127) plus the container's own upper dir to spare.
+pub const MAX_PLAIN_MOUNT_LAYERS: usize = 128;
+
+/// mount(2) copies at most one page of options (the string and its NUL).
+const MOUNT_DATA_MAX_BYTES: usize = 4096;
+
+/// containerd 1.6 (`mount/mount_linux.go`) rewrites an overlay's lowerdirs relative to
+/// their common parent when its options, summed without separators, reach a page less
+/// 512 bytes. Below this, containerd passes our options to mount(2) as they are.
+const CONTAINERD_COMPACT_BYTES: usize = MOUNT_DATA_MAX_BYTES - 512;
+
+/// Decimal digits of `n`.
+const fn digits(mut n: u64) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+/// Length of the option string [`overlay_options`] builds for an active snapshot (work
+/// and upper dir) over `layers` lowers, with root `root_bytes` long, snapshot id
+/// `id_digits` long and every slot `slot_digits` long.
+const fn overlay_data_bytes(
+    root_bytes: usize,
+    layers: usize,
+    id_digits: usize,
+    slot_digits: usize,
+) -> usize {
+    let index = "index=off".len();
+    let snap_dir = root_bytes + "/snapshots/".len() + id_digits;
+    let work = "workdir=".len() + snap_dir + "/work".len();
+    let upper = "upperdir=".len() + snap_dir + "/fs".len();
+    let lower_dir = root_bytes + 1 + mounter::MOUNT_DIR.len() + 1 + slot_digits;
+    let lower = "lowerdir=".len() + layers * lower_dir + (layers - 1);
+    // Four options, three commas.
+    index + work + upper + lower + 3
+}
+
+/// The longest option string of a 128-layer container overlay under the default root:
+/// the largest snapshot id (`u64::MAX`, 20 digits) and every slot the largest
+/// ([`meta::MAX_LAYER_SLOT`], 5 digits). 3209 bytes: it fits a page (4096 with the NUL)
+/// and stays under containerd's compaction threshold, so the mounts need no rewriting.
+/// Realistic ids and slots (7 and 3 digits) make it about 2900. The old layout
+/// (`mnt/<64 hex>`) needed 11,017 bytes, and 8,457 even as containerd rewrites it.
+pub const OVERLAY_WORST_DATA_BYTES: usize = overlay_data_bytes(
+    crate::config::DEFAULT_ROOT.len(),
+    MAX_PLAIN_MOUNT_LAYERS,
+    digits(u64::MAX),
+    digits(meta::MAX_LAYER_SLOT),
+);
+const _: () = assert!(OVERLAY_WORST_DATA_BYTES < MOUNT_DATA_MAX_BYTES);
+const _: () = assert!(OVERLAY_WORST_DATA_BYTES - 3 < CONTAINERD_COMPACT_BYTES);
 
 /// Errors of the snapshotter, one per gRPC code containerd's snapshotters use.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +232,7 @@ pub struct Status {
 /// One converted layer in [`Status`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LayerStatus {
-    /// Layer id (chain id hex): names its image, its mountpoint and its fsid.
+    /// Layer id (chain id hex): names its image and its fsid.
     pub id: String,
     /// Committed snapshots that use it.
     pub snapshots: u64,
@@ -200,7 +265,7 @@ pub struct Snapshotter {
 impl Snapshotter {
     /// Opens the snapshotter at `root` over `store` (whose root is usually the same),
     /// and mounts every layer a committed snapshot references (a restart keeps mounts
-    /// made by the previous run).
+    /// made by the previous run; mounts of the layout before slots are moved).
     pub fn open(
         root: &Path,
         store: Arc<Store>,
@@ -208,6 +273,8 @@ impl Snapshotter {
     ) -> Result<Snapshotter, SnapError> {
         let snaps = root.join("snapshots");
         fs::create_dir_all(&snaps).map_err(io_internal(&snaps))?;
+        let mnt = mounter::mount_dir(root);
+        fs::create_dir_all(&mnt).map_err(io_internal(&mnt))?;
         let meta = meta::Meta::open(&root.join("snapshots.redb"))?;
         let trash = trash::Trash::open(root).map_err(io_internal(&root.join("trash")))?;
         let s = Snapshotter {
@@ -218,6 +285,7 @@ impl Snapshotter {
             layers_lock: std::sync::Mutex::new(()),
             trash,
         };
+        s.unmount_legacy();
         for (key, snap) in s.meta.list()? {
             if let Some(hex) = &snap.layer {
                 if let Err(e) = s.mount_layer(hex) {
@@ -226,6 +294,35 @@ impl Snapshotter {
             }
         }
         Ok(s)
+    }
+
+    /// Unmounts the layer mounts a daemon before mount slots left at `mnt/<layer hex>`
+    /// (detached if a container still uses one: its overlay keeps the mount it has) and
+    /// removes the directory; [`Snapshotter::open`] then mounts the layers at `m/<slot>`,
+    /// where the next Mounts finds them. A layer that cannot be unmounted is logged and
+    /// left; the daemon starts anyway.
+    fn unmount_legacy(&self) {
+        let dir = self.root.join(mounter::LEGACY_MOUNT_DIR);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        let mut moved = 0u64;
+        for e in entries.flatten() {
+            let hex = e.file_name().to_string_lossy().into_owned();
+            match self.mounter.unmount(&hex, &e.path()) {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    tracing::error!(layer = %hex, "cannot unmount a layer of the old layout: {e}")
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir(&dir) {
+            tracing::error!("{}: {e}", dir.display());
+        }
+        tracing::info!(
+            layers = moved,
+            "layer mounts of the old layout (mnt/<layer>) removed; layers mount at m/<slot>"
+        );
     }
 
     /// The front end mounting layers.
@@ -252,7 +349,9 @@ impl Snapshotter {
         }
         for (id, snapshots) in uses {
             let record = self.store.layer(&id).map_err(internal)?;
-            let mounted = mounter::is_mountpoint(&self.mounter.mountpoint(&id));
+            let mounted = self
+                .layer_mountpoint(&id)?
+                .is_some_and(|m| mounter::is_mountpoint(&m));
             st.layers.push(LayerStatus {
                 snapshots,
                 converted: record.is_some(),
@@ -275,13 +374,30 @@ impl Snapshotter {
         self.root.join("snapshots").join(id.to_string())
     }
 
+    fn slot_dir(&self, slot: u64) -> PathBuf {
+        mounter::mount_dir(&self.root).join(slot.to_string())
+    }
+
+    /// Where layer `hex` is mounted while a snapshot uses it (`ROOT/m/<slot>`); `None`
+    /// when it has no mount slot.
+    pub fn layer_mountpoint(&self, hex: &str) -> Result<Option<PathBuf>, SnapError> {
+        Ok(self.meta.layer_slot(hex)?.map(|s| self.slot_dir(s)))
+    }
+
+    /// Mounts layer `hex` at its slot (given now if it has none) unless it is mounted.
     fn mount_layer(&self, hex: &str) -> Result<PathBuf, SnapError> {
         let record = self
             .store
             .layer(hex)
             .map_err(internal)?
             .ok_or_else(|| SnapError::Internal(format!("layer {hex} is not in the store")))?;
-        self.mounter.mount(&record).map_err(internal)
+        let slot = match self.meta.layer_slot(hex)? {
+            Some(s) => s,
+            None => self.meta.assign_layer_slot(hex)?,
+        };
+        let target = self.slot_dir(slot);
+        self.mounter.mount(&record, &target).map_err(internal)?;
+        Ok(target)
     }
 
     /// Prepare (`kind` Active) or View: records the snapshot, makes its directories, and
@@ -386,6 +502,7 @@ impl Snapshotter {
             lowers.push(self.mount_layer(hex)?);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
+        let lowers: Vec<String> = lowers.iter().map(|p| path(p)).collect();
         if lowers.is_empty() {
             let mode = if snap.kind == Kind::View { "ro" } else { "rw" };
             return Ok(vec![MountSpec {
@@ -397,21 +514,15 @@ impl Snapshotter {
         if snap.kind == Kind::View && lowers.len() == 1 {
             return Ok(vec![MountSpec {
                 kind: "bind".into(),
-                source: path(&lowers[0]),
+                source: lowers[0].clone(),
                 options: vec!["ro".into(), "rbind".into()],
             }]);
         }
-        let mut options = vec!["index=off".to_string()];
-        if snap.kind == Kind::Active {
-            options.push(format!("workdir={}", path(&dir.join("work"))));
-            options.push(format!("upperdir={}", path(&upper)));
-        }
-        let lower: Vec<String> = lowers.iter().map(|p| path(p)).collect();
-        options.push(format!("lowerdir={}", lower.join(":")));
+        let rw = (snap.kind == Kind::Active).then(|| (path(&dir.join("work")), path(&upper)));
         Ok(vec![MountSpec {
             kind: "overlay".into(),
             source: "overlay".into(),
-            options,
+            options: overlay_options(rw.as_ref().map(|(w, u)| (w.as_str(), u.as_str())), &lowers),
         }])
     }
 
@@ -542,6 +653,18 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Unmounts layer `hex` from its slot, then frees the slot (only then: a slot never
+    /// names two mounted layers).
+    fn unmount_layer(&self, hex: &str) -> Result<(), SnapError> {
+        if let Some(slot) = self.meta.layer_slot(hex)? {
+            self.mounter
+                .unmount(hex, &self.slot_dir(slot))
+                .map_err(internal)?;
+            self.meta.free_layer_slot(hex)?;
+        }
+        Ok(())
+    }
+
     fn layer_referenced(&self, hex: &str) -> Result<bool, SnapError> {
         Ok(self
             .meta
@@ -550,9 +673,9 @@ impl Snapshotter {
             .any(|(_, s)| s.layer.as_deref() == Some(hex)))
     }
 
-    /// Unmounts layer `hex` and, if owned, removes it from the store.
+    /// Unmounts layer `hex` (freeing its slot) and, if owned, removes it from the store.
     fn drop_layer(&self, hex: &str) -> Result<(), SnapError> {
-        self.mounter.unmount(hex).map_err(internal)?;
+        self.unmount_layer(hex)?;
         if self.meta.owned_layers()?.iter().any(|l| l == hex) {
             if let Some(r) = self.store.remove_layer(hex).map_err(internal)? {
                 tracing::info!(
@@ -629,15 +752,24 @@ impl Snapshotter {
                 report.dirs += 1;
             }
         }
-        let mdir = self.root.join("mnt");
-        if mdir.is_dir() {
-            for e in fs::read_dir(&mdir).map_err(io_internal(&mdir))? {
-                let e = e.map_err(io_internal(&mdir))?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !layers.contains(name.as_str()) {
-                    self.mounter.unmount(&name).map_err(internal)?;
-                    report.mounts += 1;
-                }
+        // Mounted layers no snapshot references (a Commit that failed after mounting),
+        // then directories under m/ that no slot names (a crash between unmount and
+        // freeing the slot leaves the slot, never the reverse, but be thorough).
+        let mut slots = std::collections::HashSet::new();
+        for (hex, slot) in self.meta.layer_slots()? {
+            if layers.contains(hex.as_str()) {
+                slots.insert(slot.to_string());
+            } else {
+                self.unmount_layer(&hex)?;
+                report.mounts += 1;
+            }
+        }
+        let mdir = mounter::mount_dir(&self.root);
+        for e in fs::read_dir(&mdir).map_err(io_internal(&mdir))? {
+            let e = e.map_err(io_internal(&mdir))?;
+            if !slots.contains(e.file_name().to_string_lossy().as_ref()) {
+                mounter::unmount_dir(&e.path()).map_err(internal)?;
+                report.mounts += 1;
             }
         }
         for hex in self.meta.owned_layers()? {
@@ -664,6 +796,18 @@ impl Snapshotter {
             .bytes_freed;
         Ok(report)
     }
+}
+
+/// Options of an overlay over `lowers` (uppermost first), as containerd's overlayfs
+/// snapshotter builds them; `rw` is the work and upper dir of an active snapshot.
+fn overlay_options(rw: Option<(&str, &str)>, lowers: &[String]) -> Vec<String> {
+    let mut options = vec!["index=off".to_string()];
+    if let Some((work, upper)) = rw {
+        options.push(format!("workdir={work}"));
+        options.push(format!("upperdir={upper}"));
+    }
+    options.push(format!("lowerdir={}", lowers.join(":")));
+    options
 }
 
 /// Binds `socket` (parent directory created, a stale socket replaced, mode 0600).
@@ -820,6 +964,93 @@ mod tests {
             size_bytes: 0,
             inodes: 0,
         }
+    }
+
+    /// What containerd 1.6's mount code passes to mount(2) for `options`: past its
+    /// threshold, the lowerdirs relative to the parent of their longest common prefix.
+    fn containerd_data(options: &[String]) -> String {
+        let size: usize = options.iter().map(String::len).sum();
+        if size < CONTAINERD_COMPACT_BYTES {
+            return options.join(",");
+        }
+        let lower = options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap();
+        let dirs: Vec<&str> = lower.split(':').collect();
+        let (min, max) = (dirs.iter().min().unwrap(), dirs.iter().max().unwrap());
+        let common = min
+            .bytes()
+            .zip(max.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let parent = min[..common].rsplit_once('/').unwrap().0.len() + 1;
+        let rel: Vec<&str> = dirs.iter().map(|d| &d[parent..]).collect();
+        let mut out: Vec<String> = options
+            .iter()
+            .filter(|o| !o.starts_with("lowerdir="))
+            .cloned()
+            .collect();
+        out.push(format!("lowerdir={}", rel.join(":")));
+        out.join(",")
+    }
+
+    fn active_options(root: &str, id: u64, lowers: &[String]) -> Vec<String> {
+        let snap = format!("{root}/snapshots/{id}");
+        let (work, upper) = (format!("{snap}/work"), format!("{snap}/fs"));
+        overlay_options(Some((&work, &upper)), lowers)
+    }
+
+    /// The worst case the compile-time check bounds is what [`overlay_options`] builds; a
+    /// longer root still fits through containerd's rewriting; the old layout's 64-hex
+    /// mountpoints did not fit 61 layers even rewritten.
+    #[test]
+    fn overlay_options_of_128_layers_fit_a_page() {
+        let root = crate::config::DEFAULT_ROOT;
+        let slot = meta::MAX_LAYER_SLOT;
+        let lowers = vec![format!("{root}/m/{slot}"); MAX_PLAIN_MOUNT_LAYERS];
+        let worst = active_options(root, u64::MAX, &lowers);
+        assert_eq!(worst.join(",").len(), OVERLAY_WORST_DATA_BYTES);
+        assert_eq!(OVERLAY_WORST_DATA_BYTES, 3209);
+        assert_eq!(containerd_data(&worst), worst.join(","), "no rewriting");
+
+        // A 100-byte root: too long for the absolute list, fine relative to m/.
+        let long = format!("/{}", "r".repeat(99));
+        let lowers: Vec<String> = (1..=MAX_PLAIN_MOUNT_LAYERS)
+            .map(|s| format!("{long}/m/{s}"))
+            .collect();
+        let opts = active_options(&long, 1234567, &lowers);
+        assert!(opts.join(",").len() >= MOUNT_DATA_MAX_BYTES);
+        let data = containerd_data(&opts);
+        let rel: Vec<String> = (1..=MAX_PLAIN_MOUNT_LAYERS)
+            .map(|s| s.to_string())
+            .collect();
+        assert!(
+            data.ends_with(&format!(",lowerdir={}", rel.join(":"))),
+            "{data}"
+        );
+        assert!(data.len() < 1024, "{data}");
+
+        // The old layout, even rewritten, takes 65 bytes a layer: 61 layers fit under the
+        // default root and 62 do not; under the e2e test's 33-byte root 61 do not (issue 12).
+        let old = |root: &str, n: u8| -> usize {
+            let l: Vec<String> = (0..n)
+                .map(|i| format!("{root}/mnt/{}", hex::encode([i; 32])))
+                .collect();
+            containerd_data(&active_options(root, 1234567, &l)).len()
+        };
+        assert!(old(root, 61) < MOUNT_DATA_MAX_BYTES, "{}", old(root, 61));
+        assert!(old(root, 62) >= MOUNT_DATA_MAX_BYTES, "{}", old(root, 62));
+        let e2e_root = "/var/tmp/dedupd-e2e.XXXXXX/dedupd";
+        assert!(old(e2e_root, 61) >= MOUNT_DATA_MAX_BYTES);
+        let old128: Vec<String> = (0..128u8)
+            .map(|i| format!("{root}/mnt/{}", hex::encode([i; 32])))
+            .collect();
+        let old128 = active_options(root, u64::MAX, &old128);
+        assert_eq!(
+            (old128.join(",").len(), containerd_data(&old128).len()),
+            (11_017, 8_457)
+        );
     }
 
     #[test]

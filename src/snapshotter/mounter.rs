@@ -1,6 +1,7 @@
 //! How a converted layer's EROFS image becomes a directory overlay can stack: one mount
-//! per layer under `ROOT/mnt/<layer hex>`, kept while any snapshot references the layer.
-//! The mechanism depends on the daemon's front end, so it sits behind [`LayerMounter`]:
+//! per layer at `ROOT/m/<slot>`, kept while any snapshot references the layer. The
+//! snapshotter chooses where (a short number per layer, see [`super::meta`]); how depends
+//! on the daemon's front end, so it sits behind [`LayerMounter`]:
 //! cachefiles mounts `-t erofs none -o fsid=...,domain_id=...`, fanotify mounts sparse
 //! blob files it fills on demand, and [`LocalMounter`] (here) materializes the data
 //! blobs as plain files and mounts the image file-backed.
@@ -36,6 +37,9 @@ pub enum MountError {
         #[source]
         source: Box<crate::store::StoreError>,
     },
+    /// The daemon's blob registry could not be brought up to date.
+    #[error("refreshing the blob registry: {0}")]
+    Registry(String),
     /// A blob the layer names is not in the store.
     #[error("layer {layer}: blob {blob} is not in the store")]
     MissingBlob {
@@ -53,18 +57,30 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MountError + '_ {
     }
 }
 
-/// Mounts and unmounts converted layers. Implementations are idempotent: mounting a
-/// mounted layer (also one mounted by a previous run of the daemon) returns its
-/// mountpoint; unmounting an unmounted layer succeeds.
+/// Where layers are mounted: `ROOT/m`, one directory per layer named by its mount slot.
+/// Short on purpose: an overlay names every lower layer in one mount option string,
+/// which must fit a page (see `super::OVERLAY_WORST_DATA_BYTES`).
+pub fn mount_dir(root: &Path) -> PathBuf {
+    root.join(MOUNT_DIR)
+}
+
+/// The name of [`mount_dir`] under the root.
+pub const MOUNT_DIR: &str = "m";
+
+/// Where daemons before mount slots mounted layers: `ROOT/mnt/<layer hex>`. Mounts found
+/// there at start are moved to [`mount_dir`] (see [`super::Snapshotter::open`]).
+pub const LEGACY_MOUNT_DIR: &str = "mnt";
+
+/// Mounts and unmounts converted layers at the paths the snapshotter gives.
+/// Implementations are idempotent: mounting a layer already mounted at `target` (also by
+/// a previous run of the daemon) leaves it there; unmounting an unmounted layer succeeds.
 pub trait LayerMounter: Send + Sync {
     /// Front-end name, for logs and status.
     fn name(&self) -> &'static str;
-    /// Where layer `hex` is (or would be) mounted.
-    fn mountpoint(&self, hex: &str) -> PathBuf;
-    /// Mounts `layer` read-only at its mountpoint.
-    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError>;
-    /// Unmounts layer `hex` and removes its mountpoint.
-    fn unmount(&self, hex: &str) -> Result<(), MountError>;
+    /// Mounts `layer` read-only at `target` (the directory is made if missing).
+    fn mount(&self, layer: &LayerRecord, target: &Path) -> Result<(), MountError>;
+    /// Unmounts layer `hex` from `target` and removes the directory.
+    fn unmount(&self, hex: &str, target: &Path) -> Result<(), MountError>;
     /// Frees per-blob resources (cache files, materialized blobs) of blobs the store no
     /// longer has. Called after layers are removed, and by Cleanup.
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError>;
@@ -77,7 +93,7 @@ pub trait LayerMounter: Send + Sync {
 }
 
 /// True when `path` is a mountpoint: its device differs from its parent's (or it is the
-/// root of the same filesystem, which cannot happen under ROOT/mnt).
+/// root of the same filesystem, which cannot happen under ROOT/m).
 pub fn is_mountpoint(path: &Path) -> bool {
     let (Ok(m), Some(parent)) = (fs::symlink_metadata(path), path.parent()) else {
         return false;
@@ -111,7 +127,6 @@ pub fn unmount_dir(path: &Path) -> Result<(), MountError> {
 /// mounted file-backed with `-o device=` for each data blob.
 pub struct LocalMounter {
     store: Arc<Store>,
-    mnt_dir: PathBuf,
     blob_dir: PathBuf,
     /// Serializes mounts, unmounts and blob file writes.
     lock: Mutex<()>,
@@ -120,14 +135,10 @@ pub struct LocalMounter {
 impl LocalMounter {
     /// A mounter for the store at `store.root()`.
     pub fn new(store: Arc<Store>) -> Result<LocalMounter, MountError> {
-        let mnt_dir = store.root().join("mnt");
         let blob_dir = store.root().join("local");
-        for d in [&mnt_dir, &blob_dir] {
-            fs::create_dir_all(d).map_err(io_err(d))?;
-        }
+        fs::create_dir_all(&blob_dir).map_err(io_err(&blob_dir))?;
         Ok(LocalMounter {
             store,
-            mnt_dir,
             blob_dir,
             lock: Mutex::new(()),
         })
@@ -177,22 +188,17 @@ impl LayerMounter for LocalMounter {
         "local"
     }
 
-    fn mountpoint(&self, hex: &str) -> PathBuf {
-        self.mnt_dir.join(hex)
-    }
-
-    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
+    fn mount(&self, layer: &LayerRecord, target: &Path) -> Result<(), MountError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let hex = layer.id_hex();
-        let target = self.mountpoint(hex);
-        if is_mountpoint(&target) {
-            return Ok(target);
+        if is_mountpoint(target) {
+            return Ok(());
         }
         let mut devices = Vec::with_capacity(layer.blobs.len());
         for id in &layer.blobs {
             devices.push(self.materialize(hex, id)?);
         }
-        fs::create_dir_all(&target).map_err(io_err(&target))?;
+        fs::create_dir_all(target).map_err(io_err(target))?;
         let image = self.store.image_path(hex);
         let data: String = devices
             .iter()
@@ -201,7 +207,7 @@ impl LayerMounter for LocalMounter {
             .join(",");
         nix::mount::mount(
             Some(&image),
-            &target,
+            target,
             Some("erofs"),
             nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NODEV,
             if data.is_empty() {
@@ -211,12 +217,12 @@ impl LayerMounter for LocalMounter {
             },
         )
         .map_err(|e| io_err(&image)(e.into()))?;
-        Ok(target)
+        Ok(())
     }
 
-    fn unmount(&self, hex: &str) -> Result<(), MountError> {
+    fn unmount(&self, _hex: &str, target: &Path) -> Result<(), MountError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        unmount_dir(&self.mountpoint(hex))
+        unmount_dir(target)
     }
 
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
@@ -257,7 +263,6 @@ pub type RegistryRefresh = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// process did not make is replaced: unmounted (lazily if a container still uses it) and
 /// mounted again over the new cache.
 pub struct FscacheMounter {
-    mnt_dir: PathBuf,
     domain_id: Option<String>,
     refresh: RegistryRefresh,
     /// Serializes mounts and unmounts; holds the layers this process mounted.
@@ -271,22 +276,15 @@ const CULL_PASSES: u32 = 10;
 const CULL_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl FscacheMounter {
-    /// Mounts under `root/mnt`; `domain_id` shares blobs (and their page cache) between
-    /// layers; `refresh` updates the data plane's registry from the store.
-    pub fn new(
-        root: &Path,
-        domain_id: Option<String>,
-        refresh: RegistryRefresh,
-    ) -> Result<FscacheMounter, MountError> {
-        let mnt_dir = root.join("mnt");
-        fs::create_dir_all(&mnt_dir).map_err(io_err(&mnt_dir))?;
-        Ok(FscacheMounter {
-            mnt_dir,
+    /// A mounter whose `domain_id` shares blobs (and their page cache) between layers;
+    /// `refresh` updates the data plane's registry from the store.
+    pub fn new(domain_id: Option<String>, refresh: RegistryRefresh) -> FscacheMounter {
+        FscacheMounter {
             domain_id,
             refresh,
             lock: Mutex::new(std::collections::HashSet::new()),
             cull: None,
-        })
+        }
     }
 
     /// Frees cache files of removed layers and blobs through `dev`'s `cull` command;
@@ -296,11 +294,8 @@ impl FscacheMounter {
         self
     }
 
-    fn refresh(&self, layer: &str) -> Result<(), MountError> {
-        (self.refresh)().map_err(|e| MountError::Io {
-            path: self.mnt_dir.join(layer),
-            source: io::Error::other(format!("refreshing the blob registry: {e}")),
-        })
+    fn refresh(&self) -> Result<(), MountError> {
+        (self.refresh)().map_err(MountError::Registry)
     }
 }
 
@@ -309,56 +304,51 @@ impl LayerMounter for FscacheMounter {
         "cachefiles"
     }
 
-    fn mountpoint(&self, hex: &str) -> PathBuf {
-        self.mnt_dir.join(hex)
-    }
-
-    fn mount(&self, layer: &LayerRecord) -> Result<PathBuf, MountError> {
+    fn mount(&self, layer: &LayerRecord, target: &Path) -> Result<(), MountError> {
         let mut mine = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let hex = layer.id_hex();
-        let target = self.mountpoint(hex);
-        if is_mountpoint(&target) {
+        if is_mountpoint(target) {
             if mine.contains(hex) {
-                return Ok(target);
+                return Ok(());
             }
             tracing::info!(
                 layer = %hex,
                 "replacing a layer mount left by an earlier daemon (its cache is gone)"
             );
-            unmount_dir(&target)?;
+            unmount_dir(target)?;
         }
-        self.refresh(hex)?;
-        fs::create_dir_all(&target).map_err(io_err(&target))?;
+        self.refresh()?;
+        fs::create_dir_all(target).map_err(io_err(target))?;
         let mut data = format!("fsid={hex}");
         if let Some(d) = &self.domain_id {
             data.push_str(&format!(",domain_id={d}"));
         }
         nix::mount::mount(
             Some("none"),
-            &target,
+            target,
             Some("erofs"),
             nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NODEV,
             Some(data.as_str()),
         )
-        .map_err(|e| io_err(&target)(e.into()))?;
+        .map_err(|e| io_err(target)(e.into()))?;
         mine.insert(hex.to_string());
-        Ok(target)
+        Ok(())
     }
 
-    fn unmount(&self, hex: &str) -> Result<(), MountError> {
+    fn unmount(&self, hex: &str, target: &Path) -> Result<(), MountError> {
         let mut mine = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         mine.remove(hex);
-        unmount_dir(&self.mountpoint(hex))
+        unmount_dir(target)
     }
 
     fn refresh_registry(&self) -> Result<(), MountError> {
-        self.refresh("")
+        self.refresh()
     }
 
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
         // Removed blobs leave the registry first, so no new OPEN finds them.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.refresh("-")?;
+        self.refresh()?;
         let Some((dev, cache_dir)) = &self.cull else {
             return Ok(0);
         };
