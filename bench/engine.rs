@@ -82,6 +82,7 @@ fn setup() -> Setup {
             new_chunks: 0,
             logical_bytes: BLOB_BYTES as u64,
             stored_bytes: 0,
+            remote: None,
         },
         image_tmp: &tmp,
         blobs: vec![(name.clone(), b.entries().to_vec())],

@@ -126,6 +126,7 @@ fn commit_layer(store: &Store, layer: usize, chunks: &[Vec<u8>], image: &[u8]) -
         new_chunks: 0,
         logical_bytes: chunks.iter().map(|c| c.len() as u64).sum(),
         stored_bytes: 0,
+        remote: None,
     };
     ing.commit(LayerCommit {
         record,

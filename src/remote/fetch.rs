@@ -381,6 +381,14 @@ impl Fetcher {
     }
 }
 
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
 impl Drop for Fetcher {
     fn drop(&mut self) {
         self.stop();

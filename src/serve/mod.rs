@@ -136,6 +136,8 @@ pub enum FillOutcome {
 pub enum FillError {
     /// A chunk failed verification or decompression, or was missing.
     Chunk,
+    /// A chunk could not be fetched from the registry (in time, or intact).
+    Fetch,
     /// Reading the source (pack or image file) failed.
     Source,
     /// Writing the target failed (ENOSPC, EIO, short write).
@@ -250,6 +252,11 @@ pub struct EngineConfig {
     pub write_from_record: bool,
     /// Directory of the store's pack files (`<root>/chunks`).
     pub packs_dir: PathBuf,
+    /// Where chunks of lazily pulled blobs come from when the store lacks them. A piece
+    /// that needs one is parked (its request goes on with its other pieces) until the
+    /// fetcher answers in the thread's mailbox; without a fetcher such a chunk is
+    /// missing (EIO).
+    pub fetcher: Option<Arc<crate::remote::Fetcher>>,
 }
 
 impl EngineConfig {
@@ -270,6 +277,7 @@ impl EngineConfig {
             read_around: true,
             write_from_record: false,
             packs_dir,
+            fetcher: None,
         }
     }
 }

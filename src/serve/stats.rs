@@ -33,6 +33,10 @@ pub struct ThreadCounters {
     pub chunk_errors: AtomicU64,
     /// Cache-file writes that failed (ENOSPC, EIO, short).
     pub write_errors: AtomicU64,
+    /// Pieces parked on the fetcher (chunks of lazily pulled blobs the store lacked).
+    pub fetch_waits: AtomicU64,
+    /// Pieces whose fetch failed (timeout, corrupt twice, registry error).
+    pub fetch_errors: AtomicU64,
     /// Source reads that failed (pack or image file I/O).
     pub source_errors: AtomicU64,
     /// Messages that failed to parse.
@@ -115,6 +119,8 @@ impl Default for ThreadCounters {
             chunks_fetched: z(),
             chunk_errors: z(),
             write_errors: z(),
+            fetch_waits: z(),
+            fetch_errors: z(),
             source_errors: z(),
             malformed_messages: z(),
             unknown_objects: z(),
@@ -173,6 +179,12 @@ pub struct StatsSnapshot {
     pub chunk_errors: u64,
     /// See [`ThreadCounters::write_errors`].
     pub write_errors: u64,
+    /// See [`ThreadCounters::fetch_waits`].
+    #[serde(default)]
+    pub fetch_waits: u64,
+    /// See [`ThreadCounters::fetch_errors`].
+    #[serde(default)]
+    pub fetch_errors: u64,
     /// See [`ThreadCounters::source_errors`].
     pub source_errors: u64,
     /// See [`ThreadCounters::malformed_messages`].
@@ -218,6 +230,8 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
         chunks_fetched: sum(|t| &t.chunks_fetched),
         chunk_errors: sum(|t| &t.chunk_errors),
         write_errors: sum(|t| &t.write_errors),
+        fetch_waits: sum(|t| &t.fetch_waits),
+        fetch_errors: sum(|t| &t.fetch_errors),
         source_errors: sum(|t| &t.source_errors),
         malformed_messages: sum(|t| &t.malformed_messages),
         unknown_objects: sum(|t| &t.unknown_objects),

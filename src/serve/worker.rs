@@ -7,8 +7,14 @@
 //! file) into a registered buffer, a decode into a second registered buffer (only up to
 //! the end of the write when the chunk's BLAKE3 leaves allow it; with
 //! `write_from_record`, a record stored uncompressed is verified where it was read and
-//! written from there), and a write
-//! into the target; an in-flight operation owns its buffers until its CQE arrives.
+//! written from there), and a write into the target; an in-flight operation owns its
+//! buffers until its CQE arrives.
+//!
+//! A chunk of a lazily pulled blob that the store lacks is asked of the fetcher
+//! ([`crate::remote::Fetcher`]) and its piece parked in `waits`; the request's other
+//! pieces go on. The answer (where the fetched chunk now is in the packs) arrives in the
+//! thread's mailbox, whose eventfd the ring polls; the piece then continues as a pack
+//! read like any other. The thread never waits on the network.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -27,11 +33,16 @@ use super::{
     FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
 };
 use crate::digest::ChunkDigest;
+use crate::remote::{FetchFailure, Mailbox, Reply};
 use crate::store::chunk::{decode_record_range, ChunkLoc, RECORD_HEADER_BYTES};
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
 const POLL_WAKE: u64 = u64::MAX - 2;
+const POLL_FETCH: u64 = u64::MAX - 3;
+/// Pieces parked on the fetcher per thread: enough for every request in flight to wait
+/// on several chunks (a read-around window of a sequential read).
+const MAX_WAITS_PER_REQUEST: usize = 16;
 /// Events read from the front end per loop turn before completions are looked at again.
 const DRAIN_BATCH: usize = 256;
 /// Operation completions handled per loop turn before the front end is read again.
@@ -129,6 +140,16 @@ enum Step {
     Done,
 }
 
+/// A piece waiting for the fetcher, or fetched and waiting for buffers.
+#[derive(Clone, Copy)]
+struct Wait {
+    req: u32,
+    digest: ChunkDigest,
+    slot_off: u64,
+    w_off: u64,
+    w_len: u32,
+}
+
 pub(super) struct Worker<F: FrontEnd> {
     // Declared first so it is dropped before the buffers it points into.
     ring: IoUring,
@@ -144,6 +165,13 @@ pub(super) struct Worker<F: FrontEnd> {
     reqs: Slab<Request<F::Token>>,
     pending: VecDeque<u32>,
     packs: HashMap<u32, File>,
+    /// Pieces parked on the fetcher, keyed by ticket.
+    waits: Slab<Wait>,
+    /// Fetched pieces whose pack read has not started (no buffers yet).
+    fetched: VecDeque<(Wait, ChunkLoc)>,
+    /// Where the fetcher answers; `None` without a fetcher.
+    mailbox: Option<Arc<Mailbox>>,
+    answers: Vec<(u32, Result<ChunkLoc, FetchFailure>)>,
     device_ready: bool,
     stopping: bool,
     cqes: Vec<(u64, i32, u32)>,
@@ -191,11 +219,16 @@ impl<F: FrontEnd> Worker<F> {
         // Every op and request slot is bounded by the ring, so the CQ never overflows.
         let max_ops = (entries as usize).saturating_sub(4).max(4);
         let local = front.new_local();
+        let mailbox = match cfg.fetcher {
+            Some(_) => Some(Arc::new(Mailbox::new().map_err(setup("fetch mailbox"))?)),
+            None => None,
+        };
         Ok(Worker {
             ring,
             pool,
             fixed,
             reqs: Slab::new(cfg.max_requests_per_thread),
+            waits: Slab::new(cfg.max_requests_per_thread * MAX_WAITS_PER_REQUEST),
             cfg,
             front,
             local,
@@ -205,6 +238,9 @@ impl<F: FrontEnd> Worker<F> {
             ops: Slab::new(max_ops),
             pending: VecDeque::new(),
             packs: HashMap::new(),
+            fetched: VecDeque::new(),
+            mailbox,
+            answers: Vec::new(),
             device_ready: true,
             stopping: false,
             cqes: Vec::with_capacity(entries as usize * 2),
@@ -264,12 +300,28 @@ impl<F: FrontEnd> Worker<F> {
         }
     }
 
+    /// Arms the multishot poll on the fetcher mailbox's eventfd, if there is one.
+    fn arm_mailbox(&mut self) {
+        let Some(fd) = self.mailbox.as_ref().map(|m| m.fd()) else {
+            return;
+        };
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(POLL_FETCH);
+        if let Err(err) = self.push(&e) {
+            tracing::error!(thread = self.id, "arming fetch mailbox poll: {err}");
+        }
+    }
+
     pub(super) fn run(mut self) {
         self.arm_polls(true, true);
         self.arm_wake();
+        self.arm_mailbox();
         // Bounded by the stop request: every turn either makes progress or waits.
         loop {
             let left = self.reap();
+            self.start_fetched();
             self.pump();
             if self.device_ready && !self.stopping {
                 self.drain();
@@ -309,7 +361,7 @@ impl<F: FrontEnd> Worker<F> {
             while let Some(cqe) = cq.next() {
                 let ud = cqe.user_data();
                 self.cqes.push((ud, cqe.result(), cqe.flags()));
-                if ud < POLL_WAKE {
+                if ud < POLL_FETCH {
                     ops += 1;
                     if ops == OPS_PER_TURN {
                         left = !cq.is_empty();
@@ -348,6 +400,15 @@ impl<F: FrontEnd> Worker<F> {
                             std::thread::sleep(Duration::from_millis(10));
                         }
                         self.arm_wake();
+                    }
+                }
+                POLL_FETCH => {
+                    self.take_answers();
+                    if !cqueue::more(flags) {
+                        if res < 0 {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        self.arm_mailbox();
                     }
                 }
                 POLL_STOP => self.stopping = true,
@@ -498,64 +559,28 @@ impl<F: FrontEnd> Worker<F> {
         let (cursor, end) = (q.cursor, q.end);
         match q.source.clone() {
             FillSource::Chunked(table) => {
-                let Some(e) = table.overlapping(cursor, end - cursor).first().copied() else {
+                let Some(index) = table.index_at(cursor) else {
                     return self.start_zero(r, cursor, end);
                 };
-                let slot_end = e.blob_offset + e.slot_len();
-                let w_end = end.min(slot_end);
-                let Some(loc) = e.loc else {
-                    bump(&self.c().chunk_errors);
-                    tracing::warn!(chunk = %e.digest, "chunk missing from the store");
-                    self.fail(r, FillError::Chunk);
-                    return Step::Done;
-                };
-                if loc.record_len() as u64 > slot_bytes || e.slot_len() > slot_bytes {
-                    bump(&self.c().chunk_errors);
-                    tracing::warn!(chunk = %e.digest, "chunk record larger than an engine buffer");
-                    self.fail(r, FillError::Chunk);
-                    return Step::Done;
-                }
-                if self.pool.available() < 2 {
-                    return Step::Blocked;
-                }
-                let fd = match self.pack_fd(loc.pack) {
-                    Ok(fd) => fd,
-                    Err(err) => {
-                        bump(&self.c().source_errors);
-                        tracing::warn!(pack = loc.pack, "opening pack: {err}");
-                        self.fail(r, FillError::Source);
-                        return Step::Done;
-                    }
-                };
-                let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
-                    (Some(a), Some(b)) => (a, b),
-                    (a, b) => {
-                        // Checked above; give back whatever was taken.
-                        for x in [a, b].into_iter().flatten() {
-                            self.pool.give(x);
-                        }
-                        return Step::Blocked;
-                    }
-                };
-                let op = Op::PackRead {
+                let e = table.entries()[index];
+                let w_end = end.min(e.blob_offset + e.slot_len());
+                let wait = Wait {
                     req: r,
-                    rbuf,
-                    dbuf,
                     digest: e.digest,
-                    loc,
                     slot_off: e.blob_offset,
                     w_off: cursor,
                     w_len: (w_end - cursor) as u32,
                 };
-                let entry = engine_uring::read_entry(
-                    fd,
-                    self.pool.ptr(rbuf),
-                    loc.record_len() as u32,
-                    self.fixed.then_some(rbuf),
-                    loc.offset,
-                    0,
-                );
-                self.submit_op(r, op, entry, w_end)
+                if e.slot_len() > slot_bytes {
+                    bump(&self.c().chunk_errors);
+                    tracing::warn!(chunk = %e.digest, "chunk larger than an engine buffer");
+                    self.fail(r, FillError::Chunk);
+                    return Step::Done;
+                }
+                match e.loc {
+                    Some(loc) => self.start_pack_read(wait, loc, Some(w_end)),
+                    None => self.park(wait, &table, index, w_end),
+                }
             }
             FillSource::File {
                 file, data_bytes, ..
@@ -582,13 +607,168 @@ impl<F: FrontEnd> Worker<F> {
                     cursor,
                     0,
                 );
-                self.submit_op(r, op, entry, cursor + u64::from(len))
+                self.submit_op(r, op, entry, Some(cursor + u64::from(len)))
+            }
+        }
+    }
+
+    /// Starts the pack read of piece `w`, whose chunk is at `loc`; advances the request's
+    /// cursor to `new_cursor` once started (`None`: it was advanced when the piece was
+    /// parked on the fetcher).
+    fn start_pack_read(&mut self, w: Wait, loc: ChunkLoc, new_cursor: Option<u64>) -> Step {
+        let r = w.req;
+        if loc.record_len() > self.pool.slot_bytes() {
+            bump(&self.c().chunk_errors);
+            tracing::warn!(chunk = %w.digest, "chunk record larger than an engine buffer");
+            self.fail_piece(r, FillError::Chunk, new_cursor.is_none());
+            return Step::Done;
+        }
+        if self.ops.room() == 0 || self.pool.available() < 2 {
+            return Step::Blocked;
+        }
+        let fd = match self.pack_fd(loc.pack) {
+            Ok(fd) => fd,
+            Err(err) => {
+                bump(&self.c().source_errors);
+                tracing::warn!(pack = loc.pack, "opening pack: {err}");
+                self.fail_piece(r, FillError::Source, new_cursor.is_none());
+                return Step::Done;
+            }
+        };
+        let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
+            (Some(a), Some(b)) => (a, b),
+            (a, b) => {
+                // Checked above; give back whatever was taken.
+                for x in [a, b].into_iter().flatten() {
+                    self.pool.give(x);
+                }
+                return Step::Blocked;
+            }
+        };
+        let op = Op::PackRead {
+            req: r,
+            rbuf,
+            dbuf,
+            digest: w.digest,
+            loc,
+            slot_off: w.slot_off,
+            w_off: w.w_off,
+            w_len: w.w_len,
+        };
+        let entry = engine_uring::read_entry(
+            fd,
+            self.pool.ptr(rbuf),
+            loc.record_len() as u32,
+            self.fixed.then_some(rbuf),
+            loc.offset,
+            0,
+        );
+        let step = self.submit_op(r, op, entry, new_cursor);
+        if new_cursor.is_none() && !matches!(step, Step::Blocked) {
+            // The parked piece's count ends: the read took it over (and counted itself),
+            // or the request failed.
+            if let Some(q) = self.reqs.get_mut(r) {
+                q.in_flight -= 1;
+            }
+            if matches!(step, Step::Done) {
+                self.maybe_finish(r);
+            }
+        }
+        step
+    }
+
+    /// Fails request `r` for one piece; `parked`: the piece was counted in flight while
+    /// it waited on the fetcher, and that count ends here.
+    fn fail_piece(&mut self, r: u32, why: FillError, parked: bool) {
+        self.fail(r, why);
+        if parked {
+            if let Some(q) = self.reqs.get_mut(r) {
+                q.in_flight -= 1;
+            }
+            self.maybe_finish(r);
+        }
+    }
+
+    /// Parks piece `w` (entry `index` of `table`, which the store lacks) on the fetcher,
+    /// and moves the request's cursor past it.
+    fn park(
+        &mut self,
+        w: Wait,
+        table: &Arc<crate::store::BlobTable>,
+        index: usize,
+        w_end: u64,
+    ) -> Step {
+        let (Some(fetcher), Some(mailbox), Some(_)) = (
+            self.cfg.fetcher.clone(),
+            self.mailbox.clone(),
+            table.remote(),
+        ) else {
+            bump(&self.c().chunk_errors);
+            tracing::warn!(chunk = %w.digest, blob = table.id(), "chunk missing from the store");
+            self.fail(w.req, FillError::Chunk);
+            return Step::Done;
+        };
+        let Ok(ticket) = self.waits.insert(w) else {
+            return Step::Blocked;
+        };
+        bump(&self.c().fetch_waits);
+        if let Some(q) = self.reqs.get_mut(w.req) {
+            q.in_flight += 1;
+            q.cursor = w_end;
+        }
+        fetcher.request(table.clone(), index, Reply::Mailbox { mailbox, ticket });
+        Step::Started
+    }
+
+    /// Takes the fetcher's answers: fetched pieces queue for their pack reads, failed
+    /// ones fail their requests (EIO).
+    fn take_answers(&mut self) {
+        let Some(mailbox) = self.mailbox.clone() else {
+            return;
+        };
+        let mut answers = std::mem::take(&mut self.answers);
+        mailbox.take(&mut answers);
+        for (ticket, result) in answers.drain(..) {
+            let Some(w) = self.waits.remove(ticket) else {
+                tracing::error!(thread = self.id, ticket, "fetch answer for no parked piece");
+                continue;
+            };
+            match result {
+                Ok(loc) => self.fetched.push_back((w, loc)),
+                Err(e) => {
+                    bump(&self.c().fetch_errors);
+                    tracing::warn!(chunk = %w.digest, "fetching the chunk failed: {e}");
+                    self.fail_piece(w.req, FillError::Fetch, true);
+                }
+            }
+        }
+        self.answers = answers;
+    }
+
+    /// Starts the pack reads of fetched pieces while buffers last.
+    fn start_fetched(&mut self) {
+        // Bounded by the queue's length: each pass starts, fails or stops.
+        while let Some(&(w, loc)) = self.fetched.front() {
+            if self.reqs.get_mut(w.req).is_some_and(|q| q.failed.is_some()) {
+                // Nothing of a failed request is written: the piece just ends.
+                self.fetched.pop_front();
+                if let Some(q) = self.reqs.get_mut(w.req) {
+                    q.in_flight -= 1;
+                }
+                self.maybe_finish(w.req);
+                continue;
+            }
+            match self.start_pack_read(w, loc, None) {
+                Step::Blocked => return,
+                Step::Started | Step::Done => {
+                    self.fetched.pop_front();
+                }
             }
         }
     }
 
     /// Inserts `op`, pushes its SQE (user_data patched in) and advances the cursor.
-    fn submit_op(&mut self, r: u32, op: Op, entry: squeue::Entry, new_cursor: u64) -> Step {
+    fn submit_op(&mut self, r: u32, op: Op, entry: squeue::Entry, new_cursor: Option<u64>) -> Step {
         let i = match self.ops.insert(op) {
             Ok(i) => i,
             Err(op) => {
@@ -609,7 +789,9 @@ impl<F: FrontEnd> Worker<F> {
         }
         if let Some(q) = self.reqs.get_mut(r) {
             q.in_flight += 1;
-            q.cursor = new_cursor;
+            if let Some(c) = new_cursor {
+                q.cursor = c;
+            }
         }
         Step::Started
     }
