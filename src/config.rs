@@ -1,6 +1,7 @@
 //! Configuration: embedded defaults, overridden by a TOML file and then by flags.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,103 @@ pub struct Config {
     pub front_end: FrontEnd,
     /// Chunk size for conversions, a power of two from 4 KiB to 1 MiB.
     pub chunk_bytes: u32,
+    /// How registries are reached (lazy pull).
+    pub registry: RegistryConfig,
+    /// Lazy pull of layers that have a published dedupd artifact.
+    pub lazy: LazyConfig,
+}
+
+/// `[registry]`: how dedupd reaches registries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// containerd's host configuration directory (`<dir>/<host>/hosts.toml`: mirrors,
+    /// CAs, `skip_verify`, plain `http://` hosts).
+    pub hosts_dir: PathBuf,
+    /// Reach registries without a `hosts.toml` over plain HTTP (as `ctr --plain-http`).
+    pub plain_http: bool,
+    /// docker's `config.json` with `auths` (default: `$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+    /// Longest wait for a connection, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for an answer, milliseconds.
+    pub request_timeout_ms: u64,
+    /// Most requests in flight to one host.
+    pub max_requests_per_host: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> RegistryConfig {
+        let d = crate::registry::RegistryOptions::default();
+        RegistryConfig {
+            hosts_dir: d.hosts_dir,
+            plain_http: d.plain_http,
+            docker_config: None,
+            connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+            request_timeout_ms: d.request_timeout.as_millis() as u64,
+            max_requests_per_host: d.max_requests_per_host,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The registry client's options.
+    pub fn options(&self) -> crate::registry::RegistryOptions {
+        let d = crate::registry::RegistryOptions::default();
+        crate::registry::RegistryOptions {
+            hosts_dir: self.hosts_dir.clone(),
+            plain_http: self.plain_http,
+            docker_config: self.docker_config.clone().or(d.docker_config),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            max_requests_per_host: self.max_requests_per_host.max(1),
+        }
+    }
+}
+
+/// `[lazy]`: lazy pull.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LazyConfig {
+    /// Mount layers with a published artifact from their metadata, fetching data on
+    /// demand (needs the cachefiles or fanotify front end).
+    pub enabled: bool,
+    /// How long a read may wait for a chunk from the registry before it fails with
+    /// EIO, milliseconds.
+    pub fetch_timeout_ms: u64,
+    /// Bytes fetched around a random miss.
+    pub min_window_bytes: u64,
+    /// Largest fetch, reached while a blob is read in order.
+    pub max_window_bytes: u64,
+    /// Range requests in flight.
+    pub max_fetches: usize,
+}
+
+impl Default for LazyConfig {
+    fn default() -> LazyConfig {
+        let d = crate::remote::FetchConfig::default();
+        LazyConfig {
+            enabled: true,
+            fetch_timeout_ms: d.timeout.as_millis() as u64,
+            min_window_bytes: d.min_window_bytes,
+            max_window_bytes: d.max_window_bytes,
+            max_fetches: d.max_fetches,
+        }
+    }
+}
+
+impl LazyConfig {
+    /// The fetcher's settings.
+    pub fn fetch_config(&self) -> crate::remote::FetchConfig {
+        crate::remote::FetchConfig {
+            timeout: Duration::from_millis(self.fetch_timeout_ms),
+            min_window_bytes: self.min_window_bytes,
+            max_window_bytes: self.max_window_bytes.max(self.min_window_bytes),
+            max_fetches: self.max_fetches.max(1),
+            ..crate::remote::FetchConfig::default()
+        }
+    }
 }
 
 impl Default for Config {
@@ -47,6 +145,8 @@ impl Default for Config {
             threads: 0,
             front_end: FrontEnd::Auto,
             chunk_bytes: crate::store::DEFAULT_CHUNK_BYTES,
+            registry: RegistryConfig::default(),
+            lazy: LazyConfig::default(),
         }
     }
 }

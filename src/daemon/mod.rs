@@ -26,6 +26,7 @@ use crate::cachefiles::{self, CachefilesDevice, Command};
 use crate::config::{Config, FrontEnd};
 use crate::fanotify::layer_mounter::FanotifyMounter;
 use crate::fanotify::Options as FanotifyOptions;
+use crate::remote::{Fetcher, LazyPuller};
 use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use crate::snapshotter::{
@@ -125,6 +126,9 @@ pub struct DaemonStatus {
     pub running: bool,
     /// Blobs in the registry.
     pub registered_blobs: u64,
+    /// The lazy-pull fetcher's counters (absent without lazy pull).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<crate::remote::fetch::FetchStatsSnapshot>,
     /// The counters.
     #[serde(flatten)]
     pub stats: StatsSnapshot,
@@ -361,6 +365,7 @@ fn start_data_plane(
     sel: &mut Selection,
     store: &Arc<Store>,
     registry: Arc<RegistryHandle>,
+    fetcher: Option<Arc<Fetcher>>,
 ) -> anyhow::Result<(DataPlane, Arc<dyn LayerMounter>)> {
     match sel.front_end {
         FrontEnd::Cachefiles => {
@@ -369,6 +374,7 @@ fn start_data_plane(
             ecfg.threads = config.thread_count();
             ecfg.write_strategy = args.write_strategy;
             ecfg.read_around = !args.no_read_around;
+            ecfg.fetcher = fetcher;
             let dev: Arc<dyn cachefiles::Device> = Arc::new(dev);
             let front = Arc::new(CachefilesFront::new(dev.clone(), registry.clone()));
             let engine = Engine::start(ecfg, front)?;
@@ -391,6 +397,8 @@ fn start_data_plane(
                 unmark_complete: true,
                 uring_responses: true,
                 prefetch: true,
+                packs_dir: config.root.join("chunks"),
+                fetcher,
             };
             let m = Arc::new(FanotifyMounter::start(store.clone(), opts)?);
             Ok((DataPlane::Fanotify(m.clone()), m))
@@ -400,6 +408,43 @@ fn start_data_plane(
             Arc::new(LocalMounter::new(store.clone())?),
         )),
     }
+}
+
+/// Starts lazy pull when configured and the front end can serve it: the registry
+/// client, the fetcher (its runtime also runs discovery), and the puller the
+/// snapshotter asks on Prepare.
+fn start_lazy(
+    config: &Config,
+    front_end: FrontEnd,
+    store: &Arc<Store>,
+) -> anyhow::Result<Option<(Arc<Fetcher>, Arc<LazyPuller>)>> {
+    if !config.lazy.enabled {
+        tracing::info!("lazy pull is off (lazy.enabled = false)");
+        return Ok(None);
+    }
+    if matches!(front_end, FrontEnd::Local | FrontEnd::Auto) {
+        tracing::warn!(
+            "lazy pull needs the cachefiles or fanotify front end; with `local` every layer \
+             is unpacked and converted"
+        );
+        return Ok(None);
+    }
+    let registry = crate::registry::Registry::new(config.registry.options())
+        .context("configuring the registry client ([registry])")?;
+    let fetcher = Fetcher::start(
+        store.clone(),
+        Arc::new(registry.clone()),
+        config.lazy.fetch_config(),
+    )
+    .context("starting the fetcher")?;
+    let handle = fetcher.handle().context("the fetcher's runtime")?;
+    let puller = Arc::new(LazyPuller::new(registry, store.clone(), handle));
+    tracing::info!(
+        hosts_dir = %config.registry.hosts_dir.display(),
+        fetch_timeout_ms = config.lazy.fetch_timeout_ms,
+        "lazy pull on: layers with a published artifact mount from their metadata"
+    );
+    Ok(Some((fetcher, puller)))
 }
 
 /// The directory the cachefiles cache is bound to.
@@ -500,11 +545,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         tracing::warn!("{u}");
     }
     tracing::info!("front end {}: {}", name(sel.front_end), sel.reason);
-    let (plane, mounter) = start_data_plane(&config, args, &mut sel, &store, registry.clone())?;
-    let snap = Arc::new(
-        Snapshotter::open(&config.root, store.clone(), mounter)
-            .context("opening the snapshotter")?,
-    );
+    let lazy = start_lazy(&config, sel.front_end, &store)?;
+    let fetcher = lazy.as_ref().map(|(f, _)| f.clone());
+    let (plane, mounter) = start_data_plane(
+        &config,
+        args,
+        &mut sel,
+        &store,
+        registry.clone(),
+        fetcher.clone(),
+    )?;
+    let mut snapshotter = Snapshotter::open(&config.root, store.clone(), mounter)
+        .context("opening the snapshotter")?;
+    if let Some((_, puller)) = &lazy {
+        snapshotter = snapshotter.with_lazy(puller.clone());
+    }
+    let snap = Arc::new(snapshotter);
     let control = ControlThread::spawn(config.socket.clone(), snap.clone())
         .with_context(|| format!("starting the snapshotter on {}", config.socket.display()))?;
     let started = Instant::now();
@@ -520,6 +576,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         uptime_ms: started.elapsed().as_millis() as u64,
         running,
         registered_blobs: registered,
+        fetch: fetcher.as_ref().map(|f| f.stats()),
         stats,
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
@@ -558,6 +615,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let served = control.stop();
     let fin = plane.stop();
+    if let Some(f) = &fetcher {
+        // After the data plane: its parked reads get their answers (or "stopped").
+        f.stop();
+    }
     write_status(&path, &status(fin, false, registered))
         .with_context(|| format!("{}", path.display()))?;
     served.context("snapshotter service")?;

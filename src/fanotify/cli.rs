@@ -111,6 +111,8 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         unmark_complete: !args.keep_marks,
         uring_responses: !args.plain_responses,
         prefetch: !args.no_prefetch,
+        packs_dir: args.root.join("chunks"),
+        fetcher: None,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;
     let st = fe.stats();

@@ -217,6 +217,10 @@ pub struct Options {
     pub uring_responses: bool,
     /// Fill ahead of sequential readers ([`PREFETCH_BYTES`]), as engine fill requests.
     pub prefetch: bool,
+    /// The store's pack directory (`<root>/chunks`).
+    pub packs_dir: PathBuf,
+    /// Where chunks of lazily pulled blobs come from (see [`EngineConfig::fetcher`]).
+    pub fetcher: Option<Arc<crate::remote::Fetcher>>,
 }
 
 /// Counters, as `serve-fanotify` prints them on exit.
@@ -610,7 +614,7 @@ impl FanotifyFrontEnd {
             engine_chunks: 0,
             workers,
         };
-        let cfg = engine_config(registry, opts);
+        let cfg = engine_config(opts);
         let engine = Engine::start(cfg, shared).map_err(|e| FanotifyError::Kernel {
             what: "starting the serving engine".into(),
             source: io::Error::other(e.to_string()),
@@ -724,14 +728,10 @@ impl Drop for FanotifyFrontEnd {
     }
 }
 
-/// The engine settings for `opts` (packs of `registry`).
-fn engine_config(registry: &Registry, opts: &Options) -> EngineConfig {
-    let packs_dir = registry
-        .packs
-        .first()
-        .and_then(|(_, p)| p.parent())
-        .map_or_else(|| opts.cache_dir.clone(), Path::to_path_buf);
-    let mut cfg = EngineConfig::new(packs_dir);
+/// The engine settings for `opts`.
+fn engine_config(opts: &Options) -> EngineConfig {
+    let mut cfg = EngineConfig::new(opts.packs_dir.clone());
+    cfg.fetcher = opts.fetcher.clone();
     cfg.threads = opts.workers;
     cfg.max_requests_per_thread = MAX_FILLS_PER_THREAD;
     // Blob files are on ext4/xfs/btrfs: pwrite on the engine thread (an io_uring write

@@ -358,6 +358,16 @@ impl Fetcher {
         rx.recv().unwrap_or(Err(FetchFailure::Stopped))
     }
 
+    /// The fetcher's runtime, for other registry work of the daemon (discovery,
+    /// metadata); `None` once stopped.
+    pub fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+    }
+
     /// The counters.
     pub fn stats(&self) -> FetchStatsSnapshot {
         self.stats.snapshot()

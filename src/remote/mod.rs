@@ -7,11 +7,15 @@
 //!   range requests from the published data blobs, verified, kept in the store, and
 //!   handed back to the serving threads (single flight per chunk, adjacent misses in one
 //!   request, bounded concurrency, retries with a deadline).
+//! - [`image`]: image manifests, configs and chain ids.
+//! - [`pull`]: finding a layer's artifact and registering the layer from its metadata.
 
 pub mod artifact;
 pub mod fetch;
 pub mod image;
+pub mod pull;
 
 pub use self::fetch::{
     FetchConfig, FetchFailure, FetchStats, Fetcher, Mailbox, RangeError, RangeSource, Reply,
 };
+pub use self::pull::{LazyPuller, PullError};

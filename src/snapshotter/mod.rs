@@ -90,6 +90,14 @@ pub mod proto {
 /// The label containerd's unpacker puts on the snapshot it prepares for a layer: the
 /// layer's chain id.
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// Labels the CRI plugin (and `dedupd pull`) add to a layer's Prepare: the image
+/// reference, its manifest digest and the layer's digest. With them a layer can be
+/// pulled lazily from its published artifact.
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// See [`LABEL_CRI_IMAGE_REF`].
+pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// See [`LABEL_CRI_IMAGE_REF`].
+pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 
 /// Layers one container's overlay can stack and still mount with a plain mount(2) under
 /// the default root: Docker's limit (127) plus the container's own upper dir to spare.
@@ -260,6 +268,8 @@ pub struct Snapshotter {
     layers_lock: std::sync::Mutex<()>,
     /// Unpacked trees and removed snapshot directories, deleted in the background.
     trash: trash::Trash,
+    /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
+    lazy: Option<Arc<crate::remote::LazyPuller>>,
 }
 
 impl Snapshotter {
@@ -284,6 +294,7 @@ impl Snapshotter {
             mounter,
             layers_lock: std::sync::Mutex::new(()),
             trash,
+            lazy: None,
         };
         s.unmount_legacy();
         for (key, snap) in s.meta.list()? {
@@ -323,6 +334,13 @@ impl Snapshotter {
             layers = moved,
             "layer mounts of the old layout (mnt/<layer>) removed; layers mount at m/<slot>"
         );
+    }
+
+    /// Pulls layers lazily with `puller` when a Prepare names an image layer that has a
+    /// published artifact.
+    pub fn with_lazy(mut self, puller: Arc<crate::remote::LazyPuller>) -> Snapshotter {
+        self.lazy = Some(puller);
+        self
     }
 
     /// The front end mounting layers.
@@ -412,6 +430,11 @@ impl Snapshotter {
         if kind == Kind::Active {
             if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
                 self.check_remote(target, parent)?;
+                if self.prepare_lazy(key, target, parent, &labels)? {
+                    return Err(SnapError::AlreadyExists(format!(
+                        "target snapshot {target:?} (pulled lazily)"
+                    )));
+                }
             }
         }
         // The merged root takes its owner from the upper dir: give it the parent's, as
@@ -476,6 +499,139 @@ impl Snapshotter {
             }
             None => Ok(()),
         }
+    }
+
+    /// containerd's remote-snapshot path for a layer with a published artifact: when the
+    /// Prepare of chain id `target` carries the CRI labels naming an image and one of
+    /// its layers, and the image has a dedupd artifact covering that layer, the layer is
+    /// registered from its metadata blob alone, mounted, and committed under `target`
+    /// (the caller answers AlreadyExists, and containerd downloads and applies
+    /// nothing). Returns false when the layer is to be unpacked as usual: no labels, no
+    /// lazy pull configured, no artifact, or any failure (logged: the full pull still
+    /// works).
+    fn prepare_lazy(
+        &self,
+        key: &str,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool, SnapError> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(false);
+        };
+        let (Some(image), Some(manifest), Some(layer)) = (
+            labels.get(LABEL_CRI_IMAGE_REF),
+            labels.get(LABEL_CRI_MANIFEST_DIGEST),
+            labels.get(LABEL_CRI_LAYER_DIGEST),
+        ) else {
+            return Ok(false);
+        };
+        let Some(hex) = target
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_ascii_lowercase)
+        else {
+            return Ok(false);
+        };
+        let manifest_ref = match crate::registry::ImageRef::parse(image) {
+            Ok(r) => r.with_digest(manifest),
+            Err(e) => {
+                tracing::warn!(image, "lazy pull: bad image reference: {e}");
+                return Ok(false);
+            }
+        };
+        // containerd computed `target` from the image config: the artifact's diff_id
+        // must give the same chain id over the parent's.
+        let parent_chain = match self.meta.get(parent)? {
+            None if parent.is_empty() => None,
+            Some(p) if p.kind == Kind::Committed => Some(
+                p.labels
+                    .get(LABEL_SNAPSHOT_REF)
+                    .cloned()
+                    .or_else(|| p.layer.as_ref().map(|h| format!("sha256:{h}")))
+                    .unwrap_or_default(),
+            ),
+            _ => return Ok(false),
+        };
+        let check = |diff_id: &str| {
+            let chain = match &parent_chain {
+                None => diff_id.to_string(),
+                Some(p) => {
+                    crate::remote::image::chain_ids(&[p.clone(), diff_id.to_string()])[1].clone()
+                }
+            };
+            if chain == target {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the artifact's diff_id {diff_id} over parent {parent:?} gives chain id \
+                     {chain}, containerd expects {target}"
+                ))
+            }
+        };
+        let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
+        let record = match self.store.layer(&hex).map_err(internal)? {
+            Some(r) => Some(r),
+            None => {
+                self.meta.own_layer(&hex)?;
+                match lazy.register_layer(&manifest_ref, layer, &hex, check) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(image = %manifest_ref, layer, "lazy pull failed, unpacking instead: {e}");
+                        self.meta.disown_layer(&hex)?;
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        let Some(record) = record else {
+            self.meta.disown_layer(&hex)?;
+            return Ok(false);
+        };
+        drop(_layers);
+        if let Err(e) = self.mount_layer(&hex) {
+            tracing::warn!(layer = %hex, "mounting the lazy layer failed, unpacking instead: {e}");
+            return Ok(false);
+        }
+        // Committed under the chain id (the name containerd's metadata looks up by label
+        // and parent), or under the Prepare key if that name is taken by a snapshot on
+        // another parent (the same layer over another namespace's parent key).
+        let name = match self.meta.get(target)? {
+            None => target.to_string(),
+            Some(_) => key.to_string(),
+        };
+        let mut keep = BTreeMap::new();
+        keep.insert(LABEL_SNAPSHOT_REF.to_string(), target.to_string());
+        for l in [
+            LABEL_CRI_IMAGE_REF,
+            LABEL_CRI_MANIFEST_DIGEST,
+            LABEL_CRI_LAYER_DIGEST,
+        ] {
+            if let Some(v) = labels.get(l) {
+                keep.insert(l.to_string(), v.clone());
+            }
+        }
+        let tmp_key = format!("{key} (lazy)");
+        self.meta
+            .create(Kind::Active, &tmp_key, parent, BTreeMap::new())?;
+        self.meta.commit(
+            &tmp_key,
+            &name,
+            keep,
+            &hex,
+            record.image_bytes + record.logical_bytes,
+            record.files,
+        )?;
+        tracing::info!(
+            layer = %hex,
+            image = %manifest_ref,
+            layer_digest = %layer,
+            remote = record.remote.is_some(),
+            ms = started.elapsed().as_millis() as u64,
+            "layer pulled lazily: mounted from its metadata, data on demand"
+        );
+        Ok(true)
     }
 
     /// The mounts of active or view snapshot `key`.

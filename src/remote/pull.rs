@@ -1,0 +1,280 @@
+//! Lazy layers: finding a layer's published artifact and registering the layer in the
+//! store from its metadata blob alone. The snapshotter calls this on a containerd
+//! Prepare that names an image layer ([`LazyPuller::register_layer`]); the data follows
+//! on demand through the [`super::Fetcher`].
+//!
+//! Discovery: the image manifest's referrers (the OCI 1.1 API, else the referrers tag
+//! `sha256-<hex>`), filtered to [`ARTIFACT_TYPE`]; the newest-listed match wins. The
+//! artifact manifest is cached per image manifest, as is the absence of one (for
+//! [`NEGATIVE_TTL`], so that the layers of an unpublished image ask once, and an image
+//! published later is found soon after).
+
+use std::collections::HashMap;
+use std::fs;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::artifact::{Artifact, ArtifactLayer, LayerMeta, ARTIFACT_TYPE, MAX_META_BYTES};
+use super::fetch::{RangeError, RangeFuture, RangeSource};
+use crate::registry::{ImageRef, Registry, RegistryError, MAX_MANIFEST_BYTES};
+use crate::store::{
+    LayerRecord, RemoteBlob, RemoteLayer, RemoteLayerCommit, RemoteSource, Store, StoreError,
+};
+
+/// How long "this image has no artifact" is believed.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Why a layer could not be pulled lazily (the caller falls back to a full pull).
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The artifact or its metadata is malformed.
+    #[error(transparent)]
+    Artifact(#[from] super::artifact::ArtifactError),
+    /// The artifact disagrees with the image (diff_id, chain id).
+    #[error("{0}")]
+    Mismatch(String),
+    /// Registering the layer failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the layer's image failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A found artifact: its manifest digest and contents.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// Digest of the artifact manifest.
+    pub digest: String,
+    /// The artifact.
+    pub artifact: Artifact,
+}
+
+/// Finds artifacts and registers lazy layers. Blocking calls (it runs them on the
+/// fetcher's runtime): call from a blocking context, never from async code.
+pub struct LazyPuller {
+    registry: Registry,
+    store: Arc<Store>,
+    runtime: tokio::runtime::Handle,
+    found: Mutex<HashMap<String, (Instant, Option<Arc<Found>>)>>,
+}
+
+impl LazyPuller {
+    /// A puller over `registry` that runs requests on `runtime`.
+    pub fn new(registry: Registry, store: Arc<Store>, runtime: tokio::runtime::Handle) -> Self {
+        LazyPuller {
+            registry,
+            store,
+            runtime,
+            found: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The registry client.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The dedupd artifact of image manifest `manifest` (a repository with the
+    /// manifest's digest), if one is published.
+    pub fn artifact(&self, manifest: &ImageRef) -> Result<Option<Arc<Found>>, PullError> {
+        let key = manifest.to_string();
+        {
+            let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, f)) = found.get(&key) {
+                if f.is_some() || at.elapsed() < NEGATIVE_TTL {
+                    return Ok(f.clone());
+                }
+            }
+        }
+        let f = self
+            .runtime
+            .block_on(self.discover(manifest))?
+            .map(Arc::new);
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        if found.len() > 4096 {
+            found.clear();
+        }
+        found.insert(key, (Instant::now(), f.clone()));
+        Ok(f)
+    }
+
+    async fn discover(&self, manifest: &ImageRef) -> Result<Option<Found>, PullError> {
+        let refs = self
+            .registry
+            .referrers(manifest, Some(ARTIFACT_TYPE))
+            .await?;
+        let Some(d) = refs
+            .iter()
+            .rev()
+            .find(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        else {
+            return Ok(None);
+        };
+        if d.size > MAX_MANIFEST_BYTES as u64 {
+            return Err(PullError::Mismatch(format!(
+                "artifact manifest {} is {} bytes",
+                d.digest, d.size
+            )));
+        }
+        let m = self
+            .registry
+            .get_manifest(&manifest.with_digest(&d.digest))
+            .await?;
+        let artifact = Artifact::parse(&m.bytes)?;
+        let want = manifest.digest.as_deref().unwrap_or_default();
+        if artifact.subject != want {
+            return Err(PullError::Mismatch(format!(
+                "artifact {} serves {}, not {want}",
+                d.digest, artifact.subject
+            )));
+        }
+        tracing::info!(image = %manifest, artifact = %m.digest, layers = artifact.layers.len(), "found a dedupd artifact");
+        Ok(Some(Found {
+            digest: m.digest,
+            artifact,
+        }))
+    }
+
+    /// Fetches and decodes the metadata blob of `layer`.
+    pub fn fetch_meta(
+        &self,
+        repo: &ImageRef,
+        layer: &ArtifactLayer,
+    ) -> Result<LayerMeta, PullError> {
+        if layer.meta.size > MAX_META_BYTES {
+            return Err(PullError::Mismatch(format!(
+                "metadata blob {} is {} bytes",
+                layer.meta.digest, layer.meta.size
+            )));
+        }
+        let bytes = self.runtime.block_on(self.registry.get_blob(
+            repo,
+            &layer.meta.digest,
+            layer.meta.size,
+        ))?;
+        let meta = LayerMeta::decode(&bytes)?;
+        if meta.header.layer_digest != layer.layer_digest || meta.header.diff_id != layer.diff_id {
+            return Err(PullError::Mismatch(format!(
+                "metadata blob {} describes layer {} ({}), the manifest says {} ({})",
+                layer.meta.digest,
+                meta.header.layer_digest,
+                meta.header.diff_id,
+                layer.layer_digest,
+                layer.diff_id
+            )));
+        }
+        let data: Vec<&str> = layer.data.iter().map(|d| d.digest.as_str()).collect();
+        if meta.header.data != data {
+            return Err(PullError::Mismatch(format!(
+                "metadata blob {} names other data blobs than the manifest",
+                layer.meta.digest
+            )));
+        }
+        Ok(meta)
+    }
+
+    /// Registers layer `layer_digest` of image manifest `manifest` in the store under
+    /// layer id `id_hex` (the snapshotter's chain id), from its artifact's metadata
+    /// alone. `Ok(None)`: the image has no artifact, or it does not cover the layer.
+    /// `check_diff_id` sees the metadata's diff_id before anything is stored (the caller
+    /// checks it against the chain id containerd computed from the image config).
+    pub fn register_layer(
+        &self,
+        manifest: &ImageRef,
+        layer_digest: &str,
+        id_hex: &str,
+        check_diff_id: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<Option<LayerRecord>, PullError> {
+        let Some(found) = self.artifact(manifest)? else {
+            return Ok(None);
+        };
+        let Some(layer) = found.artifact.layer(layer_digest) else {
+            return Ok(None);
+        };
+        let meta = self.fetch_meta(manifest, layer)?;
+        check_diff_id(&meta.header.diff_id).map_err(PullError::Mismatch)?;
+        let source = RemoteSource {
+            registry: manifest.registry.clone(),
+            repository: manifest.repository.clone(),
+        };
+        let tmp = self
+            .store
+            .root()
+            .join("layers")
+            .join(format!(".lazy-{id_hex}.tmp"));
+        fs::write(&tmp, &meta.image).map_err(|source| PullError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        let h = &meta.header;
+        let record = LayerRecord {
+            diff_id: format!("sha256:{id_hex}"),
+            digests: vec![layer_digest.to_string()],
+            blobs: h.blobs.iter().map(|b| b.id.clone()).collect(),
+            chunk_bytes: h.chunk_bytes,
+            image_bytes: h.image_bytes,
+            files: h.files,
+            chunks: h.chunks,
+            new_chunks: 0,
+            logical_bytes: h.logical_bytes,
+            stored_bytes: 0,
+            remote: Some(RemoteLayer {
+                source: source.clone(),
+                artifact: found.digest.clone(),
+            }),
+        };
+        let blobs = h
+            .blobs
+            .iter()
+            .zip(meta.blobs)
+            .map(|(b, (entries, locators))| {
+                let remote = RemoteBlob {
+                    source: source.clone(),
+                    data_blobs: h.data.clone(),
+                    locators,
+                };
+                (b.id.clone(), entries, remote)
+            })
+            .collect();
+        let r = self.store.commit_remote_layer(RemoteLayerCommit {
+            record,
+            image_tmp: &tmp,
+            blobs,
+        });
+        let _ = fs::remove_file(&tmp);
+        Ok(Some(r?))
+    }
+}
+
+/// The registry as the fetcher's source of data-blob ranges.
+impl RangeSource for Registry {
+    fn get_range(&self, source: &RemoteSource, blob: &str, offset: u64, len: u64) -> RangeFuture {
+        let registry = self.clone();
+        let repo = ImageRef {
+            registry: source.registry.clone(),
+            repository: source.repository.clone(),
+            tag: None,
+            digest: None,
+        };
+        let blob = blob.to_string();
+        Box::pin(async move {
+            registry
+                .get_blob_range(&repo, &blob, offset, len)
+                .await
+                .map_err(|e| RangeError {
+                    retryable: e.is_retryable(),
+                    message: e.to_string(),
+                })
+        })
+    }
+}
