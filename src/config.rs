@@ -109,6 +109,11 @@ pub struct LazyConfig {
     pub max_window_bytes: u64,
     /// Range requests in flight.
     pub max_fetches: usize,
+    /// What is fetched in the background after a lazy mount: `all` (the access trace
+    /// first, then the rest), `trace` (only the trace), `none`.
+    pub prefetch: crate::remote::PrefetchMode,
+    /// Prefetch bandwidth cap, bytes per second (0: none).
+    pub prefetch_bytes_per_sec: u64,
 }
 
 impl Default for LazyConfig {
@@ -120,6 +125,8 @@ impl Default for LazyConfig {
             min_window_bytes: d.min_window_bytes,
             max_window_bytes: d.max_window_bytes,
             max_fetches: d.max_fetches,
+            prefetch: crate::remote::PrefetchMode::All,
+            prefetch_bytes_per_sec: d.prefetch_bytes_per_sec,
         }
     }
 }
@@ -132,6 +139,7 @@ impl LazyConfig {
             min_window_bytes: self.min_window_bytes,
             max_window_bytes: self.max_window_bytes.max(self.min_window_bytes),
             max_fetches: self.max_fetches.max(1),
+            prefetch_bytes_per_sec: self.prefetch_bytes_per_sec,
             ..crate::remote::FetchConfig::default()
         }
     }

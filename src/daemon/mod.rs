@@ -438,7 +438,13 @@ fn start_lazy(
     )
     .context("starting the fetcher")?;
     let handle = fetcher.handle().context("the fetcher's runtime")?;
-    let puller = Arc::new(LazyPuller::new(registry, store.clone(), handle));
+    let puller = Arc::new(LazyPuller::new(
+        registry,
+        store.clone(),
+        handle,
+        Some(fetcher.clone()),
+        config.lazy.prefetch,
+    ));
     tracing::info!(
         hosts_dir = %config.registry.hosts_dir.display(),
         fetch_timeout_ms = config.lazy.fetch_timeout_ms,

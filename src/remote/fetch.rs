@@ -17,6 +17,15 @@
 //!   trips for a sequential read, little waste for a random one);
 //! - **bounds**: at most [`FetchConfig::max_fetches`] range requests in flight (the
 //!   registry client bounds each host too); the rest queue in order.
+//! - **prefetch** ([`Fetcher::prefetch`]): a blob's chunks in a given order (an access
+//!   trace first, then file order), fetched in the background with the lowest
+//!   priority: only while no reader's window waits, at most
+//!   [`FetchConfig::prefetch_fetches`] requests at a time, within
+//!   [`FetchConfig::prefetch_bytes_per_sec`]. Chunks already local or in flight are
+//!   skipped; a reader that needs a chunk being prefetched joins that fetch.
+//! - **traces**: the order in which readers first ask for a lazily pulled blob's chunks
+//!   during [`FetchConfig::trace_window`] after its first read is kept in the store
+//!   (unless it has a trace already), for the next start's prefetch and for `publish`.
 //!
 //! A range request is retried with backoff while its error is retryable (5xx, a reset,
 //! a short body, a registry that ignored Range) until [`FetchConfig::timeout`] after it
@@ -80,6 +89,14 @@ pub struct FetchConfig {
     pub commit_period: Duration,
     /// Threads of the fetcher's runtime (network and verification).
     pub threads: usize,
+    /// Prefetch range requests in flight (never more than `max_fetches` in all).
+    pub prefetch_fetches: usize,
+    /// Bytes of one prefetch request.
+    pub prefetch_window_bytes: u64,
+    /// Prefetch bandwidth cap; 0: none.
+    pub prefetch_bytes_per_sec: u64,
+    /// How long after a blob's first read its access trace is recorded.
+    pub trace_window: Duration,
 }
 
 impl Default for FetchConfig {
@@ -91,6 +108,10 @@ impl Default for FetchConfig {
             max_fetches: 16,
             commit_period: Duration::from_millis(100),
             threads: 2,
+            prefetch_fetches: 2,
+            prefetch_window_bytes: 1 << 20,
+            prefetch_bytes_per_sec: 200 << 20,
+            trace_window: Duration::from_secs(30),
         }
     }
 }
@@ -199,6 +220,8 @@ pub struct FetchStats {
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
     zero_chunks: AtomicU64,
+    prefetched_chunks: AtomicU64,
+    prefetched_bytes: AtomicU64,
     retries: AtomicU64,
     timeouts: AtomicU64,
     corrupt: AtomicU64,
@@ -222,6 +245,12 @@ pub struct FetchStatsSnapshot {
     pub bytes_fetched: u64,
     /// All-zero chunks made locally instead of fetched.
     pub zero_chunks: u64,
+    /// Of the chunks fetched, those the prefetcher fetched.
+    #[serde(default)]
+    pub prefetched_chunks: u64,
+    /// Body bytes of prefetch requests.
+    #[serde(default)]
+    pub prefetched_bytes: u64,
     /// Range requests retried.
     pub retries: u64,
     /// Chunks failed for want of an answer in time.
@@ -244,6 +273,8 @@ impl FetchStats {
             chunks_fetched: g(&self.chunks_fetched),
             bytes_fetched: g(&self.bytes_fetched),
             zero_chunks: g(&self.zero_chunks),
+            prefetched_chunks: g(&self.prefetched_chunks),
+            prefetched_bytes: g(&self.prefetched_bytes),
             retries: g(&self.retries),
             timeouts: g(&self.timeouts),
             corrupt: g(&self.corrupt),
@@ -262,7 +293,12 @@ enum Msg {
         index: usize,
         reply: Reply,
     },
-    Done(Vec<(ChunkDigest, Result<ChunkLoc, FetchFailure>)>),
+    Done {
+        results: Vec<(ChunkDigest, Result<ChunkLoc, FetchFailure>)>,
+        prefetch: bool,
+    },
+    Prefetch(Arc<BlobTable>, Vec<u32>),
+    Tick,
     Committed(Vec<ChunkDigest>),
     Stop(crossbeam_channel::Sender<()>),
 }
@@ -281,6 +317,7 @@ struct Window {
     source: RemoteSource,
     blob: String,
     pieces: Vec<Piece>,
+    prefetch: bool,
 }
 
 /// What the fetch tasks share.
@@ -325,6 +362,7 @@ impl Fetcher {
             writer: Mutex::new(None),
         });
         runtime.spawn(Dispatcher::new(ctx.clone()).run(rx));
+        runtime.spawn(tick_loop(ctx.clone()));
         runtime.spawn(commit_loop(ctx));
         Ok(Arc::new(Fetcher {
             tx,
@@ -345,6 +383,12 @@ impl Fetcher {
         {
             reply.send(Err(FetchFailure::Stopped));
         }
+    }
+
+    /// Queues the chunks of `table` at `order` (indexes into its entries) for
+    /// background fetching, behind every reader (see the module doc).
+    pub fn prefetch(&self, table: Arc<BlobTable>, order: Vec<u32>) {
+        let _ = self.tx.send(Msg::Prefetch(table, order));
     }
 
     /// [`Fetcher::request`] for a caller that can wait (not a serving thread).
@@ -415,6 +459,25 @@ struct Sequence {
 /// Most blobs whose read order is remembered (the map is cleared past it).
 const MAX_SEQUENCES: usize = 4096;
 
+/// A blob being prefetched: its chunks in order, and how far the prefetcher got.
+struct PrefetchJob {
+    table: Arc<BlobTable>,
+    order: Vec<u32>,
+    next: usize,
+}
+
+/// The access trace of one blob being recorded.
+struct TraceRec {
+    started: Instant,
+    /// False when the store had a trace already: nothing is recorded.
+    recording: bool,
+    order: Vec<u32>,
+    seen: std::collections::HashSet<u32>,
+}
+
+/// Most blobs traced at once.
+const MAX_TRACES: usize = 4096;
+
 struct Dispatcher {
     ctx: Arc<Ctx>,
     inflight: HashMap<ChunkDigest, Vec<Reply>>,
@@ -422,6 +485,13 @@ struct Dispatcher {
     sequences: HashMap<String, Sequence>,
     queued: VecDeque<Window>,
     running: usize,
+    prefetch: VecDeque<PrefetchJob>,
+    prefetch_running: usize,
+    /// Prefetch bytes that may start now (refilled at the cap's rate, up to one second
+    /// of it).
+    tokens: f64,
+    refilled: Instant,
+    traces: HashMap<String, TraceRec>,
 }
 
 impl Dispatcher {
@@ -433,6 +503,11 @@ impl Dispatcher {
             sequences: HashMap::new(),
             queued: VecDeque::new(),
             running: 0,
+            prefetch: VecDeque::new(),
+            prefetch_running: 0,
+            tokens: 0.0,
+            refilled: Instant::now(),
+            traces: HashMap::new(),
         }
     }
 
@@ -444,8 +519,12 @@ impl Dispatcher {
                     index,
                     reply,
                 } => self.on_request(table, index, reply),
-                Msg::Done(results) => {
-                    self.running = self.running.saturating_sub(1);
+                Msg::Done { results, prefetch } => {
+                    if prefetch {
+                        self.prefetch_running = self.prefetch_running.saturating_sub(1);
+                    } else {
+                        self.running = self.running.saturating_sub(1);
+                    }
                     for (d, r) in results {
                         if let Ok(loc) = r {
                             self.landed.insert(d, loc);
@@ -455,12 +534,23 @@ impl Dispatcher {
                         }
                     }
                 }
+                Msg::Prefetch(table, order) => {
+                    if table.remote().is_some() && !order.is_empty() {
+                        self.prefetch.push_back(PrefetchJob {
+                            table,
+                            order,
+                            next: 0,
+                        });
+                    }
+                }
+                Msg::Tick => self.flush_traces(false),
                 Msg::Committed(digests) => {
                     for d in digests {
                         self.landed.remove(&d);
                     }
                 }
                 Msg::Stop(done) => {
+                    self.flush_traces(true);
                     for (_, waiters) in self.inflight.drain() {
                         for w in waiters {
                             w.send(Err(FetchFailure::Stopped));
@@ -477,7 +567,8 @@ impl Dispatcher {
     }
 
     fn on_request(&mut self, table: Arc<BlobTable>, index: usize, reply: Reply) {
-        let stats = &self.ctx.stats;
+        let ctx = self.ctx.clone();
+        let stats = &ctx.stats;
         bump(&stats.requests, 1);
         let Some(e) = table.entries().get(index).copied() else {
             reply.send(Err(FetchFailure::Registry(format!(
@@ -486,6 +577,9 @@ impl Dispatcher {
             ))));
             return;
         };
+        if table.remote().is_some() {
+            self.trace(&table, index);
+        }
         if let Some(loc) = self.landed.get(&e.digest) {
             bump(&stats.local, 1);
             reply.send(Ok(*loc));
@@ -515,7 +609,10 @@ impl Dispatcher {
             let ctx = self.ctx.clone();
             tokio::task::spawn_blocking(move || {
                 let r = store_zero_chunk(&ctx, e.digest, e.raw_len);
-                let _ = ctx.tx.send(Msg::Done(vec![(e.digest, r)]));
+                let _ = ctx.tx.send(Msg::Done {
+                    results: vec![(e.digest, r)],
+                    prefetch: false,
+                });
             });
             self.running += 1;
             return;
@@ -544,9 +641,19 @@ impl Dispatcher {
         }
     }
 
-    /// The window around entry `index`: it, then the entries after it whose records
-    /// follow on in the same data blob and that nobody holds or fetches, up to the
-    /// blob's current window size.
+    /// True when chunk `index` of `table` is in neither the store nor a fetch.
+    fn missing(&self, table: &BlobTable, index: usize) -> bool {
+        let e = &table.entries()[index];
+        e.loc.is_none()
+            && !self.inflight.contains_key(&e.digest)
+            && !self.landed.contains_key(&e.digest)
+            && self.stored(&e.digest, e.raw_len).is_none()
+    }
+
+    /// The window around entry `index` of a reader's miss: it, then the entries after
+    /// it whose records follow on in the same data blob and that nobody holds or
+    /// fetches, up to the blob's current window size (doubled while the blob is read in
+    /// order).
     fn plan(
         &mut self,
         table: &Arc<BlobTable>,
@@ -563,6 +670,25 @@ impl Dispatcher {
         } else {
             cfg.min_window_bytes
         };
+        let w = self.window_from(table, remote, index, budget, false);
+        let seq = self.sequences.entry(table.id().to_string()).or_default();
+        *seq = Sequence {
+            next: index + w.pieces.len(),
+            window: budget,
+        };
+        w
+    }
+
+    /// Entry `index` of `table` and the missing entries after it whose records follow
+    /// on in the same data blob, up to `budget` bytes.
+    fn window_from(
+        &self,
+        table: &Arc<BlobTable>,
+        remote: &crate::store::RemoteBlob,
+        index: usize,
+        budget: u64,
+        prefetch: bool,
+    ) -> Window {
         let entries = table.entries();
         let Locator::Record {
             data,
@@ -587,11 +713,8 @@ impl Dispatcher {
             if end - first >= budget
                 || d != data
                 || offset != end
-                || e.loc.is_some()
-                || self.inflight.contains_key(&e.digest)
-                || self.landed.contains_key(&e.digest)
                 || pieces.iter().any(|p| p.digest == e.digest)
-                || self.stored(&e.digest, e.raw_len).is_some()
+                || !self.missing(table, k)
             {
                 break;
             }
@@ -603,24 +726,134 @@ impl Dispatcher {
             });
             end += u64::from(len);
         }
-        let seq = self.sequences.entry(table.id().to_string()).or_default();
-        *seq = Sequence {
-            next: index + pieces.len(),
-            window: budget,
-        };
         Window {
             source: remote.source.clone(),
             blob: remote.data_blobs[usize::from(data)].clone(),
             pieces,
+            prefetch,
         }
     }
 
-    fn start_fetches(&mut self) {
-        while self.running < self.ctx.cfg.max_fetches.max(1) {
-            let Some(w) = self.queued.pop_front() else {
+    /// The next prefetch window: from the first missing chunk of the oldest job.
+    fn next_prefetch(&mut self) -> Option<Window> {
+        // Bounded by the jobs' chunks: each pass takes a window or moves on.
+        loop {
+            let job = self.prefetch.front()?;
+            let table = job.table.clone();
+            let mut next = job.next;
+            while next < job.order.len() {
+                let i = job.order[next] as usize;
+                let zero = table
+                    .entries()
+                    .get(i)
+                    .is_none_or(|e| e.digest == zero_digest(e.raw_len));
+                if !zero && self.missing(&table, i) {
+                    break;
+                }
+                next += 1;
+            }
+            let job = self.prefetch.front_mut().expect("looked at above");
+            job.next = next;
+            if next >= job.order.len() {
+                self.prefetch.pop_front();
+                continue;
+            }
+            job.next += 1;
+            let i = job.order[next] as usize;
+            let remote = table.remote().expect("prefetch jobs are remote").clone();
+            let budget = self.ctx.cfg.prefetch_window_bytes;
+            return Some(self.window_from(&table, &remote, i, budget, true));
+        }
+    }
+
+    /// Records that chunk `index` of `table` was asked for (see the module doc).
+    fn trace(&mut self, table: &BlobTable, index: usize) {
+        if !self.traces.contains_key(table.id()) {
+            if self.traces.len() >= MAX_TRACES {
                 return;
+            }
+            let recorded = matches!(self.ctx.store.trace(table.id()), Ok(Some(_)));
+            self.traces.insert(
+                table.id().to_string(),
+                TraceRec {
+                    started: Instant::now(),
+                    recording: !recorded,
+                    order: Vec::new(),
+                    seen: Default::default(),
+                },
+            );
+        }
+        let t = self.traces.get_mut(table.id()).expect("inserted above");
+        if t.recording
+            && t.started.elapsed() < self.ctx.cfg.trace_window
+            && t.order.len() < crate::store::MAX_TRACE_ENTRIES
+            && t.seen.insert(index as u32)
+        {
+            t.order.push(index as u32);
+        }
+    }
+
+    /// Keeps the traces whose window has closed (all of them with `all`).
+    fn flush_traces(&mut self, all: bool) {
+        let window = self.ctx.cfg.trace_window;
+        let mut done = Vec::new();
+        for (id, t) in &mut self.traces {
+            if t.recording && (all || t.started.elapsed() >= window) {
+                t.recording = false;
+                if !t.order.is_empty() {
+                    done.push((id.clone(), std::mem::take(&mut t.order)));
+                }
+                t.seen = Default::default();
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for (id, order) in done {
+                match store.put_trace(&id, &order) {
+                    Ok(()) => tracing::info!(blob = %id, chunks = order.len(), "access trace kept"),
+                    Err(e) => tracing::warn!(blob = %id, "keeping the access trace: {e}"),
+                }
+            }
+        });
+    }
+
+    fn start_fetches(&mut self) {
+        let ctx = self.ctx.clone();
+        let cfg = &ctx.cfg;
+        let max = cfg.max_fetches.max(1);
+        while self.running + self.prefetch_running < max || self.running == 0 {
+            let Some(w) = self.queued.pop_front() else {
+                break;
             };
             self.running += 1;
+            tokio::spawn(fetch_window(self.ctx.clone(), w));
+        }
+        if !self.queued.is_empty() {
+            return; // readers wait: the prefetcher yields
+        }
+        let cap = cfg.prefetch_bytes_per_sec as f64;
+        if cap > 0.0 {
+            let now = Instant::now();
+            let dt = now.duration_since(self.refilled).as_secs_f64();
+            self.tokens = (self.tokens + dt * cap).min(cap);
+            self.refilled = now;
+        }
+        while self.prefetch_running < cfg.prefetch_fetches.max(1)
+            && self.running + self.prefetch_running < max
+            && (cap == 0.0 || self.tokens > 0.0)
+        {
+            let Some(w) = self.next_prefetch() else {
+                return;
+            };
+            for p in &w.pieces {
+                self.inflight.insert(p.digest, Vec::new());
+            }
+            let bytes: u64 = w.pieces.iter().map(|p| u64::from(p.len)).sum();
+            self.tokens -= bytes as f64;
+            self.prefetch_running += 1;
             tokio::spawn(fetch_window(self.ctx.clone(), w));
         }
     }
@@ -691,6 +924,9 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
             }
         };
         bump(&ctx.stats.bytes_fetched, len);
+        if w.prefetch {
+            bump(&ctx.stats.prefetched_bytes, len);
+        }
         let pieces = std::mem::take(&mut todo);
         let c = ctx.clone();
         let checked =
@@ -700,7 +936,12 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
         let mut bad = Vec::new();
         for (p, r) in checked {
             match r {
-                Ok(loc) => results.push((p.digest, Ok(loc))),
+                Ok(loc) => {
+                    if w.prefetch {
+                        bump(&ctx.stats.prefetched_chunks, 1);
+                    }
+                    results.push((p.digest, Ok(loc)))
+                }
                 Err(Verify::Corrupt(why)) => {
                     bump(&ctx.stats.corrupt, 1);
                     tracing::warn!(chunk = %p.digest, blob = %w.blob, offset = p.offset, "fetched chunk failed verification: {why}");
@@ -723,7 +964,10 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
     }
     let failed = results.iter().filter(|(_, r)| r.is_err()).count() as u64;
     bump(&ctx.stats.failed, failed);
-    let _ = ctx.tx.send(Msg::Done(results));
+    let _ = ctx.tx.send(Msg::Done {
+        results,
+        prefetch: w.prefetch,
+    });
 }
 
 enum Verify {
@@ -822,6 +1066,19 @@ fn commit_now(ctx: &Ctx) {
     }
 }
 
+/// Wakes the dispatcher twice a second: the prefetch budget refills, and traces whose
+/// window closed are kept.
+async fn tick_loop(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if ctx.tx.send(Msg::Tick).is_err() {
+            return;
+        }
+    }
+}
+
 async fn commit_loop(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(ctx.cfg.commit_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -855,6 +1112,7 @@ mod tests {
         mode: AtomicU32,
         calls: AtomicU32,
         ranges: Mutex<Vec<(u64, u64)>>,
+        delay_ms: Mutex<u64>,
     }
 
     impl RangeSource for Fake {
@@ -863,7 +1121,9 @@ mod tests {
             self.ranges.lock().unwrap().push((offset, len));
             let mode = self.mode.load(Ordering::SeqCst);
             let data = self.blobs.lock().unwrap().get(blob).cloned();
+            let delay = Duration::from_millis(*self.delay_ms.lock().unwrap());
             Box::pin(async move {
+                tokio::time::sleep(delay).await;
                 if mode == 3 {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                 }
@@ -1113,6 +1373,76 @@ mod tests {
         let loc = f.fetch_blocking(table.clone(), 0).unwrap();
         assert_eq!(read(&store, &loc, &table.entries()[0].digest), chunks[0]);
         assert_eq!(f.stats().retries, 2);
+    }
+
+    #[test]
+    fn prefetch_fetches_everything_in_order_and_readers_do_not_wait_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let chunks: Vec<Vec<u8>> = (0..48).map(|n| chunk_bytes(n, 65536)).collect();
+        let (store, table) = setup(dir.path(), &chunks, &fake);
+        let f = Fetcher::start(
+            store.clone(),
+            fake.clone(),
+            FetchConfig {
+                min_window_bytes: 1,
+                prefetch_window_bytes: 256 << 10,
+                prefetch_fetches: 1,
+                ..cfg()
+            },
+        )
+        .unwrap();
+        // Every request of the slow registry takes 200 ms: the prefetcher has one in
+        // flight when the reader asks for the last chunk, which must not queue behind it.
+        *fake.delay_ms.lock().unwrap() = 200;
+        f.prefetch(table.clone(), (0..48).collect());
+        std::thread::sleep(Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        f.fetch_blocking(table.clone(), 47).unwrap();
+        let waited = t.elapsed();
+        assert!(waited < Duration::from_millis(390), "{waited:?}");
+        *fake.delay_ms.lock().unwrap() = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while f.stats().chunks_fetched < 48 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", f.stats());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let s = f.stats();
+        assert_eq!(s.prefetched_chunks, 47, "{s:?}");
+        // Prefetch requests went in file order (4 chunks each).
+        let ranges = fake.ranges.lock().unwrap().clone();
+        let pre: Vec<u64> = ranges.iter().filter(|r| r.1 > 65584).map(|r| r.0).collect();
+        assert!(pre.windows(2).all(|w| w[0] < w[1]), "{ranges:?}");
+        f.stop();
+        for (i, c) in chunks.iter().enumerate() {
+            let d = table.entries()[i].digest;
+            let loc = store.locate(&d).unwrap().expect("every chunk is local");
+            assert_eq!(&read(&store, &loc, &d), c);
+        }
+    }
+
+    #[test]
+    fn the_first_reads_of_a_blob_are_kept_as_its_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let chunks: Vec<Vec<u8>> = (0..10).map(|n| chunk_bytes(n, 65536)).collect();
+        let (store, table) = setup(dir.path(), &chunks, &fake);
+        let f = Fetcher::start(
+            store.clone(),
+            fake.clone(),
+            FetchConfig {
+                min_window_bytes: 1,
+                trace_window: Duration::from_millis(300),
+                ..cfg()
+            },
+        )
+        .unwrap();
+        for i in [7usize, 2, 7, 9, 0] {
+            f.fetch_blocking(table.clone(), i).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        f.fetch_blocking(table.clone(), 5).unwrap(); // after the window: not traced
+        assert_eq!(store.trace(table.id()).unwrap(), Some(vec![7, 2, 9, 0]));
     }
 
     #[test]

@@ -18,4 +18,4 @@ pub mod pull;
 pub use self::fetch::{
     FetchConfig, FetchFailure, FetchStats, Fetcher, Mailbox, RangeError, RangeSource, Reply,
 };
-pub use self::pull::{LazyPuller, PullError};
+pub use self::pull::{LazyPuller, PrefetchMode, PullError, Traces};

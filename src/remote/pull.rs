@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::artifact::{Artifact, ArtifactLayer, LayerMeta, ARTIFACT_TYPE, MAX_META_BYTES};
-use super::fetch::{RangeError, RangeFuture, RangeSource};
+use super::fetch::{Fetcher, RangeError, RangeFuture, RangeSource};
 use crate::registry::{ImageRef, Registry, RegistryError, MAX_MANIFEST_BYTES};
 use crate::store::{
     LayerRecord, RemoteBlob, RemoteLayer, RemoteLayerCommit, RemoteSource, Store, StoreError,
@@ -66,16 +66,119 @@ pub struct LazyPuller {
     store: Arc<Store>,
     runtime: tokio::runtime::Handle,
     found: Mutex<HashMap<String, (Instant, Option<Arc<Found>>)>>,
+    fetcher: Option<Arc<Fetcher>>,
+    prefetch: PrefetchMode,
 }
 
+/// What the prefetcher fetches after a layer is mounted lazily.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchMode {
+    /// Nothing: every chunk is fetched when read.
+    None,
+    /// The chunks an earlier start read (its access trace), in that order.
+    Trace,
+    /// The traced chunks first, then the rest in file order: the node ends up with the
+    /// whole image.
+    #[default]
+    All,
+}
+
+/// The published form of access traces: per blob id, chunk indexes in first-read
+/// order ([`super::artifact::TRACE_MEDIA_TYPE`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Traces {
+    /// Format version (1).
+    pub version: u32,
+    /// Blob id -> chunk indexes.
+    pub blobs: std::collections::BTreeMap<String, Vec<u32>>,
+}
+
+/// Largest published trace accepted.
+const MAX_TRACE_BLOB_BYTES: u64 = 64 << 20;
+
 impl LazyPuller {
-    /// A puller over `registry` that runs requests on `runtime`.
-    pub fn new(registry: Registry, store: Arc<Store>, runtime: tokio::runtime::Handle) -> Self {
+    /// A puller over `registry` that runs requests on `runtime` and prefetches with
+    /// `fetcher` in `prefetch` mode.
+    pub fn new(
+        registry: Registry,
+        store: Arc<Store>,
+        runtime: tokio::runtime::Handle,
+        fetcher: Option<Arc<Fetcher>>,
+        prefetch: PrefetchMode,
+    ) -> Self {
         LazyPuller {
             registry,
             store,
             runtime,
             found: Mutex::new(HashMap::new()),
+            fetcher,
+            prefetch,
+        }
+    }
+
+    /// Queues the chunks of lazily pulled layer `record` that the node lacks for
+    /// background fetching, as the prefetch mode says: the access trace first (the
+    /// node's own, or the one published with the artifact), then (mode `all`) the rest
+    /// in file order.
+    pub fn prefetch_layer(&self, record: &LayerRecord) {
+        let Some(fetcher) = &self.fetcher else { return };
+        if self.prefetch == PrefetchMode::None || record.remote.is_none() {
+            return;
+        }
+        for id in &record.blobs {
+            let table = match self.store.blob_table(id) {
+                Ok(Some(t)) if t.remote().is_some() => t,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(blob = %id, "prefetch: loading the blob table: {e}");
+                    continue;
+                }
+            };
+            let n = table.entries().len() as u32;
+            let mut seen = vec![false; n as usize];
+            let mut order: Vec<u32> = Vec::new();
+            if let Ok(Some(trace)) = self.store.trace(id) {
+                for i in trace {
+                    if i < n && !std::mem::replace(&mut seen[i as usize], true) {
+                        order.push(i);
+                    }
+                }
+            }
+            let traced = order.len();
+            if self.prefetch == PrefetchMode::All {
+                order.extend((0..n).filter(|&i| !seen[i as usize]));
+            }
+            tracing::info!(blob = %id, traced, chunks = order.len(), "prefetch queued");
+            fetcher.prefetch(Arc::new(table), order);
+        }
+    }
+
+    /// Keeps the access traces published with `found` for blobs of this node that have
+    /// none yet.
+    fn import_traces(&self, repo: &ImageRef, found: &Found) {
+        let Some(d) = &found.artifact.trace else {
+            return;
+        };
+        if d.size > MAX_TRACE_BLOB_BYTES {
+            return;
+        }
+        let traces = self
+            .runtime
+            .block_on(self.registry.get_blob(repo, &d.digest, d.size))
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Traces>(&b).map_err(|e| e.to_string()));
+        match traces {
+            Ok(t) => {
+                for (blob, order) in t.blobs {
+                    if matches!(self.store.trace(&blob), Ok(None)) {
+                        if let Err(e) = self.store.put_trace(&blob, &order) {
+                            tracing::warn!(blob = %blob, "keeping a published trace: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(trace = %d.digest, "the published access trace: {e}"),
         }
     }
 
@@ -252,7 +355,9 @@ impl LazyPuller {
             blobs,
         });
         let _ = fs::remove_file(&tmp);
-        Ok(Some(r?))
+        let record = r?;
+        self.import_traces(manifest, &found);
+        Ok(Some(record))
     }
 }
 

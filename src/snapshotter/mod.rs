@@ -337,8 +337,21 @@ impl Snapshotter {
     }
 
     /// Pulls layers lazily with `puller` when a Prepare names an image layer that has a
-    /// published artifact.
+    /// published artifact, and resumes the prefetch of the lazy layers already mounted
+    /// (a restart loses what was queued, not what was fetched).
     pub fn with_lazy(mut self, puller: Arc<crate::remote::LazyPuller>) -> Snapshotter {
+        if let Ok(snaps) = self.meta.list() {
+            let mut seen = std::collections::HashSet::new();
+            for (_, s) in snaps {
+                let Some(hex) = s.layer else { continue };
+                if !seen.insert(hex.clone()) {
+                    continue;
+                }
+                if let Ok(Some(r)) = self.store.layer(&hex) {
+                    puller.prefetch_layer(&r);
+                }
+            }
+        }
         self.lazy = Some(puller);
         self
     }
@@ -631,6 +644,7 @@ impl Snapshotter {
             ms = started.elapsed().as_millis() as u64,
             "layer pulled lazily: mounted from its metadata, data on demand"
         );
+        lazy.prefetch_layer(&record);
         Ok(true)
     }
 

@@ -105,6 +105,11 @@ const LAYER_ALIASES: TableDefinition<&str, &str> = TableDefinition::new("layer_a
 const REMOTE_REFS: TableDefinition<&[u8], u32> = TableDefinition::new("remote_refs");
 /// blob id -> where its chunks are published ([`RemoteBlob::encode`]).
 const REMOTE_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_blobs");
+/// blob id -> the chunk indexes a first start read, in order (u32 LE each): what the
+/// prefetcher fetches first.
+const BLOB_TRACES: TableDefinition<&str, &[u8]> = TableDefinition::new("blob_traces");
+/// Most entries of one access trace.
+pub const MAX_TRACE_ENTRIES: usize = 1 << 20;
 
 /// Errors of the store. Messages name the root or the item involved.
 #[derive(Debug, thiserror::Error)]
@@ -335,6 +340,7 @@ impl Store {
             txn.open_table(LAYER_ALIASES).map_err(store.db_err())?;
             txn.open_table(REMOTE_REFS).map_err(store.db_err())?;
             txn.open_table(REMOTE_BLOBS).map_err(store.db_err())?;
+            txn.open_table(BLOB_TRACES).map_err(store.db_err())?;
             let mut meta = txn.open_table(STORE_META).map_err(store.db_err())?;
             let ready = meta
                 .get(META_PACK_LIVE_READY)
@@ -505,6 +511,38 @@ impl Store {
         }
     }
 
+    /// The access trace of blob `id` (chunk indexes in first-read order), if recorded.
+    pub fn trace(&self, id: &str) -> Result<Option<Vec<u32>>> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let t = txn.open_table(BLOB_TRACES).map_err(self.db_err())?;
+        Ok(t.get(id).map_err(self.db_err())?.map(|v| {
+            v.value()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect()
+        }))
+    }
+
+    /// Keeps `indexes` as the access trace of blob `id` (replacing one kept before) while
+    /// the blob is registered; at most [`MAX_TRACE_ENTRIES`] are kept.
+    pub fn put_trace(&self, id: &str, indexes: &[u32]) -> Result<()> {
+        let bytes: Vec<u8> = indexes
+            .iter()
+            .take(MAX_TRACE_ENTRIES)
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        let txn = self.db.begin_write().map_err(self.db_err())?;
+        {
+            let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
+            if blobs.get(id).map_err(self.db_err())?.is_none() {
+                return Ok(());
+            }
+            let mut t = txn.open_table(BLOB_TRACES).map_err(self.db_err())?;
+            t.insert(id, bytes.as_slice()).map_err(self.db_err())?;
+        }
+        txn.commit().map_err(self.db_err())
+    }
+
     /// Chunks registered blobs name that the packs do not hold.
     pub fn remote_chunks(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
@@ -619,6 +657,7 @@ impl Store {
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut remote_refs = txn.open_table(REMOTE_REFS)?;
                 let mut remote_blobs = txn.open_table(REMOTE_BLOBS)?;
+                let mut traces = txn.open_table(BLOB_TRACES)?;
                 layers.remove(record.diff_id.as_str())?;
                 for d in &record.digests {
                     let points_here = aliases
@@ -637,6 +676,7 @@ impl Store {
                     blob_refs.remove(id.as_str())?;
                     let table = blobs.remove(id.as_str())?.map(|v| v.value().to_vec());
                     remote_blobs.remove(id.as_str())?;
+                    traces.remove(id.as_str())?;
                     removed.blobs.push(id.clone());
                     let Some(table) = table else { continue };
                     let entries = blob::decode_table(&table).ok_or_else(|| {
