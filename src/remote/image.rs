@@ -17,9 +17,9 @@ pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// Why an image could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// The registry failed.
+    /// The registry failed (boxed: a registry error is large, and rare).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// A manifest, index or config breaks its format, or no manifest fits this platform.
     #[error("image {image}: {why}")]
     Format {
@@ -28,6 +28,12 @@ pub enum ImageError {
         /// What is wrong.
         why: String,
     },
+}
+
+impl From<RegistryError> for ImageError {
+    fn from(e: RegistryError) -> Self {
+        ImageError::Registry(Box::new(e))
+    }
 }
 
 #[derive(Deserialize)]

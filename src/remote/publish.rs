@@ -57,9 +57,9 @@ const _: () = assert!(MAX_DATA_BLOBS <= u16::MAX as usize + 1);
 /// Why publishing failed. Names the layer or file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// The registry failed.
+    /// The registry failed (boxed: a registry error is large, and rare).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// The image's manifests or config could not be read.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -108,6 +108,12 @@ pub enum PublishError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<RegistryError> for PublishError {
+    fn from(e: RegistryError) -> Self {
+        PublishError::Registry(Box::new(e))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {

@@ -509,7 +509,7 @@ impl Store {
     pub fn remote_chunks(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let t = txn.open_table(REMOTE_REFS).map_err(self.db_err())?;
-        Ok(t.len().map_err(self.db_err())?)
+        t.len().map_err(self.db_err())
     }
 
     /// Reads chunk `entry` back into `out` (resized to its length), verified. The slow
@@ -1190,7 +1190,7 @@ pub(crate) mod tests {
         let store = Store::open(dir.path()).unwrap();
         let chunks = [
             vec![7u8; 65536],
-            (0..5000u32).map(|i| (i * 7919 >> 3) as u8).collect(),
+            (0..5000u32).map(|i| ((i * 7919) >> 3) as u8).collect(),
         ];
         commit_layer(&store, "aa", &chunks);
         let (mut rec, mut scratch) = (Vec::new(), Vec::new());
