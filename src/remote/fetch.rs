@@ -703,13 +703,17 @@ impl Dispatcher {
         }];
         let mut end = first + u64::from(len);
         // Bounded by the table's length.
-        for k in index + 1..entries.len() {
+        for (k, (e, l)) in entries
+            .iter()
+            .zip(&remote.locators)
+            .enumerate()
+            .skip(index + 1)
+        {
             let Locator::Record {
                 data: d,
                 offset,
                 len,
-            } = remote.locators[k];
-            let e = &entries[k];
+            } = *l;
             if end - first >= budget
                 || d != data
                 || offset != end
@@ -1294,11 +1298,11 @@ mod tests {
         let chunks: Vec<Vec<u8>> = (0..40).map(|n| chunk_bytes(n, 65536)).collect();
         let (store, table) = setup(dir.path(), &chunks, &fake);
         let f = Fetcher::start(store.clone(), fake.clone(), cfg()).unwrap();
-        for i in 0..40 {
+        for (i, want) in chunks.iter().enumerate() {
             let loc = f.fetch_blocking(table.clone(), i).unwrap();
             assert_eq!(
-                read(&store, &loc, &table.entries()[i].digest),
-                chunks[i],
+                &read(&store, &loc, &table.entries()[i].digest),
+                want,
                 "chunk {i}"
             );
         }
