@@ -1433,6 +1433,15 @@ mod tests {
         let err = f.fetch_blocking(table.clone(), 0).unwrap_err();
         assert!(matches!(err, FetchFailure::Timeout(..)), "{err}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // The failure stands for a while: a retry at once fails at once.
+        let t = std::time::Instant::now();
+        assert!(f.fetch_blocking(table.clone(), 1).is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(FAILURE_HOLD);
         fake.mode.store(4, Ordering::SeqCst);
         fake.calls.store(0, Ordering::SeqCst);
         let loc = f.fetch_blocking(table.clone(), 0).unwrap();
