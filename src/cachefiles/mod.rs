@@ -5,11 +5,13 @@
 
 pub mod abi;
 pub mod cull;
+pub mod failover;
+pub mod holder;
 pub mod msg;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 pub use self::msg::{parse, Msg, MsgError};
@@ -175,6 +177,18 @@ impl CachefilesDevice {
         send(self, &Command::Dir(cache_dir.to_path_buf()))?;
         send(self, &Command::Tag(tag.to_string()))?;
         send(self, &Command::BindOndemand)
+    }
+}
+
+impl AsFd for CachefilesDevice {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl AsRawFd for CachefilesDevice {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::cachefiles::{self, CachefilesDevice, Command};
+use crate::cachefiles::failover::{self, Acquired, Keeper};
+use crate::cachefiles;
 use crate::config::{Config, FrontEnd};
 use crate::fanotify::layer_mounter::FanotifyMounter;
 use crate::fanotify::Options as FanotifyOptions;
@@ -40,7 +41,10 @@ const STATS_PERIOD: Duration = Duration::from_millis(200);
 const CACHE_TAG: &str = "dedupd";
 /// Environment variable naming an inherited `/dev/cachefiles` fd (failover): the daemon
 /// writes `restore` instead of binding a new cache.
-pub const CACHEFILES_FD_ENV: &str = "DEDUPD_CACHEFILES_FD";
+pub const CACHEFILES_FD_ENV: &str = failover::CACHEFILES_FD_ENV;
+/// How long a stopping cachefiles daemon waits for the volumes of layers just unmounted
+/// to go before it decides whether the cache is still in use.
+const VOLUMES_SETTLE: Duration = Duration::from_secs(3);
 /// How long the fanotify holder keeps the group for a restarting daemon before it fails
 /// reads with EIO.
 const FANOTIFY_GRACE: Duration = Duration::from_secs(30);
@@ -221,8 +225,9 @@ pub struct Selection {
     pub reason: String,
     /// Better front ends that were unavailable, each with its reason.
     pub unavailable: Vec<String>,
-    /// The bound cache device, when cachefiles was chosen.
-    pub device: Option<CachefilesDevice>,
+    /// The bound cache device (and who keeps it across restarts), when cachefiles was
+    /// chosen.
+    pub cachefiles: Option<Acquired>,
 }
 
 fn name(f: FrontEnd) -> &'static str {
@@ -247,7 +252,9 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
     let mut unavailable = Vec::new();
     if matches!(want, FrontEnd::Auto | FrontEnd::Cachefiles) {
         let dev_path = Path::new(cachefiles::DEVICE_PATH);
-        let have = dev_path.exists() || std::env::var_os(CACHEFILES_FD_ENV).is_some();
+        let have = dev_path.exists()
+            || std::env::var_os(CACHEFILES_FD_ENV).is_some()
+            || std::env::var_os("LISTEN_FDS").is_some();
         let tried = if have {
             open_cachefiles(config).map_err(|e| format!("{e:#}"))
         } else {
@@ -258,17 +265,22 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
             ))
         };
         match tried {
-            Ok(dev) => {
-                let reason = if want == FrontEnd::Auto {
-                    format!("auto: {} exists and the cache bound", dev_path.display())
+            Ok(acq) => {
+                let how = if acq.continued {
+                    "cache taken over from a previous daemon"
                 } else {
-                    "forced by configuration".to_string()
+                    "cache bound"
+                };
+                let reason = if want == FrontEnd::Auto {
+                    format!("auto: {} exists and the {how}", dev_path.display())
+                } else {
+                    format!("forced by configuration ({how})")
                 };
                 return Ok(Selection {
                     front_end: FrontEnd::Cachefiles,
                     reason,
                     unavailable,
-                    device: Some(dev),
+                    cachefiles: Some(acq),
                 });
             }
             Err(why) if want == FrontEnd::Cachefiles => {
@@ -294,7 +306,7 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
                     front_end: FrontEnd::Fanotify,
                     reason,
                     unavailable,
-                    device: None,
+                    cachefiles: None,
                 });
             }
             Err(why) if want == FrontEnd::Fanotify => {
@@ -312,13 +324,13 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
         front_end: FrontEnd::Local,
         reason,
         unavailable,
-        device: None,
+        cachefiles: None,
     })
 }
 
 /// The running data plane.
 enum DataPlane {
-    Cachefiles(Engine),
+    Cachefiles(Engine, Keeper),
     Fanotify(Arc<FanotifyMounter>),
     Local,
 }
@@ -326,7 +338,7 @@ enum DataPlane {
 impl DataPlane {
     fn stats(&self) -> StatsSnapshot {
         match self {
-            DataPlane::Cachefiles(e) => e.stats(),
+            DataPlane::Cachefiles(e, _) => e.stats(),
             DataPlane::Fanotify(m) => fanotify_snapshot(&m.stats()),
             DataPlane::Local => StatsSnapshot {
                 front_end: "local".into(),
@@ -337,7 +349,14 @@ impl DataPlane {
 
     fn stop(self) -> StatsSnapshot {
         match self {
-            DataPlane::Cachefiles(e) => e.stop(),
+            DataPlane::Cachefiles(e, keeper) => {
+                // While the engine still answers CLOSEs: layers unmounted a moment ago
+                // finish going away.
+                let in_use = failover::still_mounted(CACHE_TAG, VOLUMES_SETTLE);
+                let st = e.stop();
+                keeper.release(in_use);
+                st
+            }
             DataPlane::Fanotify(m) => fanotify_snapshot(&m.shutdown()),
             DataPlane::Local => DataPlane::Local.stats(),
         }
@@ -369,7 +388,8 @@ fn start_data_plane(
 ) -> anyhow::Result<(DataPlane, Arc<dyn LayerMounter>)> {
     match sel.front_end {
         FrontEnd::Cachefiles => {
-            let dev = sel.device.take().context("cachefiles device")?;
+            let acq = sel.cachefiles.take().context("cachefiles device")?;
+            let dev = acq.device;
             let mut ecfg = EngineConfig::new(config.root.join("chunks"));
             ecfg.threads = config.thread_count();
             ecfg.write_strategy = args.write_strategy;
@@ -385,8 +405,14 @@ fn start_data_plane(
                 Ok(())
             });
             let m = FscacheMounter::new(None, refresh)
-                .with_cull(dev, cachefiles_cache_dir(&config.root));
-            Ok((DataPlane::Cachefiles(engine), Arc::new(m)))
+                .with_cull(dev, cachefiles_cache_dir(&config.root))
+                .continued(acq.continued);
+            tracing::info!(
+                keeper = acq.keeper.name(),
+                continued = acq.continued,
+                "the cachefiles cache outlives this daemon"
+            );
+            Ok((DataPlane::Cachefiles(engine, acq.keeper), Arc::new(m)))
         }
         FrontEnd::Fanotify => {
             let opts = FanotifyOptions {
@@ -458,41 +484,26 @@ fn cachefiles_cache_dir(root: &Path) -> PathBuf {
     root.join("cache")
 }
 
-fn open_cachefiles(config: &Config) -> anyhow::Result<CachefilesDevice> {
-    if let Some(fd) = std::env::var_os(CACHEFILES_FD_ENV) {
-        let fd: i32 = fd
-            .to_str()
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{CACHEFILES_FD_ENV} must be an fd number"))?;
-        // SAFETY: the supervisor that set the variable handed us this open fd of
-        // /dev/cachefiles and no longer uses it through this number.
-        let file = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let dev = CachefilesDevice::from_file(file);
-        cachefiles::send(&dev, &Command::Restore)
-            .context("writing `restore` to the inherited /dev/cachefiles fd")?;
-        tracing::info!(fd, "took over an existing cachefiles cache (restore)");
-        return Ok(dev);
+/// Takes the cache over from whoever keeps it (systemd's fd store, the holder, a
+/// supervisor), writing `restore` (the registry is loaded already and nothing has read
+/// the device yet), or binds a fresh one and hands a copy to the keeper.
+fn open_cachefiles(config: &Config) -> anyhow::Result<Acquired> {
+    let opts = failover::Options {
+        state_dir: config.root.join("cachefiles"),
+        cache_dir: cachefiles_cache_dir(&config.root),
+        tag: CACHE_TAG.to_string(),
+        exe: std::env::current_exe().context("locating the dedupd binary")?,
+    };
+    let acq = failover::acquire(&opts)?;
+    if acq.continued {
+        failover::restore(&acq.device)
+            .context("writing `restore` to the taken-over /dev/cachefiles")?;
+        tracing::info!(
+            keeper = acq.keeper.name(),
+            "took over the cachefiles cache of a previous daemon (restore written)"
+        );
     }
-    let dev = CachefilesDevice::open(Path::new(cachefiles::DEVICE_PATH)).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EBUSY) {
-            anyhow::anyhow!(
-                "{}: busy; another daemon (cachefilesd, nydusd, dedupd) holds it",
-                cachefiles::DEVICE_PATH
-            )
-        } else {
-            anyhow::anyhow!("{}: {e}", cachefiles::DEVICE_PATH)
-        }
-    })?;
-    let cache_dir = cachefiles_cache_dir(&config.root);
-    fs::create_dir_all(&cache_dir).with_context(|| format!("{}", cache_dir.display()))?;
-    dev.bind(&cache_dir, CACHE_TAG).with_context(|| {
-        format!(
-            "binding the cachefiles cache in {} (needs ext4/xfs with user xattrs)",
-            cache_dir.display()
-        )
-    })?;
-    tracing::info!(cache_dir = %cache_dir.display(), "cachefiles cache bound (on-demand)");
-    Ok(dev)
+    Ok(acq)
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it spawns later),
@@ -570,6 +581,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let control = ControlThread::spawn(config.socket.clone(), snap.clone())
         .with_context(|| format!("starting the snapshotter on {}", config.socket.display()))?;
     let started = Instant::now();
+    // Under systemd (Type=notify): serving now.
+    if let Err(e) = crate::systemd::notify("READY=1\nSTATUS=serving", &[]) {
+        tracing::warn!("sd_notify READY: {e}");
+    }
     let status = |stats: StatsSnapshot, running: bool, registered: u64| DaemonStatus {
         pid: std::process::id(),
         front_end_reason: sel.reason.clone(),
@@ -619,6 +634,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             None => {}
         }
     }
+    let _ = crate::systemd::notify("STOPPING=1", &[]);
     let served = control.stop();
     let fin = plane.stop();
     if let Some(f) = &fetcher {

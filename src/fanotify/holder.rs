@@ -14,85 +14,42 @@
 //! - daemon -> holder: `KEEP id` with one fd (keep this blob's write fd for successors);
 //!   `DROP id` (forget it: the blob is gone, or its file was made again);
 //!   `BYE` (clean shutdown: mounts are gone, the holder exits and the group closes).
+//! - `dedupd teardown` -> holder: `QUIT`; the holder answers `GONE` and exits when no
+//!   marked blob file is in use ([`blobs_in_use`]), else `BUSY <why>` and stays.
+//!
+//! Peers are checked (`SO_PEERCRED`: root or the holder's uid) and the socket is 0600.
 //!
 //! When a daemon goes away without `BYE` and none attaches within the grace period,
 //! the holder fails closed: it answers every journaled and orphaned event, and every
 //! new one, with EIO, until a daemon attaches again. Mounts then fail loudly, never
 //! silently.
+//!
+//! A holder does not outlive what it serves: with no daemon attached it checks every
+//! second whether any marked blob file is open elsewhere (an EROFS mount holds its blob
+//! files open; the test is a write lease, which only a file's sole opener gets), and
+//! once none has been for [`IDLE_EXIT`] it closes the group and exits. A daemon that
+//! stopped with its layers mounted keeps its holder; unmounting them (or
+//! `dedupd teardown`) ends it.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
-};
 
 use super::event;
 use super::journal::Journal;
 use super::sys;
+pub use crate::holder::{connect, recv, send, seqpacket, FDS_PER_MESSAGE, MESSAGE_BYTES};
+use crate::holder::{accept, check_peer};
 
-/// Most fds sent in one message (the kernel allows 253).
-pub const FDS_PER_MESSAGE: usize = 32;
-/// Largest message payload.
-pub const MESSAGE_BYTES: usize = 4096;
-
-/// Sends `payload` with `fds` attached.
-pub fn send(sock: BorrowedFd<'_>, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    assert!(fds.len() <= FDS_PER_MESSAGE && payload.len() <= MESSAGE_BYTES);
-    let iov = [IoSlice::new(payload)];
-    let cmsgs = if fds.is_empty() {
-        vec![]
-    } else {
-        vec![ControlMessage::ScmRights(fds)]
-    };
-    socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    Ok(())
-}
-
-/// Receives one message into `buf`: its length (0 at end of stream) and its fds.
-pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: SCM_RIGHTS installed these fds in our table just now; nobody
-                // else owns them.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    Ok((msg.bytes, fds))
-}
-
-/// A seqpacket socket.
-pub fn seqpacket() -> io::Result<OwnedFd> {
-    Ok(socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?)
-}
-
-/// Connects to the holder at `path`.
-pub fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let s = seqpacket()?;
-    socket::connect(s.as_raw_fd(), &UnixAddr::new(path)?)?;
-    Ok(s)
-}
+/// How long a holder with no daemon waits, with nothing using its blobs, before it
+/// exits on its own.
+pub const IDLE_EXIT: Duration = Duration::from_secs(5);
+/// How often a holder with no daemon checks whether anything still uses its blobs.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Answers every journaled event and every orphan (an event read by a dead daemon but
 /// not journaled) with EIO. Returns (journaled, orphans) answered.
@@ -120,50 +77,29 @@ pub fn probe_orphans(group: BorrowedFd<'_>, journal: &Journal) -> u64 {
 enum State {
     /// No daemon since this instant.
     Waiting(Instant),
-    /// A daemon is attached on this connection.
+    /// A daemon (or `dedupd teardown`) is attached on this connection.
     Attached(OwnedFd),
     /// The grace period passed: every event is answered with EIO.
     FailClosed,
 }
 
-/// Runs the holder until a daemon says `BYE`. Creates the group and the journal,
-/// listens on `socket_path`.
+/// Runs the holder until a daemon says `BYE`, `dedupd teardown` says `QUIT` while nothing
+/// uses the blobs, or, with no daemon attached, nothing has used them for [`IDLE_EXIT`].
+/// Creates the group and the journal (or, with `adopt`, takes them from the daemon that
+/// started it), listens on `socket_path`.
 pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
-    // A holder that dies on a stray signal closes the group and exposes holes as zeros:
-    // it ends only on BYE (or SIGKILL, which an operator sends after unmounting).
-    for sig in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGHUP,
-        nix::sys::signal::Signal::SIGPIPE,
-    ] {
-        // SAFETY: installing SIG_IGN runs no handler code, so no async-signal-safety
-        // concern arises.
-        unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }?;
-    }
+    // A holder that dies on a stray signal closes the group and exposes holes as zeros.
+    crate::holder::ignore_stray_signals()?;
     // One holder per socket: a second one (two daemons racing to start it) leaves.
-    let lock_path = socket_path.with_extension("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
-    // Held until this function returns (the holder's whole life).
-    let _lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(held) => held,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            tracing::info!(
-                "fanotify holder: another holder owns {}",
-                lock_path.display()
-            );
-            return Ok(());
-        }
-        Err((_, e)) => return Err(e.into()),
+    let Some(_lock) = crate::holder::lock(socket_path)? else {
+        tracing::info!(
+            "fanotify holder: another holder owns {}",
+            socket_path.display()
+        );
+        return Ok(());
     };
-    let _ = std::fs::remove_file(socket_path);
-    let listener = seqpacket()?;
-    socket::bind(listener.as_raw_fd(), &UnixAddr::new(socket_path)?)?;
-    socket::listen(&listener, Backlog::new(16).expect("valid backlog"))?;
+    let listener = crate::holder::listen(socket_path)?;
+    let blob_dir = socket_path.parent().map(|d| d.join("blobs"));
     let mut writers: HashMap<String, OwnedFd> = HashMap::new();
     let (group, journal, mut state) = if adopt {
         // A replacement for a holder that died: the running daemon gives us its group.
@@ -175,12 +111,10 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
             io::Error::new(io::ErrorKind::InvalidData, "expected ADOPT with 2 fds")
         };
         let conn = accept(&listener)?;
-        let mut pfd = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-        if nix::poll::poll(&mut pfd, PollTimeout::from(5000u16))? == 0 {
-            return Err(bad());
-        }
+        check_peer(&conn)?;
         let mut buf = vec![0u8; MESSAGE_BYTES];
-        let (n, mut fds) = recv(conn.as_fd(), &mut buf)?;
+        let (n, mut fds) = crate::holder::recv_timeout(conn.as_fd(), &mut buf, Duration::from_secs(5))
+            .map_err(|_| bad())?;
         if &buf[..n] != b"ADOPT" || fds.len() != 2 {
             return Err(bad());
         }
@@ -197,14 +131,24 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     let mut buf = vec![0u8; MESSAGE_BYTES];
     let mut evbuf = vec![0u8; 64 * sys::EVENT_METADATA_BYTES];
     let mut evs = Vec::new();
+    // Since when nothing has used the blobs while no daemon was attached.
+    let mut idle_since: Option<Instant> = None;
+    let mut next_check = Instant::now() + IDLE_CHECK;
     loop {
-        let timeout = match &state {
-            State::Waiting(since) => {
-                let left = grace.saturating_sub(since.elapsed());
-                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-            _ => PollTimeout::NONE,
+        let attached = matches!(state, State::Attached(_));
+        let mut wait = if attached {
+            Duration::MAX
+        } else {
+            next_check.saturating_duration_since(Instant::now())
+        };
+        if let State::Waiting(since) = &state {
+            wait = wait.min(grace.saturating_sub(since.elapsed()));
+        }
+        let timeout = if wait == Duration::MAX {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::try_from(wait.as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(PollTimeout::MAX)
         };
         let (listen_ready, conn_ready, group_ready) = {
             let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -223,7 +167,6 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                     .and_then(|f| f.revents())
                     .is_some_and(|r| !r.is_empty())
             };
-            let attached = matches!(state, State::Attached(_));
             (r(0), attached && r(1), !attached && r(1))
         };
         if conn_ready {
@@ -234,6 +177,8 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                 Ok((0, _)) | Err(_) => {
                     tracing::warn!("fanotify holder: daemon went away without BYE; waiting {grace:?} for a successor");
                     state = State::Waiting(Instant::now());
+                    idle_since = None;
+                    next_check = Instant::now() + IDLE_CHECK;
                 }
                 Ok((n, mut fds)) => {
                     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -241,6 +186,20 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                         tracing::info!("fanotify holder: daemon said BYE; closing the group");
                         let _ = std::fs::remove_file(socket_path);
                         return Ok(());
+                    } else if msg == "QUIT" {
+                        // `dedupd teardown`: leave only if nothing uses the blobs.
+                        match blobs_in_use(group.as_fd(), &writers, blob_dir.as_deref()) {
+                            0 => {
+                                let _ = send(conn.as_fd(), b"GONE", &[]);
+                                tracing::info!("fanotify holder: teardown and no blob in use; closing the group");
+                                let _ = std::fs::remove_file(socket_path);
+                                return Ok(());
+                            }
+                            n => {
+                                let m = format!("BUSY {n} marked blob file(s) still open (a mount uses them)");
+                                let _ = send(conn.as_fd(), m.as_bytes(), &[]);
+                            }
+                        }
                     } else if let Some(id) = msg.strip_prefix("KEEP ") {
                         if let Some(fd) = fds.pop() {
                             writers.insert(id.to_string(), fd);
@@ -279,10 +238,14 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
             );
             continue;
         }
-        if listen_ready && !matches!(state, State::Attached(_)) {
+        if listen_ready && !attached {
             let Ok(conn) = accept(&listener) else {
                 continue;
             };
+            if let Err(e) = check_peer(&conn) {
+                tracing::warn!("fanotify holder: {e}");
+                continue;
+            }
             match hand_over(conn.as_fd(), &group, &journal, &writers) {
                 Ok(()) => {
                     tracing::info!("fanotify holder: daemon attached");
@@ -303,13 +266,128 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                 state = State::FailClosed;
             }
         }
+        if !matches!(state, State::Attached(_)) && Instant::now() >= next_check {
+            next_check = Instant::now() + IDLE_CHECK;
+            if blobs_in_use(group.as_fd(), &writers, blob_dir.as_deref()) == 0 {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= IDLE_EXIT {
+                    tracing::info!(
+                        "fanotify holder: no daemon and no mount uses a marked blob for {IDLE_EXIT:?}; closing the group"
+                    );
+                    let _ = std::fs::remove_file(socket_path);
+                    return Ok(());
+                }
+            } else {
+                idle_since = None;
+            }
+        }
     }
 }
 
-fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
-    let fd = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
-    // SAFETY: accept4 returned a new fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Marked blob files something other than this holder has open (a file-backed EROFS
+/// mount opens its blob files read-only; a reader waiting on an event reads through
+/// such a mount). A mark whose file cannot be found or tested counts as in use. Zero
+/// marks (every blob complete, or every blob file gone) is zero in use: mounts over
+/// complete blobs raise no events and need no group.
+pub fn blobs_in_use(
+    group: BorrowedFd<'_>,
+    writers: &HashMap<String, OwnedFd>,
+    blob_dir: Option<&Path>,
+) -> usize {
+    let marks = match marks(group) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("fanotify holder: reading the group's marks: {e}");
+            return usize::MAX;
+        }
+    };
+    if marks.is_empty() {
+        return 0;
+    }
+    let ident = |fd: BorrowedFd<'_>| {
+        nix::sys::stat::fstat(fd)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    };
+    let mut by_inode: HashMap<(u64, u64), BorrowedFd<'_>> = HashMap::new();
+    for w in writers.values() {
+        if let Some(k) = ident(w.as_fd()) {
+            by_inode.insert(k, w.as_fd());
+        }
+    }
+    // Blob files the holder has no write fd for (never read through a daemon): opened
+    // read-only here for the test, only those (another open of a file that has a write
+    // fd here would make its own test fail).
+    let mut opened = Vec::new();
+    let missing: Vec<(u64, u64)> = marks
+        .iter()
+        .filter(|m| !by_inode.contains_key(m))
+        .copied()
+        .collect();
+    if !missing.is_empty() {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(rd) = blob_dir.and_then(|d| std::fs::read_dir(d).ok()) {
+            for e in rd.flatten().take(1 << 16) {
+                let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                if missing.contains(&(md.dev(), md.ino())) {
+                    if let Ok(f) = std::fs::File::open(e.path()) {
+                        opened.push(f);
+                    }
+                }
+            }
+        }
+    }
+    for f in &opened {
+        if let Some(k) = ident(f.as_fd()) {
+            by_inode.entry(k).or_insert(f.as_fd());
+        }
+    }
+    marks
+        .iter()
+        .filter(|m| by_inode.get(m).is_none_or(|fd| opened_elsewhere(*fd)))
+        .count()
+}
+
+/// The group's inode marks as (st_dev, inode), from `/proc/self/fdinfo`.
+pub fn marks(group: BorrowedFd<'_>) -> io::Result<Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", group.as_raw_fd()))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("fanotify ino:") else {
+            continue;
+        };
+        let (ino, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let ino = u64::from_str_radix(ino, 16).ok();
+        let sdev = rest
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("sdev:"))
+            .and_then(|v| u64::from_str_radix(v, 16).ok());
+        let (Some(ino), Some(sdev)) = (ino, sdev) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected fdinfo line {line:?}"),
+            ));
+        };
+        // The kernel prints its own dev_t (major << 20 | minor); stat gives the
+        // user-space encoding.
+        out.push((libc::makedev((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32), ino));
+    }
+    Ok(out)
+}
+
+/// True when an open file description other than `fd`'s has the file open: a write
+/// lease is granted only to the file's sole opener (`F_SETLEASE`; released at once).
+pub fn opened_elsewhere(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fcntl on a valid borrowed fd with integer arguments; no memory involved.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+    if r != 0 {
+        return true;
+    }
+    // SAFETY: as above; drops the lease just taken.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    false
 }
 
 fn hand_over(

@@ -257,10 +257,12 @@ pub type RegistryRefresh = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// daemon's data plane for the image and its blobs by name, lazily. Not exercised on a
 /// kernel without on-demand cachefiles (this host); the VM suite is where it runs.
 ///
-/// A mount outlives the daemon that made it, but its data does not: when the daemon exits,
-/// its `/dev/cachefiles` fd closes and the kernel withdraws the cache, and every read that
-/// misses the page cache fails (ENOBUFS). So a layer mount found at start that this
-/// process did not make is replaced: unmounted (lazily if a container still uses it) and
+/// A mount outlives the daemon that made it, and so does its cache while a copy of the
+/// device fd lives on (`crate::cachefiles::failover`): a daemon that took the cache over
+/// ([`FscacheMounter::continued`]) keeps the layer mounts it finds, which go on reading
+/// through the restart. A daemon that had to bind a fresh cache cannot serve mounts of
+/// the old one (the kernel withdrew it: every read that misses the page cache fails), so
+/// it replaces a mount it finds: unmounted (lazily if a container still uses it) and
 /// mounted again over the new cache.
 pub struct FscacheMounter {
     domain_id: Option<String>,
@@ -268,6 +270,8 @@ pub struct FscacheMounter {
     /// Serializes mounts and unmounts; holds the layers this process mounted.
     lock: Mutex<std::collections::HashSet<String>>,
     cull: Option<(Arc<dyn Device>, PathBuf)>,
+    /// The cache was taken over from a previous daemon: mounts found are its own.
+    continued: bool,
 }
 
 /// Passes of `cull` while dead entries are still busy: the kernel withdraws the objects
@@ -284,7 +288,15 @@ impl FscacheMounter {
             refresh,
             lock: Mutex::new(std::collections::HashSet::new()),
             cull: None,
+            continued: false,
         }
+    }
+
+    /// Marks the cache as taken over from a previous daemon: layer mounts found in place
+    /// are served as they are, never remounted.
+    pub fn continued(mut self, continued: bool) -> FscacheMounter {
+        self.continued = continued;
+        self
     }
 
     /// Frees cache files of removed layers and blobs through `dev`'s `cull` command;
@@ -309,6 +321,12 @@ impl LayerMounter for FscacheMounter {
         let hex = layer.id_hex();
         if is_mountpoint(target) {
             if mine.contains(hex) {
+                return Ok(());
+            }
+            if self.continued {
+                // Mounted over this very cache by the daemon we took it from.
+                self.refresh()?;
+                mine.insert(hex.to_string());
                 return Ok(());
             }
             tracing::info!(
