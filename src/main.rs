@@ -34,6 +34,9 @@ enum Command {
     /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
     #[command(hide = true)]
     FanotifyImport(dedupd::fanotify::cli::ImportArgs),
+    /// Pull an image into containerd through the dedup snapshotter, lazily where the
+    /// image has a published artifact (`ctr image pull` downloads every layer first).
+    Pull(dedupd::ctrclient::pull::PullArgs),
     /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
     Status {
         /// Store root.
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
+        Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),
         Command::Status { root } => dedupd::daemon::status(root),
         Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
             a.root.clone(),

@@ -81,6 +81,9 @@ pub struct Resolved {
     pub config_bytes: bytes::Bytes,
     /// The config's diff_ids, one per layer.
     pub diff_ids: Vec<String>,
+    /// The index (or manifest list) the reference named, if it named one: its
+    /// descriptor and bytes. The manifest above is its entry for this platform.
+    pub index: Option<(Descriptor, bytes::Bytes)>,
 }
 
 /// The `GOARCH` name of this machine's architecture.
@@ -131,6 +134,7 @@ pub fn parse_diff_ids(image: &ImageRef, bytes: &[u8]) -> Result<Vec<String>, Ima
 pub async fn resolve(registry: &Registry, image: &ImageRef) -> Result<Resolved, ImageError> {
     let mut fetched = registry.get_manifest(image).await?;
     let mut media = media_type_of(&fetched.media_type, &fetched.bytes);
+    let mut index = None;
     if media == OCI_INDEX || media == DOCKER_MANIFEST_LIST {
         let j: Json = serde_json::from_slice(&fetched.bytes)
             .map_err(|e| format_err(image, format!("index: {e}")))?;
@@ -145,6 +149,16 @@ pub async fn resolve(registry: &Registry, image: &ImageRef) -> Result<Resolved, 
                     .is_some_and(|p| p.os == "linux" && p.architecture == arch)
             })
             .ok_or_else(|| format_err(image, format!("no manifest for linux/{arch}")))?;
+        index = Some((
+            Descriptor {
+                media_type: media.clone(),
+                digest: fetched.digest.clone(),
+                size: fetched.bytes.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::new(),
+            },
+            fetched.bytes.clone(),
+        ));
         fetched = registry
             .get_manifest(&image.with_digest(&pick.desc.digest))
             .await?;
@@ -185,6 +199,7 @@ pub async fn resolve(registry: &Registry, image: &ImageRef) -> Result<Resolved, 
         manifest,
         config_bytes,
         diff_ids,
+        index,
     })
 }
 
