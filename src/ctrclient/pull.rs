@@ -175,7 +175,9 @@ pub enum LayerError {
         want: String,
     },
     /// The snapshotter said the layer exists, but it cannot be found.
-    #[error("the snapshotter answered ALREADY_EXISTS {tries} times, but no snapshot {chain_id} exists")]
+    #[error(
+        "the snapshotter answered ALREADY_EXISTS {tries} times, but no snapshot {chain_id} exists"
+    )]
     Vanished {
         /// The layer's chain id.
         chain_id: String,
@@ -354,7 +356,10 @@ impl Job<'_> {
             m.config.digest.clone(),
         );
         for (i, l) in m.layers.iter().enumerate() {
-            labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
         }
         self.put_blob(&r.manifest_desc, &r.manifest_bytes, labels)
             .await
@@ -788,7 +793,9 @@ impl Progress {
     fn layer_done(&mut self, i: usize, n: usize, layer: &Descriptor, how: &LayerHow) {
         let what = match how {
             LayerHow::Present => "present".to_string(),
-            LayerHow::Lazy => "lazy: mounted by the snapshotter, nothing downloaded".to_string(),
+            LayerHow::Lazy => {
+                "lazy (the snapshotter answered ALREADY_EXISTS): nothing downloaded".to_string()
+            }
             LayerHow::Unpacked {
                 downloaded_bytes: 0,
             } => "blob already stored; applied".to_string(),

@@ -578,6 +578,11 @@ impl Snapshotter {
             }
         };
         let Some(record) = record else {
+            tracing::info!(
+                image = %manifest_ref,
+                layer,
+                "no dedupd artifact covers the layer: unpacking it as usual"
+            );
             self.meta.disown_layer(&hex)?;
             return Ok(false);
         };
