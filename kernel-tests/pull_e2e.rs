@@ -429,9 +429,10 @@ state = "{c}/state"
             .arg(self.path().join("publish-root"))
             .arg("--hosts-dir")
             .arg(&self.hosts));
+        let summary: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
         eprintln!(
-            "published {image}: {}",
-            String::from_utf8_lossy(&out).trim()
+            "published {image}: {} blobs, {} bytes uploaded",
+            summary["blobs_uploaded"], summary["bytes_uploaded"]
         );
     }
 

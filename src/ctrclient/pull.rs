@@ -24,7 +24,9 @@ use tonic::Code;
 
 use super::{Client, CtrError, DEFAULT_ADDRESS, DEFAULT_NAMESPACE};
 use crate::proto::types;
-use crate::registry::{Descriptor, ImageRef, Registry, RegistryError, RegistryOptions};
+use crate::registry::{
+    Descriptor, ImageRef, Registry, RegistryError, RegistryOptions, DOCKER_MANIFEST_LIST, OCI_INDEX,
+};
 use crate::remote::image::{chain_ids, resolve, ImageError, Resolved};
 use crate::snapshotter::{
     LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST, LABEL_SNAPSHOT_REF,
@@ -114,6 +116,15 @@ pub enum PullError {
     /// The registry client could not be set up.
     #[error("registry client")]
     Registry(#[source] RegistryError),
+    /// The reference's manifest could not be fetched.
+    #[error("resolving {reference}")]
+    Resolve {
+        /// As given.
+        reference: String,
+        /// The registry's error.
+        #[source]
+        source: RegistryError,
+    },
     /// The image could not be resolved (names the image).
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -261,7 +272,28 @@ pub async fn pull(
         source,
     })?;
     let registry = Registry::new(opts.registry.clone()).map_err(PullError::Registry)?;
-    let resolved = resolve(&registry, &image).await?;
+    // What the reference names first: an index is written too, as the image's target.
+    let top = registry
+        .get_manifest(&image)
+        .await
+        .map_err(|source| PullError::Resolve {
+            reference: reference.to_string(),
+            source,
+        })?;
+    let index =
+        (top.media_type == OCI_INDEX || top.media_type == DOCKER_MANIFEST_LIST).then(|| {
+            let desc = Descriptor {
+                media_type: top.media_type.clone(),
+                digest: top.digest.clone(),
+                size: top.bytes.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::new(),
+            };
+            (desc, top.bytes.clone())
+        });
+    // Resolved by the digest just fetched: the manifest is the one this index (or tag)
+    // names, even if the tag moves meanwhile.
+    let resolved = resolve(&registry, &image.with_digest(&top.digest)).await?;
     progress.resolved(reference, &resolved);
     let containerd = |step: &str| {
         let step = step.to_string();
@@ -289,6 +321,7 @@ pub async fn pull(
         reference,
         image: &image,
         resolved: &resolved,
+        index: index.as_ref(),
         lease: &lease,
     };
     let result = job.run(progress).await;
@@ -313,13 +346,15 @@ struct Job<'a> {
     reference: &'a str,
     image: &'a ImageRef,
     resolved: &'a Resolved,
+    /// The index the reference names, if it names one.
+    index: Option<&'a (Descriptor, bytes::Bytes)>,
     lease: &'a str,
 }
 
 impl Job<'_> {
     /// The image record's target: the index if the reference named one.
     fn target(&self) -> types::Descriptor {
-        match &self.resolved.index {
+        match self.index {
             Some((d, _)) => descriptor(d),
             None => descriptor(&self.resolved.manifest_desc),
         }
@@ -364,7 +399,7 @@ impl Job<'_> {
         self.put_blob(&r.manifest_desc, &r.manifest_bytes, labels)
             .await
             .map_err(self.err("writing the manifest"))?;
-        if let Some((desc, bytes)) = &r.index {
+        if let Some((desc, bytes)) = self.index {
             let mut labels = BTreeMap::new();
             labels.insert(
                 "containerd.io/gc.ref.content.m.0".to_string(),

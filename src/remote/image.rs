@@ -17,9 +17,9 @@ pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
 /// Why an image could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// The registry failed.
+    /// The registry failed (boxed: a registry error is large, and rare).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// A manifest, index or config breaks its format, or no manifest fits this platform.
     #[error("image {image}: {why}")]
     Format {
@@ -28,6 +28,12 @@ pub enum ImageError {
         /// What is wrong.
         why: String,
     },
+}
+
+impl From<RegistryError> for ImageError {
+    fn from(e: RegistryError) -> Self {
+        ImageError::Registry(Box::new(e))
+    }
 }
 
 #[derive(Deserialize)]
@@ -55,7 +61,22 @@ struct IndexEntry {
 struct Platform {
     architecture: String,
     os: String,
+    #[serde(default)]
+    variant: Option<String>,
 }
+
+impl Platform {
+    /// `os/architecture[/variant]`, as `ctr --platform` writes it.
+    fn name(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{v}", self.os, self.architecture),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
+/// Most platform manifests of an index that [`resolve_platforms`] reads.
+pub const MAX_PLATFORMS: usize = 64;
 
 /// An image manifest: its config and layers.
 #[derive(Clone, Debug)]
@@ -81,9 +102,8 @@ pub struct Resolved {
     pub config_bytes: bytes::Bytes,
     /// The config's diff_ids, one per layer.
     pub diff_ids: Vec<String>,
-    /// The index (or manifest list) the reference named, if it named one: its
-    /// descriptor and bytes. The manifest above is its entry for this platform.
-    pub index: Option<(Descriptor, bytes::Bytes)>,
+    /// `os/arch[/variant]` as the index names it; `None` for a manifest named directly.
+    pub platform: Option<String>,
 }
 
 /// The `GOARCH` name of this machine's architecture.
@@ -132,38 +152,85 @@ pub fn parse_diff_ids(image: &ImageRef, bytes: &[u8]) -> Result<Vec<String>, Ima
 /// Resolves `image` (tag or digest) to the manifest for this platform, with its
 /// config. An index picks `linux` and this machine's architecture.
 pub async fn resolve(registry: &Registry, image: &ImageRef) -> Result<Resolved, ImageError> {
-    let mut fetched = registry.get_manifest(image).await?;
-    let mut media = media_type_of(&fetched.media_type, &fetched.bytes);
-    let mut index = None;
-    if media == OCI_INDEX || media == DOCKER_MANIFEST_LIST {
-        let j: Json = serde_json::from_slice(&fetched.bytes)
-            .map_err(|e| format_err(image, format!("index: {e}")))?;
-        let arch = this_arch();
-        let pick = j
-            .manifests
-            .unwrap_or_default()
-            .into_iter()
-            .find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-            })
-            .ok_or_else(|| format_err(image, format!("no manifest for linux/{arch}")))?;
-        index = Some((
-            Descriptor {
-                media_type: media.clone(),
-                digest: fetched.digest.clone(),
-                size: fetched.bytes.len() as u64,
-                artifact_type: None,
-                annotations: BTreeMap::new(),
-            },
-            fetched.bytes.clone(),
-        ));
-        fetched = registry
-            .get_manifest(&image.with_digest(&pick.desc.digest))
-            .await?;
-        media = media_type_of(&fetched.media_type, &fetched.bytes);
+    let fetched = registry.get_manifest(image).await?;
+    let media = media_type_of(&fetched.media_type, &fetched.bytes);
+    if media != OCI_INDEX && media != DOCKER_MANIFEST_LIST {
+        return resolve_manifest(registry, image, fetched, None).await;
     }
+    let arch = this_arch();
+    let pick = index_entries(image, &fetched.bytes)?
+        .into_iter()
+        .find(|(_, p)| p.os == "linux" && p.architecture == arch)
+        .ok_or_else(|| format_err(image, format!("no manifest for linux/{arch}")))?;
+    let m = registry
+        .get_manifest(&image.with_digest(&pick.0.digest))
+        .await?;
+    resolve_manifest(registry, image, m, Some(pick.1.name())).await
+}
+
+/// Resolves `image` to every `linux` manifest it names: the manifest itself, or each
+/// entry of an index whose platform is `linux` (in index order; entries of other
+/// operating systems, such as the `unknown/unknown` attestation manifests of buildx,
+/// are left out). At most [`MAX_PLATFORMS`].
+pub async fn resolve_platforms(
+    registry: &Registry,
+    image: &ImageRef,
+) -> Result<Vec<Resolved>, ImageError> {
+    let fetched = registry.get_manifest(image).await?;
+    let media = media_type_of(&fetched.media_type, &fetched.bytes);
+    if media != OCI_INDEX && media != DOCKER_MANIFEST_LIST {
+        return Ok(vec![
+            resolve_manifest(registry, image, fetched, None).await?,
+        ]);
+    }
+    let linux: Vec<_> = index_entries(image, &fetched.bytes)?
+        .into_iter()
+        .filter(|(_, p)| p.os == "linux")
+        .collect();
+    if linux.is_empty() {
+        return Err(format_err(image, "the index lists no linux manifest"));
+    }
+    if linux.len() > MAX_PLATFORMS {
+        return Err(format_err(
+            image,
+            format!(
+                "the index lists {} linux manifests, more than {MAX_PLATFORMS}",
+                linux.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(linux.len());
+    for (desc, platform) in linux {
+        let m = registry
+            .get_manifest(&image.with_digest(&desc.digest))
+            .await?;
+        out.push(resolve_manifest(registry, image, m, Some(platform.name())).await?);
+    }
+    Ok(out)
+}
+
+/// The entries of an index that name a platform.
+fn index_entries(
+    image: &ImageRef,
+    bytes: &[u8],
+) -> Result<Vec<(Descriptor, Platform)>, ImageError> {
+    let j: Json =
+        serde_json::from_slice(bytes).map_err(|e| format_err(image, format!("index: {e}")))?;
+    Ok(j.manifests
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| Some((m.desc, m.platform?)))
+        .collect())
+}
+
+/// An image manifest as fetched, with its config read and checked against its layers.
+async fn resolve_manifest(
+    registry: &Registry,
+    image: &ImageRef,
+    fetched: crate::registry::Fetched,
+    platform: Option<String>,
+) -> Result<Resolved, ImageError> {
+    let media = media_type_of(&fetched.media_type, &fetched.bytes);
     if media != OCI_MANIFEST && media != DOCKER_MANIFEST {
         return Err(format_err(
             image,
@@ -199,7 +266,7 @@ pub async fn resolve(registry: &Registry, image: &ImageRef) -> Result<Resolved, 
         manifest,
         config_bytes,
         diff_ids,
-        index,
+        platform,
     })
 }
 
