@@ -39,7 +39,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const WAIT: Duration = Duration::from_secs(30);
 /// Longest a single command (a pull, a `ctr run`) may take.
 const COMMAND_TIMEOUT_S: &str = "120";
-const TOOLS: [&str; 9] = [
+const TOOLS: [&str; 10] = [
     "containerd",
     "ctr",
     "runc",
@@ -49,6 +49,7 @@ const TOOLS: [&str; 9] = [
     "busybox",
     "tar",
     "timeout",
+    "script",
 ];
 
 fn dedupd_bin() -> &'static str {
@@ -380,9 +381,13 @@ state = "{c}/state"
         reference
     }
 
-    /// A base layer: static busybox with the applets the checks use.
+    /// A base layer: static busybox with the applets the checks use (made once; the
+    /// same tree, hence the same layer, each time).
     fn base_layer(&self) -> PathBuf {
         let l = self.path().join("layers/base");
+        if l.exists() {
+            return l;
+        }
         std::fs::create_dir_all(l.join("bin")).unwrap();
         std::fs::create_dir_all(l.join("etc")).unwrap();
         let busybox =
@@ -655,6 +660,53 @@ fn dedupd_pull_without_an_artifact_pulls_in_full_and_gc_frees_it() {
     // Again, by the environment variables: everything is there.
     let out = env.dedupd_pull_ok(ns, &index, true);
     assert!(out.contains("2 present"), "second pull: {out}");
+
+    // On a terminal: a line per layer. Another image on the same base: the base is
+    // present, its own layer is downloaded and applied.
+    let other = env.push_image("other", &[env.base_layer(), env.data_layer("other")]);
+    let cmd = format!(
+        "{} pull -a {} -n {ns} --hosts-dir {} {other}",
+        dedupd_bin(),
+        env.csock.display(),
+        env.hosts.display()
+    );
+    let tty = String::from_utf8(run(Command::new("timeout").arg(COMMAND_TIMEOUT_S).args([
+        "script",
+        "-qec",
+        &cmd,
+        "/dev/null",
+    ])))
+    .unwrap();
+    // The terminal's view: each line as last redrawn.
+    let shown: Vec<String> = strip_ansi(&tty)
+        .lines()
+        .map(|l| {
+            l.rsplit('\r')
+                .find(|p| !p.is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    eprintln!("dedupd pull on a terminal:\n{}", shown.join("\n"));
+    assert!(
+        shown[0].starts_with(&format!("{other}: manifest sha256:")),
+        "{shown:?}"
+    );
+    assert!(
+        shown[1].contains("layer 1/2 ") && shown[1].ends_with("present"),
+        "{shown:?}"
+    );
+    assert!(
+        shown[2].contains("layer 2/2 ")
+            && shown[2].contains(" downloaded ")
+            && shown[2].ends_with(", applied"),
+        "{shown:?}"
+    );
+    assert!(
+        shown[3].contains("1 downloaded") && shown[3].contains("1 present"),
+        "{shown:?}"
+    );
+    env.ctr_ok(ns, &["image", "rm", "--sync", &other]);
 
     env.remove_and_wait_empty(ns, &index);
     assert!(env.snapshots(ns).is_empty());

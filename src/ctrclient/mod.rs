@@ -44,7 +44,7 @@ const WRITE_QUEUE: usize = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum CtrError {
     /// containerd's socket did not take a connection.
-    #[error("connecting to containerd at {address}")]
+    #[error("no connection to {address}")]
     Connect {
         /// The socket.
         address: PathBuf,

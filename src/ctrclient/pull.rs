@@ -255,9 +255,16 @@ pub fn pull_cmd(args: &PullArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut progress = Progress::new(std::io::stdout().is_terminal());
-    let report = rt.block_on(pull(&args.options(), &args.reference, &mut progress))?;
-    progress.finished(&report);
-    Ok(())
+    match rt.block_on(pull(&args.options(), &args.reference, &mut progress)) {
+        Ok(report) => {
+            progress.finished(&report);
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e.into())
+        }
+    }
 }
 
 /// Pulls `reference` into containerd (see the module docs).
@@ -271,6 +278,18 @@ pub async fn pull(
         reference: reference.to_string(),
         source,
     })?;
+    // containerd first: a missing socket fails before any download.
+    let containerd = |step: &str| {
+        let step = step.to_string();
+        move |source| PullError::Containerd {
+            image: reference.to_string(),
+            step,
+            source,
+        }
+    };
+    let client = Client::connect(&opts.address, &opts.namespace)
+        .await
+        .map_err(containerd("connecting to containerd"))?;
     let registry = Registry::new(opts.registry.clone()).map_err(PullError::Registry)?;
     // What the reference names first: an index is written too, as the image's target.
     let top = registry
@@ -295,17 +314,6 @@ pub async fn pull(
     // names, even if the tag moves meanwhile.
     let resolved = resolve(&registry, &image.with_digest(&top.digest)).await?;
     progress.resolved(reference, &resolved);
-    let containerd = |step: &str| {
-        let step = step.to_string();
-        move |source| PullError::Containerd {
-            image: reference.to_string(),
-            step,
-            source,
-        }
-    };
-    let client = Client::connect(&opts.address, &opts.namespace)
-        .await
-        .map_err(containerd("connecting"))?;
     let lease = format!("dedupd-pull-{}", unique_part());
     client
         .create_lease(&lease, SystemTime::now() + LEASE_TTL)
@@ -756,6 +764,8 @@ pub fn human_bytes(n: u64) -> String {
 pub struct Progress {
     tty: bool,
     last_draw: Option<Instant>,
+    /// A live line is on the terminal, without its newline.
+    open_line: bool,
 }
 
 impl Progress {
@@ -764,6 +774,15 @@ impl Progress {
         Progress {
             tty,
             last_draw: None,
+            open_line: false,
+        }
+    }
+
+    /// Ends a live line left open by a failed pull (the error follows on its own line).
+    pub fn abandon(&mut self) {
+        if self.open_line {
+            println!();
+            self.open_line = false;
         }
     }
 
@@ -771,6 +790,7 @@ impl Progress {
         if !self.tty {
             return;
         }
+        self.open_line = partial;
         let mut out = std::io::stdout().lock();
         // Carriage return and erase-line redraw the live line in place.
         let _ = write!(out, "\r{text}\x1b[K");
