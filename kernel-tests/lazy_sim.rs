@@ -366,6 +366,8 @@ fn a_silent_registry_fails_its_readers_in_bounded_time_and_local_reads_go_on() {
     });
     // The registry is back: the same range reads.
     f.fake.mode.store(0, Ordering::SeqCst);
+    // A failed fetch stands for a moment (the kernel's immediate retries fail fast).
+    std::thread::sleep(dedupd::remote::fetch::FAILURE_HOLD);
     assert_eq!(
         r.sim.read(rid, 0, 4 * BLOCK_BYTES, T).unwrap(),
         ReadOutcome::Served
@@ -389,6 +391,8 @@ fn damaged_bytes_give_eio_and_never_reach_the_cache_file() {
     assert_eq!(r.sim.violations(), Vec::<String>::new());
     // Repaired: the read succeeds and the blob reads whole.
     f.fake.mode.store(0, Ordering::SeqCst);
+    // A failed fetch stands for a moment (the kernel's immediate retries fail fast).
+    std::thread::sleep(dedupd::remote::fetch::FAILURE_HOLD);
     assert_eq!(r.sim.read(rid, 0, size, T).unwrap(), ReadOutcome::Served);
     assert_eq!(r.sim.check_all(), Vec::<String>::new());
 }

@@ -21,6 +21,8 @@ enum Command {
     Run(dedupd::daemon::RunArgs),
     /// Convert OCI layer files into EROFS images and stored chunks.
     Convert(dedupd::convert::ConvertArgs),
+    /// Publish a dedupd artifact beside an image in its registry (for lazy pull), as JSON.
+    Publish(dedupd::remote::publish::PublishArgs),
     /// Write a converted layer's image and data blobs as plain files.
     Export(dedupd::convert::ExportArgs),
     /// Serve every converted layer through fanotify pre-content events (Linux 6.14+),
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
         Command::Export(a) => dedupd::convert::export_cmd(a),
+        Command::Publish(a) => dedupd::remote::publish::publish_cmd(a),
         Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),

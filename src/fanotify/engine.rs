@@ -435,8 +435,17 @@ impl Shared {
         // event is answered.
         let fd = unsafe { BorrowedFd::borrow_raw(q.ev.fd) };
         self.adopt_writer(bi, fd);
-        self.note_sequential(bi, offset, count);
         let b = &self.blobs[bi];
+        if b.priming.load(Ordering::Acquire) && q.ev.pid == std::process::id() as i32 {
+            // Our own priming read, for the write fd adopted above: it drops the byte it
+            // reads, so it is allowed unfilled (filling would fetch a lazily pulled
+            // blob's first chunk at mount). The page map stays clear: the first real
+            // reader of that page gets it filled, and the fill's write replaces the
+            // cached hole.
+            self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+            return Ok(sys::FAN_ALLOW);
+        }
+        self.note_sequential(bi, offset, count);
         let end = offset.saturating_add(count).min(b.table.size_bytes());
         if offset >= end || b.map.all(offset / PAGE_BYTES, end.div_ceil(PAGE_BYTES)) {
             self.counters.allowed.fetch_add(1, Ordering::Relaxed);

@@ -282,6 +282,9 @@ struct Blob {
     prefetched_to: AtomicU64,
     /// Ranges fill requests in flight are writing, and events parked on them.
     claims: Mutex<engine::Claims>,
+    /// Set while [`FanotifyFrontEnd::prime`] reads the file for a write fd: that read
+    /// is allowed unfilled (see `engine::Shared::classify`).
+    priming: AtomicBool,
 }
 
 /// How far ahead of a sequential reader the prefetcher fills.
@@ -521,6 +524,7 @@ impl FanotifyFrontEnd {
                 next_seq: AtomicU64::new(u64::MAX),
                 prefetched_to: AtomicU64::new(0),
                 claims: Mutex::default(),
+                priming: AtomicBool::new(false),
             });
         }
         // Blobs that are gone (and so not served): their writers keep dead inodes, and
@@ -632,6 +636,7 @@ impl FanotifyFrontEnd {
                 continue;
             }
             let path = b.path.clone();
+            b.priming.store(true, Ordering::Release);
             // A thread, so that a kernel that raises no event cannot block start-up.
             let t = std::thread::spawn(move || {
                 if let Ok(f) = File::open(&path) {
@@ -642,6 +647,7 @@ impl FanotifyFrontEnd {
             while b.writer.get().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            b.priming.store(false, Ordering::Release);
             if b.writer.get().is_none() {
                 tracing::warn!(blob = %b.id, "no write fd for blob (no event for a priming read)");
             }

@@ -416,13 +416,14 @@ impl Registry {
     }
 
     /// Uploads `data` as blob `digest` to the first host with `push`, unless a HEAD
-    /// finds it there. `data` is checked against `digest` first.
+    /// finds it there. `data` is checked against `digest` first. Returns whether it
+    /// uploaded (false: the registry had the blob).
     pub async fn push_blob(
         &self,
         repo: &ImageRef,
         digest: &str,
         data: Bytes,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         check_digest(digest)?;
         let ep = self.push_host(repo)?;
         let at = ep.target(repo, format!("blob {digest}"));
@@ -431,7 +432,7 @@ impl Registry {
             return Err(RegistryError::DigestMismatch { at, actual });
         }
         if head_blob(&ep, repo, digest, &at).await? {
-            return Ok(());
+            return Ok(false);
         }
         let oref = ep.reference(repo, None, Some(digest));
         let len = data.len() as u64;
@@ -448,23 +449,24 @@ impl Registry {
                 },
             )
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Uploads the file at `path` as blob `digest`, streamed in one PUT, to the first
     /// host with `push`, unless a HEAD finds it there. The registry checks the digest
     /// (a mismatch is [`RegistryError::DigestMismatch`]); the file is not read twice.
+    /// Returns whether it uploaded (false: the registry had the blob).
     pub async fn push_blob_file(
         &self,
         repo: &ImageRef,
         digest: &str,
         path: &Path,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         check_digest(digest)?;
         let ep = self.push_host(repo)?;
         let at = ep.target(repo, format!("blob {digest}"));
         if head_blob(&ep, repo, digest, &at).await? {
-            return Ok(());
+            return Ok(false);
         }
         let file_err = |e: std::io::Error| RegistryError::Config {
             what: path.display().to_string(),
@@ -482,7 +484,7 @@ impl Registry {
                     .await
             })
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Uploads a manifest to the first host with `push`, under `r`'s tag, or its digest

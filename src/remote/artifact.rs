@@ -49,7 +49,7 @@ pub const MAX_META_BYTES: u64 = 2 << 30;
 /// Largest JSON header of a metadata blob.
 const MAX_HEADER_BYTES: usize = 1 << 20;
 /// Most data blobs one layer may name.
-const MAX_DATA_BLOBS: usize = 4096;
+pub const MAX_DATA_BLOBS: usize = 4096;
 
 /// Why an artifact or metadata blob was refused. Names what is wrong.
 #[derive(Debug, thiserror::Error)]

@@ -29,8 +29,12 @@
 //!
 //! A range request is retried with backoff while its error is retryable (5xx, a reset,
 //! a short body, a registry that ignored Range) until [`FetchConfig::timeout`] after it
-//! began; then its waiters fail (the kernel reader gets EIO) and the next read tries
-//! again. Every record is verified whole ([`chunk::verify_foreign_record`]) before it is
+//! began; then its waiters fail (the kernel reader gets EIO). The failure stands for
+//! [`FAILURE_HOLD`], for that chunk and, when the registry did not deliver in time (down,
+//! unreachable, ignoring Range), for every chunk of that repository: the kernel retries
+//! a failed read at once (readahead, then the page itself, then the next pages), and
+//! those retries fail at once instead of waiting out a timeout each, so a reader's wait
+//! stays one timeout. After that the next read tries the registry again. Every record is verified whole ([`chunk::verify_foreign_record`]) before it is
 //! appended to the store; a chunk that fails is fetched once more, then fails. Nothing
 //! unverified is written anywhere. Verified records go to the store's fetch writer
 //! ([`FetchWriter`]): readable at once, committed to the index in groups every
@@ -296,6 +300,8 @@ enum Msg {
     Done {
         results: Vec<(ChunkDigest, Result<ChunkLoc, FetchFailure>)>,
         prefetch: bool,
+        /// The repository fetched from (none for chunks made locally).
+        source: Option<RemoteSource>,
     },
     Prefetch(Arc<BlobTable>, Vec<u32>),
     Tick,
@@ -458,6 +464,10 @@ struct Sequence {
 
 /// Most blobs whose read order is remembered (the map is cleared past it).
 const MAX_SEQUENCES: usize = 4096;
+/// How long a chunk's failed fetch answers new requests for it (see the module doc).
+pub const FAILURE_HOLD: Duration = Duration::from_secs(1);
+/// Most failed chunks remembered.
+const MAX_FAILED: usize = 1 << 16;
 
 /// A blob being prefetched: its chunks in order, and how far the prefetcher got.
 struct PrefetchJob {
@@ -492,6 +502,10 @@ struct Dispatcher {
     tokens: f64,
     refilled: Instant,
     traces: HashMap<String, TraceRec>,
+    /// Chunks whose last fetch failed: when, and why.
+    failed: HashMap<ChunkDigest, (Instant, FetchFailure)>,
+    /// Repositories whose last fetch timed out: when, and why.
+    down: HashMap<RemoteSource, (Instant, FetchFailure)>,
 }
 
 impl Dispatcher {
@@ -508,6 +522,8 @@ impl Dispatcher {
             tokens: 0.0,
             refilled: Instant::now(),
             traces: HashMap::new(),
+            failed: HashMap::new(),
+            down: HashMap::new(),
         }
     }
 
@@ -519,15 +535,43 @@ impl Dispatcher {
                     index,
                     reply,
                 } => self.on_request(table, index, reply),
-                Msg::Done { results, prefetch } => {
+                Msg::Done {
+                    results,
+                    prefetch,
+                    source,
+                } => {
+                    if let Some(src) = source {
+                        let timeout = results.iter().find_map(|(_, r)| match r {
+                            Err(e @ FetchFailure::Timeout(..)) => Some(e.clone()),
+                            _ => None,
+                        });
+                        match timeout {
+                            Some(e) => {
+                                self.down.insert(src, (Instant::now(), e));
+                            }
+                            None if results.iter().any(|(_, r)| r.is_ok()) => {
+                                self.down.remove(&src);
+                            }
+                            None => {}
+                        }
+                    }
                     if prefetch {
                         self.prefetch_running = self.prefetch_running.saturating_sub(1);
                     } else {
                         self.running = self.running.saturating_sub(1);
                     }
                     for (d, r) in results {
-                        if let Ok(loc) = r {
-                            self.landed.insert(d, loc);
+                        match &r {
+                            Ok(loc) => {
+                                self.landed.insert(d, *loc);
+                                self.failed.remove(&d);
+                            }
+                            Err(e) => {
+                                if self.failed.len() >= MAX_FAILED {
+                                    self.failed.clear();
+                                }
+                                self.failed.insert(d, (Instant::now(), e.clone()));
+                            }
                         }
                         for w in self.inflight.remove(&d).unwrap_or_default() {
                             w.send(r.clone());
@@ -590,6 +634,14 @@ impl Dispatcher {
             waiters.push(reply);
             return;
         }
+        if let Some((at, why)) = self.failed.get(&e.digest) {
+            if at.elapsed() < FAILURE_HOLD {
+                bump(&stats.failed, 1);
+                reply.send(Err(why.clone()));
+                return;
+            }
+            self.failed.remove(&e.digest);
+        }
         if let Some(loc) = self.stored(&e.digest, e.raw_len) {
             bump(&stats.local, 1);
             reply.send(Ok(loc));
@@ -612,10 +664,18 @@ impl Dispatcher {
                 let _ = ctx.tx.send(Msg::Done {
                     results: vec![(e.digest, r)],
                     prefetch: false,
+                    source: None,
                 });
             });
             self.running += 1;
             return;
+        }
+        if let Some((at, why)) = self.down.get(&remote.source) {
+            if at.elapsed() < FAILURE_HOLD {
+                bump(&stats.failed, 1);
+                reply.send(Err(why.clone()));
+                return;
+            }
         }
         let window = self.plan(&table, remote, index);
         for p in &window.pieces {
@@ -703,13 +763,17 @@ impl Dispatcher {
         }];
         let mut end = first + u64::from(len);
         // Bounded by the table's length.
-        for k in index + 1..entries.len() {
+        for (k, (e, l)) in entries
+            .iter()
+            .zip(&remote.locators)
+            .enumerate()
+            .skip(index + 1)
+        {
             let Locator::Record {
                 data: d,
                 offset,
                 len,
-            } = remote.locators[k];
-            let e = &entries[k];
+            } = *l;
             if end - first >= budget
                 || d != data
                 || offset != end
@@ -967,6 +1031,7 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
     let _ = ctx.tx.send(Msg::Done {
         results,
         prefetch: w.prefetch,
+        source: Some(w.source),
     });
 }
 
@@ -1294,11 +1359,11 @@ mod tests {
         let chunks: Vec<Vec<u8>> = (0..40).map(|n| chunk_bytes(n, 65536)).collect();
         let (store, table) = setup(dir.path(), &chunks, &fake);
         let f = Fetcher::start(store.clone(), fake.clone(), cfg()).unwrap();
-        for i in 0..40 {
+        for (i, want) in chunks.iter().enumerate() {
             let loc = f.fetch_blocking(table.clone(), i).unwrap();
             assert_eq!(
-                read(&store, &loc, &table.entries()[i].digest),
-                chunks[i],
+                &read(&store, &loc, &table.entries()[i].digest),
+                want,
                 "chunk {i}"
             );
         }
@@ -1368,6 +1433,15 @@ mod tests {
         let err = f.fetch_blocking(table.clone(), 0).unwrap_err();
         assert!(matches!(err, FetchFailure::Timeout(..)), "{err}");
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // The failure stands for a while: a retry at once fails at once.
+        let t = std::time::Instant::now();
+        assert!(f.fetch_blocking(table.clone(), 1).is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(FAILURE_HOLD);
         fake.mode.store(4, Ordering::SeqCst);
         fake.calls.store(0, Ordering::SeqCst);
         let loc = f.fetch_blocking(table.clone(), 0).unwrap();

@@ -8,11 +8,13 @@
 //!   handed back to the serving threads (single flight per chunk, adjacent misses in one
 //!   request, bounded concurrency, retries with a deadline).
 //! - [`image`]: image manifests, configs and chain ids.
+//! - [`publish`]: `dedupd publish`, which builds and pushes an image's artifact.
 //! - [`pull`]: finding a layer's artifact and registering the layer from its metadata.
 
 pub mod artifact;
 pub mod fetch;
 pub mod image;
+pub mod publish;
 pub mod pull;
 
 pub use self::fetch::{

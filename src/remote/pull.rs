@@ -27,9 +27,9 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 /// Why a layer could not be pulled lazily (the caller falls back to a full pull).
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    /// The registry failed.
+    /// The registry failed (boxed: a registry error is large, and rare).
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     /// The artifact or its metadata is malformed.
     #[error(transparent)]
     Artifact(#[from] super::artifact::ArtifactError),
@@ -50,6 +50,12 @@ pub enum PullError {
     },
 }
 
+impl From<RegistryError> for PullError {
+    fn from(e: RegistryError) -> Self {
+        PullError::Registry(Box::new(e))
+    }
+}
+
 /// A found artifact: its manifest digest and contents.
 #[derive(Clone, Debug)]
 pub struct Found {
@@ -65,10 +71,13 @@ pub struct LazyPuller {
     registry: Registry,
     store: Arc<Store>,
     runtime: tokio::runtime::Handle,
-    found: Mutex<HashMap<String, (Instant, Option<Arc<Found>>)>>,
+    found: Mutex<HashMap<String, Discovered>>,
     fetcher: Option<Arc<Fetcher>>,
     prefetch: PrefetchMode,
 }
+
+/// When an image's artifact was looked for, and what was found.
+type Discovered = (Instant, Option<Arc<Found>>);
 
 /// What the prefetcher fetches after a layer is mounted lazily.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

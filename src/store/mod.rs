@@ -547,7 +547,7 @@ impl Store {
     pub fn remote_chunks(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let t = txn.open_table(REMOTE_REFS).map_err(self.db_err())?;
-        Ok(t.len().map_err(self.db_err())?)
+        t.len().map_err(self.db_err())
     }
 
     /// Reads chunk `entry` back into `out` (resized to its length), verified. The slow
@@ -565,6 +565,34 @@ impl Store {
             digest: *digest,
             source,
         })
+    }
+
+    /// Reads chunk `digest`'s whole `DDC1` record, header and payload as the pack holds
+    /// it, into `record`, after checking it: the header against the index, the payload
+    /// decoded (into `scratch`, for records stored compressed) and hashed against the
+    /// digest. What a publisher copies into a data blob; a damaged record never leaves
+    /// the node. Returns the chunk's location.
+    pub fn read_record(
+        &self,
+        digest: &ChunkDigest,
+        record: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<ChunkLoc> {
+        let loc = self
+            .locate(digest)?
+            .ok_or(StoreError::MissingChunk(*digest))?;
+        let path = self.pack_path(loc.pack);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        record.resize(loc.record_len(), 0);
+        let n = read_full_at(&file, record, loc.offset).map_err(io_err(&path))?;
+        scratch.resize(loc.raw_len as usize, 0);
+        chunk::decode_record_or_in_place(&record[..n], &loc, digest, scratch).map_err(
+            |source| StoreError::Chunk {
+                digest: *digest,
+                source,
+            },
+        )?;
+        Ok(loc)
     }
 
     /// Everything the data plane can serve: every layer's image and every blob.
@@ -1194,6 +1222,48 @@ pub(crate) mod tests {
         );
         let reg = store.registry().unwrap();
         assert_eq!(reg.blobs.len(), 4);
+    }
+
+    #[test]
+    fn records_are_read_raw_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let chunks = [
+            vec![7u8; 65536],
+            (0..5000u32).map(|i| ((i * 7919) >> 3) as u8).collect(),
+        ];
+        commit_layer(&store, "aa", &chunks);
+        let (mut rec, mut scratch) = (Vec::new(), Vec::new());
+        for c in &chunks {
+            let d = ChunkDigest::of(c);
+            let loc = store.read_record(&d, &mut rec, &mut scratch).unwrap();
+            assert_eq!(rec.len(), loc.record_len());
+            let mut out = vec![0u8; c.len()];
+            chunk::verify_foreign_record(&rec, c.len() as u32, &d, &mut out).unwrap();
+            assert_eq!(&out, c);
+        }
+        // A flipped payload byte in the pack is refused, not copied.
+        let d = ChunkDigest::of(&chunks[0]);
+        let loc = store.locate(&d).unwrap().unwrap();
+        let pack = fs::OpenOptions::new()
+            .write(true)
+            .open(store.pack_path(loc.pack))
+            .unwrap();
+        let at = loc.offset + loc.record_len() as u64 - 1;
+        let mut b = [0u8; 1];
+        File::open(store.pack_path(loc.pack))
+            .unwrap()
+            .read_at(&mut b, at)
+            .unwrap();
+        pack.write_at(&[b[0] ^ 0x55], at).unwrap();
+        assert!(matches!(
+            store.read_record(&d, &mut rec, &mut scratch),
+            Err(StoreError::Chunk { .. })
+        ));
+        assert!(matches!(
+            store.read_record(&ChunkDigest::of(b"absent"), &mut rec, &mut scratch),
+            Err(StoreError::MissingChunk(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,687 @@
+//! Lazy pull end to end, natively: real registries on 127.0.0.1, `dedupd publish`, then
+//! `dedupd run` on a fresh root (fanotify front end) mounting the image's layers from
+//! their metadata through the snapshotter's remote path (Prepare with the CRI labels ->
+//! ALREADY_EXISTS), and the kernel reading every file. Checks: every byte matches the
+//! image's tar; each chunk is fetched once (8 concurrent readers, a remount, a second
+//! image that shares a layer and files); registry faults (stopped, bytes flipped, Range
+//! ignored) give EIO within the configured bound and correct reads once repaired, never
+//! a wrong byte, and the daemon lives on. Root only; skips loudly otherwise.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{Read, Write as _};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::registry::{Fault, FaultProxy, TestRegistry};
+use dedupd::digest::ChunkDigest;
+use dedupd::registry::{ImageRef, Registry, RegistryOptions, OCI_MANIFEST};
+use dedupd::remote::image::chain_ids;
+use dedupd::snapshotter::proto::snapshots as pb;
+use dedupd::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+
+const DEDUPD: &str = env!("CARGO_BIN_EXE_dedupd");
+/// Chunk size of the conversion (the default).
+const CHUNK: usize = 64 << 10;
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Pseudo-random bytes from `seed`.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// One layer: regular files (path, content) and whiteouts (`.wh.` names).
+#[derive(Clone, Default)]
+struct Layer {
+    files: Vec<(String, Vec<u8>)>,
+    whiteouts: Vec<String>,
+}
+
+impl Layer {
+    fn tar_gz(&self) -> (Bytes, String) {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut dirs = BTreeSet::new();
+        for (p, _) in &self.files {
+            let mut d = Path::new(p).parent();
+            while let Some(x) = d.filter(|x| !x.as_os_str().is_empty()) {
+                dirs.insert(x.to_string_lossy().into_owned());
+                d = x.parent();
+            }
+        }
+        for d in dirs {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("{d}/"), &[][..]).unwrap();
+        }
+        for (p, data) in &self.files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            tar.append_data(&mut h, p, &data[..]).unwrap();
+        }
+        for w in &self.whiteouts {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_cksum();
+            tar.append_data(&mut h, w, &[][..]).unwrap();
+        }
+        let tar = tar.into_inner().unwrap();
+        let diff_id = sha256(&tar);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        (Bytes::from(gz.finish().unwrap()), diff_id)
+    }
+
+    /// Digests of the chunks of its files (how conversion cuts them).
+    fn chunks(&self) -> BTreeSet<ChunkDigest> {
+        self.files
+            .iter()
+            .flat_map(|(_, d)| d.chunks(CHUNK).map(ChunkDigest::of))
+            .collect()
+    }
+}
+
+/// An image as pushed: its layers and what its root must read as.
+struct Image {
+    reference: String,
+    manifest_digest: String,
+    layer_digests: Vec<String>,
+    diff_ids: Vec<String>,
+    /// Path -> sha256 of the merged view.
+    want: BTreeMap<String, String>,
+    chunks: BTreeSet<ChunkDigest>,
+}
+
+async fn push_image(reg: &Registry, reference: &str, layers: &[Layer]) -> Image {
+    let r = ImageRef::parse(reference).unwrap();
+    let mut descs = Vec::new();
+    let mut layer_digests = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut want = BTreeMap::new();
+    let mut chunks = BTreeSet::new();
+    for l in layers {
+        let (gz, diff_id) = l.tar_gz();
+        let d = sha256(&gz);
+        reg.push_blob(&r, &d, gz.clone()).await.unwrap();
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
+        layer_digests.push(d);
+        diff_ids.push(diff_id);
+        for w in &l.whiteouts {
+            let p = w.replace(".wh.", "");
+            want.remove(&p);
+        }
+        for (p, data) in &l.files {
+            want.insert(p.clone(), sha256(data));
+        }
+        chunks.extend(l.chunks());
+    }
+    let config = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap(),
+    );
+    reg.push_blob(&r, &sha256(&config), config.clone())
+        .await
+        .unwrap();
+    let manifest = Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap(),
+    );
+    let manifest_digest = reg.push_manifest(&r, OCI_MANIFEST, manifest).await.unwrap();
+    Image {
+        reference: reference.to_string(),
+        manifest_digest,
+        layer_digests,
+        diff_ids,
+        want,
+        chunks,
+    }
+}
+
+fn registry_client(dir: &Path) -> Registry {
+    Registry::new(RegistryOptions {
+        hosts_dir: dir.join("no-certs.d"),
+        plain_http: true,
+        docker_config: None,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(20),
+        max_requests_per_host: 8,
+    })
+    .unwrap()
+}
+
+fn publish(reference: &str, root: &Path) {
+    let out = Command::new(DEDUPD)
+        .args(["publish", reference, "--plain-http", "--root"])
+        .arg(root)
+        .env("DEDUPD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dedupd publish {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `dedupd run` on its own root, killed (and its mounts undone) on drop.
+struct Daemon {
+    root: tempfile::TempDir,
+    child: Option<Child>,
+    mounts: Vec<PathBuf>,
+}
+
+impl Daemon {
+    /// `lazy`: extra lines of the config's `[lazy]` table.
+    fn start(fetch_timeout_ms: u64, lazy: &str) -> Daemon {
+        let root = tempfile::Builder::new()
+            .prefix("dlazy")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let mut d = Daemon {
+            root,
+            child: None,
+            mounts: Vec::new(),
+        };
+        let config = d.root.path().join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "root = {:?}\nsocket = {:?}\nfront_end = \"fanotify\"\n\n[registry]\nplain_http = true\nhosts_dir = {:?}\n\n[lazy]\nprefetch = \"none\"\nfetch_timeout_ms = {fetch_timeout_ms}\n{lazy}\n",
+                d.root.path().join("store"),
+                d.socket(),
+                d.root.path().join("certs.d"),
+            ),
+        )
+        .unwrap();
+        let log = fs::File::create(d.root.path().join("dedupd.log")).unwrap();
+        d.child = Some(
+            Command::new(DEDUPD)
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("DEDUPD_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.stats_path().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "dedupd did not start:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.root.path().join("dedupd.sock")
+    }
+
+    fn stats_path(&self) -> PathBuf {
+        self.root.path().join("store/run/stats.json")
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.path().join("dedupd.log")).unwrap_or_default()
+    }
+
+    /// The fetcher's counters now.
+    fn fetch(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(t) = fs::read_to_string(self.stats_path()) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
+                    return v["fetch"].clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no stats");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The fetcher counter `k` once it has been steady for a moment (stats.json is
+    /// rewritten every 200 ms).
+    fn settled(&self, k: &str) -> u64 {
+        let mut last = u64::MAX;
+        loop {
+            std::thread::sleep(Duration::from_millis(450));
+            let v = self.fetch()[k].as_u64().unwrap_or(0);
+            if v == last {
+                return v;
+            }
+            last = v;
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Ok(rd) = fs::read_dir(self.root.path().join("store/m")) {
+            for e in rd.flatten() {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- dedupd log ---\n{}", self.log());
+        }
+    }
+}
+
+async fn connect(socket: &Path) -> SnapshotsClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let path = socket.to_path_buf();
+    let ch = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    SnapshotsClient::new(ch)
+}
+
+/// Prepares every layer of `img` as containerd's unpacker does with the CRI labels;
+/// each must answer ALREADY_EXISTS (pulled lazily). Returns the top chain id.
+async fn pull_lazily(c: &mut SnapshotsClient<Channel>, img: &Image, image_ref: &str) -> String {
+    let chains = chain_ids(&img.diff_ids);
+    let mut parent = String::new();
+    for (i, chain) in chains.iter().enumerate() {
+        let labels = HashMap::from([
+            ("containerd.io/snapshot.ref".to_string(), chain.clone()),
+            (
+                "containerd.io/snapshot/cri.image-ref".into(),
+                image_ref.to_string(),
+            ),
+            (
+                "containerd.io/snapshot/cri.manifest-digest".into(),
+                img.manifest_digest.clone(),
+            ),
+            (
+                "containerd.io/snapshot/cri.layer-digest".into(),
+                img.layer_digests[i].clone(),
+            ),
+        ]);
+        let r = c
+            .prepare(pb::PrepareSnapshotRequest {
+                snapshotter: "dedup".into(),
+                key: format!("extract-{i} {chain}"),
+                parent: parent.clone(),
+                labels,
+            })
+            .await;
+        let code = r.as_ref().err().map(|s| s.code());
+        assert_eq!(code, Some(tonic::Code::AlreadyExists), "layer {i}: {r:?}");
+        parent = chain.clone();
+    }
+    parent
+}
+
+/// A read-only view of `top`, mounted; returns the mountpoint.
+async fn view(c: &mut SnapshotsClient<Channel>, d: &mut Daemon, key: &str, top: &str) -> PathBuf {
+    let mounts = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "dedup".into(),
+            key: key.into(),
+            parent: top.into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let target = d.root.path().join(format!("view-{key}"));
+    fs::create_dir_all(&target).unwrap();
+    assert_eq!(mounts.len(), 1);
+    let m = &mounts[0];
+    let mut flags = nix::mount::MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &m.options {
+        match o.as_str() {
+            "ro" => flags |= nix::mount::MsFlags::MS_RDONLY,
+            "rbind" => flags |= nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+            "bind" => flags |= nix::mount::MsFlags::MS_BIND,
+            other => data.push(other.to_string()),
+        }
+    }
+    let data = data.join(",");
+    nix::mount::mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.r#type.as_str()),
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .unwrap_or_else(|e| panic!("mounting {m:?}: {e}"));
+    d.mounts.push(target.clone());
+    target
+}
+
+async fn unview(c: &mut SnapshotsClient<Channel>, d: &mut Daemon, key: &str, at: &Path) {
+    nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    d.mounts.retain(|m| m != at);
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "dedup".into(),
+        key: key.into(),
+    })
+    .await
+    .unwrap();
+}
+
+/// Reads every expected file under `root` with `readers` threads (each file by one
+/// reader, chunks in random order), checking every byte.
+fn read_all(root: &Path, want: &BTreeMap<String, String>, readers: usize) {
+    let files: Vec<(&String, &String)> = want.iter().collect();
+    std::thread::scope(|s| {
+        for t in 0..readers {
+            let files = &files;
+            s.spawn(move || {
+                for (i, (p, sum)) in files.iter().enumerate() {
+                    if i % readers != t {
+                        continue;
+                    }
+                    let got = fs::read(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+                    assert_eq!(&sha256(&got), *sum, "{p}: wrong bytes");
+                }
+            });
+        }
+    });
+    // Nothing else is there (whiteouts hide what they must).
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if !ft.is_char_device() {
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                seen.insert(rel);
+            }
+        }
+    }
+    let wanted: BTreeSet<String> = want.keys().cloned().collect();
+    assert_eq!(seen, wanted, "the tree differs");
+}
+
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("!!!!!!!! SKIPPED lazy_e2e: needs root (mounts, fanotify) !!!!!!!!");
+    false
+}
+
+/// Layers of image A (and B, which shares A's base and some file contents).
+fn layers() -> (Vec<Layer>, Vec<Layer>) {
+    let mut base = Layer::default();
+    for i in 0..24u64 {
+        let len = [1usize, 4000, 65536, 65537, 200_000, 1 << 20][i as usize % 6] + i as usize;
+        base.files
+            .push((format!("usr/lib/lib{i}.so"), noise(i, len)));
+    }
+    // A file with runs of zeros between data (zero chunks are made, not fetched).
+    let mut sparse = noise(99, 3 * CHUNK);
+    sparse.extend(vec![0u8; 4 * CHUNK]);
+    sparse.extend(noise(98, CHUNK + 17));
+    base.files.push(("var/db/sparse.bin".into(), sparse));
+    base.files
+        .push(("etc/gone".into(), b"deleted in the next layer".to_vec()));
+    let mut app = Layer::default();
+    for i in 0..12u64 {
+        app.files.push((
+            format!("app/data{i}.bin"),
+            noise(100 + i, 150_000 + (i as usize) * 999),
+        ));
+    }
+    // Same content as base files, under other names: no chunk fetched twice.
+    app.files
+        .push(("app/copy-of-lib3".into(), noise(3, 65537 + 3)));
+    app.whiteouts.push("etc/.wh.gone".into());
+    let mut big = Layer::default();
+    big.files
+        .push(("models/weights.bin".into(), noise(7777, 24 << 20)));
+    // B: A's base, then a layer with some of app's contents and new files.
+    let mut other = Layer::default();
+    for i in 0..4u64 {
+        other.files.push((
+            format!("srv/shared{i}.bin"),
+            noise(100 + i, 150_000 + (i as usize) * 999),
+        ));
+        other
+            .files
+            .push((format!("srv/own{i}.bin"), noise(500 + i, 90_000)));
+    }
+    (vec![base.clone(), app, big], vec![base, other])
+}
+
+#[test]
+fn lazy_layers_read_back_byte_identical_and_each_chunk_is_fetched_once() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let registry = TestRegistry::plain();
+    let client = registry_client(scratch.path());
+    let (la, lb) = layers();
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/lazy/a:1", registry.host),
+        &la,
+    ));
+    let b = rt.block_on(push_image(
+        &client,
+        &format!("{}/lazy/b:1", registry.host),
+        &lb,
+    ));
+    let src = scratch.path().join("publisher");
+    publish(&a.reference, &src);
+    publish(&b.reference, &src);
+
+    let mut d = Daemon::start(10_000, "");
+    rt.block_on(async {
+        let mut c = connect(&d.socket()).await;
+        let t = Instant::now();
+        let top = pull_lazily(&mut c, &a, &a.reference).await;
+        eprintln!("image A mounted lazily in {:?}", t.elapsed());
+        assert_eq!(
+            d.fetch()["chunks_fetched"],
+            0,
+            "only metadata before any read"
+        );
+        let at = view(&mut c, &mut d, "va", &top).await;
+        read_all(&at, &a.want, 8);
+        // Every chunk of A was read: each arrived exactly once, from the registry or (all
+        // zeros) made here.
+        let fetched = d.settled("chunks_fetched") + d.settled("zero_chunks");
+        eprintln!("A: {:?}", d.fetch());
+        assert_eq!(fetched, a.chunks.len() as u64, "each chunk of A once");
+
+        // Unmount and mount again: nothing is fetched.
+        unview(&mut c, &mut d, "va", &at).await;
+        let at = view(&mut c, &mut d, "va2", &top).await;
+        read_all(&at, &a.want, 4);
+        assert_eq!(
+            d.settled("chunks_fetched"),
+            fetched,
+            "refetched after a remount"
+        );
+
+        // B shares A's base layer and some of its file contents: only B's own chunks.
+        let top_b = pull_lazily(&mut c, &b, &b.reference).await;
+        let bt = view(&mut c, &mut d, "vb", &top_b).await;
+        read_all(&bt, &b.want, 8);
+        let own: BTreeSet<_> = b.chunks.difference(&a.chunks).collect();
+        assert_eq!(
+            d.settled("chunks_fetched") + d.settled("zero_chunks"),
+            fetched + own.len() as u64,
+            "B fetched a chunk A had: {:?}",
+            d.fetch()
+        );
+        assert_eq!(d.fetch()["failed"], 0);
+    });
+}
+
+#[test]
+fn registry_faults_give_eio_in_bounded_time_then_correct_reads() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut registry = TestRegistry::plain();
+    let proxy = FaultProxy::start(&registry.host);
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    // Pushed and published straight to the registry; pulled through the proxy.
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/faults/a:1", registry.host),
+        &la,
+    ));
+    publish(&a.reference, &scratch.path().join("publisher"));
+    let through = format!("{}/faults/a:1", proxy.host);
+
+    let bound = Duration::from_millis(3000);
+    // One chunk per random miss: a broken answer hits the chunk the reader wants.
+    let mut d = Daemon::start(bound.as_millis() as u64, "min_window_bytes = 1");
+    rt.block_on(async {
+        let mut c = connect(&d.socket()).await;
+        let top = pull_lazily(&mut c, &a, &through).await;
+        let at = view(&mut c, &mut d, "v", &top).await;
+        // Each fault hits files none of whose chunks was fetched yet (a window brings
+        // neighbours): every read either fails with EIO within the bound or returns
+        // exactly the right bytes, and at least one fails. Once healed, all read right.
+        let mut groups = a
+            .want
+            .iter()
+            .filter(|(p, _)| p.starts_with("app/data"))
+            .collect::<Vec<_>>();
+        let mut fail_then_heal = |fault: &dyn Fn(), heal: &dyn Fn(), what: &str| {
+            let take: Vec<_> = groups.drain(..4).collect();
+            fault();
+            let mut failed = 0;
+            for (p, sum) in &take {
+                let t = Instant::now();
+                let r = fs::File::open(at.join(p)).and_then(|mut f| {
+                    let mut v = Vec::new();
+                    f.read_to_end(&mut v).map(|_| v)
+                });
+                let took = t.elapsed();
+                match r {
+                    Ok(v) => assert_eq!(&sha256(&v), *sum, "{what}: {p}: WRONG BYTES"),
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {p}: {e}");
+                        assert!(
+                            took < bound + Duration::from_secs(5),
+                            "{what}: EIO after {took:?}"
+                        );
+                        failed += 1;
+                        eprintln!("{what}: {p}: EIO after {took:?}");
+                    }
+                }
+            }
+            assert!(failed > 0, "{what}: no read failed");
+            heal();
+            // A failure stands for a second (the kernel's immediate retries fail fast).
+            std::thread::sleep(dedupd::remote::fetch::FAILURE_HOLD + Duration::from_millis(200));
+            for (p, sum) in &take {
+                let got =
+                    fs::read(at.join(p)).unwrap_or_else(|e| panic!("{what}, healed: {p}: {e}"));
+                assert_eq!(&sha256(&got), *sum, "{what}: wrong bytes after healing");
+            }
+        };
+        fail_then_heal(
+            &|| proxy.set(Fault::Flip),
+            &|| proxy.set(Fault::Pass),
+            "bytes flipped",
+        );
+        fail_then_heal(
+            &|| proxy.set(Fault::IgnoreRange),
+            &|| proxy.set(Fault::Pass),
+            "Range ignored",
+        );
+        let reg = std::cell::RefCell::new(&mut registry);
+        fail_then_heal(
+            &|| reg.borrow_mut().stop(),
+            &|| reg.borrow_mut().restart(),
+            "registry down",
+        );
+        // Everything reads right afterwards, and the daemon lived through it.
+        read_all(&at, &a.want, 4);
+    });
+    assert!(d.alive(), "dedupd died:\n{}", d.log());
+}
