@@ -39,6 +39,21 @@ enum Command {
     /// Pull an image into containerd through the dedup snapshotter, lazily where the
     /// image has a published artifact (`ctr image pull` downloads every layer first).
     Pull(dedupd::ctrclient::pull::PullArgs),
+    /// Pull an image through containerd's CRI image service, as the kubelet does (for
+    /// tests and debugging on nodes without crictl); prints the image reference.
+    #[command(hide = true)]
+    CriPull {
+        /// containerd's socket.
+        #[arg(
+            short = 'a',
+            long,
+            env = "CONTAINERD_ADDRESS",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: std::path::PathBuf,
+        /// The image.
+        image: String,
+    },
     /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
     Status {
         /// Store root.
@@ -93,6 +108,7 @@ fn main() -> ExitCode {
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
         Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),
+        Command::CriPull { address, image } => cri_pull(address, image),
         Command::Status { root } => dedupd::daemon::status(root),
         Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
             a.root.clone(),
@@ -112,6 +128,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cri_pull(address: &std::path::Path, image: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let image_ref = rt.block_on(async {
+        let c = dedupd::ctrclient::Client::connect(address, "k8s.io").await?;
+        c.cri_pull(image).await
+    })?;
+    println!("{image_ref}");
+    Ok(())
 }
 
 fn store_compact(root: &std::path::Path, live_percent: u8) -> anyhow::Result<()> {

@@ -50,6 +50,10 @@ pub mod containerd {
         }
     }
 }
+/// `runtime.v1`: the kubelet's CRI (the image service `dedupd cri-pull` calls).
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
 pub use self::containerd::services::content::v1 as content;
 pub use self::containerd::services::diff::v1 as diff;
 pub use self::containerd::services::images::v1 as images;

@@ -147,6 +147,24 @@ impl Client {
         })
     }
 
+    /// Pulls `image` through containerd's CRI image service (`runtime.v1.ImageService/
+    /// PullImage`, as the kubelet does; the CRI plugin uses its own namespace, `k8s.io`)
+    /// and returns the image reference it answers.
+    pub async fn cri_pull(&self, image: &str) -> Result<String, CtrError> {
+        use crate::proto::cri;
+        let mut c = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
+        let r = c
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.to_string(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(CtrError::rpc("CRI ImageService.PullImage"))?;
+        Ok(r.into_inner().image_ref)
+    }
+
     /// This client, with every call made under lease `id`.
     pub fn with_lease(&self, id: &str) -> Result<Client, CtrError> {
         Ok(Client {
