@@ -254,6 +254,48 @@ pub struct LayerStatus {
     pub chunks: u64,
     /// See `files`.
     pub logical_bytes: u64,
+    /// Pulled lazily: its chunks come from a registry when first read.
+    #[serde(default)]
+    pub remote: bool,
+    /// Bytes of its data blobs (the sum of their chunks; for a converted layer,
+    /// `logical_bytes`).
+    #[serde(default)]
+    pub data_bytes: u64,
+    /// Of `data_bytes`, those whose chunks are in the local store (all of a converted
+    /// layer; for a lazily pulled one, what was fetched or shared with other layers).
+    #[serde(default)]
+    pub local_bytes: u64,
+}
+
+/// How long the local bytes of a lazily pulled layer are reused before they are counted
+/// again (a lookup per chunk).
+pub const LOCAL_BYTES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Conversions at Commit: counts and a latency histogram (microseconds).
+#[derive(Debug, Default)]
+pub struct Conversions {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    latency: crate::serve::stats::AtomicHistogram,
+}
+
+/// A copy of [`Conversions`].
+#[derive(Clone, Debug, Default)]
+pub struct ConversionStats {
+    /// Layers converted.
+    pub ok: u64,
+    /// Conversions that failed.
+    pub failed: u64,
+    /// Their durations, microseconds.
+    pub latency: crate::serve::stats::LatencyHistogram,
+}
+
+impl Conversions {
+    fn record(&self, took: std::time::Duration, ok: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok { &self.ok } else { &self.failed }.fetch_add(1, Relaxed);
+        self.latency.record_us(took.as_micros() as u64);
+    }
 }
 
 /// The snapshotter: metadata, the chunk store, and the layer mounter.
@@ -270,6 +312,10 @@ pub struct Snapshotter {
     trash: trash::Trash,
     /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
     lazy: Option<Arc<crate::remote::LazyPuller>>,
+    /// Layer conversions at Commit: counts and durations.
+    conversions: Conversions,
+    /// Local bytes of lazily pulled layers, recomputed at most every [`LOCAL_BYTES_TTL`].
+    local_cache: std::sync::Mutex<BTreeMap<String, (Instant, u64, u64)>>,
 }
 
 impl Snapshotter {
@@ -295,6 +341,8 @@ impl Snapshotter {
             layers_lock: std::sync::Mutex::new(()),
             trash,
             lazy: None,
+            conversions: Conversions::default(),
+            local_cache: Default::default(),
         };
         s.unmount_legacy();
         for (key, snap) in s.meta.list()? {
@@ -370,6 +418,11 @@ impl Snapshotter {
             let mounted = self
                 .layer_mountpoint(&id)?
                 .is_some_and(|m| mounter::is_mountpoint(&m));
+            let (data_bytes, local_bytes) = match &record {
+                Some(r) if r.remote.is_some() => self.local_bytes(&id, r)?,
+                Some(r) => (r.logical_bytes, r.logical_bytes),
+                None => (0, 0),
+            };
             st.layers.push(LayerStatus {
                 snapshots,
                 converted: record.is_some(),
@@ -377,10 +430,49 @@ impl Snapshotter {
                 files: record.as_ref().map_or(0, |r| r.files),
                 chunks: record.as_ref().map_or(0, |r| r.chunks),
                 logical_bytes: record.as_ref().map_or(0, |r| r.logical_bytes),
+                remote: record.as_ref().is_some_and(|r| r.remote.is_some()),
+                data_bytes,
+                local_bytes,
                 id,
             });
         }
         Ok(st)
+    }
+
+    /// Data bytes of a lazily pulled layer and how many of them are local, reused for
+    /// [`LOCAL_BYTES_TTL`].
+    fn local_bytes(
+        &self,
+        id: &str,
+        record: &crate::store::LayerRecord,
+    ) -> Result<(u64, u64), SnapError> {
+        let now = Instant::now();
+        {
+            let cache = self.local_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, total, local)) = cache.get(id) {
+                if now.duration_since(*at) < LOCAL_BYTES_TTL {
+                    return Ok((*total, *local));
+                }
+            }
+        }
+        let (total, local) = self.store.local_bytes(&record.blobs).map_err(internal)?;
+        let mut cache = self.local_cache.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the layers in use: entries of layers gone are dropped here.
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), (now, total, local));
+        Ok((total, local))
+    }
+
+    /// Conversions at Commit so far.
+    pub fn conversions(&self) -> ConversionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        ConversionStats {
+            ok: self.conversions.ok.load(Relaxed),
+            failed: self.conversions.failed.load(Relaxed),
+            latency: self.conversions.latency.load(),
+        }
     }
 
     /// The metadata store (for status and tests).
@@ -759,7 +851,10 @@ impl Snapshotter {
             }
             None => {
                 self.meta.own_layer(&hex)?;
-                let record = convert::convert_layer(&self.store, &upper, &hex).map_err(internal)?;
+                let converted = convert::convert_layer(&self.store, &upper, &hex);
+                self.conversions
+                    .record(usage_done.elapsed(), converted.is_ok());
+                let record = converted.map_err(internal)?;
                 tracing::info!(
                     snapshot = %name,
                     layer = %hex,
