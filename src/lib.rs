@@ -17,6 +17,8 @@
 //! - [`registry`]: the registry client (hosts.toml, credentials, ranges, referrers).
 //! - [`snapshotter`]: the containerd snapshots gRPC service.
 //! - [`daemon`]: `dedupd run`: front-end selection, blob registry, threads.
+//! - [`metrics`]: the Prometheus endpoint (`metrics_address`).
+//! - [`perms`]: root-only permissions under the root, peer credentials on sockets.
 //! - [`config`]: configuration with embedded defaults.
 
 pub mod cachefiles;
@@ -26,6 +28,8 @@ pub mod daemon;
 pub mod digest;
 pub mod erofs;
 pub mod fanotify;
+pub mod metrics;
+pub mod perms;
 pub mod registry;
 pub mod remote;
 pub mod serve;

@@ -34,11 +34,16 @@ enum Command {
     /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
     #[command(hide = true)]
     FanotifyImport(dedupd::fanotify::cli::ImportArgs),
-    /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
+    /// Which front end serves and why, cache use, mounted layers and how much of each is
+    /// local, the slowest recent requests: the running (or last) daemon's
+    /// `<root>/run/stats.json`, for a human (or as JSON with --json).
     Status {
         /// Store root.
         #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
         root: std::path::PathBuf,
+        /// Print the same as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Old name of `run --front-end local` (kept for scripts).
     #[command(hide = true)]
@@ -78,6 +83,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Whatever writes under a root writes it for root alone (see dedupd::perms); export
+    // writes where the user asks, status writes nothing.
+    if !matches!(cli.command, Command::Export(_) | Command::Status { .. }) {
+        dedupd::perms::private_umask();
+    }
     let result = match &cli.command {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
@@ -86,7 +96,7 @@ fn main() -> ExitCode {
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
-        Command::Status { root } => dedupd::daemon::status(root),
+        Command::Status { root, json } => dedupd::daemon::status(root, *json),
         Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
             a.root.clone(),
             a.socket.clone(),

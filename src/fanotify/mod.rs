@@ -282,8 +282,8 @@ impl Stats {
         e.fetch_waits += p.fetch_waits;
         e.fetch_errors += p.fetch_errors;
         e.source_errors += p.source_errors;
-        e.store_bytes += p.store_bytes;
-        e.fetched_bytes += p.fetched_bytes;
+        e.served_from_store_bytes += p.served_from_store_bytes;
+        e.served_from_registry_bytes += p.served_from_registry_bytes;
         e.latency.add(&p.latency);
         e.slowest.extend(p.slowest.iter().cloned());
         e.slowest.sort_by(|a, b| b.total_us.cmp(&a.total_us));

@@ -159,12 +159,7 @@ pub fn slowest(threads: &[ThreadCounters], n: usize) -> Vec<SlowRequest> {
     let oldest = unix_ms_now().saturating_sub(SLOW_WINDOW.as_millis() as u64);
     let mut all: Vec<SlowRequest> = threads
         .iter()
-        .flat_map(|t| {
-            t.slowest
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        })
+        .flat_map(|t| t.slowest.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .filter(|r| r.done_unix_ms >= oldest)
         .collect();
     all.sort_by(|a, b| b.total_us.cmp(&a.total_us));
@@ -404,10 +399,10 @@ pub struct StatsSnapshot {
     pub latency_us_p99: u64,
     /// See [`ThreadCounters::store_bytes`].
     #[serde(default)]
-    pub store_bytes: u64,
+    pub served_from_store_bytes: u64,
     /// See [`ThreadCounters::fetched_bytes`].
     #[serde(default)]
-    pub fetched_bytes: u64,
+    pub served_from_registry_bytes: u64,
     /// The slowest fill requests of the last [`SLOW_WINDOW`], slowest first.
     #[serde(default)]
     pub slowest: Vec<SlowRequest>,
@@ -459,8 +454,8 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
             .unwrap_or(0),
         latency_us_p50: percentile(&hist, 0.50),
         latency_us_p99: percentile(&hist, 0.99),
-        store_bytes: sum(|t| &t.store_bytes),
-        fetched_bytes: sum(|t| &t.fetched_bytes),
+        served_from_store_bytes: sum(|t| &t.store_bytes),
+        served_from_registry_bytes: sum(|t| &t.fetched_bytes),
         slowest: slowest(threads, SLOW_KEPT),
         latency,
         ..StatsSnapshot::default()
@@ -522,7 +517,10 @@ mod tests {
         want.sort_unstable_by(|a, b| b.cmp(a));
         want.truncate(SLOW_KEPT);
         assert_eq!(kept.iter().map(|r| r.total_us).collect::<Vec<_>>(), want);
-        assert!(!t.wants(want[SLOW_KEPT - 1]), "a request no slower than the floor");
+        assert!(
+            !t.wants(want[SLOW_KEPT - 1]),
+            "a request no slower than the floor"
+        );
         // A minute later the old ones are gone, and a fast request is kept again.
         let later = t0 + SLOW_WINDOW + Duration::from_secs(1);
         t.keep(later, slow(500, 1), &out);

@@ -1118,7 +1118,11 @@ impl<F: FrontEnd> Worker<F> {
                         self.pool.give(dbuf);
                         bump(&self.c().source_errors);
                         let id = self.req_id(req);
-                        tracing::warn!(req = id, offset = off, "image read failed or short ({res})");
+                        tracing::warn!(
+                            req = id,
+                            offset = off,
+                            "image read failed or short ({res})"
+                        );
                         self.fail(req, FillError::Source);
                         self.write_done(req, None, 0, Ok(0), false);
                     }

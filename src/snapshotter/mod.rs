@@ -555,8 +555,9 @@ impl Snapshotter {
                 std::os::unix::fs::lchown(dir.join("fs"), Some(uid), Some(gid))?;
             }
             if kind == Kind::Active {
+                // Used by overlayfs with the mounter's (root's) credentials only.
                 fs::create_dir_all(dir.join("work"))?;
-                fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o711))?;
+                fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o700))?;
             }
             Ok::<(), io::Error>(())
         })();
@@ -1061,12 +1062,12 @@ fn overlay_options(rw: Option<(&str, &str)>, lowers: &[String]) -> Vec<String> {
     options
 }
 
-/// Binds `socket` (parent directory created, a stale socket replaced, mode 0600).
+/// Binds `socket` (parent directory created 0700, a stale socket replaced, mode 0600).
+/// The socket is bound under umask 077 whatever the process umask is, so it is 0600
+/// from the moment it exists: no window in which another user could connect.
 pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         if !dir.exists() {
-            // A directory we create is ours alone, which also closes the window between
-            // bind and chmod below.
             fs::create_dir_all(dir)?;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         }
@@ -1076,10 +1077,39 @@ pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // The socket is created with the umask applied; tighten it before anyone connects.
-    let listener = tokio::net::UnixListener::bind(socket)?;
+    let old = crate::perms::private_umask();
+    let listener = tokio::net::UnixListener::bind(socket);
+    if old & crate::perms::UMASK != crate::perms::UMASK {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(old as _));
+    }
+    let listener = listener?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Connections of the snapshotter socket whose peer is root (or dedupd's user): any
+/// other is closed at once and logged (`SO_PEERCRED`; the socket's mode already keeps
+/// other users out, this holds even if someone loosens it).
+fn root_peers(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = io::Result<tokio::net::UnixStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::UnixListenerStream::new(listener).filter(|conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) => match crate::perms::allowed_uid(cred.uid()) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(pid = ?cred.pid(), "snapshotter: connection refused: {why}");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!("snapshotter: connection refused: SO_PEERCRED: {e}");
+                false
+            }
+        },
+        Err(_) => true,
+    })
 }
 
 /// Serves the snapshots API on `socket` until `shutdown` completes. Runs on the calling
@@ -1096,7 +1126,7 @@ pub async fn serve(
         front_end = snapshotter.mounter_name(),
         "snapshotter dedup serving"
     );
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = root_peers(listener);
     let svc = proto::snapshots::snapshots_server::SnapshotsServer::new(Service::new(snapshotter));
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
