@@ -821,13 +821,13 @@ fn tighten_root(root: &Path) -> anyhow::Result<()> {
 }
 
 /// What one scrape reads: the data plane's counters (summed now), the fetcher's, the
-/// snapshotter's counts, and the last cache walk.
+/// snapshotter's counts, and the cache directory (walked now).
 fn metrics_source(
     plane: PlaneView,
     front_end: &'static str,
     fetcher: Option<Arc<Fetcher>>,
     snap: Arc<Snapshotter>,
-    usage: Arc<std::sync::Mutex<(CacheUsage, u64)>>,
+    root: PathBuf,
     registered: Arc<std::sync::atomic::AtomicU64>,
 ) -> crate::metrics::Source {
     Arc::new(move || {
@@ -839,11 +839,7 @@ fn metrics_source(
         plane.sample(&mut s);
         s.engine.front_end = front_end.to_string();
         s.fetch = fetcher.as_ref().map(|f| (f.stats(), f.latency()));
-        {
-            let u = usage.lock().unwrap_or_else(|p| p.into_inner());
-            s.cache = u.0.clone();
-            s.store_bytes = u.1;
-        }
+        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end));
         if let Ok(st) = snap.status() {
             s.snapshots = crate::metrics::SnapshotCounts {
                 active: st.active,
@@ -857,6 +853,14 @@ fn metrics_source(
         s.conversions = snap.conversions();
         s
     })
+}
+
+fn front_end_of(name: &str) -> FrontEnd {
+    match name {
+        "cachefiles" => FrontEnd::Cachefiles,
+        "fanotify" => FrontEnd::Fanotify,
+        _ => FrontEnd::Local,
+    }
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -927,7 +931,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 name(front_end),
                 fetcher.clone(),
                 snap.clone(),
-                usage.clone(),
+                config.root.clone(),
                 registered_now.clone(),
             );
             Some(crate::metrics::Server::start(addr, source)?)
@@ -935,22 +939,25 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let started = Instant::now();
-    let status = |stats: StatsSnapshot, running: bool, registered: u64| DaemonStatus {
-        pid: std::process::id(),
-        front_end_reason: sel.reason.clone(),
-        front_ends_unavailable: sel.unavailable.clone(),
-        snapshotter: snap
-            .status()
-            .ok()
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or_default(),
-        uptime_ms: started.elapsed().as_millis() as u64,
-        running,
-        registered_blobs: registered,
-        fetch: fetcher.as_ref().map(|f| f.stats()),
-        cache: usage.lock().unwrap_or_else(|p| p.into_inner()).0.clone(),
-        pack_bytes: usage.lock().unwrap_or_else(|p| p.into_inner()).1,
-        stats,
+    let status = |stats: StatsSnapshot, running: bool, registered: u64| {
+        let (cache, pack_bytes) = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        DaemonStatus {
+            pid: std::process::id(),
+            front_end_reason: sel.reason.clone(),
+            front_ends_unavailable: sel.unavailable.clone(),
+            snapshotter: snap
+                .status()
+                .ok()
+                .and_then(|s| serde_json::to_value(s).ok())
+                .unwrap_or_default(),
+            uptime_ms: started.elapsed().as_millis() as u64,
+            running,
+            registered_blobs: registered,
+            fetch: fetcher.as_ref().map(|f| f.stats()),
+            cache,
+            pack_bytes,
+            stats,
+        }
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
     for pass in 0u64.. {
