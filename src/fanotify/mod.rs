@@ -286,7 +286,7 @@ impl Stats {
         e.served_from_registry_bytes += p.served_from_registry_bytes;
         e.latency.add(&p.latency);
         e.slowest.extend(p.slowest.iter().cloned());
-        e.slowest.sort_by(|a, b| b.total_us.cmp(&a.total_us));
+        e.slowest.sort_by_key(|r| std::cmp::Reverse(r.total_us));
         e.slowest.truncate(crate::serve::stats::SLOW_KEPT);
     }
 }

@@ -134,7 +134,7 @@ impl SlowTracker {
         self.kept
             .retain(|(t, _)| now.saturating_duration_since(*t) < SLOW_WINDOW);
         self.kept.push((now, r));
-        self.kept.sort_by(|a, b| b.1.total_us.cmp(&a.1.total_us));
+        self.kept.sort_by_key(|k| std::cmp::Reverse(k.1.total_us));
         self.kept.truncate(SLOW_KEPT);
         self.floor_us = if self.kept.len() < SLOW_KEPT {
             0
@@ -162,7 +162,7 @@ pub fn slowest(threads: &[ThreadCounters], n: usize) -> Vec<SlowRequest> {
         .flat_map(|t| t.slowest.lock().unwrap_or_else(|p| p.into_inner()).clone())
         .filter(|r| r.done_unix_ms >= oldest)
         .collect();
-    all.sort_by(|a, b| b.total_us.cmp(&a.total_us));
+    all.sort_by_key(|r| std::cmp::Reverse(r.total_us));
     all.truncate(n);
     all
 }
