@@ -506,7 +506,18 @@ impl Snapshotter {
             None => self.meta.assign_layer_slot(hex)?,
         };
         let target = self.slot_dir(slot);
+        let was_mounted = mounter::is_mountpoint(&target);
         self.mounter.mount(&record, &target).map_err(internal)?;
+        if !was_mounted {
+            // Links the layer to its data blobs, which the data plane's log lines name.
+            tracing::info!(
+                layer = %hex,
+                slot,
+                blobs = %record.blobs.join(","),
+                lazy = record.remote.is_some(),
+                "layer mounted"
+            );
+        }
         Ok(target)
     }
 
