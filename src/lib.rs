@@ -19,6 +19,8 @@
 //! - [`ctrclient`]: a containerd client, and `dedupd pull` on it.
 //! - [`proto`]: the generated gRPC code (containerd's APIs).
 //! - [`daemon`]: `dedupd run`: front-end selection, blob registry, threads.
+//! - [`metrics`]: the Prometheus endpoint (`metrics_address`).
+//! - [`perms`]: root-only permissions under the root, peer credentials on sockets.
 //! - [`config`]: configuration with embedded defaults.
 
 pub mod cachefiles;
@@ -29,6 +31,8 @@ pub mod daemon;
 pub mod digest;
 pub mod erofs;
 pub mod fanotify;
+pub mod metrics;
+pub mod perms;
 pub mod proto;
 pub mod registry;
 pub mod remote;

@@ -54,11 +54,16 @@ enum Command {
         /// The image.
         image: String,
     },
-    /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
+    /// Which front end serves and why, cache use, mounted layers and how much of each is
+    /// local, the slowest recent requests: the running (or last) daemon's
+    /// `<root>/run/stats.json`, for a human (or as JSON with --json).
     Status {
         /// Store root.
         #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
         root: std::path::PathBuf,
+        /// Print the same as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Old name of `run --front-end local` (kept for scripts).
     #[command(hide = true)]
@@ -96,8 +101,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colors only on a terminal: a log file or the journal gets plain `key=value`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Whatever writes under a root writes it for root alone (see dedupd::perms); export
+    // writes where the user asks, status writes nothing.
+    if !matches!(cli.command, Command::Export(_) | Command::Status { .. }) {
+        dedupd::perms::private_umask();
+    }
     let result = match &cli.command {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
         Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),
         Command::CriPull { address, image } => cri_pull(address, image),
-        Command::Status { root } => dedupd::daemon::status(root),
+        Command::Status { root, json } => dedupd::daemon::status(root, *json),
         Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
             a.root.clone(),
             a.socket.clone(),

@@ -459,6 +459,34 @@ impl Store {
         resolve_loc(&chunks, &leaves, digest).map_err(self.db_err())
     }
 
+    /// Data bytes of blobs `ids` (the sum of their chunks' lengths) and, of those, the
+    /// bytes whose chunk the store holds: how much of a lazily pulled layer is on this
+    /// node. One read transaction, one lookup per chunk.
+    pub fn local_bytes(&self, ids: &[String]) -> Result<(u64, u64)> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
+        let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
+        let (mut total, mut local) = (0, 0);
+        for id in ids {
+            let Some(v) = blobs.get(id.as_str()).map_err(self.db_err())? else {
+                continue;
+            };
+            let entries =
+                blob::decode_table(v.value()).ok_or_else(|| self.corrupt(format!("blob {id}")))?;
+            for e in entries {
+                total += u64::from(e.raw_len);
+                if resolve_loc(&chunks, &leaves, &e.digest)
+                    .map_err(self.db_err())?
+                    .is_some()
+                {
+                    local += u64::from(e.raw_len);
+                }
+            }
+        }
+        Ok((total, local))
+    }
+
     /// The chunk table of blob `id`.
     pub fn blob_entries(&self, id: &str) -> Result<Option<Vec<RawEntry>>> {
         let txn = self.db.begin_read().map_err(self.db_err())?;
