@@ -1515,7 +1515,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (c1, c2) = (vec![6u8; 9000], vec![7u8; 9001]);
-        let (ing_1, blob_1) = stage(&store, &[c1.clone()]);
+        let (ing_1, blob_1) = stage(&store, std::slice::from_ref(&c1));
         let (ing_2, blob_2) = stage(&store, &[c1.clone(), c2.clone()]);
         finish(&store, ing_1, &blob_1, "cc");
         let r = finish(&store, ing_2, &blob_2, "cc");
