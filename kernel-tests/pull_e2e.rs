@@ -68,6 +68,13 @@ struct Env {
 
 /// `Some(env)`, or `None` after a loud message when this machine cannot run the test.
 fn env(test: &str) -> Option<Env> {
+    env_with(test, "")
+}
+
+/// [`env`] with `toml` added to dedupd's config: `[lazy] stream = false` keeps the
+/// fallback a `ctr`-style pull (containerd downloads and unpacks, dedupd converts at
+/// Commit) for layers without an artifact.
+fn env_with(test: &str, toml: &str) -> Option<Env> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("!!!!!!!! SKIPPED {test}: needs root (mounts, containerd) !!!!!!!!");
         return None;
@@ -79,8 +86,11 @@ fn env(test: &str) -> Option<Env> {
             .is_ok_and(|o| o.status.success());
         assert!(found, "{t} missing: run kernel-tests/install-host-deps");
     }
-    Some(Env::start())
+    Some(Env::start(toml))
 }
+
+/// dedupd's config for the tests of the full-pull fallback.
+const NO_STREAM: &str = "[lazy]\nstream = false\n";
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
     let f = std::fs::File::create(log).unwrap();
@@ -118,7 +128,7 @@ fn strip_ansi(s: &str) -> String {
 }
 
 impl Env {
-    fn start() -> Env {
+    fn start(extra_config: &str) -> Env {
         // Under /var/tmp: the store, file-backed EROFS and overlay uppers want ext4, not
         // tmpfs; short, as the snapshotter's layer mountpoints sit under it.
         let dir = tempfile::Builder::new()
@@ -139,7 +149,10 @@ impl Env {
         );
         std::fs::write(
             d.join("dedupd.toml"),
-            format!("[registry]\nhosts_dir = \"{}\"\n", hosts.display()),
+            format!(
+                "[registry]\nhosts_dir = \"{}\"\n{extra_config}",
+                hosts.display()
+            ),
         )
         .unwrap();
         let sock = d.join("run/dedupd.sock");
@@ -599,7 +612,10 @@ fn tail(s: &str, n: usize) -> String {
 #[test]
 fn dedupd_pull_without_an_artifact_pulls_in_full_and_gc_frees_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(env) = env("dedupd_pull_without_an_artifact_pulls_in_full_and_gc_frees_it") else {
+    let Some(env) = env_with(
+        "dedupd_pull_without_an_artifact_pulls_in_full_and_gc_frees_it",
+        NO_STREAM,
+    ) else {
         return;
     };
     let started = Instant::now();
@@ -797,7 +813,10 @@ async fn cri_channel(sock: &Path) -> tonic::transport::Channel {
 #[test]
 fn cri_pull_image_goes_through_the_dedup_snapshotter() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(env) = env("cri_pull_image_goes_through_the_dedup_snapshotter") else {
+    let Some(env) = env_with(
+        "cri_pull_image_goes_through_the_dedup_snapshotter",
+        NO_STREAM,
+    ) else {
         return;
     };
     let started = Instant::now();
@@ -922,6 +941,77 @@ fn cri_pull_image_goes_through_the_dedup_snapshotter() {
     });
     eprintln!(
         "cri_pull_image_goes_through_the_dedup_snapshotter: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn unpublished_layers_stream_from_the_registry_into_the_converter() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(env) = env("unpublished_layers_stream_from_the_registry_into_the_converter") else {
+        return;
+    };
+    let started = Instant::now();
+    let base = env.base_layer();
+    let data = env.data_layer("stream");
+    let image = env.push_image("stream", &[base.clone(), data]);
+    let layers = env.layer_digests(&image);
+    let ns = "stream";
+    // `dedupd pull`: no artifact, so each layer's Prepare streams the blob into the
+    // converter and answers ALREADY_EXISTS; containerd downloads no layer.
+    let out = env.dedupd_pull_ok(ns, &image, false);
+    eprintln!("dedupd pull (no artifact, streamed): {}", out.trim());
+    for l in &layers {
+        let lines = env.log_lines(&["layer streamed from the registry into the converter", l]);
+        assert_eq!(lines.len(), 1, "daemon log for layer {l}: {lines:?}");
+    }
+    assert!(env.log_lines(&["layer converted"]).is_empty());
+    let content = env.content(ns);
+    assert_eq!(content.len(), 2, "content store: {content:?}");
+    for l in &layers {
+        assert!(!content.contains(l), "layer blob {l} in the content store");
+    }
+    let out = env.run_out(
+        ns,
+        &image,
+        "s1",
+        "cat /data/stream.txt; cat /data/noise.bin | wc -c",
+    );
+    assert_eq!(out, format!("stream content\n{}\n", 2 << 20));
+
+    // The CRI path, as the kubelet pulls: a second unpublished image sharing the base;
+    // only its own layer streams.
+    let data = env.data_layer("kubestream");
+    let kube = env.push_image("kubestream", &[base, data]);
+    let kube_layers = env.layer_digests(&kube);
+    let o = run(Command::new("timeout")
+        .arg(COMMAND_TIMEOUT_S)
+        .arg(dedupd_bin())
+        .arg("cri-pull")
+        .arg("-a")
+        .arg(&env.csock)
+        .arg(&kube));
+    let image_ref = String::from_utf8_lossy(&o).trim().to_string();
+    assert!(
+        image_ref.starts_with("sha256:"),
+        "cri-pull printed {image_ref:?}"
+    );
+    let lines = env.log_lines(&[
+        "layer streamed from the registry into the converter",
+        &kube_layers[1],
+    ]);
+    assert_eq!(lines.len(), 1, "daemon log: {lines:?}");
+    let content = env.content("k8s.io");
+    assert!(
+        !content.contains(&kube_layers[1]),
+        "the streamed layer's blob is in the content store"
+    );
+    let out = env.run_out("k8s.io", &kube, "s2", "cat /data/kubestream.txt");
+    assert_eq!(out, "kubestream content\n");
+
+    env.remove_and_wait_empty(ns, &image);
+    eprintln!(
+        "unpublished_layers_stream_from_the_registry_into_the_converter: {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }

@@ -117,6 +117,10 @@ pub struct LazyConfig {
     pub prefetch: crate::remote::PrefetchMode,
     /// Prefetch bandwidth cap, bytes per second (0: none).
     pub prefetch_bytes_per_sec: u64,
+    /// A layer with no published artifact (CRI pulls and `dedupd pull`) is streamed
+    /// from the registry straight into the converter, instead of containerd
+    /// downloading and unpacking it for a conversion at Commit.
+    pub stream: bool,
 }
 
 impl Default for LazyConfig {
@@ -130,6 +134,7 @@ impl Default for LazyConfig {
             max_fetches: d.max_fetches,
             prefetch: crate::remote::PrefetchMode::All,
             prefetch_bytes_per_sec: d.prefetch_bytes_per_sec,
+            stream: true,
         }
     }
 }

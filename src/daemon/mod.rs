@@ -719,13 +719,16 @@ fn start_lazy(
     )
     .context("starting the fetcher")?;
     let handle = fetcher.handle().context("the fetcher's runtime")?;
-    let puller = Arc::new(LazyPuller::new(
-        registry,
-        store.clone(),
-        handle,
-        Some(fetcher.clone()),
-        config.lazy.prefetch,
-    ));
+    let puller = Arc::new(
+        LazyPuller::new(
+            registry,
+            store.clone(),
+            handle,
+            Some(fetcher.clone()),
+            config.lazy.prefetch,
+        )
+        .with_stream(config.lazy.stream),
+    );
     tracing::info!(
         hosts_dir = %config.registry.hosts_dir.display(),
         fetch_timeout_ms = config.lazy.fetch_timeout_ms,

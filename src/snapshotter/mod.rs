@@ -681,14 +681,33 @@ impl Snapshotter {
                 }
             }
         };
-        let Some(record) = record else {
-            tracing::info!(
-                image = %manifest_ref,
-                layer,
-                "no dedupd artifact covers the layer: unpacking it as usual"
-            );
-            self.meta.disown_layer(&hex)?;
-            return Ok(false);
+        let (record, streamed) = match record {
+            Some(r) => (r, false),
+            None if lazy.streams() => {
+                // No artifact: the layer streams from the registry into the converter
+                // (no download into containerd's content store, no unpack).
+                match lazy.stream_layer(&manifest_ref, layer, &hex, check) {
+                    Ok(r) => (r, true),
+                    Err(e) => {
+                        tracing::warn!(
+                            image = %manifest_ref,
+                            layer,
+                            "streaming the layer failed, unpacking it instead: {e}"
+                        );
+                        self.meta.disown_layer(&hex)?;
+                        return Ok(false);
+                    }
+                }
+            }
+            None => {
+                tracing::info!(
+                    image = %manifest_ref,
+                    layer,
+                    "no dedupd artifact covers the layer: unpacking it as usual"
+                );
+                self.meta.disown_layer(&hex)?;
+                return Ok(false);
+            }
         };
         drop(_layers);
         if let Err(e) = self.mount_layer(&hex) {
@@ -724,14 +743,25 @@ impl Snapshotter {
             record.image_bytes + record.logical_bytes,
             record.files,
         )?;
-        tracing::info!(
-            layer = %hex,
-            image = %manifest_ref,
-            layer_digest = %layer,
-            remote = record.remote.is_some(),
-            ms = started.elapsed().as_millis() as u64,
-            "layer pulled lazily: mounted from its metadata, data on demand"
-        );
+        if streamed {
+            tracing::info!(
+                layer = %hex,
+                image = %manifest_ref,
+                layer_digest = %layer,
+                logical_bytes = record.logical_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "layer streamed from the registry into the converter"
+            );
+        } else {
+            tracing::info!(
+                layer = %hex,
+                image = %manifest_ref,
+                layer_digest = %layer,
+                remote = record.remote.is_some(),
+                ms = started.elapsed().as_millis() as u64,
+                "layer pulled lazily: mounted from its metadata, data on demand"
+            );
+        }
         lazy.prefetch_layer(&record);
         Ok(true)
     }
