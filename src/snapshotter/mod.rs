@@ -295,6 +295,10 @@ pub struct Snapshotter {
     conversions: Conversions,
     /// Local bytes of lazily pulled layers, recomputed at most every [`LOCAL_BYTES_TTL`].
     local_cache: std::sync::Mutex<BTreeMap<String, (Instant, u64, u64)>>,
+    /// Lazy layers whose background prefetch this daemon started: a layer's prefetch
+    /// starts when a container (an active or view snapshot) first uses it, not at the
+    /// pull, so a pull moves only metadata.
+    prefetching: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Snapshotter {
@@ -322,6 +326,7 @@ impl Snapshotter {
             lazy: None,
             conversions: Conversions::default(),
             local_cache: Default::default(),
+            prefetching: Default::default(),
         };
         s.unmount_legacy();
         for (key, snap) in s.meta.list()? {
@@ -364,23 +369,44 @@ impl Snapshotter {
     }
 
     /// Pulls layers lazily with `puller` when a Prepare names an image layer that has a
-    /// published artifact, and resumes the prefetch of the lazy layers already mounted
+    /// published artifact, and resumes the prefetch of the lazy layers that containers use
     /// (a restart loses what was queued, not what was fetched).
     pub fn with_lazy(mut self, puller: Arc<crate::remote::LazyPuller>) -> Snapshotter {
+        self.lazy = Some(puller);
         if let Ok(snaps) = self.meta.list() {
-            let mut seen = std::collections::HashSet::new();
             for (_, s) in snaps {
-                let Some(hex) = s.layer else { continue };
-                if !seen.insert(hex.clone()) {
+                if s.kind == Kind::Committed {
                     continue;
                 }
-                if let Ok(Some(r)) = self.store.layer(&hex) {
-                    puller.prefetch_layer(&r);
+                if let Ok(ancestors) = self.meta.ancestors(&s.parent) {
+                    for (_, a) in ancestors {
+                        if let Some(hex) = &a.layer {
+                            self.start_prefetch(hex);
+                        }
+                    }
                 }
             }
         }
-        self.lazy = Some(puller);
         self
+    }
+
+    /// Starts the background prefetch of lazy layer `hex`, once per daemon (the queue
+    /// is not kept across restarts; what it fetched is).
+    fn start_prefetch(&self, hex: &str) {
+        let Some(lazy) = &self.lazy else { return };
+        let first = self
+            .prefetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hex.to_string());
+        if !first {
+            return;
+        }
+        match self.store.layer(hex) {
+            Ok(Some(r)) if r.remote.is_some() => lazy.prefetch_layer(&r),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(layer = %hex, "prefetch: reading the layer record: {e}"),
+        }
     }
 
     /// The front end mounting layers.
@@ -762,7 +788,7 @@ impl Snapshotter {
                 "layer pulled lazily: mounted from its metadata, data on demand"
             );
         }
-        lazy.prefetch_layer(&record);
+        // Its prefetch starts when a container uses it (see `prefetching`).
         Ok(true)
     }
 
@@ -788,6 +814,7 @@ impl Snapshotter {
                 SnapError::Internal(format!("committed snapshot {key:?} has no layer"))
             })?;
             lowers.push(self.mount_layer(hex)?);
+            self.start_prefetch(hex);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
         let lowers: Vec<String> = lowers.iter().map(|p| path(p)).collect();
@@ -967,6 +994,10 @@ impl Snapshotter {
     /// Unmounts layer `hex` (freeing its slot) and, if owned, removes it from the store.
     fn drop_layer(&self, hex: &str) -> Result<(), SnapError> {
         self.unmount_layer(hex)?;
+        self.prefetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hex);
         if self.meta.owned_layers()?.iter().any(|l| l == hex) {
             if let Some(r) = self.store.remove_layer(hex).map_err(internal)? {
                 tracing::info!(
