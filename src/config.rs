@@ -42,6 +42,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// Lazy pull of layers that have a published dedupd artifact.
     pub lazy: LazyConfig,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens: a unix socket path
+    /// (`/run/dedupd/metrics.sock`, root only) or `127.0.0.1:PORT`. Off when unset.
+    pub metrics_address: Option<String>,
 }
 
 /// `[registry]`: how dedupd reaches registries.
@@ -155,6 +158,7 @@ impl Default for Config {
             chunk_bytes: crate::store::DEFAULT_CHUNK_BYTES,
             registry: RegistryConfig::default(),
             lazy: LazyConfig::default(),
+            metrics_address: None,
         }
     }
 }

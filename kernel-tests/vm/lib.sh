@@ -49,7 +49,7 @@ layer_blob() { awk -v n="$1" '$1 == n {print $3; f=1} END {exit !f}' "$DATA/laye
 layer_chunks() { awk -v n="$1" '$1 == n {print $4; f=1} END {exit !f}' "$DATA/layers.list"; }
 
 # The daemon's counters, current when `dedupd status` returns (else stats.json).
-stats_json() { dedupd status --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.json"; }
+stats_json() { dedupd status --json --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.json"; }
 # stat_get KEY: a top-level integer counter.
 stat_get() { stats_json | tr ',{}' '\n\n\n' | sed -n 's/^ *"'"$1"'" *: *\([0-9][0-9]*\).*/\1/p' | head -n 1; }
 daemon_pid() { cat /run/dedupd.pid 2>/dev/null; }

@@ -87,10 +87,13 @@ pub fn seqpacket() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Connects to the holder at `path`.
+/// Connects to the holder at `path`; the holder must be root (or dedupd's user): it is
+/// about to hand us the fanotify group.
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let s = seqpacket()?;
     socket::connect(s.as_raw_fd(), &UnixAddr::new(path)?)?;
+    crate::perms::check_peer(&s)
+        .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, format!("holder: {why}")))?;
     Ok(s)
 }
 
@@ -141,6 +144,8 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
         // concern arises.
         unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }?;
     }
+    // Its socket and lock file are root's alone (whoever started it).
+    crate::perms::private_umask();
     // One holder per socket: a second one (two daemons racing to start it) leaves.
     let lock_path = socket_path.with_extension("lock");
     let lock = std::fs::OpenOptions::new()
@@ -163,6 +168,10 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     let _ = std::fs::remove_file(socket_path);
     let listener = seqpacket()?;
     socket::bind(listener.as_raw_fd(), &UnixAddr::new(socket_path)?)?;
+    std::fs::set_permissions(
+        socket_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     socket::listen(&listener, Backlog::new(16).expect("valid backlog"))?;
     let mut writers: HashMap<String, OwnedFd> = HashMap::new();
     let (group, journal, mut state) = if adopt {
@@ -306,10 +315,18 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     }
 }
 
+/// Accepts a connection from root (or dedupd's user) only: the holder hands out the
+/// fanotify group and blob write fds. Others are closed at once (`SO_PEERCRED`; the
+/// socket's mode 0600 already keeps them out).
 fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
     let fd = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
     // SAFETY: accept4 returned a new fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Err(why) = crate::perms::check_peer(&conn) {
+        tracing::warn!("fanotify holder: connection refused: {why}");
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    }
+    Ok(conn)
 }
 
 fn hand_over(
