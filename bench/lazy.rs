@@ -8,14 +8,19 @@
 //! cargo bench --bench lazy                          # loopback, 1 Gbit/s 2 ms, 100 Mbit/s 20 ms
 //! cargo bench --bench lazy -- --reps 3 --sweep      # plus the fetcher's window sweep
 //! cargo bench --bench lazy -- --links 100m --jobs rand --numjobs 8
+//! cargo bench --bench lazy -- --chunk-size 16384 --windows 16K,4M --jobs rand
 //! ```
 //!
 //! Root only (mounts, fanotify, namespaces); needs `docker-registry`, `fio`, `iproute2`,
 //! `iptables` (`kernel-tests/install-host-deps` installs them).
 
+#[path = "lazy/cleanup.rs"]
 mod cleanup;
+#[path = "lazy/daemon.rs"]
 mod daemon;
+#[path = "lazy/image.rs"]
 mod image;
+#[path = "lazy/link.rs"]
 mod link;
 
 use std::collections::BTreeMap;
@@ -127,7 +132,23 @@ struct Opts {
     sweep: bool,
     numjobs: usize,
     chunk_size: u64,
+    /// The fetcher's windows of the main table (default: the fetcher's defaults).
+    windows: Windows,
+    /// Divides the data set (big files, number of small files) to shorten a run.
+    shrink: usize,
     json: Option<PathBuf>,
+}
+
+/// `N`, `NK` or `NM` bytes.
+fn parse_bytes(s: &str) -> u64 {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .unwrap_or_else(|_| panic!("{s:?}: bytes, as N, NK or NM"))
+        * mul
 }
 
 fn parse_args() -> Opts {
@@ -138,6 +159,8 @@ fn parse_args() -> Opts {
         sweep: false,
         numjobs: 8,
         chunk_size: 64 << 10,
+        windows: DEFAULT_WINDOWS,
+        shrink: 1,
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -161,12 +184,26 @@ fn parse_args() -> Opts {
             "--reps" => o.reps = val().parse().expect("--reps N"),
             "--sweep" => o.sweep = true,
             "--numjobs" => o.numjobs = val().parse().expect("--numjobs N"),
-            "--chunk-size" => o.chunk_size = val().parse().expect("--chunk-size BYTES"),
+            "--chunk-size" => o.chunk_size = parse_bytes(&val()),
+            "--windows" => {
+                let v = val();
+                let (min, max) = v.split_once(',').expect("--windows MIN,MAX");
+                o.windows = Windows {
+                    min: parse_bytes(min),
+                    max: parse_bytes(max),
+                };
+                assert!(o.windows.min <= o.windows.max, "--windows MIN,MAX: MIN <= MAX");
+            }
+            "--shrink" => o.shrink = val().parse().expect("--shrink N"),
             "--json" => o.json = Some(PathBuf::from(val())),
             other => panic!("unknown argument {other}"),
         }
     }
     assert!(o.numjobs >= 1 && 4096 % o.numjobs == 0, "--numjobs divides 4096");
+    assert!(
+        (1..=16).contains(&o.shrink) && 16 % o.shrink == 0,
+        "--shrink 1, 2, 4, 8 or 16"
+    );
     o
 }
 
@@ -389,7 +426,7 @@ fn setup(scratch: &Path, o: &Opts) -> Setup {
     let t = Instant::now();
     let reg_dir = scratch.join("registry");
     let loopback = RegistryProcess::start(&reg_dir, &format!("127.0.0.1:{}", free_port()), false);
-    let files = image::files();
+    let files = image::files(o.shrink);
     let (tar, digest) = image::layer_tar(&files);
     let logical: usize = files.iter().map(|(_, d)| d.len()).sum();
     drop(files);
@@ -435,7 +472,7 @@ fn setup(scratch: &Path, o: &Opts) -> Setup {
     // every chunk is in the store. Before each of its runs the daemon is restarted
     // with the blob files deleted: cold mount, chunks local.
     let store_dir = scratch.join("store-variant");
-    let mut d = Daemon::start(&store_dir, DEFAULT_WINDOWS);
+    let mut d = Daemon::start(&store_dir, o.windows);
     let at = d.mount_view(&reference, &img, "warm");
     let mut stack = vec![at];
     let mut read = 0u64;
@@ -716,7 +753,7 @@ fn bench(o: &Opts, scratch: &Path) {
                         &image_ref,
                         job,
                         v,
-                        DEFAULT_WINDOWS,
+                        o.windows,
                         rep,
                     ));
                 }
@@ -726,7 +763,7 @@ fn bench(o: &Opts, scratch: &Path) {
             for min in [64u64 << 10, 256 << 10, 1 << 20] {
                 for max in [1u64 << 20, 4 << 20, 16 << 20] {
                     let w = Windows { min, max };
-                    if max < min || w == DEFAULT_WINDOWS {
+                    if max < min || w == o.windows {
                         continue;
                     }
                     for &job in &o.jobs {
@@ -752,6 +789,7 @@ fn bench(o: &Opts, scratch: &Path) {
             p,
             serde_json::to_string_pretty(&serde_json::json!({
                 "links": checks, "runs": runs, "numjobs": o.numjobs, "chunk_size": o.chunk_size,
+                "shrink": o.shrink,
             }))
             .unwrap(),
         )
@@ -791,11 +829,15 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
     };
     let _ = writeln!(
         out,
-        "\nrandom job: {} psync readers (reads in flight), 4,096 reads in all; chunk size {} KiB; fetcher windows {} KiB / {} KiB (min / max); medians of {} repetition(s)\n",
+        "\ndata set: seq.bin {} MiB, rand.bin {} MiB, {} small files (shrink {}); random job: {} psync readers (reads in flight), 4,096 reads in all; chunk size {} KiB; fetcher windows {} KiB / {} KiB (min / max); medians of {} repetition(s)\n",
+        image::SEQ_BYTES / o.shrink >> 20,
+        image::RAND_BYTES / o.shrink >> 20,
+        image::SMALL_FILES / o.shrink,
+        o.shrink,
         o.numjobs,
         o.chunk_size >> 10,
-        DEFAULT_WINDOWS.min >> 10,
-        DEFAULT_WINDOWS.max >> 10,
+        o.windows.min >> 10,
+        o.windows.max >> 10,
         o.reps
     );
     let _ = writeln!(
@@ -816,7 +858,7 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
         out,
         "\n| link | job | local EROFS | local store | lazy | lazy / EROFS | lazy / store | fetched / read | range requests | target | met |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
     );
-    let d = DEFAULT_WINDOWS;
+    let d = o.windows;
     for c in checks {
         for job in &o.jobs {
             let key = |v: Variant| {
@@ -865,7 +907,7 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
     if runs.iter().any(|r| r.min_window != d.min || r.max_window != d.max) {
         let _ = writeln!(
             out,
-            "\nWindow sweep (lazy, one run each; the default row is the median above)\n\n| link | min / max window | seq-128k MiB/s | seq fetched/read | rand-4k IOPS | rand fetched/read | small-files MiB/s | small fetched/read |\n|---|---|---:|---:|---:|---:|---:|---:|"
+            "\nWindow sweep (lazy, one run each; the main table's row is its median)\n\n| link | min / max window | seq-128k MiB/s | seq fetched/read | rand-4k IOPS | rand fetched/read | small-files MiB/s | small fetched/read |\n|---|---|---:|---:|---:|---:|---:|---:|"
         );
         let mut combos: Vec<(String, u64, u64)> = runs
             .iter()
@@ -893,7 +935,7 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
                 "| {net} | {} K / {} K{} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} | {:.2} |",
                 min >> 10,
                 max >> 10,
-                if (min, max) == (d.min, d.max) { " (default)" } else { "" },
+                if (min, max) == (d.min, d.max) { " (main table)" } else { "" },
                 cell(Job::Seq, &|r| r.mib_s),
                 cell(Job::Seq, &per),
                 cell(Job::Rand, &|r| r.iops),

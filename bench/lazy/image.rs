@@ -49,14 +49,15 @@ impl Noise {
     }
 }
 
-/// The data set as (path, content), in tar order (sorted by path).
-pub fn files() -> Vec<(String, Vec<u8>)> {
+/// The data set as (path, content), in tar order (sorted by path); with `shrink` > 1
+/// the big files and the number of small files are divided by it.
+pub fn files(shrink: usize) -> Vec<(String, Vec<u8>)> {
     let mut n = Noise(0x5eed_0f10_2026_1125);
     let mut out = vec![
-        ("big/rand.bin".to_string(), n.bytes(RAND_BYTES)),
-        ("big/seq.bin".to_string(), n.bytes(SEQ_BYTES)),
+        ("big/rand.bin".to_string(), n.bytes(RAND_BYTES / shrink)),
+        ("big/seq.bin".to_string(), n.bytes(SEQ_BYTES / shrink)),
     ];
-    for i in 0..SMALL_FILES {
+    for i in 0..SMALL_FILES / shrink {
         let span = (SMALL_MAX_BYTES - SMALL_MIN_BYTES + 1) as u64;
         let len = SMALL_MIN_BYTES + (n.next() % span) as usize;
         out.push((format!("small/f{i:04}"), n.bytes(len)));

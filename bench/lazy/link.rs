@@ -95,6 +95,17 @@ impl Link {
         ns(&["ip", "addr", "add", &format!("{NS_ADDR}/30"), "dev", VETH_NS]);
         ns(&["ip", "link", "set", VETH_NS, "up"]);
         ns(&["ip", "link", "set", "lo", "up"]);
+        // Nothing may leave the machine: the namespace's address must be reached
+        // through our veth only, never by a default route.
+        let route = Command::new("ip")
+            .args(["-o", "route", "get", NS_ADDR])
+            .output()
+            .expect("ip route get");
+        let route = String::from_utf8_lossy(&route.stdout);
+        assert!(
+            route.contains(&format!("dev {VETH_HOST} ")),
+            "{NS_ADDR} is not routed through {VETH_HOST}: {route}"
+        );
         let rate = format!("{}bit", shape.rate_bits);
         // HTB at the rate; a burst of one GSO packet (64 KiB) so that large packets
         // are not held back, and a queue of 1000 packets behind it.
