@@ -192,14 +192,20 @@ fn parse_args() -> Opts {
                     min: parse_bytes(min),
                     max: parse_bytes(max),
                 };
-                assert!(o.windows.min <= o.windows.max, "--windows MIN,MAX: MIN <= MAX");
+                assert!(
+                    o.windows.min <= o.windows.max,
+                    "--windows MIN,MAX: MIN <= MAX"
+                );
             }
             "--shrink" => o.shrink = val().parse().expect("--shrink N"),
             "--json" => o.json = Some(PathBuf::from(val())),
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(o.numjobs >= 1 && 4096 % o.numjobs == 0, "--numjobs divides 4096");
+    assert!(
+        o.numjobs >= 1 && 4096 % o.numjobs == 0,
+        "--numjobs divides 4096"
+    );
     assert!(
         (1..=16).contains(&o.shrink) && 16 % o.shrink == 0,
         "--shrink 1, 2, 4, 8 or 16"
@@ -332,7 +338,15 @@ fn fio(job: Job, dir: &Path, numjobs: usize, scratch: &Path) -> FioOut {
     };
     cleanup::remove_pid(child.id());
     assert!(status.success(), "fio {} failed: {status}", job.name());
-    let v: serde_json::Value = serde_json::from_slice(&fs::read(&out_path).unwrap()).unwrap();
+    // fio puts notes ("fio: ...") before the JSON document in the same file.
+    let text = fs::read_to_string(&out_path).unwrap();
+    let start = text
+        .find("\n{")
+        .map(|i| i + 1)
+        .filter(|_| !text.starts_with('{'))
+        .unwrap_or(0);
+    let v: serde_json::Value = serde_json::from_str(&text[start..])
+        .unwrap_or_else(|e| panic!("fio {} output: {e}\n{text}", job.name()));
     let r = &v["jobs"][0]["read"];
     let pct = |k: &str| r["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1e3;
     assert_eq!(
@@ -645,7 +659,11 @@ fn http_get_mib_s(host: &str, img: &Pushed) -> f64 {
         .output()
         .expect("curl");
     assert!(out.status.success(), "curl {url}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap() / f64::from(1 << 20)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .unwrap()
+        / f64::from(1 << 20)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -718,7 +736,8 @@ fn bench(o: &Opts, scratch: &Path) {
             None => (None, None, s.loopback.host.clone()),
             Some(shape) => {
                 let l = Link::up(shape);
-                let r = RegistryProcess::start(&s.reg_dir, &format!("{}:5000", link::NS_ADDR), true);
+                let r =
+                    RegistryProcess::start(&s.reg_dir, &format!("{}:5000", link::NS_ADDR), true);
                 (Some(l), Some(r), format!("{}:5000", link::NS_ADDR))
             }
         };
@@ -747,15 +766,7 @@ fn bench(o: &Opts, scratch: &Path) {
                 // The order of the variants turns with each repetition.
                 for k in 0..variants.len() {
                     let v = variants[(k + rep) % variants.len()];
-                    runs.push(run_one(
-                        &s,
-                        net.name,
-                        &image_ref,
-                        job,
-                        v,
-                        o.windows,
-                        rep,
-                    ));
+                    runs.push(run_one(&s, net.name, &image_ref, job, v, o.windows, rep));
                 }
             }
         }
@@ -773,7 +784,10 @@ fn bench(o: &Opts, scratch: &Path) {
             }
         }
         if let Some(l) = &_link {
-            eprintln!("delay line: (packets, most held) = {:?}", l.delayed_packets());
+            eprintln!(
+                "delay line: (packets, most held) = {:?}",
+                l.delayed_packets()
+            );
         }
     }
     let report = report(o, &checks, &runs);
@@ -823,9 +837,9 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
             .push(r);
     }
     let med = |k: &(String, String, String, u64, u64), f: &dyn Fn(&Run) -> f64| -> f64 {
-        groups
-            .get(k)
-            .map_or(f64::NAN, |v| median(&mut v.iter().map(|r| f(r)).collect::<Vec<_>>()))
+        groups.get(k).map_or(f64::NAN, |v| {
+            median(&mut v.iter().map(|r| f(r)).collect::<Vec<_>>())
+        })
     };
     let _ = writeln!(
         out,
@@ -849,8 +863,10 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
             out,
             "| {} | {} | {:.1} MiB/s |",
             c.net,
-            c.connect_rtt_ms_median
-                .map_or("-".into(), |m| format!("{m:.2} / {:.2} ms", c.connect_rtt_ms_max.unwrap())),
+            c.connect_rtt_ms_median.map_or("-".into(), |m| format!(
+                "{m:.2} / {:.2} ms",
+                c.connect_rtt_ms_max.unwrap()
+            )),
             c.http_get_mib_s
         );
     }
@@ -878,8 +894,14 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
                     med(&key(v), &|r| r.mib_s)
                 }
             };
-            let (e, st, lz) = (unit(Variant::Erofs), unit(Variant::Store), unit(Variant::Lazy));
-            let per_read = med(&key(Variant::Lazy), &|r| r.fetched() as f64 / r.bytes_read as f64);
+            let (e, st, lz) = (
+                unit(Variant::Erofs),
+                unit(Variant::Store),
+                unit(Variant::Lazy),
+            );
+            let per_read = med(&key(Variant::Lazy), &|r| {
+                r.fetched() as f64 / r.bytes_read as f64
+            });
             let reqs = med(&key(Variant::Lazy), &|r| {
                 r.fetch["range_requests"].as_f64().unwrap_or(0.0)
             });
@@ -904,7 +926,10 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
             );
         }
     }
-    if runs.iter().any(|r| r.min_window != d.min || r.max_window != d.max) {
+    if runs
+        .iter()
+        .any(|r| r.min_window != d.min || r.max_window != d.max)
+    {
         let _ = writeln!(
             out,
             "\nWindow sweep (lazy, one run each; the main table's row is its median)\n\n| link | min / max window | seq-128k MiB/s | seq fetched/read | rand-4k IOPS | rand fetched/read | small-files MiB/s | small fetched/read |\n|---|---|---:|---:|---:|---:|---:|---:|"
@@ -935,7 +960,11 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
                 "| {net} | {} K / {} K{} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} | {:.2} |",
                 min >> 10,
                 max >> 10,
-                if (min, max) == (d.min, d.max) { " (main table)" } else { "" },
+                if (min, max) == (d.min, d.max) {
+                    " (main table)"
+                } else {
+                    ""
+                },
                 cell(Job::Seq, &|r| r.mib_s),
                 cell(Job::Seq, &per),
                 cell(Job::Rand, &|r| r.iops),

@@ -205,7 +205,10 @@ impl RegistryProcess {
             if let Some(s) = r.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("docker-registry exited ({s}):\n{}", r.log());
             }
-            assert!(Instant::now() < deadline, "docker-registry did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         r

@@ -3,14 +3,20 @@
 //!
 //! This machine's kernel has no `sch_netem` (nor `sch_fq`, which would honour
 //! BPF-set departure times), so the delay is added in user space: inside the namespace,
-//! iptables (legacy, `CONFIG_IP_NF_IPTABLES`) sends every packet that enters or leaves
-//! the namespace's veth to NFQUEUE queue 0, and [`DelayLine`] accepts each one half a
-//! round trip after it arrived (both directions in one FIFO: equal delays keep arrival
-//! order, so one batch verdict releases every packet due). Only the packets' metadata
-//! is copied to user space; GSO packets are queued whole (`NFQA_CFG_F_GSO`), as netem
-//! would see them on a veth. The rate is HTB's, in the kernel, after the delay on the
-//! way out and before it on the way in: for a FIFO link the order of delay and
-//! serialization does not change when a packet arrives.
+//! iptables (legacy, `CONFIG_IP_NF_IPTABLES`) sends every packet that enters it through
+//! the namespace's veth to NFQUEUE queue 0, and [`DelayLine`] accepts each one a whole
+//! round trip after it arrived (one FIFO: equal delays keep arrival order, so one batch
+//! verdict releases every packet due). Only the packets' metadata is copied to user
+//! space; GSO packets are queued whole (`NFQA_CFG_F_GSO`), as netem would see them on a
+//! veth. The rate is HTB's, in the kernel, before the delay.
+//!
+//! The whole round trip is on the way in (the dedupd -> registry direction: requests and
+//! ACKs), none on the way out (the registry's data). For TCP and for a request and its
+//! answer only the sum matters. Half of it on the registry's OUTPUT, as first written,
+//! held data packets that were still charged to the registry's socket: TCP small queues
+//! then let about a millisecond of data be in flight below the socket, and a 100 Mbit/s
+//! 20 ms link carried 0.5 MiB/s. On the way in a packet is orphaned (`ip_rcv`) before
+//! INPUT, so holding it there costs the sender nothing but the round trip.
 //!
 //! Everything is undone on drop (also when the benchmark panics); a namespace left by
 //! a killed run is removed at the next start ([`Link::up`]).
@@ -66,7 +72,12 @@ fn sh_quiet(args: &[&str]) {
 
 /// Runs `args` inside the namespace.
 pub fn in_ns(args: &[&str]) -> Vec<String> {
-    let mut v = vec!["ip".to_string(), "netns".into(), "exec".into(), NETNS.into()];
+    let mut v = vec![
+        "ip".to_string(),
+        "netns".into(),
+        "exec".into(),
+        NETNS.into(),
+    ];
     v.extend(args.iter().map(|s| s.to_string()));
     v
 }
@@ -86,13 +97,27 @@ impl Link {
             "ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS,
         ]);
         sh(&["ip", "link", "set", VETH_NS, "netns", NETNS]);
-        sh(&["ip", "addr", "add", &format!("{HOST_ADDR}/30"), "dev", VETH_HOST]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/30"),
+            "dev",
+            VETH_HOST,
+        ]);
         sh(&["ip", "link", "set", VETH_HOST, "up"]);
         let ns = |a: &[&str]| {
             let v = in_ns(a);
             sh(&v.iter().map(String::as_str).collect::<Vec<_>>());
         };
-        ns(&["ip", "addr", "add", &format!("{NS_ADDR}/30"), "dev", VETH_NS]);
+        ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{NS_ADDR}/30"),
+            "dev",
+            VETH_NS,
+        ]);
         ns(&["ip", "link", "set", VETH_NS, "up"]);
         ns(&["ip", "link", "set", "lo", "up"]);
         // Nothing may leave the machine: the namespace's address must be reached
@@ -112,8 +137,7 @@ impl Link {
         let htb = |dev: &str, ns_side: bool| {
             let cmds: [Vec<&str>; 2] = [
                 vec![
-                    "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default",
-                    "1",
+                    "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1",
                 ],
                 vec![
                     "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
@@ -131,16 +155,18 @@ impl Link {
         htb(VETH_HOST, false);
         htb(VETH_NS, true);
         if !shape.rtt.is_zero() {
-            link.delay = Some(DelayLine::start(shape.rtt / 2));
-            for rule in [
-                ["-A", "OUTPUT", "-o", VETH_NS],
-                ["-A", "INPUT", "-i", VETH_NS],
-            ] {
-                let mut a = vec!["iptables-legacy"];
-                a.extend(rule);
-                a.extend(["-j", "NFQUEUE", "--queue-num", "0"]);
-                ns(&a);
-            }
+            link.delay = Some(DelayLine::start(shape.rtt));
+            ns(&[
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-i",
+                VETH_NS,
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                "0",
+            ]);
         }
         link
     }
@@ -213,7 +239,7 @@ const NLM_F_ACK: u16 = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_HDR_BYTES: usize = 16;
 const NFGENMSG_BYTES: usize = 4;
-/// Packets the kernel may hold for us (at 1 Gbit/s and 1 ms one way, a few hundred).
+/// Packets the kernel may hold for us (at 1 Gbit/s and 2 ms, a few hundred).
 const QUEUE_MAXLEN: u32 = 8192;
 
 /// Releases each queued packet a fixed delay after it arrived.
@@ -306,7 +332,13 @@ fn send(sock: &OwnedFd, msg: &[u8]) -> io::Result<()> {
 fn configure(sock: &OwnedFd, seq: u32, attrs: &[(u16, Vec<u8>)]) -> io::Result<()> {
     send(
         sock,
-        &message(NFQNL_MSG_CONFIG, NLM_F_ACK, seq, libc::AF_UNSPEC as u8, attrs),
+        &message(
+            NFQNL_MSG_CONFIG,
+            NLM_F_ACK,
+            seq,
+            libc::AF_UNSPEC as u8,
+            attrs,
+        ),
     )?;
     let mut buf = vec![0u8; 8192];
     // SAFETY: receives into a live buffer of the given length.
