@@ -844,8 +844,8 @@ fn report(o: &Opts, checks: &[LinkCheck], runs: &[Run]) -> String {
     let _ = writeln!(
         out,
         "\ndata set: seq.bin {} MiB, rand.bin {} MiB, {} small files (shrink {}); random job: {} psync readers (reads in flight), 4,096 reads in all; chunk size {} KiB; fetcher windows {} KiB / {} KiB (min / max); medians of {} repetition(s)\n",
-        image::SEQ_BYTES / o.shrink >> 20,
-        image::RAND_BYTES / o.shrink >> 20,
+        (image::SEQ_BYTES / o.shrink) >> 20,
+        (image::RAND_BYTES / o.shrink) >> 20,
         image::SMALL_FILES / o.shrink,
         o.shrink,
         o.numjobs,
