@@ -418,7 +418,10 @@ fn a_slow_registry_costs_remote_readers_only() {
         .collect();
     assert_eq!(r.sim.read(lid, 0, lsize, T).unwrap(), ReadOutcome::Served);
     let fs = r.fetcher.stats();
-    assert_eq!(fs.chunks_fetched, 0, "the registry answered while held: {fs:?}");
+    assert_eq!(
+        fs.chunks_fetched, 0,
+        "the registry answered while held: {fs:?}"
+    );
     f.fake.held.store(false, Ordering::SeqCst);
     for tk in tickets {
         assert_eq!(tk.wait(T).unwrap().0, ReadOutcome::Served);
