@@ -650,9 +650,11 @@ http:
                 pull_s = time.monotonic() - t0
                 out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0}
             drop_caches()
+            # Bytes between the pulls and a run (the prefetcher keeps fetching after
+            # `dedupd pull` returns) count toward the next READY.
+            net_run0 = self.registry_bytes()
             for name in group:
                 st0 = self.dedupd_status(n["droot"])
-                net_run0 = self.registry_bytes()
                 at = {}
                 ready_s, exit_s, cg_read = self.run_container(
                     "dedup", name, csock=n["csock"], repo=repo,
@@ -668,6 +670,7 @@ http:
                     "net_run_to_ready_bytes": at["net"] - net_run0,
                     "net_ready_bytes": out[name]["net_bytes"] + at["net"] - net_run0,
                 })
+                net_run0 = at["net"]
             content = disk_bytes(n["croot"])
             snap = disk_bytes(n["droot"])
             breakdown = {e: disk_bytes(os.path.join(n["droot"], e)) for e in sorted(os.listdir(n["droot"]))}

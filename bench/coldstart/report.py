@@ -314,9 +314,10 @@ def lazy_markdown(results):
                            f"| {_mib(o.get('net_ready_bytes'))} | {_mib(got)} | {mark} {disk}")
     out.append("")
     out.append("Registry bytes before READY: what the registry sent (its access log, "
-               "`http.response.written` of completed responses) from the start of the image's "
-               "pull until its container printed READY (the pull, plus the fetches of its "
-               "run). Metadata: the artifact's metadata blobs of the image's layers (EROFS "
+               "`http.response.written` of completed responses) during the image's pull, plus "
+               "from the end of the previous step (the group's last pull, or the previous "
+               "image's READY) until its container printed READY: the prefetcher keeps "
+               "fetching after `dedupd pull` returns, and that counts. Metadata: the artifact's metadata blobs of the image's layers (EROFS "
                "image and chunk tables). Designed read: what the start-up program asks for; "
                "it leaves out the busybox binary every image runs (~1 MiB read at exec), "
                "which is why hello's bound is metadata only. Disk after READY: allocated "
