@@ -5,7 +5,7 @@ veth pair whose two ends are rate-limited by `tc tbf`; containerd and dedupd sta
 outside and reach it through a delay relay on 127.0.0.1:
 
     ctr / dedupd -> 127.0.0.1:PORT (relay, + RTT/2 each way) -> veth, tbf both ends
-                 -> 198.18.0.2:5000 (the registry, inside the namespace)
+                 -> 198.19.77.2:5000 (the registry, inside the namespace)
 
 This machine's kernel has no `sch_netem` (nor `sch_fq`), so the round trip is added in
 user space by the relay: every piece of data is forwarded half a round trip after it
@@ -16,7 +16,7 @@ reaction to the round trip (slow start and the window on the shaped hop see the 
 request/response latency, which is what lazy fetching pays per range request, is
 modelled. The rate is the kernel's (tbf), on the real TCP connection over the veth.
 
-Addresses: 198.18.0.0/30 (RFC 2544 benchmark range) on the veth pair only.
+Addresses: 198.19.77.0/30 (in the RFC 2544 benchmark range) on the veth pair only.
 
     python3 link.py up RATE RTT_MS      # creates the namespace, veth pair and shaping
     python3 link.py down                # removes them (also what a failed run left)
@@ -31,8 +31,8 @@ import time
 NETNS = "dedupd-coldstart"
 VETH_HOST = "dcs-host"
 VETH_NS = "dcs-ns"
-HOST_ADDR = "198.18.0.1"
-NS_ADDR = "198.18.0.2"
+HOST_ADDR = "198.19.77.1"
+NS_ADDR = "198.19.77.2"
 REGISTRY_PORT = 5000
 
 # name -> (tbf rate, round trip in ms)
