@@ -32,8 +32,8 @@ use super::artifact::{
     distinct_chunks, Artifact, ArtifactLayer, LayerMeta, MetaBlob, MetaHeader, ARTIFACT_TYPE,
     EMPTY_DIGEST, FORMAT_VERSION, MAX_DATA_BLOBS, TRACE_MEDIA_TYPE,
 };
-use super::pull::Traces;
 use super::image::{resolve_platforms, ImageError};
+use super::pull::Traces;
 use crate::convert::{check_chunk_bytes, convert_layer, ConvertError};
 use crate::digest::{ChunkDigest, OciHasher};
 use crate::registry::{
