@@ -648,11 +648,12 @@ http:
                 sh(self.args.dedupd, "pull", "-a", n["csock"], "-n", NS, "--hosts-dir", self.certs,
                    self.ref(name, repo))
                 pull_s = time.monotonic() - t0
-                out[name] = {"pull_s": pull_s, "net_bytes": self.registry_bytes() - net0}
+                # Bytes between the pulls and a run (the prefetcher keeps fetching after
+                # `dedupd pull` returns, also while caches are dropped) count toward the
+                # next READY.
+                net_run0 = self.registry_bytes()
+                out[name] = {"pull_s": pull_s, "net_bytes": net_run0 - net0}
             drop_caches()
-            # Bytes between the pulls and a run (the prefetcher keeps fetching after
-            # `dedupd pull` returns) count toward the next READY.
-            net_run0 = self.registry_bytes()
             for name in group:
                 st0 = self.dedupd_status(n["droot"])
                 at = {}
