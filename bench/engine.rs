@@ -5,6 +5,10 @@
 //!
 //! Run: `cargo bench --bench engine`. A summary table (throughput, reader-side latency
 //! p50/p99, ratios) is printed at the end.
+//!
+//! Metrics on versus off (issue 16): `DEDUPD_BENCH_ONLY=metrics cargo bench --bench engine`
+//! runs only that comparison ([`bench_metrics`]): one engine at 4 KiB, with and without a
+//! thread that renders the whole `/metrics` text from its counters every 10 ms.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -690,11 +694,112 @@ fn summary(results: &Results) {
     }
 }
 
+/// Scrape period of the "metrics on" runs: far more often than Prometheus (15 s or
+/// more), so that the cost of a scrape, if any, shows.
+const SCRAPE_EVERY: Duration = Duration::from_millis(10);
+/// Rounds of the metrics comparison (each runs off, then on).
+const METRICS_ROUNDS: usize = 15;
+/// 4 KiB READs per run of the metrics comparison.
+const METRICS_READS: u64 = 20_000;
+
+/// Requests/s at 4 KiB, the daemon's defaults (uring writes, 2 threads), with the metrics
+/// endpoint's work off and on: the same engine, and a thread that renders the full
+/// `/metrics` text (every family, the engine's per-thread blocks summed) every
+/// [`SCRAPE_EVERY`] while "on". Interleaved rounds, medians; criterion runs beside them.
+fn bench_metrics(c: &mut Criterion, s: &Setup) {
+    let sv = start_engine(s, 2, WriteStrategy::Uring, false);
+    let counters = sv.engine.as_ref().unwrap().shared_counters();
+    let source: dedupd::metrics::Source = Arc::new(move || {
+        let mut e = dedupd::serve::stats::snapshot(&counters);
+        e.front_end = "cachefiles".into();
+        dedupd::metrics::Sample {
+            front_end: "cachefiles".into(),
+            requests: e.reads,
+            filled_bytes: e.bytes_written,
+            engine: e,
+            ..Default::default()
+        }
+    });
+    let on = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let scraper = {
+        let (on, stop, scrapes) = (on.clone(), stop.clone(), scrapes.clone());
+        std::thread::spawn(move || {
+            // Bounded by `stop`.
+            while !stop.load(Ordering::Relaxed) {
+                if on.load(Ordering::Relaxed) {
+                    let (body, _) = dedupd::metrics::render(&source, false);
+                    assert!(body.contains("dedupd_fill_latency_seconds_count"));
+                    scrapes.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(SCRAPE_EVERY);
+            }
+        })
+    };
+    let len = 4096;
+    let mut rng = StdRng::seed_from_u64(16);
+    let mut rps = [Vec::new(), Vec::new()];
+    for _ in 0..METRICS_ROUNDS {
+        for (i, metrics) in [false, true].into_iter().enumerate() {
+            on.store(metrics, Ordering::Relaxed);
+            let (el, _) = drive(
+                &sv.sim,
+                sv.object,
+                len,
+                METRICS_READS,
+                depth_for(len),
+                &mut rng,
+            );
+            rps[i].push(METRICS_READS as f64 / el.as_secs_f64());
+        }
+    }
+    on.store(false, Ordering::Relaxed);
+    let rounds_off = rps[0].clone();
+    let rounds_on = rps[1].clone();
+    let (off, on_med) = (median(&mut rps[0]), median(&mut rps[1]));
+    println!(
+        "
+metrics off vs on, 4 KiB, engine/uring/2t, {METRICS_ROUNDS} interleaved rounds of \
+         {METRICS_READS} READs (median requests/s): off {off:.0}, on {on_med:.0}, on/off \
+         {:.3}; {} scrapes while on",
+        on_med / off,
+        scrapes.load(Ordering::Relaxed)
+    );
+    println!(
+        "  rounds off: {:?}",
+        rounds_off.iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    println!(
+        "  rounds on:  {:?}",
+        rounds_on.iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    let mut g = c.benchmark_group("metrics/4k");
+    g.throughput(Throughput::Elements(1));
+    for metrics in [false, true] {
+        let name = if metrics { "on" } else { "off" };
+        g.bench_function(name, |b| {
+            on.store(metrics, Ordering::Relaxed);
+            b.iter_custom(|iters| {
+                drive(&sv.sim, sv.object, len, iters, depth_for(len), &mut rng).0
+            });
+        });
+    }
+    g.finish();
+    stop.store(true, Ordering::Relaxed);
+    scraper.join().unwrap();
+}
+
 fn benches(c: &mut Criterion) {
     let s = setup();
+    if std::env::var("DEDUPD_BENCH_ONLY").as_deref() == Ok("metrics") {
+        bench_metrics(c, &s);
+        return;
+    }
     let results: Results = Arc::default();
     bench_sizes(c, &s, &results);
     bench_read_around(c, &s, &results);
+    bench_metrics(c, &s);
     summary(&results);
 }
 

@@ -904,3 +904,110 @@ fn a_blob_file_made_again_never_gets_the_old_files_writer() {
     check_all(&s);
     all_answered(&d.stop());
 }
+
+/// Waits up to `bound` for the holder to be gone.
+fn holder_gone_within(s: &Setup, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    while holder_alive(s) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// Issue 15.3: a holder stays while mounts use its blobs, and leaves on its own once
+/// they are gone, even when the root itself was removed meanwhile (the blob files then
+/// have no path: the holder finds them by their file handles).
+#[test]
+fn a_holder_leaves_once_no_mount_uses_its_blobs_even_with_the_root_gone() {
+    if !can_run("a_holder_leaves_once_no_mount_uses_its_blobs") {
+        return;
+    }
+    let s = setup(&[1, 2]);
+    let d = Daemon::start(&s, &["--grace-ms", "60000"]);
+    // Fill part of one blob only: the others stay marked (never read through a daemon,
+    // so the holder keeps no write fd for them).
+    let (id, files) = &s.layers[0];
+    let mut buf = vec![0u8; 4096];
+    let f = fs::File::open(s.mnt.join(id).join("big.bin")).unwrap();
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == files["big.bin"][..4096]);
+    drop(f);
+    d.kill9();
+    let pid = fs::read_to_string(s.root.join("fanotify/holder.pid")).unwrap();
+    std::thread::sleep(dedupd::fanotify::holder::IDLE_EXIT + Duration::from_secs(2));
+    assert!(holder_alive(&s), "the holder left while mounts still use its blobs");
+    for e in fs::read_dir(&s.mnt).unwrap().flatten() {
+        nix::mount::umount2(&e.path(), nix::mount::MntFlags::empty()).unwrap();
+    }
+    // The root goes too (a test harness or an operator cleaning up): blob files lose
+    // their paths while the group's marks still pin them.
+    fs::remove_dir_all(&s.root).unwrap();
+    let bound = dedupd::fanotify::holder::IDLE_EXIT + Duration::from_secs(10);
+    let deadline = Instant::now() + bound;
+    while dedupd::holder::process_alive(pid.trim().parse().unwrap()) {
+        assert!(
+            Instant::now() < deadline,
+            "the holder (pid {}) still runs {bound:?} after the last mount went",
+            pid.trim()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 15.3: `dedupd teardown` refuses while a daemon runs on the root or a file of a
+/// layer is open, changing nothing in use; once nothing uses the layers it unmounts
+/// them and ends the holder.
+#[test]
+fn teardown_refuses_while_a_layer_is_used_and_then_ends_everything() {
+    if !can_run("teardown_refuses_while_a_layer_is_used") {
+        return;
+    }
+    let mut s = setup(&[1, 2]);
+    // Layer mounts under the root, as the snapshotter makes them.
+    s.mnt = s.root.join("m");
+    let teardown = |s: &Setup| {
+        Command::new(DEDUPD)
+            .args(["teardown", "--root"])
+            .arg(&s.root)
+            .env("DEDUPD_LOG", "warn")
+            .output()
+            .expect("dedupd teardown runs")
+    };
+    let d = Daemon::start(&s, &["--grace-ms", "60000"]);
+    let out = teardown(&s);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "teardown with a daemon running");
+    assert!(err.contains("daemon is running"), "{err}");
+    let (id0, files0) = &s.layers[0];
+    let (id1, _) = &s.layers[1];
+    let mut buf = vec![0u8; 4096];
+    let held = fs::File::open(s.mnt.join(id0).join("big.bin")).unwrap();
+    held.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == files0["big.bin"][..4096]);
+    d.kill9();
+    let out = teardown(&s);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "teardown with a file of a layer open");
+    assert!(err.contains("in use") && err.contains(id0.as_str()), "{err}");
+    assert!(mounted(&s.mnt.join(id0)), "a layer in use stays mounted");
+    assert!(!mounted(&s.mnt.join(id1)), "a layer nothing uses is unmounted");
+    assert!(holder_alive(&s), "the holder stays while a layer is in use");
+    drop(held);
+    let out = teardown(&s);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "teardown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("ended: fanotify holder"), "{text}");
+    assert!(!mounted(&s.mnt.join(id0)));
+    assert!(holder_gone_within(&s, Duration::from_secs(5)), "holder still runs");
+    // Nothing left to do: a second teardown succeeds and ends nothing.
+    let out = teardown(&s);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no holder was running"));
+}

@@ -6,6 +6,10 @@
 //! image that shares a layer and files); registry faults (stopped, bytes flipped, Range
 //! ignored) give EIO within the configured bound and correct reads once repaired, never
 //! a wrong byte, and the daemon lives on. Root only; skips loudly otherwise.
+//!
+//! The VM suite runs the first test inside the VM over cachefiles (t85-lazy): there
+//! `DEDUPD_BIN` names the daemon binary, `LAZY_E2E_FRONT_END` the front end and
+//! `LAZY_E2E_TMP` the scratch filesystem.
 
 mod common;
 
@@ -27,7 +31,15 @@ use dedupd::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient;
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
-const DEDUPD: &str = env!("CARGO_BIN_EXE_dedupd");
+/// The dedupd binary: `DEDUPD_BIN`, else the one cargo built.
+fn dedupd() -> String {
+    std::env::var("DEDUPD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dedupd").to_string())
+}
+
+/// Where scratch directories go (a disk filesystem: ext4 or xfs).
+fn tmp_base() -> PathBuf {
+    PathBuf::from(std::env::var("LAZY_E2E_TMP").unwrap_or_else(|_| "/var/tmp".into()))
+}
 /// Chunk size of the conversion (the default).
 const CHUNK: usize = 64 << 10;
 
@@ -182,7 +194,7 @@ fn registry_client(dir: &Path) -> Registry {
 }
 
 fn publish(reference: &str, root: &Path) {
-    let out = Command::new(DEDUPD)
+    let out = Command::new(dedupd())
         .args(["publish", reference, "--plain-http", "--root"])
         .arg(root)
         .env("DEDUPD_LOG", "warn")
@@ -207,7 +219,7 @@ impl Daemon {
     fn start(fetch_timeout_ms: u64, lazy: &str) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("dlazy")
-            .tempdir_in("/var/tmp")
+            .tempdir_in(tmp_base())
             .unwrap();
         let mut d = Daemon {
             root,
@@ -218,16 +230,17 @@ impl Daemon {
         fs::write(
             &config,
             format!(
-                "root = {:?}\nsocket = {:?}\nfront_end = \"fanotify\"\n\n[registry]\nplain_http = true\nhosts_dir = {:?}\n\n[lazy]\nprefetch = \"none\"\nfetch_timeout_ms = {fetch_timeout_ms}\n{lazy}\n",
+                "root = {:?}\nsocket = {:?}\nfront_end = {:?}\n\n[registry]\nplain_http = true\nhosts_dir = {:?}\n\n[lazy]\nprefetch = \"none\"\nfetch_timeout_ms = {fetch_timeout_ms}\n{lazy}\n",
                 d.root.path().join("store"),
                 d.socket(),
+                std::env::var("LAZY_E2E_FRONT_END").unwrap_or_else(|_| "fanotify".into()),
                 d.root.path().join("certs.d"),
             ),
         )
         .unwrap();
         let log = fs::File::create(d.root.path().join("dedupd.log")).unwrap();
         d.child = Some(
-            Command::new(DEDUPD)
+            Command::new(dedupd())
                 .args(["run", "--config"])
                 .arg(&config)
                 .env("DEDUPD_LOG", "info")
@@ -533,7 +546,7 @@ fn lazy_layers_read_back_byte_identical_and_each_chunk_is_fetched_once() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
     let registry = TestRegistry::plain();
     let client = registry_client(scratch.path());
     let (la, lb) = layers();
@@ -601,7 +614,7 @@ fn registry_faults_give_eio_in_bounded_time_then_correct_reads() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
     let mut registry = TestRegistry::plain();
     let proxy = FaultProxy::start(&registry.host);
     let client = registry_client(scratch.path());

@@ -42,6 +42,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// Lazy pull of layers that have a published dedupd artifact.
     pub lazy: LazyConfig,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens: a unix socket path
+    /// (`/run/dedupd/metrics.sock`, root only) or `127.0.0.1:PORT`. Off when unset.
+    pub metrics_address: Option<String>,
 }
 
 /// `[registry]`: how dedupd reaches registries.
@@ -114,6 +117,10 @@ pub struct LazyConfig {
     pub prefetch: crate::remote::PrefetchMode,
     /// Prefetch bandwidth cap, bytes per second (0: none).
     pub prefetch_bytes_per_sec: u64,
+    /// A layer with no published artifact (CRI pulls and `dedupd pull`) is streamed
+    /// from the registry straight into the converter, instead of containerd
+    /// downloading and unpacking it for a conversion at Commit.
+    pub stream: bool,
 }
 
 impl Default for LazyConfig {
@@ -127,6 +134,7 @@ impl Default for LazyConfig {
             max_fetches: d.max_fetches,
             prefetch: crate::remote::PrefetchMode::All,
             prefetch_bytes_per_sec: d.prefetch_bytes_per_sec,
+            stream: true,
         }
     }
 }
@@ -155,6 +163,7 @@ impl Default for Config {
             chunk_bytes: crate::store::DEFAULT_CHUNK_BYTES,
             registry: RegistryConfig::default(),
             lazy: LazyConfig::default(),
+            metrics_address: None,
         }
     }
 }

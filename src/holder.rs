@@ -90,10 +90,14 @@ pub fn seqpacket() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Connects to the holder at `path`.
+/// Connects to the holder at `path`; the holder must be root (or dedupd's user): it is
+/// about to hand over a kernel fd.
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let s = seqpacket()?;
     socket::connect(s.as_raw_fd(), &UnixAddr::new(path)?)?;
+    check_peer(&s).map_err(|e| {
+        io::Error::new(io::ErrorKind::PermissionDenied, format!("holder: {e}"))
+    })?;
     Ok(s)
 }
 
@@ -118,23 +122,13 @@ pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The peer's uid if it may attach (root, or our own effective uid); the error names
-/// who it was.
+/// The peer's uid if it may attach (root, or dedupd's own user: the rule of
+/// [`crate::perms::check_peer`]); the error names who it was.
 pub fn check_peer(conn: &OwnedFd) -> io::Result<u32> {
-    let cred = socket::getsockopt(conn, socket::sockopt::PeerCredentials)?;
-    let me = nix::unistd::geteuid().as_raw();
-    if cred.uid() == 0 || cred.uid() == me {
-        Ok(cred.uid())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "peer pid {} uid {} may not attach (root or uid {me} only)",
-                cred.pid(),
-                cred.uid()
-            ),
-        ))
-    }
+    let uid = crate::perms::peer_uid(conn)?;
+    crate::perms::allowed_uid(uid)
+        .map(|()| uid)
+        .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))
 }
 
 /// Takes the exclusive lock `<socket>.lock` that makes a holder the only one of its

@@ -16,17 +16,25 @@
 //! - [`fanotify`]: the fanotify pre-content front end.
 //! - [`registry`]: the registry client (hosts.toml, credentials, ranges, referrers).
 //! - [`snapshotter`]: the containerd snapshots gRPC service.
+//! - [`ctrclient`]: a containerd client, and `dedupd pull` on it.
+//! - [`proto`]: the generated gRPC code (containerd's APIs).
 //! - [`daemon`]: `dedupd run`: front-end selection, blob registry, threads.
+//! - [`metrics`]: the Prometheus endpoint (`metrics_address`).
+//! - [`perms`]: root-only permissions under the root, peer credentials on sockets.
 //! - [`config`]: configuration with embedded defaults.
 
 pub mod cachefiles;
 pub mod config;
 pub mod convert;
+pub mod ctrclient;
 pub mod daemon;
 pub mod digest;
 pub mod erofs;
 pub mod fanotify;
 pub mod holder;
+pub mod metrics;
+pub mod perms;
+pub mod proto;
 pub mod registry;
 pub mod remote;
 pub mod serve;

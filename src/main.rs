@@ -33,14 +33,52 @@ enum Command {
     /// Internal: the process that keeps the fanotify group alive across daemon restarts.
     #[command(hide = true)]
     FanotifyHolder(dedupd::fanotify::cli::HolderArgs),
+    /// Internal: the process that keeps the bound `/dev/cachefiles` fd alive across daemon
+    /// restarts (when no systemd fd store keeps it).
+    #[command(hide = true)]
+    CachefilesHolder {
+        /// Socket to listen on.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// The cache's tag (its fscache volumes tell whether layers are still mounted).
+        #[arg(long)]
+        tag: String,
+    },
+    /// Unmount every layer nothing uses under a root and end dedupd's holder processes
+    /// (before an uninstall or a move to another root); refuses while a daemon runs on
+    /// the root or a container still uses a layer.
+    Teardown(dedupd::daemon::teardown::TeardownArgs),
     /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
     #[command(hide = true)]
     FanotifyImport(dedupd::fanotify::cli::ImportArgs),
-    /// Print the counters of the running (or last) daemon, from `<root>/run/stats.json`.
+    /// Pull an image into containerd through the dedup snapshotter, lazily where the
+    /// image has a published artifact (`ctr image pull` downloads every layer first).
+    Pull(dedupd::ctrclient::pull::PullArgs),
+    /// Pull an image through containerd's CRI image service, as the kubelet does (for
+    /// tests and debugging on nodes without crictl); prints the image reference.
+    #[command(hide = true)]
+    CriPull {
+        /// containerd's socket.
+        #[arg(
+            short = 'a',
+            long,
+            env = "CONTAINERD_ADDRESS",
+            default_value = "/run/containerd/containerd.sock"
+        )]
+        address: std::path::PathBuf,
+        /// The image.
+        image: String,
+    },
+    /// Which front end serves and why, cache use, mounted layers and how much of each is
+    /// local, the slowest recent requests: the running (or last) daemon's
+    /// `<root>/run/stats.json`, for a human (or as JSON with --json).
     Status {
         /// Store root.
         #[arg(long, default_value = dedupd::config::DEFAULT_ROOT)]
         root: std::path::PathBuf,
+        /// Print the same as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Old name of `run --front-end local` (kept for scripts).
     #[command(hide = true)]
@@ -78,8 +116,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colors only on a terminal: a log file or the journal gets plain `key=value`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Whatever writes under a root writes it for root alone (see dedupd::perms); export
+    // writes where the user asks, status writes nothing.
+    if !matches!(cli.command, Command::Export(_) | Command::Status { .. }) {
+        dedupd::perms::private_umask();
+    }
     let result = match &cli.command {
         Command::Run(a) => dedupd::daemon::run(a),
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
@@ -88,8 +133,15 @@ fn main() -> ExitCode {
         Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
+        Command::CachefilesHolder { socket, tag } => {
+            dedupd::cachefiles::holder::run(socket, tag)
+                .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display()))
+        }
+        Command::Teardown(a) => dedupd::daemon::teardown::teardown_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
-        Command::Status { root } => dedupd::daemon::status(root),
+        Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),
+        Command::CriPull { address, image } => cri_pull(address, image),
+        Command::Status { root, json } => dedupd::daemon::status(root, *json),
         Command::Snapshotter(a) => dedupd::daemon::run(&dedupd::daemon::RunArgs::local(
             a.root.clone(),
             a.socket.clone(),
@@ -108,6 +160,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cri_pull(address: &std::path::Path, image: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let image_ref = rt.block_on(async {
+        let c = dedupd::ctrclient::Client::connect(address, "k8s.io").await?;
+        c.cri_pull(image).await
+    })?;
+    println!("{image_ref}");
+    Ok(())
 }
 
 fn store_compact(root: &std::path::Path, live_percent: u8) -> anyhow::Result<()> {

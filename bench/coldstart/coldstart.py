@@ -21,6 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import images  # noqa: E402
+import link  # noqa: E402
 import report  # noqa: E402
 
 NS = "coldstart"
@@ -224,6 +225,13 @@ class Bench:
         self.seq = 0
         self.restarts = 0
         self.measured_dedup = False
+        # Where the registry is reached (loopback, or the relay of a shaped link) and
+        # the hosts.toml dir telling dedupd it speaks plain HTTP.
+        self.certs = os.path.join(self.work, "certs.d")
+        self.host = None
+        self.link = "loopback"
+        self.link_procs = []
+        self.nodes = 0
 
     # --- services ----------------------------------------------------------------------
     def spawn(self, cmd, logname):
@@ -257,6 +265,71 @@ http:
                 return True
         wait_until(up, "the registry")
         log(f"registry on 127.0.0.1:{self.port}")
+        self.host = f"127.0.0.1:{self.port}"
+        self.storage = storage
+        self.write_hosts(self.host)
+
+    def write_hosts(self, host):
+        """containerd's convention for a plain-HTTP registry, read by dedupd."""
+        d = os.path.join(self.certs, host)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "hosts.toml"), "w") as f:
+            f.write(f'server = "http://{host}"\n[host."http://{host}"]\n'
+                    f'  capabilities = ["pull", "resolve", "push"]\n')
+
+    # --- shaped links --------------------------------------------------------------------
+    def link_up(self, name):
+        """A network namespace with the registry inside (same storage), a tbf-shaped veth
+        pair and a delay relay on 127.0.0.1 (see link.py); the registry is then reached
+        through the relay."""
+        rate, rtt = link.SHAPES[name]
+        link.up(rate, rtt)
+        cfg = os.path.join(self.work, f"registry-{name}.yml")
+        with open(cfg, "w") as f:
+            f.write(f"""version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: {self.storage}
+  delete:
+    enabled: true
+http:
+  addr: {link.NS_ADDR}:{link.REGISTRY_PORT}
+""")
+        logname = f"registry-{name}.log"
+        reg = self.spawn(link.in_ns("docker-registry", "serve", cfg), logname)
+        self.link_procs.append(reg)
+
+        def up():
+            with socket.create_connection((link.NS_ADDR, link.REGISTRY_PORT), timeout=1):
+                return True
+        wait_until(up, f"the registry in namespace {link.NETNS}")
+        port = free_port()
+        relay = self.spawn([sys.executable, os.path.join(HERE, "link.py"), "relay", str(port),
+                            link.NS_ADDR, str(link.REGISTRY_PORT), str(rtt)], f"relay-{name}.log")
+        self.link_procs.append(relay)
+
+        def relay_up():
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        wait_until(relay_up, "the delay relay")
+        self.link, self.host = name, f"127.0.0.1:{port}"
+        self.reg_log = os.path.join(self.work, logname)
+        self.write_hosts(self.host)
+        log(f"link {name}: registry at {link.NS_ADDR}:{link.REGISTRY_PORT} in namespace "
+            f"{link.NETNS} ({rate}, veth shaped by tbf), reached through 127.0.0.1:{port} "
+            f"(+{rtt:g} ms round trip)")
+
+    def link_down(self):
+        for p in reversed(self.link_procs):
+            if p.poll() is None:
+                terminate(p, 10)
+        self.link_procs = []
+        link.down()
+        self.link, self.host = "loopback", f"127.0.0.1:{self.port}"
+        self.reg_log = os.path.join(self.work, "registry.log")
 
     def registry_bytes(self):
         """Bytes the registry has sent so far (its `http.response.written` log fields)."""
@@ -321,10 +394,10 @@ http:
             sums["commit_layers"] += 1
         return sums if sums["commit_layers"] else None
 
-    def dedupd_status(self):
+    def dedupd_status(self, root=None):
         """dedupd's own counters (`ROOT/run/stats.json`, written by `dedupd run`), if any."""
         try:
-            with open(os.path.join(self.droot, "run", "stats.json")) as f:
+            with open(os.path.join(root or self.droot, "run", "stats.json")) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return None
@@ -333,24 +406,8 @@ http:
         d = os.path.join(self.work, "containerd")
         os.makedirs(d, exist_ok=True)
         cfg = os.path.join(d, "config.toml")
-        proxy = f"""
-[proxy_plugins]
-  [proxy_plugins.dedup]
-    type = "snapshot"
-    address = "{self.dsock}"
-""" if with_dedup else ""
         with open(cfg, "w") as f:
-            f.write(f"""version = 2
-root = "{self.croot}"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.csock}"
-[ttrpc]
-  address = "{self.csock}.ttrpc"
-[debug]
-  address = "{d}/debug.sock"
-{proxy}""")
+            f.write(containerd_config(self.croot, d, self.csock, self.dsock if with_dedup else None))
         self.containerd = self.spawn(["containerd", "--config", cfg], "containerd.log")
         wait_until(lambda: os.path.exists(self.csock) and
                    subprocess.run(["ctr", "-a", self.csock, "version"],
@@ -375,20 +432,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for p in reversed(self.procs):
             if p.poll() is None:
                 terminate(p, 15)
-        # Shims of this containerd: their environment names our scratch dir.
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-                if b"containerd-shim" in cmdline and self.work.encode() in open(f"/proc/{pid}/environ", "rb").read() + cmdline:
-                    os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-        mounts = [line.split()[1] for line in open("/proc/self/mounts")]
-        for m in sorted((m for m in mounts if m.startswith(self.work)), reverse=True):
-            if subprocess.run(["umount", m], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", m], capture_output=True)
+        link.down()
+        kill_shims(self.work)
+        unmount_under(self.work)
         # With layers still mounted when dedupd stopped (a failed run), its fanotify
         # holder stays for a successor that will not come.
         self.stop_holder(2)
@@ -418,8 +464,28 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             with open(os.path.join(self.args.registry_root, "images.json"), "w") as f:
                 json.dump(self.info, f)
 
-    def ref(self, name):
-        return f"127.0.0.1:{self.port}/coldstart/{name}:1"
+    def ref(self, name, repo="coldstart", host=None):
+        return f"{host or self.host}/{repo}/{name}:1"
+
+    def publish(self, repo="coldstart", traces_from=None, names=None):
+        """`dedupd publish` of every image of `repo` (from the publisher's own store,
+        which converts each layer once); returns {name: summary JSON}."""
+        root = os.path.join(self.work, "publisher")
+        out = {}
+        t0 = time.monotonic()
+        for name in names or self.info:
+            cmd = [self.args.dedupd, "publish", "--root", root, "--hosts-dir", self.certs]
+            if traces_from:
+                cmd += ["--traces-from", traces_from]
+            out[name] = json.loads(sh(*cmd, self.ref(name, repo, f"127.0.0.1:{self.port}")))
+        log(f"published {len(out)} images of {repo} in {time.monotonic() - t0:.1f} s")
+        return out
+
+    def push(self, repo):
+        cache = os.path.join(self.args.cache, f"scale-{self.args.scale:g}")
+        for name in self.info:
+            sh("skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{cache}:{name}",
+               f"docker://{self.ref(name, repo, f'127.0.0.1:{self.port}')}")
 
     # --- one measurement ---------------------------------------------------------------
     def clean(self, snapshotter):
@@ -433,14 +499,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             return not snaps and not content
         wait_until(empty, f"{snapshotter} snapshots and content to be garbage-collected")
 
-    def run_container(self, snapshotter, name):
-        """`ctr run --rm` until the READY line; returns (ready_s, exit_s)."""
+    def run_container(self, snapshotter, name, csock=None, at_ready=None, repo="coldstart"):
+        """`ctr run --rm` until the READY line; returns (ready_s, exit_s). `at_ready` is
+        called when the line arrives."""
         self.seq += 1
         cid = f"cs-{snapshotter}-{name}-{self.seq}"
-        cmd = ["ctr", "-a", self.csock, "-n", NS, "run", "--rm", "--snapshotter", snapshotter]
+        cmd = ["ctr", "-a", csock or self.csock, "-n", NS, "run", "--rm", "--snapshotter", snapshotter]
         if self.args.in_vm:
             cmd.append("--no-pivot")  # the VM's root is the initramfs: pivot_root refuses it
-        cmd += [self.ref(name), cid]
+        cmd += [self.ref(name, repo), cid]
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = None
@@ -448,6 +515,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for line in p.stdout:
             if line.strip() == "READY" and ready is None:
                 ready = time.monotonic() - t0
+                if at_ready:
+                    at_ready()
                 # The program sleeps a second after READY: its cgroup still exists.
                 cg_read = cgroup_read_bytes(NS, cid)
         err = p.stderr.read()
@@ -512,7 +581,125 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             return ok and subprocess.run(snap + ["rm", key], capture_output=True).returncode == 0
         wait_until(reachable, "containerd to reach the restarted dedupd")
 
+    # --- dedup-lazy: a cold node per measurement -------------------------------------------
+    def start_node(self):
+        """A cold node: a fresh dedupd root (`dedupd run`, lazy pull on, prefetch as
+        --lazy-prefetch says) and a fresh containerd (root, content store, state) using it."""
+        self.nodes += 1
+        d = os.path.join(self.work, f"node-{self.nodes}")
+        n = {"dir": d, "droot": os.path.join(d, "dedupd"), "dsock": os.path.join(d, "run", "dedupd.sock"),
+             "cdir": os.path.join(d, "containerd"), "procs": []}
+        n["croot"] = os.path.join(n["cdir"], "root")
+        n["csock"] = os.path.join(n["cdir"], "containerd.sock")
+        os.makedirs(os.path.dirname(n["dsock"]), exist_ok=True)
+        os.makedirs(n["cdir"], exist_ok=True)
+        cfg = os.path.join(d, "dedupd.toml")
+        with open(cfg, "w") as f:
+            f.write(f'[registry]\nhosts_dir = "{self.certs}"\n\n'
+                    f'[lazy]\nprefetch = "{self.args.lazy_prefetch}"\n')
+        p = self.spawn([self.args.dedupd, "run", "--root", n["droot"], "--socket", n["dsock"],
+                        "--config", cfg], "nodes-dedupd.log")
+        n["procs"].append(p)
+        n["dedupd"] = p
+        wait_until(lambda: p.poll() is None and os.path.exists(n["dsock"]), "the node's dedupd")
+        ccfg = os.path.join(n["cdir"], "config.toml")
+        with open(ccfg, "w") as f:
+            f.write(containerd_config(n["croot"], n["cdir"], n["csock"], n["dsock"]))
+        c = self.spawn(["containerd", "--config", ccfg], "nodes-containerd.log")
+        n["procs"].append(c)
+        wait_until(lambda: os.path.exists(n["csock"]) and
+                   subprocess.run(["ctr", "-a", n["csock"], "version"],
+                                  capture_output=True).returncode == 0, "the node's containerd")
+        plugins = sh("ctr", "-a", n["csock"], "plugins", "ls")
+        if not re.search(r"dedup\s.*\sok", plugins):
+            raise Fail("the node's containerd did not load the dedup proxy snapshotter:\n" + plugins)
+        return n
+
+    def stop_node(self, n, remove=True):
+        """Stops the node's containerd (and shims) and dedupd, unmounts what they left and
+        (with `remove`) deletes the node."""
+        for p in reversed(n["procs"]):
+            if p.poll() is None:
+                terminate(p, 30)
+            if p in self.procs:
+                self.procs.remove(p)
+        kill_shims(n["dir"])
+        try:
+            pid = int(open(os.path.join(n["droot"], "fanotify", "holder.pid")).read().split()[0])
+            if n["dir"].encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+        unmount_under(n["dir"])
+        if remove and not self.args.keep:
+            shutil.rmtree(n["dir"], ignore_errors=True)
+
+    def measure_lazy(self, group, repo="coldstart", keep_node=False):
+        """dedup-lazy on a cold node: `dedupd pull` of each image of the group (metadata
+        only; data on first read), then `ctr run` of each to READY. Registry bytes up to
+        READY and disk after READY are taken."""
+        n = self.start_node()
+        try:
+            drop_caches()
+            out = {}
+            for name in group:
+                net0 = self.registry_bytes()
+                t0 = time.monotonic()
+                sh(self.args.dedupd, "pull", "-a", n["csock"], "-n", NS, "--hosts-dir", self.certs,
+                   self.ref(name, repo))
+                pull_s = time.monotonic() - t0
+                # Bytes between the pulls and a run (the prefetcher keeps fetching after
+                # `dedupd pull` returns, also while caches are dropped) count toward the
+                # next READY.
+                net_run0 = self.registry_bytes()
+                out[name] = {"pull_s": pull_s, "net_bytes": net_run0 - net0}
+            drop_caches()
+            for name in group:
+                st0 = self.dedupd_status(n["droot"])
+                at = {}
+                ready_s, exit_s, cg_read = self.run_container(
+                    "dedup", name, csock=n["csock"], repo=repo,
+                    at_ready=lambda: at.setdefault("net", self.registry_bytes()))
+                st1 = self.dedupd_status(n["droot"])
+                for k, field in (("bytes_written", "dedupd_filled_bytes"), ("reads", "dedupd_events")):
+                    if st0 and st1 and k in st0 and k in st1:
+                        out[name][field] = st1[k] - st0[k]
+                out[name].update({
+                    "ready_s": ready_s, "exit_s": exit_s,
+                    "pull_to_ready_s": out[name]["pull_s"] + ready_s,
+                    "container_read_bytes": cg_read,
+                    "net_run_to_ready_bytes": at["net"] - net_run0,
+                    "net_ready_bytes": out[name]["net_bytes"] + at["net"] - net_run0,
+                })
+                net_run0 = at["net"]
+            content = disk_bytes(n["croot"])
+            snap = disk_bytes(n["droot"])
+            breakdown = {e: disk_bytes(os.path.join(n["droot"], e)) for e in sorted(os.listdir(n["droot"]))}
+            group_out = {
+                "images": out,
+                "disk_content_bytes": content,
+                "disk_snapshot_bytes": snap,
+                "disk_total_bytes": content + snap,
+                "disk_after_ready_bytes": content + snap,
+                "dedupd_hwm_bytes": proc_hwm_bytes(n["dedupd"].pid),
+                "dedupd_root_breakdown_bytes": breakdown,
+            }
+        except BaseException:
+            self.stop_node(n, remove=False)
+            raise
+        self.stop_node(n, remove=not keep_node)
+        try:
+            text = open(os.path.join(self.work, "nodes-dedupd.log"), errors="replace").read()
+            group_out["lazily_pulled_layers_so_far"] = text.count("layer pulled lazily")
+        except OSError:
+            pass
+        if keep_node:
+            group_out["node_root"] = n["droot"]
+        return group_out
+
     def measure_group(self, snapshotter, group):
+        if snapshotter == "dedup-lazy":
+            return self.measure_lazy(group)
         self.clean(snapshotter)
         if snapshotter == "dedup" and self.args.restart_dedupd and self.measured_dedup:
             self.restart_dedupd()
@@ -555,7 +742,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             disk0 = device_read_bytes(self.sysdev)
             dio0 = proc_io(dpid, "read_bytes") if dpid else 0
             st0 = self.dedupd_status() if dpid else None
-            ready_s, exit_s, cg_read = self.run_container(snapshotter, name)
+            net_run0 = self.registry_bytes()
+            at = {}
+            ready_s, exit_s, cg_read = self.run_container(
+                snapshotter, name, at_ready=lambda: at.setdefault("net", self.registry_bytes()))
+            out[name]["net_run_to_ready_bytes"] = at["net"] - net_run0
+            out[name]["net_ready_bytes"] = out[name]["net_bytes"] + at["net"] - net_run0
             st1 = self.dedupd_status() if dpid else None
             for k, field in (("bytes_written", "dedupd_filled_bytes"), ("reads", "dedupd_events")):
                 if st0 and st1 and k in st0 and k in st1:
@@ -570,11 +762,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 "dedupd_run_read_bytes": delta(proc_io(dpid, "read_bytes"), dio0) if dpid else None,
             })
         status1 = self.dedupd_status() if dpid else None
+        if snapshotter == "dedup":
+            settle_trash(os.path.join(self.droot, "trash"))
+        after = disk_bytes(os.path.join(self.croot, "io.containerd.content.v1.content")) + \
+            disk_bytes(*snap_dirs) - residual
         group_out = {
             "images": out,
             "disk_content_bytes": content,
             "disk_snapshot_bytes": snap,
             "disk_total_bytes": content + snap,
+            "disk_after_ready_bytes": after,
             "dedupd_hwm_bytes": proc_hwm_bytes(dpid) if dpid else None,
             "dedupd_root_breakdown_bytes": breakdown,
             "residual_before_pull_bytes": residual,
@@ -606,9 +803,58 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.clean("overlayfs")
         log("runc works (hello-world on overlayfs)")
         groups = [g for g in GROUPS if all(n in a.images for n in g)]
-        samples = {s: {" ".join(g): [] for g in groups} for s in snapshotters}
+        if "dedup-lazy" in snapshotters:
+            for name, pub in self.publish().items():
+                layers = pub["artifacts"][0]["layers"]
+                self.info[name]["lazy_meta_bytes"] = sum(x["meta"]["bytes"] for x in layers)
+                self.info[name]["lazy_data_bytes"] = sum(d["bytes"] for x in layers for d in x["data"])
         t_start = time.monotonic()
-        for rep in range(a.reps):
+        links = {}
+        trace = {}
+        for ln in a.links:
+            if ln != "loopback":
+                self.link_up(ln)
+            try:
+                reps = a.reps if ln == "loopback" else a.link_reps
+                t0 = time.monotonic()
+                samples = self.measure_reps(groups, snapshotters, reps)
+                links[ln] = {"reps": reps, "samples": samples, "elapsed_s": time.monotonic() - t0}
+                links[ln]["summary"] = summarize(links[ln])
+                if "dedup-lazy" in snapshotters and a.trace_reps > 0:
+                    trace[ln] = self.trace_phase(groups, a.trace_reps)
+            finally:
+                if ln != "loopback":
+                    self.link_down()
+        for s in snapshotters:
+            if s != "dedup-lazy":
+                self.clean(s)
+        main = links["loopback"] if "loopback" in links else links[a.links[0]]
+        results = {
+            "command": a.command_line,
+            "machine": machine_info(self.work),
+            "scale": a.scale,
+            "reps": main["reps"],
+            "mode": "vm" if a.in_vm else "native",
+            "dedupd_command": self.dedupd_cmd,
+            "dedupd_front_end": self.front_end(),
+            "dedupd_restarted_between_measurements": self.args.restart_dedupd,
+            "dedupd_restarts": self.restarts,
+            "images": self.info,
+            "groups": [" ".join(g) for g in groups],
+            "samples": main["samples"],
+            "main_link": "loopback" if "loopback" in links else a.links[0],
+            "links": links,
+            "trace": trace,
+            "lazy_prefetch": a.lazy_prefetch,
+            "elapsed_s": time.monotonic() - t_start,
+            "taken_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        }
+        results["summary"] = summarize(results)
+        return results
+
+    def measure_reps(self, groups, snapshotters, reps):
+        samples = {s: {" ".join(g): [] for g in groups} for s in snapshotters}
+        for rep in range(reps):
             # Alternate which snapshotter goes first, so drift hits both alike.
             order = snapshotters if rep % 2 == 0 else list(reversed(snapshotters))
             for g in groups:
@@ -617,27 +863,33 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     samples[s][" ".join(g)].append(r)
                     brief = ", ".join(f"{n}: pull {r['images'][n]['pull_s']:.2f} s ready {r['images'][n]['ready_s']:.2f} s"
                                       for n in g)
-                    log(f"rep {rep + 1}/{a.reps} {s:9} {brief}; disk {r['disk_total_bytes'] / 2**20:.1f} MiB")
-        for s in snapshotters:
-            self.clean(s)
-        results = {
-            "command": a.command_line,
-            "machine": machine_info(self.work),
-            "scale": a.scale,
-            "reps": a.reps,
-            "mode": "vm" if a.in_vm else "native",
-            "dedupd_command": self.dedupd_cmd,
-            "dedupd_front_end": self.front_end(),
-            "dedupd_restarted_between_measurements": self.args.restart_dedupd,
-            "dedupd_restarts": self.restarts,
-            "images": self.info,
-            "groups": [" ".join(g) for g in groups],
-            "samples": samples,
-            "elapsed_s": time.monotonic() - t_start,
-            "taken_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        }
-        results["summary"] = summarize(results)
-        return results
+                    log(f"{self.link} rep {rep + 1}/{reps} {s:10} {brief}; disk {r['disk_total_bytes'] / 2**20:.1f} MiB")
+        return samples
+
+    def trace_phase(self, groups, reps):
+        """A first start on a cold node (prefetch as --lazy-prefetch; no trace published
+        yet: it records one), its traces published (`dedupd publish --traces-from` that
+        node's root), then a second start of the same images on another cold node. Each
+        repetition uses a repository of its own, pushed and published afresh."""
+        out = []
+        for rep in range(reps):
+            repo = f"coldstart-trace-{self.link}-{rep + 1}"
+            self.push(repo)
+            self.publish(repo)
+            for g in groups:
+                first = self.measure_lazy(g, repo, keep_node=True)
+                root = first.pop("node_root")
+                pub = self.publish(repo, traces_from=root, names=g)
+                shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+                second = self.measure_lazy(g, repo)
+                traced = {n: pub[n]["artifacts"][0].get("traced_blobs") for n in g}
+                out.append({"group": " ".join(g), "rep": rep, "first": first, "second": second,
+                            "traced_blobs": traced})
+                log(f"{self.link} trace rep {rep + 1}/{reps} " + ", ".join(
+                    f"{n}: first ready {first['images'][n]['ready_s']:.2f} s (pull {first['images'][n]['pull_s']:.2f}), "
+                    f"second ready {second['images'][n]['ready_s']:.2f} s (pull {second['images'][n]['pull_s']:.2f}); "
+                    f"{traced[n]} traced blobs" for n in g))
+        return out
 
     def front_end(self):
         st = self.dedupd_status()
@@ -652,9 +904,54 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         return m.group(1) if m else None
 
 
+def containerd_config(root, d, csock, dsock):
+    proxy = f"""
+[proxy_plugins]
+  [proxy_plugins.dedup]
+    type = "snapshot"
+    address = "{dsock}"
+""" if dsock else ""
+    return f"""version = 2
+root = "{root}"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{csock}"
+[ttrpc]
+  address = "{csock}.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+{proxy}"""
+
+
+def kill_shims(under):
+    """SIGKILLs the containerd shims whose command line or environment names `under`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            if b"containerd-shim" in cmdline and under.encode() in open(f"/proc/{pid}/environ", "rb").read() + cmdline:
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def unmount_under(path):
+    mounts = [line.split()[1] for line in open("/proc/self/mounts")]
+    for m in sorted((m for m in mounts if m == path or m.startswith(path + "/")), reverse=True):
+        if subprocess.run(["umount", m], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def _medians(rows):
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return {k: median([r.get(k) for r in rows]) for k in keys}
 
 
 def summarize(results):
@@ -664,20 +961,9 @@ def summarize(results):
         per_image = {}
         per_group = {}
         for gname, reps in groups.items():
-            per_group[gname] = {k: median([r.get(k) for r in reps])
-                                for k in ("disk_content_bytes", "disk_snapshot_bytes",
-                                          "disk_total_bytes", "dedupd_hwm_bytes", "residual_before_pull_bytes",
-                                          "dedupd_bytes_written", "dedupd_chunks_fetched",
-                                          "dedupd_reads")}
+            per_group[gname] = _medians(reps)
             for name in gname.split():
-                per_image[name] = {k: median([r["images"][name].get(k) for r in reps])
-                                   for k in ("pull_s", "ready_s", "exit_s", "pull_to_ready_s",
-                                             "net_bytes", "device_read_bytes", "container_read_bytes",
-                                             "dedupd_pull_read_bytes", "dedupd_run_read_bytes",
-                                             "commit_s", "commit_usage_s", "commit_convert_s",
-                                             "commit_mount_s", "commit_record_s", "commit_remove_s",
-                                             "commit_layers", "dedupd_filled_bytes",
-                                             "dedupd_events")}
+                per_image[name] = _medians([r["images"][name] for r in reps])
         out[s] = {"images": per_image, "groups": per_group}
     return out
 
@@ -715,7 +1001,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--snapshotters", default="dedup,overlayfs")
+    ap.add_argument("--snapshotters", default="dedup,overlayfs",
+                    help="any of overlayfs, dedup, dedup-lazy (a cold node per measurement, "
+                         "`dedupd pull` of the published image)")
+    ap.add_argument("--links", default="loopback",
+                    help="loopback and/or shaped links: " + ", ".join(link.SHAPES))
+    ap.add_argument("--link-reps", type=int, default=None,
+                    help="repetitions on a shaped link (default: --reps)")
+    ap.add_argument("--trace-reps", type=int, default=1,
+                    help="dedup-lazy: first/second start pairs per link (trace published between)")
+    ap.add_argument("--lazy-prefetch", default="trace", choices=["none", "trace", "all"],
+                    help="dedup-lazy nodes' [lazy] prefetch")
     ap.add_argument("--images", default="hello,python,ml,app-v1,app-v2")
     ap.add_argument("--dedupd", default=None, help="dedupd binary")
     ap.add_argument("--dedupd-cmd", default=None,
@@ -743,6 +1039,15 @@ def main():
             write_reports(json.load(f), os.path.dirname(os.path.abspath(a.report_only)), a.results_md)
         return
     a.snapshotters = [s for s in a.snapshotters.split(",") if s]
+    a.links = [x for x in a.links.split(",") if x]
+    for x in a.links:
+        if x != "loopback" and x not in link.SHAPES:
+            ap.error(f"unknown link {x}")
+    if a.link_reps is None:
+        a.link_reps = a.reps
+    for x in a.snapshotters:
+        if x not in ("overlayfs", "dedup", "dedup-lazy"):
+            ap.error(f"unknown snapshotter {x}")
     a.images = a.images.split(",")
     if not 1 <= a.reps <= 50:
         ap.error("--reps must be 1..50")
@@ -750,7 +1055,7 @@ def main():
         ap.error("--scale must be 0.001..64")
     if a.prepare_registry and not a.registry_root:
         ap.error("--prepare-registry needs --registry-root")
-    if "dedup" in a.snapshotters and not a.dedupd and not a.prepare_registry:
+    if ("dedup" in a.snapshotters or "dedup-lazy" in a.snapshotters) and not a.dedupd and not a.prepare_registry:
         ap.error("--dedupd is required with the dedup snapshotter")
     if os.geteuid() != 0:
         sys.exit("coldstart: needs root (containerd, mounts, drop_caches)")

@@ -12,7 +12,16 @@ def markers(mode):
 
 
 TARGETS = {"disk": 0.6, "pull": 1.2, "ready": 1.1}
-COLORS = {"overlayfs": ("#9db4d6", "#2f5d9e"), "dedup": ("#f2b27e", "#c0561b")}
+COLORS = {"overlayfs": ("#9db4d6", "#2f5d9e"), "dedup": ("#f2b27e", "#c0561b"),
+          "dedup-lazy": ("#a8d5a2", "#2e7d32")}
+# dedup-lazy pull-to-ready / overlayfs, per (image, link); None: any link.
+LAZY_TARGETS = {("ml", "loopback"): 0.2, ("ml", "100mbit-20ms"): 0.1,
+                ("python", None): 0.5, ("hello", None): 1.0}
+LAZY_DISK_TARGET = {"ml": 0.2}
+
+
+def lazy_target(name, link):
+    return LAZY_TARGETS.get((name, link), LAZY_TARGETS.get((name, None)))
 
 
 def _mib(b):
@@ -224,10 +233,135 @@ def markdown(results, chart_path):
                "sent for the pull (its access log). Peak RSS: dedupd's VmHWM, reset before each "
                "group's pull.")
     out.append("")
+    if any("dedup-lazy" in (v.get("summary") or {}) for v in (results.get("links") or {}).values()):
+        out.extend(lazy_markdown(results))
     out.append(f"![cold start chart]({chart_path})")
     out.append("")
     out.append(end)
     return "\n".join(out) + "\n"
+
+
+def _med(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    k = len(xs) // 2
+    return xs[k] if len(xs) % 2 else (xs[k - 1] + xs[k]) / 2
+
+
+def lazy_markdown(results):
+    info = results["images"]
+    names = image_order(results)
+    out = ["### Lazy pull (dedup-lazy): loopback and shaped links", ""]
+    out.append(
+        "dedup-lazy: every measurement on a cold node (a fresh dedupd root and a fresh "
+        "containerd root, content store and state; page caches dropped), `dedupd pull` of "
+        "the image published beforehand with `dedupd publish` (same registry), then `ctr run "
+        f"--snapshotter dedup` to READY. Nodes run `dedupd run` with `[lazy] prefetch = "
+        f"\"{results.get('lazy_prefetch')}\"` (no trace is published for the first start, so "
+        "nothing is prefetched: data comes on first read). overlayfs and dedup as above, on "
+        "the same link in the same run. Shaped links: the registry runs in a network "
+        "namespace the bench creates, behind a veth pair shaped by `tc tbf` (rate) and a "
+        "user-space delay relay on 127.0.0.1 (round trip; this kernel has no netem), see "
+        "`bench/coldstart/link.py`.")
+    out.append("")
+    out.append("| link | image | overlayfs pull | ready | pull-to-ready | dedup pull-to-ready "
+               "| dedup-lazy pull | ready | pull-to-ready | lazy / overlayfs (target) | dedup / overlayfs |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for ln, v in results["links"].items():
+        summ = v["summary"]
+        for n in names:
+            o = summ.get("overlayfs", {}).get("images", {}).get(n, {})
+            d = summ.get("dedup", {}).get("images", {}).get(n, {})
+            z = summ.get("dedup-lazy", {}).get("images", {}).get(n, {})
+            out.append(
+                f"| {ln} | {n} | {_s(o.get('pull_s'))} | {_s(o.get('ready_s'))} | {_s(o.get('pull_to_ready_s'))} "
+                f"| {_s(d.get('pull_to_ready_s'))} | {_s(z.get('pull_s'))} | {_s(z.get('ready_s'))} "
+                f"| {_s(z.get('pull_to_ready_s'))} "
+                f"| {_r(_ratio(z.get('pull_to_ready_s'), o.get('pull_to_ready_s')), lazy_target(n, ln))} "
+                f"| {_r(_ratio(d.get('pull_to_ready_s'), o.get('pull_to_ready_s')))} |")
+    out.append("")
+    reps = ", ".join(f"{v['reps']} ({ln})" for ln, v in results["links"].items())
+    out.append(f"Medians of {reps} "
+               "repetitions. Targets (pull-to-ready, dedup-lazy / overlayfs): ml <= 0.2x on "
+               "loopback and <= 0.1x on 100 Mbit/s, python <= 0.5x, hello <= 1.0x; none "
+               "stated for ml at 1 Gbit/s and for app-v1/v2.")
+    out.append("")
+    out.append("| link | image | metadata MiB | designed read MiB | registry MiB before READY: overlayfs "
+               "| dedup-lazy | bound: metadata + 2 x designed | disk after READY MiB: overlayfs "
+               "| dedup | dedup-lazy | lazy / overlayfs |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for ln, v in results["links"].items():
+        summ = v["summary"]
+        for g in results["groups"]:
+            for i, n in enumerate(g.split()):
+                o = summ.get("overlayfs", {}).get("images", {}).get(n, {})
+                z = summ.get("dedup-lazy", {}).get("images", {}).get(n, {})
+                meta = info[n].get("lazy_meta_bytes")
+                bound = None if meta is None else meta + 2 * info[n]["read_bytes"]
+                got = z.get("net_ready_bytes")
+                mark = "-" if got is None or bound is None else \
+                    f"{_mib(bound)} {'ok' if got <= bound else '**miss**'}"
+                if i == 0:
+                    dg = {s: summ.get(s, {}).get("groups", {}).get(g, {}).get("disk_after_ready_bytes")
+                          for s in ("overlayfs", "dedup", "dedup-lazy")}
+                    ratio = _ratio(dg["dedup-lazy"], dg["overlayfs"])
+                    disk = (f"| {_mib(dg['overlayfs'])} | {_mib(dg['dedup'])} | {_mib(dg['dedup-lazy'])} "
+                            f"| {_r(ratio, LAZY_DISK_TARGET.get(n) if len(g.split()) == 1 else None)} |")
+                else:
+                    disk = "| (with app-v1) | | | |"
+                out.append(f"| {ln} | {n} | {_mib(meta)} | {_mib(info[n]['read_bytes'])} "
+                           f"| {_mib(o.get('net_ready_bytes'))} | {_mib(got)} | {mark} {disk}")
+    out.append("")
+    out.append("Registry bytes before READY: what the registry sent (its access log, "
+               "`http.response.written` of completed responses) during the image's pull, plus "
+               "from the end of the previous step (the group's last pull, or the previous "
+               "image's READY) until its container printed READY: the prefetcher keeps "
+               "fetching after `dedupd pull` returns, and that counts. Metadata: the artifact's metadata blobs of the image's layers (EROFS "
+               "image and chunk tables). Designed read: what the start-up program asks for; "
+               "it leaves out the busybox binary every image runs (~1 MiB read at exec), "
+               "which is why hello's bound is metadata only. Disk after READY: allocated "
+               "bytes of containerd's content store + snapshot dirs (overlayfs, dedup: over "
+               "what was left before the pull) or, for dedup-lazy, the node's whole "
+               "containerd root and dedupd root (chunk store and fanotify blob files: a "
+               "fetched chunk is in both), after the group's containers ran; target ml <= 0.2x.")
+    trace = results.get("trace") or {}
+    if trace:
+        out.append("")
+        out.append("#### Second start with a published trace")
+        out.append("")
+        out.append("Per link and repetition, a repository of its own: pushed and published; a "
+                   "first start on a cold node (prefetch `" + str(results.get("lazy_prefetch")) +
+                   "`, no trace yet: dedupd records the chunks the start reads); that node's "
+                   "traces published (`dedupd publish --traces-from NODE_ROOT`, a new artifact "
+                   "with a trace blob); a second start on another cold node, whose prefetcher "
+                   "fetches the traced chunks from the moment each layer is mounted (in "
+                   "`dedupd pull`). Target: the second is ready no later than the first "
+                   "(pull-to-ready).")
+        out.append("")
+        out.append("| link | image | traced blobs | first: pull | ready | pull-to-ready | registry MiB before READY "
+                   "| second: pull | ready | pull-to-ready | registry MiB before READY | second <= first |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for ln, rows in trace.items():
+            for n in names:
+                rs = [r for r in rows if n in r["group"].split()]
+                if not rs:
+                    continue
+                f = {k: _med([r["first"]["images"][n].get(k) for r in rs])
+                     for k in ("pull_s", "ready_s", "pull_to_ready_s", "net_ready_bytes")}
+                sc = {k: _med([r["second"]["images"][n].get(k) for r in rs])
+                      for k in ("pull_s", "ready_s", "pull_to_ready_s", "net_ready_bytes")}
+                traced = _med([r["traced_blobs"].get(n) for r in rs])
+                ok = None if f["pull_to_ready_s"] is None or sc["pull_to_ready_s"] is None else \
+                    sc["pull_to_ready_s"] <= f["pull_to_ready_s"]
+                out.append(
+                    f"| {ln} | {n} | {_n(traced)} | {_s(f['pull_s'])} | {_s(f['ready_s'])} "
+                    f"| {_s(f['pull_to_ready_s'])} | {_mib(f['net_ready_bytes'])} | {_s(sc['pull_s'])} "
+                    f"| {_s(sc['ready_s'])} | {_s(sc['pull_to_ready_s'])} | {_mib(sc['net_ready_bytes'])} "
+                    f"| {'-' if ok is None else ('ok' if ok else '**miss**')} "
+                    f"({len(rs)} pair{'s' if len(rs) != 1 else ''}) |")
+    out.append("")
+    return out
 
 
 def update_results_md(path, md, mode):
@@ -251,7 +385,7 @@ def update_results_md(path, md, mode):
 def svg(results):
     """Two panels: pull + ready time per image, and disk use per image group."""
     summ = results["summary"]
-    snaps = [s for s in ("overlayfs", "dedup") if s in summ]
+    snaps = [s for s in ("overlayfs", "dedup", "dedup-lazy") if s in summ]
     names = image_order(results)
     groups = results["groups"]
     W, left, right = 980, 120, 190
@@ -298,7 +432,8 @@ def svg(results):
             y += bar_h
         y += gap
     y += 40
-    text(W / 2, y, "Disk use after pull (content store + snapshots / dedupd root)", 14, "middle", "bold")
+    text(W / 2, y, "Disk use after pull (content store + snapshots / dedupd root; dedup-lazy: "
+         "node after READY)", 14, "middle", "bold")
     y += 20
     dmax = max((summ[s]["groups"][g]["disk_total_bytes"] or 0) for s in snaps for g in groups) / 2**20 or 1
     panel_h = len(groups) * (len(snaps) * bar_h + gap)
@@ -323,8 +458,8 @@ def svg(results):
     for s in snaps:
         light, dark = COLORS[s]
         rect(lx, y - 10, 12, 12, dark, s)
-        text(lx + 16, y, f"{s} (light: pull / content store; dark: ready / snapshots)", 11)
-        lx += 380
+        text(lx + 16, y, f"{s} (light: pull / content; dark: ready / snapshots)", 10)
+        lx += 290
     height = y + 20
     head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
             f'viewBox="0 0 {W} {height}"><rect width="100%" height="100%" fill="white"/>')

@@ -49,9 +49,15 @@ layer_blob() { awk -v n="$1" '$1 == n {print $3; f=1} END {exit !f}' "$DATA/laye
 layer_chunks() { awk -v n="$1" '$1 == n {print $4; f=1} END {exit !f}' "$DATA/layers.list"; }
 
 # The daemon's counters, current when `dedupd status` returns (else stats.json).
-stats_json() { dedupd status --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.json"; }
+stats_json() { dedupd status --json --root "$ROOT" 2>/dev/null || cat "$ROOT/run/stats.json"; }
 # stat_get KEY: a top-level integer counter.
-stat_get() { stats_json | tr ',{}' '\n\n\n' | sed -n 's/^ *"'"$1"'" *: *\([0-9][0-9]*\).*/\1/p' | head -n 1; }
+# stat_get KEY: a top-level counter. (The lazy-pull fetcher's own object, "fetch", has
+# keys of the same names, chunks_fetched among them: it is cut out first. It holds no
+# nested object.)
+stat_get() {
+  stats_json | tr -d '\n' | sed 's/"fetch": *{[^}]*}//' | tr ',{}' '\n\n\n' |
+    sed -n 's/^ *"'"$1"'" *: *\([0-9][0-9]*\).*/\1/p' | head -n 1
+}
 daemon_pid() { cat /run/dedupd.pid 2>/dev/null; }
 daemon_alive() { local p; p=$(daemon_pid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 # The daemon rewrites stats.json every 200 ms: wait past one period before reading it.

@@ -6,7 +6,7 @@
 # The suite's own daemon is stopped before this test (# own-daemon): cachefiles binds one
 # cache per tag, and this test starts its own dedupd.
 # own-daemon
-# timeout-s: 1800
+# timeout-s: 2400
 . /tests/lib.sh
 stage=$DATA/e2e
 if [ ! -x "$stage/snapshotter-e2e" ] || [ ! -d "$stage/root" ]; then

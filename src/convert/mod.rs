@@ -85,6 +85,18 @@ pub enum ConvertError {
     /// The store side of the pipeline stopped; its own error is reported instead.
     #[error("the chunk writer stopped")]
     StoreStopped,
+    /// A layer's bytes are not the ones its image names (see [`Expected`]).
+    #[error("{layer}: {what} {actual}, but the image says {expected}")]
+    Mismatch {
+        /// The layer.
+        layer: String,
+        /// Which digest: `the blob's digest is` or `the tar's diff_id is`.
+        what: &'static str,
+        /// What the image names.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, ConvertError>;
@@ -230,6 +242,63 @@ pub fn convert_layer(store: &Store, layer: &Path, chunk_bytes: u32) -> Result<Re
         compression: compression.name().into(),
         ..report
     })
+}
+
+/// What a layer read from a stream must be, checked before anything is committed.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    /// The key the layer is stored under (`sha256:<64 hex>`: the snapshotter's layer
+    /// id, its chain id), in place of its diff_id.
+    pub key: &'a str,
+    /// The compressed blob's digest (the manifest's): kept as the layer's alias.
+    pub digest: &'a str,
+    /// The uncompressed tar's digest (the config's diff_id).
+    pub diff_id: &'a str,
+}
+
+/// Converts the layer read from `input` (an OCI layer blob: tar, tar+gzip or tar+zstd)
+/// into the store as layer `expected.key`, with chunks of `chunk_bytes`, and returns its
+/// record. `name` names the layer in errors. Both digests of `expected` are checked at
+/// the end of the input, before the commit: on a mismatch, or any error of `input`, the
+/// ingest is dropped and nothing the conversion stored stays. Reads `input` on the
+/// parser thread, so a reader fed from elsewhere overlaps with the conversion.
+pub fn convert_reader(
+    store: &Store,
+    name: &str,
+    input: Box<dyn std::io::Read + Send>,
+    chunk_bytes: u32,
+    expected: Expected<'_>,
+) -> Result<LayerRecord> {
+    let chunk_bytes = check_chunk_bytes(u64::from(chunk_bytes))?;
+    let layer = Path::new(name);
+    run(store, layer, chunk_bytes, move |pieces| {
+        let (mut parsed, _) = tar::parse_reader(layer, input, pieces)?;
+        let mismatch = |what, expected: &str, actual: &str| ConvertError::Mismatch {
+            layer: name.to_string(),
+            what,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        };
+        if parsed.digest != expected.digest {
+            return Err(mismatch(
+                "the blob's digest is",
+                expected.digest,
+                &parsed.digest,
+            ));
+        }
+        if parsed.diff_id != expected.diff_id {
+            return Err(mismatch(
+                "the tar's diff_id is",
+                expected.diff_id,
+                &parsed.diff_id,
+            ));
+        }
+        parsed.diff_id = expected.key.to_string();
+        Ok(parsed)
+    })?;
+    store
+        .layer(expected.key)?
+        .ok_or_else(|| ConvertError::UnknownLayer(expected.key.to_string()))
 }
 
 /// Runs one conversion: `parse` on a second thread, chunk storage on this one, then the

@@ -68,7 +68,8 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-type Input = HashingReader<BufReader<File>>;
+/// The layer's bytes as given: a file, or a registry stream.
+type Input = HashingReader<BufReader<Box<dyn Read + Send>>>;
 
 /// The decompressor, kept concrete so that the input (and its digest) can be taken back.
 enum Decoder {
@@ -177,7 +178,17 @@ pub(crate) fn parse_layer(
         path: layer.to_path_buf(),
         source,
     })?;
-    let mut buffered = BufReader::with_capacity(INPUT_BUFFER_BYTES, file);
+    parse_reader(layer, Box::new(file), pieces)
+}
+
+/// Converts the layer read from `input` (named `layer` in errors) into a tree, sending
+/// file data down `pieces`. Reads `input` to its end: its digest covers every byte.
+pub(crate) fn parse_reader(
+    layer: &Path,
+    input: Box<dyn Read + Send>,
+    pieces: &mut PieceSender,
+) -> Result<(Parsed, Compression), ConvertError> {
+    let mut buffered = BufReader::with_capacity(INPUT_BUFFER_BYTES, input);
     let head = buffered.fill_buf().map_err(|source| ConvertError::Io {
         path: layer.to_path_buf(),
         source,

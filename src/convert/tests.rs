@@ -709,3 +709,125 @@ fn bad_sparse_entries_are_refused_with_the_entry_named() {
     gnu_sparse::pax_0_0(&mut tar, "short", 100, &[(0, 10)], &[1; 9]);
     assert_refused(&tar, "after \"good\"", "regions add up to 10");
 }
+
+/// A reader that gives `data` and then fails, as a registry stream cut off midway.
+struct Failing {
+    data: std::io::Cursor<Vec<u8>>,
+}
+
+impl std::io::Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match std::io::Read::read(&mut self.data, buf)? {
+            0 => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the stream broke",
+            )),
+            n => Ok(n),
+        }
+    }
+}
+
+/// What a failed conversion must leave: the store exactly as before.
+fn store_state(store: &crate::store::Store) -> (crate::store::StoreStats, Vec<(String, u64)>) {
+    let mut packs: Vec<(String, u64)> = std::fs::read_dir(store.root().join("chunks"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let len = e.metadata().unwrap().len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    packs.sort();
+    (store.stats().unwrap(), packs)
+}
+
+#[test]
+fn streamed_layers_are_checked_against_both_digests_before_the_commit() {
+    use super::{convert_reader, Expected};
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let mut w = TarWriter::new();
+    w.dir("etc", 0o755);
+    w.file("etc/a", &vec![7u8; 70_000]);
+    w.file("etc/b", b"hello");
+    let tar = w.finish();
+    let gz = gzip(&tar);
+    let key = format!("sha256:{}", "c".repeat(64));
+    let good = Expected {
+        key: &key,
+        digest: &sha(&gz),
+        diff_id: &sha(&tar),
+    };
+    // A first layer, so that "unchanged" is checked against a store that has content.
+    let mut w = TarWriter::new();
+    w.file("x", &vec![1u8; 5000]);
+    let other = w.finish();
+    let other_key = format!("sha256:{}", "d".repeat(64));
+    let (od, oi) = (sha(&other), sha(&other));
+    convert_reader(
+        &store,
+        "other",
+        Box::new(std::io::Cursor::new(other.clone())),
+        4096,
+        Expected {
+            key: &other_key,
+            digest: &od,
+            diff_id: &oi,
+        },
+    )
+    .unwrap();
+    let before = store_state(&store);
+    let refused = |input: Box<dyn std::io::Read + Send>, expected: Expected<'_>| {
+        let e = convert_reader(&store, "img@layer", input, 4096, expected).unwrap_err();
+        assert_eq!(store_state(&store), before, "{e}: the store changed");
+        assert!(store.layer(&key).unwrap().is_none());
+        e.to_string()
+    };
+    let wrong = format!("sha256:{}", "e".repeat(64));
+    // The blob's digest (other bytes under the digest).
+    let e = refused(
+        Box::new(std::io::Cursor::new(gz.clone())),
+        Expected {
+            digest: &wrong,
+            ..good
+        },
+    );
+    assert!(
+        e.contains("the blob's digest is") && e.contains(&wrong) && e.contains(good.digest),
+        "{e}"
+    );
+    // The config's diff_id.
+    let e = refused(
+        Box::new(std::io::Cursor::new(gz.clone())),
+        Expected {
+            diff_id: &wrong,
+            ..good
+        },
+    );
+    assert!(
+        e.contains("the tar's diff_id is") && e.contains(&wrong) && e.contains(good.diff_id),
+        "{e}"
+    );
+    // Cut off: cleanly (EOF) and with an error.
+    let half = gz[..gz.len() / 2].to_vec();
+    refused(Box::new(std::io::Cursor::new(half.clone())), good);
+    let e = refused(
+        Box::new(Failing {
+            data: std::io::Cursor::new(half),
+        }),
+        good,
+    );
+    assert!(e.contains("the stream broke"), "{e}");
+    // The right bytes: stored under the key, the blob's digest an alias.
+    let r = convert_reader(
+        &store,
+        "img@layer",
+        Box::new(std::io::Cursor::new(gz.clone())),
+        4096,
+        good,
+    )
+    .unwrap();
+    assert_eq!(r.diff_id, key);
+    assert_eq!(store.layer(good.digest).unwrap().unwrap().diff_id, key);
+    assert_eq!((r.files, r.chunks), (3, 19));
+}

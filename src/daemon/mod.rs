@@ -12,6 +12,13 @@
 //!
 //! `stats.json` first appears once the front end is serving and the snapshotter socket
 //! is bound: wait for it (with `running: true`) before mounting.
+//!
+//! Everything under the root is root's alone ([`crate::perms`]): the daemon runs with
+//! umask 077 and, at start, tightens what an earlier version left readable. With
+//! `metrics_address`, a Prometheus endpoint ([`crate::metrics`]) serves counters summed
+//! at scrape time.
+
+pub mod teardown;
 
 use std::fs;
 use std::io::Write;
@@ -27,6 +34,7 @@ use crate::cachefiles;
 use crate::config::{Config, FrontEnd};
 use crate::fanotify::layer_mounter::FanotifyMounter;
 use crate::fanotify::Options as FanotifyOptions;
+use crate::metrics::CacheUsage;
 use crate::remote::{Fetcher, LazyPuller};
 use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
@@ -73,6 +81,10 @@ pub struct RunArgs {
     /// Fill only the requested pages instead of the whole chunks around them.
     #[arg(long)]
     pub no_read_around: bool,
+    /// Prometheus endpoint: a unix socket path or 127.0.0.1:PORT (overrides
+    /// `metrics_address`).
+    #[arg(long)]
+    pub metrics_address: Option<String>,
 }
 
 impl RunArgs {
@@ -86,6 +98,7 @@ impl RunArgs {
             front_end: Some(FrontEnd::Local),
             write_strategy: WriteStrategy::Uring,
             no_read_around: false,
+            metrics_address: None,
         }
     }
 
@@ -106,6 +119,9 @@ impl RunArgs {
         }
         if let Some(f) = self.front_end {
             c.front_end = f;
+        }
+        if let Some(m) = &self.metrics_address {
+            c.metrics_address = Some(m.clone());
         }
         Ok(c)
     }
@@ -133,6 +149,12 @@ pub struct DaemonStatus {
     /// The lazy-pull fetcher's counters (absent without lazy pull).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetch: Option<crate::remote::fetch::FetchStatsSnapshot>,
+    /// The front end's cache on disk, against its limit.
+    #[serde(default)]
+    pub cache: CacheUsage,
+    /// Bytes of the store's pack files.
+    #[serde(default)]
+    pub pack_bytes: u64,
     /// The counters.
     #[serde(flatten)]
     pub stats: StatsSnapshot,
@@ -141,6 +163,65 @@ pub struct DaemonStatus {
 /// Path of the stats file under `root`.
 pub fn stats_path(root: &Path) -> PathBuf {
     root.join("run").join("stats.json")
+}
+
+/// Allocated bytes of the regular files under `dir` (at most [`MAX_CACHE_FILES`] looked
+/// at): what a front end's cache takes on disk.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut seen = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    // Bounded by MAX_CACHE_FILES.
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            seen += 1;
+            if seen > MAX_CACHE_FILES {
+                return total;
+            }
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                total += md.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Files a cache walk looks at, at most.
+pub const MAX_CACHE_FILES: usize = 1 << 20;
+
+/// Where front end `f` keeps its cache files under `root`.
+fn cache_dir_of(root: &Path, f: FrontEnd) -> PathBuf {
+    match f {
+        FrontEnd::Cachefiles => cachefiles_cache_dir(root),
+        FrontEnd::Fanotify => fanotify_dir(root).join("blobs"),
+        FrontEnd::Local | FrontEnd::Auto => root.join("local"),
+    }
+}
+
+/// The cache on disk (no limit yet: the bounded cache fills in `limit_bytes` and
+/// `evictions`) and the pack files' bytes.
+fn disk_usage(root: &Path, f: FrontEnd) -> (CacheUsage, u64) {
+    let cache = CacheUsage {
+        bytes: disk_bytes(&cache_dir_of(root, f)),
+        ..CacheUsage::default()
+    };
+    let packs = fs::read_dir(root.join("chunks"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    (cache, packs)
 }
 
 fn write_status(path: &Path, status: &DaemonStatus) -> std::io::Result<()> {
@@ -152,8 +233,8 @@ fn write_status(path: &Path, status: &DaemonStatus) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-/// `dedupd status`: prints the running (or last) daemon's counters.
-pub fn status(root: &Path) -> anyhow::Result<()> {
+/// Reads the running (or last) daemon's status from `<root>/run/stats.json`.
+pub fn read_status(root: &Path) -> anyhow::Result<DaemonStatus> {
     let path = stats_path(root);
     let text = fs::read_to_string(&path).with_context(|| {
         format!(
@@ -162,8 +243,55 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
             root.display()
         )
     })?;
-    let status: DaemonStatus = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a stats file", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a stats file", path.display()))
+}
+
+/// `dedupd status`: the running (or last) daemon's state for a human, or with `json`
+/// the same as JSON for scripts (what `stats.json` holds).
+pub fn status(root: &Path, json: bool) -> anyhow::Result<()> {
+    let status = read_status(root)?;
+    let out = if json {
+        let mut t = serde_json::to_string_pretty(&status)?;
+        t.push('\n');
+        t
+    } else {
+        render_status(&status)?
+    };
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("writing to stdout")?;
+    Ok(())
+}
+
+/// Bytes for a human: `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Microseconds for a human: `850 us`, `12.5 ms`, `1.20 s`.
+pub fn human_us(us: u64) -> String {
+    if us < 1000 {
+        format!("{us} us")
+    } else if us < 1_000_000 {
+        format!("{:.1} ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2} s", us as f64 / 1e6)
+    }
+}
+
+/// The human form of `dedupd status`.
+pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let st = &status.stats;
     let mut out = String::new();
@@ -177,27 +305,67 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "daemon: pid {} {}, uptime {} ms, {} blobs registered",
+        "daemon: pid {} {}, uptime {:.1} s, {} blobs registered",
         status.pid,
         if status.running { "running" } else { "stopped" },
-        status.uptime_ms,
+        status.uptime_ms as f64 / 1e3,
         status.registered_blobs
     )?;
     writeln!(
         out,
-        "reads: {} ({} ok, {} failed), bytes filled: {}, chunks fetched: {}",
-        st.reads, st.reads_ok, st.reads_failed, st.bytes_written, st.chunks_fetched
+        "reads: {} ({} ok, {} failed), filled {} ({} from the store, {} from the registry), \
+         fill latency p50 {} p99 {}, chunks read {}",
+        st.reads,
+        st.reads_ok,
+        st.reads_failed,
+        human_bytes(st.bytes_written),
+        human_bytes(st.served_from_store_bytes),
+        human_bytes(st.served_from_registry_bytes),
+        human_us(st.latency_us_p50),
+        human_us(st.latency_us_p99),
+        st.chunks_fetched
+    )?;
+    if let Some(f) = &status.fetch {
+        writeln!(
+            out,
+            "registry: {} chunks asked ({} local, {} joined a fetch), {} range requests \
+             ({} retried), {} fetched, p50 {} p99 {}, {} failed",
+            f.requests,
+            f.local,
+            f.joined,
+            f.range_requests,
+            f.retries,
+            human_bytes(f.bytes_fetched),
+            human_us(f.latency_us_p50),
+            human_us(f.latency_us_p99),
+            f.failed
+        )?;
+    }
+    let c = &status.cache;
+    let limit = match c.limit_bytes {
+        Some(l) if l > 0 => format!(
+            "of {} ({:.0}%)",
+            human_bytes(l),
+            c.bytes as f64 * 100.0 / l as f64
+        ),
+        _ => "(no limit)".to_string(),
+    };
+    writeln!(
+        out,
+        "cache: {} {limit}, {} evictions; store packs {}",
+        human_bytes(c.bytes),
+        c.evictions,
+        human_bytes(status.pack_bytes)
     )?;
     if let Some(snap) = status.snapshotter.as_object() {
         let n = |k: &str| snap.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        let layers = snap.get("layers").and_then(|v| v.as_array());
-        let count = |k: &str| {
-            layers.map_or(0, |l| {
-                l.iter()
-                    .filter(|x| x.get(k).and_then(|v| v.as_bool()) == Some(true))
-                    .count()
-            })
-        };
+        let layers = snap
+            .get("layers")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let flag =
+            |l: &serde_json::Value, k: &str| l.get(k).and_then(|v| v.as_bool()) == Some(true);
         writeln!(
             out,
             "snapshots: {} active, {} views, {} committed; layers: {} used, {} converted, \
@@ -205,16 +373,73 @@ pub fn status(root: &Path) -> anyhow::Result<()> {
             n("active"),
             n("views"),
             n("committed"),
-            layers.map_or(0, |l| l.len()),
-            count("converted"),
-            count("mounted")
+            layers.len(),
+            layers.iter().filter(|l| flag(l, "converted")).count(),
+            layers.iter().filter(|l| flag(l, "mounted")).count()
+        )?;
+        let mounted: Vec<&serde_json::Value> =
+            layers.iter().filter(|l| flag(l, "mounted")).collect();
+        if !mounted.is_empty() {
+            writeln!(
+                out,
+                "mounted layers (local: its chunks in this node's store):"
+            )?;
+        }
+        for l in mounted {
+            let g = |k: &str| l.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let id = l.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+            let (data, local) = (g("data_bytes"), g("local_bytes"));
+            let pct = if data == 0 {
+                100.0
+            } else {
+                local as f64 * 100.0 / data as f64
+            };
+            writeln!(
+                out,
+                "  {}  local {} of {} ({pct:.0}%){}, {} files, {} snapshots",
+                &id[..id.len().min(12)],
+                human_bytes(local),
+                human_bytes(data),
+                if flag(l, "remote") {
+                    ", pulled lazily"
+                } else {
+                    ""
+                },
+                g("files"),
+                g("snapshots")
+            )?;
+        }
+    }
+    if st.slowest.is_empty() {
+        writeln!(
+            out,
+            "slowest requests: none in the last {} s",
+            crate::serve::stats::SLOW_WINDOW.as_secs()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "slowest requests of the last {} s (waits summed over each request's pieces):",
+            crate::serve::stats::SLOW_WINDOW.as_secs()
         )?;
     }
-    writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
-    std::io::stdout()
-        .write_all(out.as_bytes())
-        .context("writing to stdout")?;
-    Ok(())
+    for r in &st.slowest {
+        let blob = &r.blob[..r.blob.len().min(12)];
+        writeln!(
+            out,
+            "  req {:#x}  {} at {} of {}: {}{} = store {}, network {}, kernel write {}",
+            r.req,
+            human_bytes(r.len),
+            r.offset,
+            blob,
+            human_us(r.total_us),
+            if r.ok { "" } else { " (EIO)" },
+            human_us(r.store_us),
+            human_us(r.fetch_us),
+            human_us(r.write_us)
+        )?;
+    }
+    Ok(out)
 }
 
 /// The front end `dedupd run` serves with, and why.
@@ -364,8 +589,10 @@ impl DataPlane {
 }
 
 /// The fanotify front end's counters in the daemon's terms: a READ is a permission
-/// event, a fill writes `bytes_written`.
+/// event, a fill writes `bytes_written`; the rest (errors, latency of fill requests,
+/// slowest requests) is the engine's.
 fn fanotify_snapshot(s: &crate::fanotify::Stats) -> StatsSnapshot {
+    let e = &s.engine;
     StatsSnapshot {
         front_end: "fanotify".into(),
         reads: s.events,
@@ -373,7 +600,63 @@ fn fanotify_snapshot(s: &crate::fanotify::Stats) -> StatsSnapshot {
         reads_failed: s.denied,
         bytes_written: s.bytes_filled,
         chunks_fetched: s.chunks_fetched,
+        threads: e.threads,
+        write_strategy: e.write_strategy.clone(),
+        chunk_errors: e.chunk_errors,
+        write_errors: e.write_errors,
+        fetch_waits: e.fetch_waits,
+        fetch_errors: e.fetch_errors,
+        source_errors: e.source_errors,
+        in_flight_hwm: e.in_flight_hwm,
+        latency_us_p50: crate::serve::stats::percentile(&e.latency.buckets, 0.50),
+        latency_us_p99: crate::serve::stats::percentile(&e.latency.buckets, 0.99),
+        served_from_store_bytes: e.served_from_store_bytes,
+        served_from_registry_bytes: e.served_from_registry_bytes,
+        slowest: e.slowest.clone(),
+        latency: e.latency.clone(),
         ..StatsSnapshot::default()
+    }
+}
+
+/// What the metrics endpoint reads of the data plane, from its own thread.
+#[derive(Clone)]
+enum PlaneView {
+    Cachefiles(Arc<[crate::serve::ThreadCounters]>),
+    Fanotify(Arc<FanotifyMounter>),
+    Local,
+}
+
+impl PlaneView {
+    fn of(plane: &DataPlane) -> PlaneView {
+        match plane {
+            DataPlane::Cachefiles(e, _) => PlaneView::Cachefiles(e.shared_counters()),
+            DataPlane::Fanotify(m) => PlaneView::Fanotify(m.clone()),
+            DataPlane::Local => PlaneView::Local,
+        }
+    }
+
+    /// Fills the data-plane part of a metrics sample.
+    fn sample(&self, out: &mut crate::metrics::Sample) {
+        match self {
+            PlaneView::Cachefiles(c) => {
+                let mut e = crate::serve::stats::snapshot(c);
+                e.front_end = "cachefiles".into();
+                out.requests = e.reads + e.unknown_objects + e.insane_reads;
+                out.requests_failed = e.reads_failed + e.unknown_objects + e.insane_reads;
+                out.filled_bytes = e.bytes_written;
+                out.engine = e;
+            }
+            PlaneView::Fanotify(m) => {
+                let s = m.stats();
+                out.requests = s.events;
+                out.requests_failed = s.denied;
+                out.filled_bytes = s.bytes_filled;
+                out.prefetch_bytes = s.prefetch_bytes;
+                out.registered_blobs = m.registered_blobs();
+                out.engine = s.engine;
+            }
+            PlaneView::Local => {}
+        }
     }
 }
 
@@ -464,13 +747,16 @@ fn start_lazy(
     )
     .context("starting the fetcher")?;
     let handle = fetcher.handle().context("the fetcher's runtime")?;
-    let puller = Arc::new(LazyPuller::new(
-        registry,
-        store.clone(),
-        handle,
-        Some(fetcher.clone()),
-        config.lazy.prefetch,
-    ));
+    let puller = Arc::new(
+        LazyPuller::new(
+            registry,
+            store.clone(),
+            handle,
+            Some(fetcher.clone()),
+            config.lazy.prefetch,
+        )
+        .with_stream(config.lazy.stream),
+    );
     tracing::info!(
         hosts_dir = %config.registry.hosts_dir.display(),
         fetch_timeout_ms = config.lazy.fetch_timeout_ms,
@@ -529,10 +815,87 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
     (r > 0).then_some(r)
 }
 
+/// The cache walk runs every this many status passes (2 s).
+const USAGE_EVERY_PASSES: u64 = 10;
+
+/// Makes the root (if it exists) root's alone: removes the group and other bits an
+/// earlier version left (0755 directories, 0644 packs, images and stats) and says so.
+fn tighten_root(root: &Path) -> anyhow::Result<()> {
+    if !root.exists() {
+        return Ok(());
+    }
+    let t = crate::perms::tighten(root)
+        .with_context(|| format!("making {} readable by root only", root.display()))?;
+    if t.is_empty() {
+        tracing::debug!(root = %root.display(), "permissions under the root are root-only");
+    } else {
+        tracing::warn!(
+            root = %root.display(),
+            root_was = t.root_was.map(|m| format!("{m:04o}")).unwrap_or_else(|| "0700".into()),
+            dirs = t.dirs,
+            files = t.files,
+            examples = %t.examples.join(", "),
+            "tightened permissions under the root: other users could read what an earlier \
+             version stored; now root only"
+        );
+    }
+    Ok(())
+}
+
+/// What one scrape reads: the data plane's counters (summed now), the fetcher's, the
+/// snapshotter's counts, and the cache directory (walked now).
+fn metrics_source(
+    plane: PlaneView,
+    front_end: &'static str,
+    fetcher: Option<Arc<Fetcher>>,
+    snap: Arc<Snapshotter>,
+    root: PathBuf,
+    registered: Arc<std::sync::atomic::AtomicU64>,
+) -> crate::metrics::Source {
+    Arc::new(move || {
+        let mut s = crate::metrics::Sample {
+            front_end: front_end.to_string(),
+            registered_blobs: registered.load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        };
+        plane.sample(&mut s);
+        s.engine.front_end = front_end.to_string();
+        s.fetch = fetcher.as_ref().map(|f| (f.stats(), f.latency()));
+        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end));
+        if let Ok(st) = snap.status() {
+            s.snapshots = crate::metrics::SnapshotCounts {
+                active: st.active,
+                views: st.views,
+                committed: st.committed,
+                layers: st.layers.len() as u64,
+                mounted: st.layers.iter().filter(|l| l.mounted).count() as u64,
+                lazy: st.layers.iter().filter(|l| l.remote).count() as u64,
+            };
+        }
+        s.conversions = snap.conversions();
+        s
+    })
+}
+
+fn front_end_of(name: &str) -> FrontEnd {
+    match name {
+        "cachefiles" => FrontEnd::Cachefiles,
+        "fanotify" => FrontEnd::Fanotify,
+        _ => FrontEnd::Local,
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Before anything is made: every file, directory and socket is root's alone.
+    crate::perms::private_umask();
     let config = args.config()?;
+    let metrics_address = match &config.metrics_address {
+        Some(a) => Some(crate::metrics::Address::parse(a)?),
+        None => None,
+    };
     let signals = block_signals()?;
+    tighten_root(&config.root)?;
     let store = Arc::new(
         Store::open(&config.root)
             .with_context(|| format!("opening the store in {}", config.root.display()))?,
@@ -580,31 +943,58 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let snap = Arc::new(snapshotter);
     let control = ControlThread::spawn(config.socket.clone(), snap.clone())
         .with_context(|| format!("starting the snapshotter on {}", config.socket.display()))?;
+    let front_end = sel.front_end;
+    let usage = Arc::new(std::sync::Mutex::new(disk_usage(&config.root, front_end)));
+    let registered_now = Arc::new(std::sync::atomic::AtomicU64::new(registered));
+    let metrics = match metrics_address {
+        Some(addr) => {
+            let source = metrics_source(
+                PlaneView::of(&plane),
+                name(front_end),
+                fetcher.clone(),
+                snap.clone(),
+                config.root.clone(),
+                registered_now.clone(),
+            );
+            Some(crate::metrics::Server::start(addr, source)?)
+        }
+        None => None,
+    };
     let started = Instant::now();
     // Under systemd (Type=notify): serving now.
     if let Err(e) = crate::systemd::notify("READY=1\nSTATUS=serving", &[]) {
         tracing::warn!("sd_notify READY: {e}");
     }
-    let status = |stats: StatsSnapshot, running: bool, registered: u64| DaemonStatus {
-        pid: std::process::id(),
-        front_end_reason: sel.reason.clone(),
-        front_ends_unavailable: sel.unavailable.clone(),
-        snapshotter: snap
-            .status()
-            .ok()
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or_default(),
-        uptime_ms: started.elapsed().as_millis() as u64,
-        running,
-        registered_blobs: registered,
-        fetch: fetcher.as_ref().map(|f| f.stats()),
-        stats,
+    let status = |stats: StatsSnapshot, running: bool, registered: u64| {
+        let (cache, pack_bytes) = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        DaemonStatus {
+            pid: std::process::id(),
+            front_end_reason: sel.reason.clone(),
+            front_ends_unavailable: sel.unavailable.clone(),
+            snapshotter: snap
+                .status()
+                .ok()
+                .and_then(|s| serde_json::to_value(s).ok())
+                .unwrap_or_default(),
+            uptime_ms: started.elapsed().as_millis() as u64,
+            running,
+            registered_blobs: registered,
+            fetch: fetcher.as_ref().map(|f| f.stats()),
+            cache,
+            pack_bytes,
+            stats,
+        }
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
-    loop {
+    for pass in 0u64.. {
         if let DataPlane::Fanotify(m) = &plane {
             // Layers committed since start grow the blob set the front end serves.
             registered = m.registered_blobs();
+        }
+        registered_now.store(registered, std::sync::atomic::Ordering::Relaxed);
+        if pass % USAGE_EVERY_PASSES == 0 {
+            let u = disk_usage(&config.root, front_end);
+            *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
         }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
             tracing::warn!("{}: {e}", path.display());
@@ -635,6 +1025,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
     let _ = crate::systemd::notify("STOPPING=1", &[]);
+    if let Some(m) = metrics {
+        m.stop();
+    }
     let served = control.stop();
     let fin = plane.stop();
     if let Some(f) = &fetcher {
@@ -732,6 +1125,63 @@ mod tests {
     }
 
     #[test]
+    fn status_names_cache_layers_and_slow_requests_for_a_human() {
+        let mut s = DaemonStatus {
+            pid: 7,
+            front_end_reason: "auto: because".into(),
+            running: true,
+            cache: CacheUsage {
+                bytes: 3 << 20,
+                limit_bytes: Some(12 << 20),
+                evictions: 2,
+            },
+            snapshotter: serde_json::json!({
+                "active": 1, "views": 0, "committed": 2,
+                "layers": [
+                    {"id": "ab".repeat(32), "mounted": true, "converted": true, "remote": true,
+                     "data_bytes": 4 << 20, "local_bytes": 1 << 20, "files": 3, "snapshots": 1},
+                    {"id": "cd".repeat(32), "mounted": false, "converted": true}
+                ]
+            }),
+            ..DaemonStatus::default()
+        };
+        s.stats.front_end = "fanotify".into();
+        s.stats.slowest = vec![crate::serve::stats::SlowRequest {
+            req: 0x1_0000_0000_0005,
+            blob: "ef".repeat(32),
+            offset: 65536,
+            len: 65536,
+            total_us: 480_000,
+            store_us: 900,
+            fetch_us: 470_000,
+            write_us: 2_000,
+            ok: true,
+            done_unix_ms: 1,
+        }];
+        let text = render_status(&s).unwrap();
+        assert!(
+            text.starts_with("front end: fanotify (auto: because)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cache: 3.0 MiB of 12.0 MiB (25%), 2 evictions"),
+            "{text}"
+        );
+        assert!(
+            text.contains("abababababab  local 1.0 MiB of 4.0 MiB (25%), pulled lazily"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("cdcdcdcdcdcd"),
+            "only mounted layers are listed: {text}"
+        );
+        assert!(
+            text.contains("req 0x1000000000005  64.0 KiB at 65536 of efefefefefef: 480.0 ms = store 900 us, network 470.0 ms, kernel write 2.0 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn stats_file_round_trips_and_flattens_the_counters() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("run")).unwrap();
@@ -749,8 +1199,12 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["reads"], 3, "counters sit at the top level: {text}");
         assert_eq!(v["front_end"], "cachefiles");
-        assert_eq!(serde_json::from_str::<DaemonStatus>(&text).unwrap(), s);
-        status(dir.path()).unwrap();
-        assert!(status(&dir.path().join("nothing")).is_err());
+        let back: DaemonStatus = serde_json::from_str(&text)
+            .map_err(|e| format!("{e}: {text}"))
+            .unwrap();
+        assert_eq!(back, s);
+        status(dir.path(), false).unwrap();
+        status(dir.path(), true).unwrap();
+        assert!(status(&dir.path().join("nothing"), false).is_err());
     }
 }

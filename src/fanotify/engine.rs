@@ -765,6 +765,9 @@ impl FrontEnd for Shared {
             Token::Prefetch { bi, start, stop } => {
                 if outcome == FillOutcome::Ok {
                     self.mark_filled(bi, start, stop);
+                    self.counters
+                        .prefetched
+                        .fetch_add(stop - start, Ordering::Relaxed);
                 }
                 self.release(bi, start, stop, local);
             }

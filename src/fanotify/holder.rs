@@ -90,6 +90,8 @@ enum State {
 pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     // A holder that dies on a stray signal closes the group and exposes holes as zeros.
     crate::holder::ignore_stray_signals()?;
+    // Its socket and lock file are root's alone (whoever started it).
+    crate::perms::private_umask();
     // One holder per socket: a second one (two daemons racing to start it) leaves.
     let Some(_lock) = crate::holder::lock(socket_path)? else {
         tracing::info!(
@@ -321,8 +323,8 @@ pub fn blobs_in_use(
     let mut opened = Vec::new();
     let missing: Vec<(u64, u64)> = marks
         .iter()
-        .filter(|m| !by_inode.contains_key(m))
-        .copied()
+        .map(|m| m.id)
+        .filter(|id| !by_inode.contains_key(id))
         .collect();
     if !missing.is_empty() {
         use std::os::unix::fs::MetadataExt;
@@ -339,6 +341,23 @@ pub fn blobs_in_use(
             }
         }
     }
+    // Marked inodes no path leads to (their root was removed while a mount still had
+    // them open, or after): opened by handle. One that cannot be opened counts in use.
+    let found: std::collections::HashSet<(u64, u64)> = opened
+        .iter()
+        .filter_map(|f| ident(f.as_fd()))
+        .collect();
+    for m in &marks {
+        if by_inode.contains_key(&m.id) || found.contains(&m.id) {
+            continue;
+        }
+        if let Some((kind, h)) = &m.handle {
+            match open_by_handle(m.id.0, *kind, h) {
+                Ok(f) => opened.push(f),
+                Err(e) => tracing::debug!(inode = m.id.1, "opening a marked inode by handle: {e}"),
+            }
+        }
+    }
     for f in &opened {
         if let Some(k) = ident(f.as_fd()) {
             by_inode.entry(k).or_insert(f.as_fd());
@@ -346,35 +365,121 @@ pub fn blobs_in_use(
     }
     marks
         .iter()
-        .filter(|m| by_inode.get(m).is_none_or(|fd| opened_elsewhere(*fd)))
+        .filter(|m| by_inode.get(&m.id).is_none_or(|fd| opened_elsewhere(*fd)))
         .count()
 }
 
-/// The group's inode marks as (st_dev, inode), from `/proc/self/fdinfo`.
-pub fn marks(group: BorrowedFd<'_>) -> io::Result<Vec<(u64, u64)>> {
+/// One inode mark of a group, as `/proc/self/fdinfo` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// The marked inode as (st_dev, inode), in the user-space encoding of `stat`.
+    pub id: (u64, u64),
+    /// Its file handle (type, bytes), to open it when no path leads to it any more.
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
+/// The group's inode marks, from `/proc/self/fdinfo`.
+pub fn marks(group: BorrowedFd<'_>) -> io::Result<Vec<Mark>> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", group.as_raw_fd()))?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("fanotify ino:") else {
-            continue;
-        };
-        let (ino, rest) = rest.split_once(' ').unwrap_or((rest, ""));
-        let ino = u64::from_str_radix(ino, 16).ok();
-        let sdev = rest
+    text.lines()
+        .filter(|l| l.starts_with("fanotify ino:"))
+        .map(parse_mark)
+        .collect()
+}
+
+/// Parses `fanotify ino:<hex> sdev:<hex> ... fhandle-bytes:<hex> fhandle-type:<hex>
+/// f_handle:<hex bytes>`.
+fn parse_mark(line: &str) -> io::Result<Mark> {
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+    };
+    let (Some(ino), Some(sdev)) = (field("fanotify ino:"), field("sdev:")) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected fdinfo line {line:?}"),
+        ));
+    };
+    let handle = (|| {
+        let bytes = field("fhandle-bytes:")? as usize;
+        let kind = field("fhandle-type:")? as i32;
+        let hex = line
             .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("sdev:"))
-            .and_then(|v| u64::from_str_radix(v, 16).ok());
-        let (Some(ino), Some(sdev)) = (ino, sdev) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected fdinfo line {line:?}"),
-            ));
-        };
-        // The kernel prints its own dev_t (major << 20 | minor); stat gives the
-        // user-space encoding.
-        out.push((libc::makedev((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32), ino));
+            .find_map(|kv| kv.strip_prefix("f_handle:"))?;
+        if hex.len() != bytes * 2 {
+            return None;
+        }
+        let raw = (0..bytes)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        Some((kind, raw))
+    })();
+    // The kernel prints its own dev_t (major << 20 | minor); stat gives the user-space
+    // encoding.
+    let dev = libc::makedev((sdev >> 20) as u32, (sdev & 0xf_ffff) as u32);
+    Ok(Mark {
+        id: (dev, ino),
+        handle,
+    })
+}
+
+/// Opens a marked inode read-only by its file handle (the blob file may have no path
+/// left: a root removed while a mount still uses it). Needs a directory of the same
+/// filesystem, found in `/proc/self/mountinfo`.
+fn open_by_handle(dev: u64, kind: i32, handle: &[u8]) -> io::Result<std::fs::File> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount_point = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[2] == want)
+        .map(|f| unescape_mount_path(f[4]))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no mount of {want}")))?;
+    let dir = std::fs::File::open(std::ffi::OsStr::from_bytes(&mount_point))?;
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }
+    let mut buf = Vec::with_capacity(8 + handle.len());
+    buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(handle);
+    // SAFETY: `buf` is a complete struct file_handle that outlives the call; the kernel
+    // only reads it. The returned fd, if any, is new and owned by nobody else.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            dir.as_raw_fd(),
+            buf.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    Ok(out)
+    // SAFETY: see above.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as RawFd) })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+pub fn unescape_mount_path(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 /// True when an open file description other than `fd`'s has the file open: a write
@@ -462,4 +567,23 @@ pub fn receive(conn: OwnedFd) -> io::Result<Attached> {
         }
     }
     Err(bad("too many messages"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_with_their_handles() {
+        let line = "fanotify ino:1a2b sdev:800003 mflags:0 mask:80000 ignored_mask:0 \
+                    fhandle-bytes:8 fhandle-type:1 f_handle:0102030405060708";
+        let m = parse_mark(line).unwrap();
+        assert_eq!(m.id, (libc::makedev(8, 3), 0x1a2b));
+        assert_eq!(m.handle, Some((1, vec![1, 2, 3, 4, 5, 6, 7, 8])));
+        let short = "fanotify ino:5 sdev:800003 mflags:0 mask:80000 ignored_mask:0";
+        assert_eq!(parse_mark(short).unwrap().handle, None);
+        assert!(parse_mark("fanotify ino:zz").is_err());
+        assert_eq!(unescape_mount_path("/a\\040b\\134c"), b"/a b\\c".to_vec());
+        assert_eq!(unescape_mount_path("/tail\\04"), b"/tail\\04".to_vec());
+    }
 }

@@ -36,6 +36,8 @@ struct State {
     mounted_here: HashSet<String>,
     /// Front-end restarts (blob set changes).
     restarts: u64,
+    /// Counters of front ends stopped by restarts, so that totals never go back.
+    past: Stats,
     /// Blobs in the registry the front end was started over.
     blobs: u64,
 }
@@ -74,6 +76,7 @@ impl FanotifyMounter {
                 mounted_here: HashSet::new(),
                 restarts: 0,
                 blobs: registry.blobs.len() as u64,
+                past: Stats::default(),
             }),
         })
     }
@@ -81,10 +84,13 @@ impl FanotifyMounter {
     /// The front end's counters (zeros while it is down).
     pub fn stats(&self) -> Stats {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.fe
+        let mut s = st
+            .fe
             .as_ref()
             .map(FanotifyFrontEnd::stats)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        s.accumulate(&st.past);
+        s
     }
 
     /// Blobs of the registry the front end serves (the last one it was started over).
@@ -105,7 +111,8 @@ impl FanotifyMounter {
         })?;
         if let Some(old) = st.fe.take() {
             // Not released: the holder keeps the group (and every mark) for the successor.
-            let _ = old.shutdown(false);
+            let done = old.shutdown(false);
+            st.past.accumulate(&done);
         }
         let fe = FanotifyFrontEnd::start(&registry, &self.opts).map_err(|e| MountError::Io {
             path: self.opts.cache_dir.clone(),
@@ -130,10 +137,12 @@ impl FanotifyMounter {
         let mounted = fs::read_dir(&self.mnt_dir)
             .map(|rd| rd.flatten().any(|e| is_mountpoint(&e.path())))
             .unwrap_or(true);
-        match st.fe.take() {
+        let mut s = match st.fe.take() {
             Some(fe) => fe.shutdown(!mounted),
             None => Stats::default(),
-        }
+        };
+        s.accumulate(&st.past);
+        s
     }
 }
 

@@ -248,6 +248,47 @@ pub struct Stats {
     pub parked: u64,
     /// True when this daemon continued a group (the holder outlived a previous daemon).
     pub continued: bool,
+    /// Of `bytes_filled`, those filled ahead of a sequential reader (prefetch).
+    #[serde(default)]
+    pub prefetch_bytes: u64,
+    /// The serving engine's own counters, latency histogram and slowest requests.
+    #[serde(skip)]
+    pub engine: crate::serve::StatsSnapshot,
+}
+
+impl Stats {
+    /// Adds the counters of a front end that stopped (a restart over new blobs) to
+    /// these, so that totals never go back; the slowest requests are merged.
+    pub fn accumulate(&mut self, past: &Stats) {
+        self.events += past.events;
+        self.allowed += past.allowed;
+        self.denied += past.denied;
+        self.cached += past.cached;
+        self.chunks_fetched += past.chunks_fetched;
+        self.bytes_filled += past.bytes_filled;
+        self.unmarked += past.unmarked;
+        self.recovered_journaled += past.recovered_journaled;
+        self.recovered_orphans += past.recovered_orphans;
+        self.parked += past.parked;
+        self.prefetch_bytes += past.prefetch_bytes;
+        let (e, p) = (&mut self.engine, &past.engine);
+        e.reads += p.reads;
+        e.reads_ok += p.reads_ok;
+        e.reads_failed += p.reads_failed;
+        e.bytes_written += p.bytes_written;
+        e.chunks_fetched += p.chunks_fetched;
+        e.chunk_errors += p.chunk_errors;
+        e.write_errors += p.write_errors;
+        e.fetch_waits += p.fetch_waits;
+        e.fetch_errors += p.fetch_errors;
+        e.source_errors += p.source_errors;
+        e.served_from_store_bytes += p.served_from_store_bytes;
+        e.served_from_registry_bytes += p.served_from_registry_bytes;
+        e.latency.add(&p.latency);
+        e.slowest.extend(p.slowest.iter().cloned());
+        e.slowest.sort_by_key(|r| std::cmp::Reverse(r.total_us));
+        e.slowest.truncate(crate::serve::stats::SLOW_KEPT);
+    }
 }
 
 #[derive(Default)]
@@ -261,6 +302,7 @@ struct Counters {
     recovered_journaled: AtomicU64,
     recovered_orphans: AtomicU64,
     parked: AtomicU64,
+    prefetched: AtomicU64,
 }
 
 /// One data blob being served.
@@ -333,8 +375,8 @@ struct Shared {
 pub struct FanotifyFrontEnd {
     shared: Arc<Shared>,
     engine: Option<Engine>,
-    /// Chunks the engine fetched, once it stopped.
-    engine_chunks: u64,
+    /// The engine's counters, once it stopped.
+    engine_final: crate::serve::StatsSnapshot,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -615,7 +657,7 @@ impl FanotifyFrontEnd {
         let mut fe = FanotifyFrontEnd {
             shared: shared.clone(),
             engine: None,
-            engine_chunks: 0,
+            engine_final: Default::default(),
             workers,
         };
         let cfg = engine_config(opts);
@@ -674,22 +716,24 @@ impl FanotifyFrontEnd {
     pub fn stats(&self) -> Stats {
         let c = &self.shared.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let engine = match &self.engine {
+            Some(e) => e.stats(),
+            None => self.engine_final.clone(),
+        };
         Stats {
             events: l(&c.events),
             allowed: l(&c.allowed),
             denied: l(&c.denied),
             cached: l(&c.cached),
-            chunks_fetched: l(&self.shared.packs.chunks_read)
-                + self
-                    .engine
-                    .as_ref()
-                    .map_or(self.engine_chunks, |e| e.stats().chunks_fetched),
+            chunks_fetched: l(&self.shared.packs.chunks_read) + engine.chunks_fetched,
             bytes_filled: l(&c.bytes_filled),
             unmarked: l(&c.unmarked),
             recovered_journaled: l(&c.recovered_journaled),
             recovered_orphans: l(&c.recovered_orphans),
             parked: l(&c.parked),
             continued: self.shared.continued,
+            prefetch_bytes: l(&c.prefetched),
+            engine,
         }
     }
 
@@ -698,7 +742,7 @@ impl FanotifyFrontEnd {
     /// stops the holder watcher.
     fn halt(&mut self) {
         if let Some(e) = self.engine.take() {
-            self.engine_chunks = e.stop().chunks_fetched;
+            self.engine_final = e.stop();
             self.shared.answer_leftovers();
             self.shared.drain_sync();
         }

@@ -230,6 +230,10 @@ pub struct FetchStats {
     timeouts: AtomicU64,
     corrupt: AtomicU64,
     failed: AtomicU64,
+    registry_errors: AtomicU64,
+    store_errors: AtomicU64,
+    /// Latency of range requests (each try), microseconds.
+    latency: crate::serve::stats::AtomicHistogram,
 }
 
 /// A copy of [`FetchStats`].
@@ -263,6 +267,18 @@ pub struct FetchStatsSnapshot {
     pub corrupt: u64,
     /// Chunks failed for any reason.
     pub failed: u64,
+    /// Chunks failed because the registry refused (an error not worth retrying).
+    #[serde(default)]
+    pub registry_errors: u64,
+    /// Chunks fetched and verified that could not be stored.
+    #[serde(default)]
+    pub store_errors: u64,
+    /// Median range request latency (bucket upper bound), microseconds.
+    #[serde(default)]
+    pub latency_us_p50: u64,
+    /// 99th percentile range request latency, microseconds.
+    #[serde(default)]
+    pub latency_us_p99: u64,
 }
 
 impl FetchStats {
@@ -283,7 +299,16 @@ impl FetchStats {
             timeouts: g(&self.timeouts),
             corrupt: g(&self.corrupt),
             failed: g(&self.failed),
+            registry_errors: g(&self.registry_errors),
+            store_errors: g(&self.store_errors),
+            latency_us_p50: crate::serve::stats::percentile(&self.latency.load().buckets, 0.5),
+            latency_us_p99: crate::serve::stats::percentile(&self.latency.load().buckets, 0.99),
         }
+    }
+
+    /// The range request latency histogram.
+    pub fn latency(&self) -> crate::serve::stats::LatencyHistogram {
+        self.latency.load()
     }
 }
 
@@ -421,6 +446,11 @@ impl Fetcher {
     /// The counters.
     pub fn stats(&self) -> FetchStatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// Latency of its range requests (each try), microseconds.
+    pub fn latency(&self) -> crate::serve::stats::LatencyHistogram {
+        self.stats.latency()
     }
 
     /// Fails what still waits, commits what was fetched, and stops the threads.
@@ -937,11 +967,23 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
         let last = todo[todo.len() - 1];
         let len = last.offset + u64::from(last.len) - start;
         bump(&ctx.stats.range_requests, 1);
+        let sent = std::time::Instant::now();
         let got = tokio::time::timeout_at(
             deadline,
             ctx.source.get_range(&w.source, &w.blob, start, len),
         )
         .await;
+        let took = sent.elapsed();
+        ctx.stats.latency.record_us(took.as_micros() as u64);
+        tracing::debug!(
+            blob = %w.blob,
+            offset = start,
+            len,
+            chunks = todo.len(),
+            ms = took.as_millis() as u64,
+            ok = matches!(got, Ok(Ok(_))),
+            "range request"
+        );
         let fail = |why: FetchFailure, todo: &mut Vec<Piece>, results: &mut Vec<_>| {
             for p in todo.drain(..) {
                 results.push((p.digest, Err(why.clone())));
@@ -982,6 +1024,7 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
                         &mut results,
                     );
                 } else {
+                    bump(&ctx.stats.registry_errors, todo.len() as u64);
                     fail(FetchFailure::Registry(e.message), &mut todo, &mut results);
                 }
                 break;
@@ -1011,7 +1054,10 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
                     tracing::warn!(chunk = %p.digest, blob = %w.blob, offset = p.offset, "fetched chunk failed verification: {why}");
                     bad.push((p, why));
                 }
-                Err(Verify::Store(why)) => results.push((p.digest, Err(FetchFailure::Store(why)))),
+                Err(Verify::Store(why)) => {
+                    bump(&ctx.stats.store_errors, 1);
+                    results.push((p.digest, Err(FetchFailure::Store(why))))
+                }
             }
         }
         if bad.is_empty() {

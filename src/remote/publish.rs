@@ -18,7 +18,7 @@
 //! upload is preceded by a HEAD: the second run uploads nothing. The image's own
 //! manifests, configs and layers are only read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -30,9 +30,10 @@ use tokio_stream::StreamExt;
 
 use super::artifact::{
     distinct_chunks, Artifact, ArtifactLayer, LayerMeta, MetaBlob, MetaHeader, ARTIFACT_TYPE,
-    EMPTY_DIGEST, FORMAT_VERSION, MAX_DATA_BLOBS,
+    EMPTY_DIGEST, FORMAT_VERSION, MAX_DATA_BLOBS, TRACE_MEDIA_TYPE,
 };
 use super::image::{resolve_platforms, ImageError};
+use super::pull::Traces;
 use crate::convert::{check_chunk_bytes, convert_layer, ConvertError};
 use crate::digest::{ChunkDigest, OciHasher};
 use crate::registry::{
@@ -131,6 +132,9 @@ pub struct PublishOptions {
     pub chunk_bytes: u32,
     /// Largest data blob ([`MAX_DATA_BLOB_BYTES`]; smaller in tests).
     pub max_data_blob_bytes: u64,
+    /// Other stores (nodes' roots, their daemons stopped) whose access traces of the
+    /// image's blobs are published too, after the publishing store's own.
+    pub traces_from: Vec<PathBuf>,
 }
 
 impl Default for PublishOptions {
@@ -138,6 +142,7 @@ impl Default for PublishOptions {
         PublishOptions {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             max_data_blob_bytes: MAX_DATA_BLOB_BYTES,
+            traces_from: Vec::new(),
         }
     }
 }
@@ -176,6 +181,8 @@ pub struct ArtifactSummary {
     pub manifest_uploaded: bool,
     /// Per image layer, in order.
     pub layers: Vec<LayerSummary>,
+    /// Blobs with an access trace published in the artifact (0: no trace blob).
+    pub traced_blobs: usize,
 }
 
 /// How a layer got into the store.
@@ -263,6 +270,11 @@ pub fn publish(
     let mut built: HashMap<String, (ArtifactLayer, LayerSummary)> = HashMap::new();
     let mut artifacts = Vec::with_capacity(platforms.len());
     let mut manifests_uploaded = 0;
+    let trace_stores = opts
+        .traces_from
+        .iter()
+        .map(|root| Store::open(root))
+        .collect::<Result<Vec<_>, _>>()?;
     for p in &platforms {
         let mut parts = Vec::with_capacity(p.manifest.layers.len());
         let mut summaries = Vec::with_capacity(p.manifest.layers.len());
@@ -290,10 +302,44 @@ pub fn publish(
             EMPTY_DIGEST,
             Upload::Bytes(Bytes::from_static(b"{}")),
         )?;
+        // The access traces this store and `traces_from` keep for the image's blobs (a
+        // lazily pulled blob's trace is kept by the node that pulled it): published so
+        // that the next node's prefetcher fetches what a start reads first.
+        let mut traces = Traces {
+            version: 1,
+            blobs: BTreeMap::new(),
+        };
+        for desc in &p.manifest.layers {
+            for id in &layers[&desc.digest].0.blobs {
+                for s in std::iter::once(store).chain(trace_stores.iter()) {
+                    if let Some(order) = s.trace(id)? {
+                        if !order.is_empty() {
+                            traces.blobs.entry(id.clone()).or_insert(order);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let trace = if traces.blobs.is_empty() {
+            None
+        } else {
+            let bytes = Bytes::from(serde_json::to_vec(&traces).expect("traces serialize"));
+            let digest = sha256(&bytes);
+            let size = bytes.len() as u64;
+            pusher.blob(&p.image, &digest, Upload::Bytes(bytes))?;
+            Some(Descriptor {
+                media_type: TRACE_MEDIA_TYPE.to_string(),
+                digest,
+                size,
+                artifact_type: None,
+                annotations: Default::default(),
+            })
+        };
         let artifact = Artifact {
             subject: p.manifest_desc.digest.clone(),
             layers: parts,
-            trace: None,
+            trace,
         };
         let bytes = Bytes::from(artifact.manifest(&p.manifest_desc));
         let digest = sha256(&bytes);
@@ -325,6 +371,7 @@ pub fn publish(
             artifact_bytes: bytes.len() as u64,
             manifest_uploaded: !there,
             layers: summaries,
+            traced_blobs: traces.blobs.len(),
         });
     }
     Ok(Summary {
@@ -782,6 +829,11 @@ pub struct PublishArgs {
     /// Chunk size for layers converted now: a power of two from 4096 to 1048576.
     #[arg(long, default_value_t = u64::from(DEFAULT_CHUNK_BYTES))]
     pub chunk_size: u64,
+    /// Also publish the access traces that this store root keeps for the image's blobs
+    /// (a node that pulled the image lazily and started it; its daemon stopped).
+    /// Repeatable; the first root with a trace of a blob wins, `--root` before them.
+    #[arg(long)]
+    pub traces_from: Vec<PathBuf>,
 }
 
 /// Runs `dedupd publish`: prints the [`Summary`] as JSON.
@@ -804,6 +856,7 @@ pub fn publish_cmd(args: &PublishArgs) -> anyhow::Result<()> {
         .build()?;
     let opts = PublishOptions {
         chunk_bytes,
+        traces_from: args.traces_from.clone(),
         ..PublishOptions::default()
     };
     let summary = publish(&store, &registry, &rt, &image, &opts)?;

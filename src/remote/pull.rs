@@ -39,6 +39,21 @@ pub enum PullError {
     /// Registering the layer failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Resolving the image (manifest, config) failed.
+    #[error(transparent)]
+    Image(#[from] super::image::ImageError),
+    /// Converting the streamed layer failed (digest or diff_id mismatch, bad tar, ...);
+    /// nothing it stored stays.
+    #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
+    /// The layer is not in the image's manifest.
+    #[error("{image}: no layer {layer} in the manifest")]
+    NoSuchLayer {
+        /// The image (manifest digest).
+        image: String,
+        /// The layer's digest.
+        layer: String,
+    },
     /// Writing the layer's image failed.
     #[error("{path}: {source}")]
     Io {
@@ -74,6 +89,7 @@ pub struct LazyPuller {
     found: Mutex<HashMap<String, Discovered>>,
     fetcher: Option<Arc<Fetcher>>,
     prefetch: PrefetchMode,
+    stream: bool,
 }
 
 /// When an image's artifact was looked for, and what was found.
@@ -123,7 +139,70 @@ impl LazyPuller {
             found: Mutex::new(HashMap::new()),
             fetcher,
             prefetch,
+            stream: true,
         }
+    }
+
+    /// Whether layers without an artifact are streamed into the converter
+    /// ([`Self::stream_layer`]); on by default.
+    pub fn with_stream(mut self, on: bool) -> Self {
+        self.stream = on;
+        self
+    }
+
+    /// See [`Self::with_stream`].
+    pub fn streams(&self) -> bool {
+        self.stream
+    }
+
+    /// Streams layer `layer_digest` of image `manifest` (a manifest digest reference)
+    /// from the registry straight into the converter, stored under `id_hex` (the
+    /// snapshotter's layer id): no compressed copy and no unpacked tree on disk. Both
+    /// digests are checked at the end of the stream, before the commit (the blob's
+    /// against the manifest, the tar's against the config's diff_id, which
+    /// `check_diff_id` also checks against the chain id containerd expects); on any
+    /// error nothing the stream stored stays. Blocking: the download runs on the
+    /// puller's runtime, the conversion on this thread and the parser's.
+    pub fn stream_layer(
+        &self,
+        manifest: &ImageRef,
+        layer_digest: &str,
+        id_hex: &str,
+        check_diff_id: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<LayerRecord, PullError> {
+        let resolved = self
+            .runtime
+            .block_on(super::image::resolve(&self.registry, manifest))?;
+        let diff_id = resolved
+            .manifest
+            .layers
+            .iter()
+            .position(|l| l.digest == layer_digest)
+            .and_then(|i| resolved.diff_ids.get(i))
+            .ok_or_else(|| PullError::NoSuchLayer {
+                image: manifest.to_string(),
+                layer: layer_digest.to_string(),
+            })?
+            .clone();
+        check_diff_id(&diff_id).map_err(PullError::Mismatch)?;
+        let (_, stream) = self
+            .runtime
+            .block_on(self.registry.blob_stream(manifest, layer_digest))?;
+        let reader = StreamReader::spawn(&self.runtime, stream);
+        let key = format!("sha256:{id_hex}");
+        let name = format!("{manifest} layer {layer_digest}");
+        let record = crate::convert::convert_reader(
+            &self.store,
+            &name,
+            Box::new(reader),
+            crate::store::DEFAULT_CHUNK_BYTES,
+            crate::convert::Expected {
+                key: &key,
+                digest: layer_digest,
+                diff_id: &diff_id,
+            },
+        )?;
+        Ok(record)
     }
 
     /// Queues the chunks of lazily pulled layer `record` that the node lacks for
@@ -390,5 +469,57 @@ impl RangeSource for Registry {
                     message: e.to_string(),
                 })
         })
+    }
+}
+
+/// Blocks of a registry stream kept in flight between the download and the converter:
+/// enough to keep both busy, little memory (a body's frames are small).
+const STREAM_QUEUE: usize = 64;
+
+/// A blocking reader over a registry blob stream: a task on the runtime forwards the
+/// body's frames through a bounded queue (the download runs ahead of the converter by at
+/// most [`STREAM_QUEUE`] frames); a stream error, including a digest mismatch at the
+/// end, becomes the reader's error. Dropping the reader ends the download.
+struct StreamReader {
+    rx: std::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    cur: bytes::Bytes,
+}
+
+impl StreamReader {
+    fn spawn(runtime: &tokio::runtime::Handle, mut stream: crate::registry::BlobStream) -> Self {
+        use tokio_stream::StreamExt as _;
+        let (tx, rx) = std::sync::mpsc::sync_channel(STREAM_QUEUE);
+        runtime.spawn_blocking(move || {
+            let handle = tokio::runtime::Handle::current();
+            // Bounded by the stream's end (or error), or by the reader going away.
+            while let Some(item) = handle.block_on(stream.next()) {
+                let item = item.map_err(|e| format!("{e:#}"));
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        StreamReader {
+            rx,
+            cur: bytes::Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => return Err(std::io::Error::other(e)),
+                // The download ended: the sender is gone after the last frame.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
     }
 }

@@ -434,6 +434,12 @@ impl Engine {
         &self.counters
     }
 
+    /// The per-thread counters, shared: for readers on other threads (the metrics
+    /// endpoint), which sum them when they need them.
+    pub fn shared_counters(&self) -> Arc<[ThreadCounters]> {
+        self.counters.clone()
+    }
+
     fn stop_threads(&mut self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to our eventfd.

@@ -1,8 +1,16 @@
 //! Counters of the data plane: one cache-line-aligned block of atomics per engine thread
-//! (no sharing on the hot path), summed into a [`StatsSnapshot`] for `stats.json`.
+//! (no sharing on the hot path), summed into a [`StatsSnapshot`] for `stats.json`, the
+//! metrics endpoint and `dedupd status`.
+//!
+//! Each block also holds the thread's slowest recent requests ([`SlowRequest`]): the
+//! thread keeps them in its own memory ([`SlowTracker`]) and publishes a copy under a
+//! mutex only when a request makes the list (rare once it is full) or an entry ages out,
+//! so a request that is not among the slowest touches no lock and no shared line.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +63,185 @@ pub struct ThreadCounters {
     pub in_flight_hwm: AtomicU64,
     /// Fill latency histogram, microseconds (see [`bucket_of`]).
     pub latency_us: [AtomicU64; LATENCY_BUCKETS],
+    /// Sum of the latencies in `latency_us`, microseconds.
+    pub latency_sum_us: AtomicU64,
+    /// Bytes written from chunks the local store held when the request needed them.
+    pub store_bytes: AtomicU64,
+    /// Bytes written from chunks that had to come from the registry first.
+    pub fetched_bytes: AtomicU64,
+    /// The thread's slowest recent requests, as last published by the thread.
+    pub slowest: Mutex<Vec<SlowRequest>>,
+}
+
+/// Slowest requests kept per engine thread.
+pub const SLOW_KEPT: usize = 16;
+/// How long a slow request is kept.
+pub const SLOW_WINDOW: Duration = Duration::from_secs(60);
+
+/// One slow fill request and what it waited on. The three waits are summed over the
+/// request's pieces, which overlap, so they can add up to more than `total_us`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlowRequest {
+    /// Request id, as in the log (`req`): engine thread in the top 16 bits, then a
+    /// per-thread sequence number.
+    pub req: u64,
+    /// The blob read (data blob id, or `metadata image`).
+    pub blob: String,
+    /// Offset of the range filled.
+    pub offset: u64,
+    /// Length of the range filled.
+    pub len: u64,
+    /// From the kernel's request to the answer, microseconds.
+    pub total_us: u64,
+    /// Reading chunk records from the local store (pack reads in flight).
+    pub store_us: u64,
+    /// Waiting for chunks from the registry.
+    pub fetch_us: u64,
+    /// Writing into the kernel's file (cache file or blob file).
+    pub write_us: u64,
+    /// False when the reader got EIO.
+    pub ok: bool,
+    /// When it completed, milliseconds since the Unix epoch.
+    pub done_unix_ms: u64,
+}
+
+/// The engine thread's own list of its slowest requests of the last [`SLOW_WINDOW`].
+pub struct SlowTracker {
+    kept: Vec<(Instant, SlowRequest)>,
+    /// A request at or under this is not kept (the fastest kept one, when full).
+    floor_us: u64,
+}
+
+impl Default for SlowTracker {
+    fn default() -> SlowTracker {
+        SlowTracker {
+            kept: Vec::with_capacity(SLOW_KEPT + 1),
+            floor_us: 0,
+        }
+    }
+}
+
+impl SlowTracker {
+    /// True when a request of `total_us` would be kept: the caller builds the
+    /// [`SlowRequest`] (a string copy) only then.
+    pub fn wants(&self, total_us: u64) -> bool {
+        self.kept.len() < SLOW_KEPT || total_us > self.floor_us
+    }
+
+    /// Keeps `r` (completed at `now`), drops what aged out, and publishes the list into
+    /// `into`.
+    pub fn keep(&mut self, now: Instant, r: SlowRequest, into: &Mutex<Vec<SlowRequest>>) {
+        self.kept
+            .retain(|(t, _)| now.saturating_duration_since(*t) < SLOW_WINDOW);
+        self.kept.push((now, r));
+        self.kept.sort_by_key(|k| std::cmp::Reverse(k.1.total_us));
+        self.kept.truncate(SLOW_KEPT);
+        self.floor_us = if self.kept.len() < SLOW_KEPT {
+            0
+        } else {
+            self.kept.last().map_or(0, |(_, r)| r.total_us)
+        };
+        let list: Vec<SlowRequest> = self.kept.iter().map(|(_, r)| r.clone()).collect();
+        *into.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The slowest requests of every thread, slowest first, at most `n`, none older than
+/// [`SLOW_WINDOW`].
+pub fn slowest(threads: &[ThreadCounters], n: usize) -> Vec<SlowRequest> {
+    let oldest = unix_ms_now().saturating_sub(SLOW_WINDOW.as_millis() as u64);
+    let mut all: Vec<SlowRequest> = threads
+        .iter()
+        .flat_map(|t| t.slowest.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .filter(|r| r.done_unix_ms >= oldest)
+        .collect();
+    all.sort_by_key(|r| std::cmp::Reverse(r.total_us));
+    all.truncate(n);
+    all
+}
+
+/// A latency histogram in the engine's buckets ([`bucket_of`]), summed over threads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Counts per bucket ([`LATENCY_BUCKETS`] of them).
+    pub buckets: Vec<u64>,
+    /// Sum of the values, microseconds.
+    pub sum_us: u64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> LatencyHistogram {
+        LatencyHistogram {
+            buckets: vec![0; LATENCY_BUCKETS],
+            sum_us: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Adds `other` into this one.
+    pub fn add(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+    }
+
+    /// Values counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// A histogram of microsecond values in the engine's buckets, for code off the engine
+/// threads (the fetcher): one relaxed add per value.
+pub struct AtomicHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> AtomicHistogram {
+        AtomicHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::default()),
+            sum_us: AtomicU64::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtomicHistogram")
+            .field("count", &self.load().count())
+            .finish()
+    }
+}
+
+impl AtomicHistogram {
+    /// Counts one value.
+    pub fn record_us(&self, us: u64) {
+        bump(&self.buckets[bucket_of(us)]);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn load(&self) -> LatencyHistogram {
+        LatencyHistogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Adds one to a counter.
@@ -130,6 +317,10 @@ impl Default for ThreadCounters {
             device_errors: z(),
             in_flight_hwm: z(),
             latency_us: std::array::from_fn(|_| z()),
+            latency_sum_us: z(),
+            store_bytes: z(),
+            fetched_bytes: z(),
+            slowest: Mutex::default(),
         }
     }
 }
@@ -138,6 +329,7 @@ impl ThreadCounters {
     /// Records the latency of one fill request.
     pub fn record_latency_us(&self, us: u64) {
         bump(&self.latency_us[bucket_of(us)]);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// Raises the in-flight high-water mark to `n` if above.
@@ -205,6 +397,18 @@ pub struct StatsSnapshot {
     pub latency_us_p50: u64,
     /// 99th percentile fill latency, microseconds.
     pub latency_us_p99: u64,
+    /// See [`ThreadCounters::store_bytes`].
+    #[serde(default)]
+    pub served_from_store_bytes: u64,
+    /// See [`ThreadCounters::fetched_bytes`].
+    #[serde(default)]
+    pub served_from_registry_bytes: u64,
+    /// The slowest fill requests of the last [`SLOW_WINDOW`], slowest first.
+    #[serde(default)]
+    pub slowest: Vec<SlowRequest>,
+    /// The fill latency histogram (for the metrics endpoint; not in `stats.json`).
+    #[serde(skip)]
+    pub latency: LatencyHistogram,
 }
 
 /// Sums the counters of every thread.
@@ -218,6 +422,10 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
             *h += c.load(Ordering::Relaxed);
         }
     }
+    let latency = LatencyHistogram {
+        buckets: hist.to_vec(),
+        sum_us: sum(|t| &t.latency_sum_us),
+    };
     StatsSnapshot {
         threads: threads.len() as u64,
         opens: sum(|t| &t.opens),
@@ -246,6 +454,10 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
             .unwrap_or(0),
         latency_us_p50: percentile(&hist, 0.50),
         latency_us_p99: percentile(&hist, 0.99),
+        served_from_store_bytes: sum(|t| &t.store_bytes),
+        served_from_registry_bytes: sum(|t| &t.fetched_bytes),
+        slowest: slowest(threads, SLOW_KEPT),
+        latency,
         ..StatsSnapshot::default()
     }
 }
@@ -277,5 +489,55 @@ mod tests {
         let p50 = percentile(&h, 0.5);
         assert!((50..=55).contains(&p50), "{p50}");
         assert!(percentile(&h, 0.99) >= 99);
+    }
+
+    fn slow(req: u64, total_us: u64) -> SlowRequest {
+        SlowRequest {
+            req,
+            total_us,
+            done_unix_ms: unix_ms_now(),
+            ..SlowRequest::default()
+        }
+    }
+
+    #[test]
+    fn the_tracker_keeps_the_slowest_and_forgets_old_ones() {
+        let mut t = SlowTracker::default();
+        let out = Mutex::new(Vec::new());
+        let t0 = Instant::now();
+        for i in 0..100u64 {
+            let us = (i * 37) % 101;
+            if t.wants(us) {
+                t.keep(t0, slow(i, us), &out);
+            }
+        }
+        let kept = out.lock().unwrap().clone();
+        assert_eq!(kept.len(), SLOW_KEPT);
+        let mut want: Vec<u64> = (0..100u64).map(|i| (i * 37) % 101).collect();
+        want.sort_unstable_by(|a, b| b.cmp(a));
+        want.truncate(SLOW_KEPT);
+        assert_eq!(kept.iter().map(|r| r.total_us).collect::<Vec<_>>(), want);
+        assert!(
+            !t.wants(want[SLOW_KEPT - 1]),
+            "a request no slower than the floor"
+        );
+        // A minute later the old ones are gone, and a fast request is kept again.
+        let later = t0 + SLOW_WINDOW + Duration::from_secs(1);
+        t.keep(later, slow(500, 1), &out);
+        assert_eq!(out.lock().unwrap().len(), 1);
+        assert!(t.wants(0));
+    }
+
+    #[test]
+    fn snapshot_sums_latency_and_lists_slow_requests() {
+        let threads: Vec<ThreadCounters> = (0..2).map(|_| ThreadCounters::default()).collect();
+        threads[0].record_latency_us(10);
+        threads[1].record_latency_us(30);
+        *threads[1].slowest.lock().unwrap() = vec![slow(7, 30)];
+        let s = snapshot(&threads);
+        assert_eq!(s.latency.count(), 2);
+        assert_eq!(s.latency.sum_us, 40);
+        assert_eq!(s.slowest.len(), 1);
+        assert_eq!(s.slowest[0].req, 7);
     }
 }

@@ -15,6 +15,14 @@
 //! pieces go on. The answer (where the fetched chunk now is in the packs) arrives in the
 //! thread's mailbox, whose eventfd the ring polls; the piece then continues as a pack
 //! read like any other. The thread never waits on the network.
+//!
+//! Each request has an id (`req` in the log: thread in the top 16 bits, then a sequence
+//! number) and adds up what its pieces waited on: pack reads in flight (store), parked on
+//! the fetcher (network) and writes into the target (kernel). The times come from a
+//! clock read once per loop turn (and around each synchronous write), so this costs the
+//! hot path no more than a clock read per turn. A request among the thread's slowest
+//! recent ones is kept for `dedupd status` ([`SlowTracker`]); one slower than
+//! [`SLOW_LOG_US`] is logged with its breakdown.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +35,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::bufpool::BufPool;
-use super::stats::{bump, ThreadCounters};
+use super::stats::{bump, unix_ms_now, SlowRequest, SlowTracker, ThreadCounters};
 use super::{
     engine_sync, engine_uring, EngineConfig, EngineError, FillError, FillOutcome, FillRequest,
     FillSource, FrontEnd, Next, WriteStrategy, PAGE_BYTES,
@@ -54,6 +62,11 @@ const OPS_PER_TURN: usize = 4;
 const FILE_READ_AROUND_BYTES: u64 = 128 << 10;
 /// Pack files kept open per thread.
 const MAX_OPEN_PACKS: usize = 4096;
+/// A request slower than this is logged (INFO) with what it waited on.
+pub const SLOW_LOG_US: u64 = 100_000;
+/// Slow requests logged per thread per second at most; the rest are counted in the next
+/// line.
+const SLOW_LOGS_PER_SECOND: u32 = 10;
 
 /// A fixed-capacity slab: indices are stable while an item lives.
 struct Slab<T> {
@@ -104,6 +117,10 @@ enum Op {
         slot_off: u64,
         w_off: u64,
         w_len: u32,
+        /// Submitted at (the turn clock).
+        t0: Instant,
+        /// The chunk came from the registry (the piece was parked on the fetcher).
+        fetched: bool,
     },
     /// A range of a plain file is being read into `dbuf`.
     FileRead {
@@ -119,6 +136,8 @@ enum Op {
         buf: Option<u16>,
         len: u32,
         off: u64,
+        /// Submitted at (the turn clock).
+        t0: Instant,
     },
 }
 
@@ -132,6 +151,14 @@ struct Request<T> {
     failed: Option<FillError>,
     queued: bool,
     started: Instant,
+    /// Id in logs and in `dedupd status`.
+    id: u64,
+    /// Start of the range (page-aligned, read-around included).
+    first: u64,
+    /// Microseconds pieces spent in pack reads, parked on the fetcher, in writes.
+    store_us: u64,
+    fetch_us: u64,
+    write_us: u64,
 }
 
 enum Step {
@@ -148,6 +175,8 @@ struct Wait {
     slot_off: u64,
     w_off: u64,
     w_len: u32,
+    /// When it was parked on the fetcher.
+    parked: Instant,
 }
 
 pub(super) struct Worker<F: FrontEnd> {
@@ -175,6 +204,15 @@ pub(super) struct Worker<F: FrontEnd> {
     device_ready: bool,
     stopping: bool,
     cqes: Vec<(u64, i32, u32)>,
+    /// The turn clock: read once per loop turn and after synchronous writes.
+    now: Instant,
+    /// Sequence number of the next request.
+    next_req: u64,
+    /// This thread's slowest recent requests.
+    slow: SlowTracker,
+    /// Start of the current second of slow-request logging, lines logged in it, and
+    /// lines suppressed.
+    slow_logs: (Instant, u32, u64),
 }
 
 impl<F: FrontEnd> Worker<F> {
@@ -244,6 +282,10 @@ impl<F: FrontEnd> Worker<F> {
             device_ready: true,
             stopping: false,
             cqes: Vec::with_capacity(entries as usize * 2),
+            now: Instant::now(),
+            next_req: 0,
+            slow: SlowTracker::default(),
+            slow_logs: (Instant::now(), 0, 0),
         })
     }
 
@@ -340,6 +382,7 @@ impl<F: FrontEnd> Worker<F> {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
+            self.now = Instant::now();
         }
         tracing::debug!(thread = self.id, "engine thread stopped");
     }
@@ -489,7 +532,13 @@ impl<F: FrontEnd> Worker<F> {
             failed: None,
             queued: true,
             started: Instant::now(),
+            id: ((self.id as u64) << 48) | (self.next_req & ((1 << 48) - 1)),
+            first: start,
+            store_us: 0,
+            fetch_us: 0,
+            write_us: 0,
         };
+        self.next_req += 1;
         let i = match self.reqs.insert(req) {
             Ok(i) => i,
             Err(mut req) => {
@@ -570,6 +619,7 @@ impl<F: FrontEnd> Worker<F> {
                     slot_off: e.blob_offset,
                     w_off: cursor,
                     w_len: (w_end - cursor) as u32,
+                    parked: self.now,
                 };
                 if e.slot_len() > slot_bytes {
                     bump(&self.c().chunk_errors);
@@ -654,6 +704,8 @@ impl<F: FrontEnd> Worker<F> {
             slot_off: w.slot_off,
             w_off: w.w_off,
             w_len: w.w_len,
+            t0: self.now,
+            fetched: new_cursor.is_none(),
         };
         let entry = engine_uring::read_entry(
             fd,
@@ -708,10 +760,20 @@ impl<F: FrontEnd> Worker<F> {
             self.fail(w.req, FillError::Chunk);
             return Step::Done;
         };
+        let w = Wait {
+            parked: self.now,
+            ..w
+        };
         let Ok(ticket) = self.waits.insert(w) else {
             return Step::Blocked;
         };
         bump(&self.c().fetch_waits);
+        tracing::debug!(
+            req = self.req_id(w.req),
+            blob = table.id(),
+            chunk = %w.digest,
+            "chunk not local: waiting for the registry"
+        );
         if let Some(q) = self.reqs.get_mut(w.req) {
             q.in_flight += 1;
             q.cursor = w_end;
@@ -733,11 +795,15 @@ impl<F: FrontEnd> Worker<F> {
                 tracing::error!(thread = self.id, ticket, "fetch answer for no parked piece");
                 continue;
             };
+            let waited = self.now.saturating_duration_since(w.parked).as_micros() as u64;
+            if let Some(q) = self.reqs.get_mut(w.req) {
+                q.fetch_us += waited;
+            }
             match result {
                 Ok(loc) => self.fetched.push_back((w, loc)),
                 Err(e) => {
                     bump(&self.c().fetch_errors);
-                    tracing::warn!(chunk = %w.digest, "fetching the chunk failed: {e}");
+                    tracing::warn!(req = self.req_id(w.req), chunk = %w.digest, "fetching the chunk failed: {e}");
                     self.fail_piece(w.req, FillError::Fetch, true);
                 }
             }
@@ -846,7 +912,12 @@ impl<F: FrontEnd> Worker<F> {
                 let bytes = unsafe {
                     std::slice::from_raw_parts(self.pool.ptr(slot).add(at), len as usize)
                 };
+                let t0 = Instant::now();
                 let res = engine_sync::write_all_at(target.as_fd(), bytes, off);
+                self.now = Instant::now();
+                if let Some(q) = self.reqs.get_mut(r) {
+                    q.write_us += self.now.saturating_duration_since(t0).as_micros() as u64;
+                }
                 self.write_done(r, buf, off, res.map(|()| len as usize), true);
             }
             WriteStrategy::Uring => {
@@ -855,6 +926,7 @@ impl<F: FrontEnd> Worker<F> {
                     buf,
                     len,
                     off,
+                    t0: self.now,
                 }) else {
                     self.write_done(r, buf, off, Err(io::Error::other("no op slot")), true);
                     return;
@@ -902,7 +974,7 @@ impl<F: FrontEnd> Worker<F> {
             Err(e) => {
                 if count {
                     bump(&self.c().write_errors);
-                    tracing::warn!(thread = self.id, "cache write failed: {e}");
+                    tracing::warn!(req = self.req_id(r), "cache write failed: {e}");
                     self.fail(r, FillError::Write);
                 }
             }
@@ -923,7 +995,17 @@ impl<F: FrontEnd> Worker<F> {
             return;
         };
         match op {
-            Op::Write { req, buf, len, off } => {
+            Op::Write {
+                req,
+                buf,
+                len,
+                off,
+                t0,
+            } => {
+                let now = self.now;
+                if let Some(q) = self.reqs.get_mut(req) {
+                    q.write_us += now.saturating_duration_since(t0).as_micros() as u64;
+                }
                 let r = if res < 0 {
                     Err(io::Error::from_raw_os_error(-res))
                 } else if res as u32 != len {
@@ -945,8 +1027,14 @@ impl<F: FrontEnd> Worker<F> {
                 slot_off,
                 w_off,
                 w_len,
+                t0,
+                fetched,
             } => {
                 bump(&self.c().chunks_fetched);
+                let now = self.now;
+                if let Some(q) = self.reqs.get_mut(req) {
+                    q.store_us += now.saturating_duration_since(t0).as_micros() as u64;
+                }
                 let outcome = if res < 0 {
                     Err((
                         FillError::Source,
@@ -979,6 +1067,15 @@ impl<F: FrontEnd> Worker<F> {
                         Err(e) => Err((FillError::Chunk, e.to_string())),
                     }
                 };
+                if outcome.is_ok() {
+                    let c = &self.counters[self.id];
+                    let served = if fetched {
+                        &c.fetched_bytes
+                    } else {
+                        &c.store_bytes
+                    };
+                    served.fetch_add(u64::from(w_len), std::sync::atomic::Ordering::Relaxed);
+                }
                 match outcome {
                     Ok(Some(buf)) => {
                         self.pool.give(dbuf);
@@ -997,7 +1094,8 @@ impl<F: FrontEnd> Worker<F> {
                             _ => &self.counters[self.id].source_errors,
                         };
                         bump(counter);
-                        tracing::warn!(chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
+                        let id = self.req_id(req);
+                        tracing::warn!(req = id, chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
                         self.fail(req, why);
                         self.write_done(req, None, 0, Ok(0), false);
                     }
@@ -1019,12 +1117,72 @@ impl<F: FrontEnd> Worker<F> {
                     _ => {
                         self.pool.give(dbuf);
                         bump(&self.c().source_errors);
-                        tracing::warn!(offset = off, "image read failed or short ({res})");
+                        let id = self.req_id(req);
+                        tracing::warn!(
+                            req = id,
+                            offset = off,
+                            "image read failed or short ({res})"
+                        );
                         self.fail(req, FillError::Source);
                         self.write_done(req, None, 0, Ok(0), false);
                     }
                 }
             }
+        }
+    }
+
+    /// Id of request `r` for the log (0 if it is gone).
+    fn req_id(&mut self, r: u32) -> u64 {
+        self.reqs.get_mut(r).map_or(0, |q| q.id)
+    }
+
+    /// Keeps a request among this thread's slowest, and logs it if slower than
+    /// [`SLOW_LOG_US`] (at most [`SLOW_LOGS_PER_SECOND`] lines a second).
+    fn note_slow(&mut self, q: &Request<F::Token>, total_us: u64, ok: bool) {
+        let blob = match &q.source {
+            FillSource::Chunked(t) => t.id().to_string(),
+            FillSource::File { .. } => "metadata image".to_string(),
+        };
+        if total_us >= SLOW_LOG_US {
+            let (since, logged, suppressed) = &mut self.slow_logs;
+            if self.now.saturating_duration_since(*since) >= Duration::from_secs(1) {
+                *since = self.now;
+                *logged = 0;
+            }
+            if *logged < SLOW_LOGS_PER_SECOND {
+                *logged += 1;
+                tracing::info!(
+                    req = q.id,
+                    blob = %blob,
+                    offset = q.first,
+                    len = q.end - q.first,
+                    total_ms = total_us / 1000,
+                    store_ms = q.store_us / 1000,
+                    fetch_ms = q.fetch_us / 1000,
+                    write_ms = q.write_us / 1000,
+                    ok,
+                    earlier_unlogged = *suppressed,
+                    "slow fill request"
+                );
+                *suppressed = 0;
+            } else {
+                *suppressed += 1;
+            }
+        }
+        if self.slow.wants(total_us) {
+            let r = SlowRequest {
+                req: q.id,
+                blob,
+                offset: q.first,
+                len: q.end - q.first,
+                total_us,
+                store_us: q.store_us,
+                fetch_us: q.fetch_us,
+                write_us: q.write_us,
+                ok,
+                done_unix_ms: unix_ms_now(),
+            };
+            self.slow.keep(self.now, r, &self.counters[self.id].slowest);
         }
     }
 
@@ -1042,13 +1200,20 @@ impl<F: FrontEnd> Worker<F> {
             None => FillOutcome::Ok,
             Some(e) => FillOutcome::Failed(e),
         };
+        let now = Instant::now();
+        self.now = now;
+        let total_us = now.saturating_duration_since(q.started).as_micros() as u64;
         let c = &self.counters[self.id];
         bump(if outcome == FillOutcome::Ok {
             &c.reads_ok
         } else {
             &c.reads_failed
         });
-        c.record_latency_us(q.started.elapsed().as_micros() as u64);
+        c.record_latency_us(total_us);
+        if self.slow.wants(total_us) || total_us >= SLOW_LOG_US {
+            self.note_slow(&q, total_us, outcome == FillOutcome::Ok);
+        }
+        let c = &self.counters[self.id];
         if let Some(token) = q.token.take() {
             self.front
                 .complete(&mut self.local, token, &q.target, outcome, c);

@@ -63,29 +63,8 @@ pub use self::mounter::{FscacheMounter, LayerMounter, LocalMounter, RegistryRefr
 pub use self::service::Service;
 use crate::store::Store;
 
-/// Generated protobuf and gRPC code of `proto/`, in modules that mirror the packages.
-#[allow(missing_docs, clippy::all)]
-pub mod proto {
-    /// `containerd.*`.
-    pub mod containerd {
-        /// `containerd.types`.
-        pub mod types {
-            tonic::include_proto!("containerd.types");
-        }
-        /// `containerd.services.*`.
-        pub mod services {
-            /// `containerd.services.snapshots`.
-            pub mod snapshots {
-                /// `containerd.services.snapshots.v1`.
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.snapshots.v1");
-                }
-            }
-        }
-    }
-    pub use self::containerd::services::snapshots::v1 as snapshots;
-    pub use self::containerd::types;
-}
+/// The generated protobuf code (moved to [`crate::proto`]; kept here for its old paths).
+pub use crate::proto;
 
 /// The label containerd's unpacker puts on the snapshot it prepares for a layer: the
 /// layer's chain id.
@@ -254,6 +233,48 @@ pub struct LayerStatus {
     pub chunks: u64,
     /// See `files`.
     pub logical_bytes: u64,
+    /// Pulled lazily: its chunks come from a registry when first read.
+    #[serde(default)]
+    pub remote: bool,
+    /// Bytes of its data blobs (the sum of their chunks; for a converted layer,
+    /// `logical_bytes`).
+    #[serde(default)]
+    pub data_bytes: u64,
+    /// Of `data_bytes`, those whose chunks are in the local store (all of a converted
+    /// layer; for a lazily pulled one, what was fetched or shared with other layers).
+    #[serde(default)]
+    pub local_bytes: u64,
+}
+
+/// How long the local bytes of a lazily pulled layer are reused before they are counted
+/// again (a lookup per chunk).
+pub const LOCAL_BYTES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Conversions at Commit: counts and a latency histogram (microseconds).
+#[derive(Debug, Default)]
+pub struct Conversions {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    latency: crate::serve::stats::AtomicHistogram,
+}
+
+/// A copy of [`Conversions`].
+#[derive(Clone, Debug, Default)]
+pub struct ConversionStats {
+    /// Layers converted.
+    pub ok: u64,
+    /// Conversions that failed.
+    pub failed: u64,
+    /// Their durations, microseconds.
+    pub latency: crate::serve::stats::LatencyHistogram,
+}
+
+impl Conversions {
+    fn record(&self, took: std::time::Duration, ok: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok { &self.ok } else { &self.failed }.fetch_add(1, Relaxed);
+        self.latency.record_us(took.as_micros() as u64);
+    }
 }
 
 /// The snapshotter: metadata, the chunk store, and the layer mounter.
@@ -270,6 +291,14 @@ pub struct Snapshotter {
     trash: trash::Trash,
     /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
     lazy: Option<Arc<crate::remote::LazyPuller>>,
+    /// Layer conversions at Commit: counts and durations.
+    conversions: Conversions,
+    /// Local bytes of lazily pulled layers, recomputed at most every [`LOCAL_BYTES_TTL`].
+    local_cache: std::sync::Mutex<BTreeMap<String, (Instant, u64, u64)>>,
+    /// Lazy layers whose background prefetch this daemon started: a layer's prefetch
+    /// starts when a container (an active or view snapshot) first uses it, not at the
+    /// pull, so a pull moves only metadata.
+    prefetching: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Snapshotter {
@@ -295,6 +324,9 @@ impl Snapshotter {
             layers_lock: std::sync::Mutex::new(()),
             trash,
             lazy: None,
+            conversions: Conversions::default(),
+            local_cache: Default::default(),
+            prefetching: Default::default(),
         };
         s.unmount_legacy();
         for (key, snap) in s.meta.list()? {
@@ -337,23 +369,44 @@ impl Snapshotter {
     }
 
     /// Pulls layers lazily with `puller` when a Prepare names an image layer that has a
-    /// published artifact, and resumes the prefetch of the lazy layers already mounted
+    /// published artifact, and resumes the prefetch of the lazy layers that containers use
     /// (a restart loses what was queued, not what was fetched).
     pub fn with_lazy(mut self, puller: Arc<crate::remote::LazyPuller>) -> Snapshotter {
+        self.lazy = Some(puller);
         if let Ok(snaps) = self.meta.list() {
-            let mut seen = std::collections::HashSet::new();
             for (_, s) in snaps {
-                let Some(hex) = s.layer else { continue };
-                if !seen.insert(hex.clone()) {
+                if s.kind == Kind::Committed {
                     continue;
                 }
-                if let Ok(Some(r)) = self.store.layer(&hex) {
-                    puller.prefetch_layer(&r);
+                if let Ok(ancestors) = self.meta.ancestors(&s.parent) {
+                    for (_, a) in ancestors {
+                        if let Some(hex) = &a.layer {
+                            self.start_prefetch(hex);
+                        }
+                    }
                 }
             }
         }
-        self.lazy = Some(puller);
         self
+    }
+
+    /// Starts the background prefetch of lazy layer `hex`, once per daemon (the queue
+    /// is not kept across restarts; what it fetched is).
+    fn start_prefetch(&self, hex: &str) {
+        let Some(lazy) = &self.lazy else { return };
+        let first = self
+            .prefetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hex.to_string());
+        if !first {
+            return;
+        }
+        match self.store.layer(hex) {
+            Ok(Some(r)) if r.remote.is_some() => lazy.prefetch_layer(&r),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(layer = %hex, "prefetch: reading the layer record: {e}"),
+        }
     }
 
     /// The front end mounting layers.
@@ -383,6 +436,11 @@ impl Snapshotter {
             let mounted = self
                 .layer_mountpoint(&id)?
                 .is_some_and(|m| mounter::is_mountpoint(&m));
+            let (data_bytes, local_bytes) = match &record {
+                Some(r) if r.remote.is_some() => self.local_bytes(&id, r)?,
+                Some(r) => (r.logical_bytes, r.logical_bytes),
+                None => (0, 0),
+            };
             st.layers.push(LayerStatus {
                 snapshots,
                 converted: record.is_some(),
@@ -390,10 +448,49 @@ impl Snapshotter {
                 files: record.as_ref().map_or(0, |r| r.files),
                 chunks: record.as_ref().map_or(0, |r| r.chunks),
                 logical_bytes: record.as_ref().map_or(0, |r| r.logical_bytes),
+                remote: record.as_ref().is_some_and(|r| r.remote.is_some()),
+                data_bytes,
+                local_bytes,
                 id,
             });
         }
         Ok(st)
+    }
+
+    /// Data bytes of a lazily pulled layer and how many of them are local, reused for
+    /// [`LOCAL_BYTES_TTL`].
+    fn local_bytes(
+        &self,
+        id: &str,
+        record: &crate::store::LayerRecord,
+    ) -> Result<(u64, u64), SnapError> {
+        let now = Instant::now();
+        {
+            let cache = self.local_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, total, local)) = cache.get(id) {
+                if now.duration_since(*at) < LOCAL_BYTES_TTL {
+                    return Ok((*total, *local));
+                }
+            }
+        }
+        let (total, local) = self.store.local_bytes(&record.blobs).map_err(internal)?;
+        let mut cache = self.local_cache.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the layers in use: entries of layers gone are dropped here.
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), (now, total, local));
+        Ok((total, local))
+    }
+
+    /// Conversions at Commit so far.
+    pub fn conversions(&self) -> ConversionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        ConversionStats {
+            ok: self.conversions.ok.load(Relaxed),
+            failed: self.conversions.failed.load(Relaxed),
+            latency: self.conversions.latency.load(),
+        }
     }
 
     /// The metadata store (for status and tests).
@@ -427,7 +524,18 @@ impl Snapshotter {
             None => self.meta.assign_layer_slot(hex)?,
         };
         let target = self.slot_dir(slot);
+        let was_mounted = mounter::is_mountpoint(&target);
         self.mounter.mount(&record, &target).map_err(internal)?;
+        if !was_mounted {
+            // Links the layer to its data blobs, which the data plane's log lines name.
+            tracing::info!(
+                layer = %hex,
+                slot,
+                blobs = %record.blobs.join(","),
+                lazy = record.remote.is_some(),
+                "layer mounted"
+            );
+        }
         Ok(target)
     }
 
@@ -476,8 +584,9 @@ impl Snapshotter {
                 std::os::unix::fs::lchown(dir.join("fs"), Some(uid), Some(gid))?;
             }
             if kind == Kind::Active {
+                // Used by overlayfs with the mounter's (root's) credentials only.
                 fs::create_dir_all(dir.join("work"))?;
-                fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o711))?;
+                fs::set_permissions(dir.join("work"), fs::Permissions::from_mode(0o700))?;
             }
             Ok::<(), io::Error>(())
         })();
@@ -598,9 +707,33 @@ impl Snapshotter {
                 }
             }
         };
-        let Some(record) = record else {
-            self.meta.disown_layer(&hex)?;
-            return Ok(false);
+        let (record, streamed) = match record {
+            Some(r) => (r, false),
+            None if lazy.streams() => {
+                // No artifact: the layer streams from the registry into the converter
+                // (no download into containerd's content store, no unpack).
+                match lazy.stream_layer(&manifest_ref, layer, &hex, check) {
+                    Ok(r) => (r, true),
+                    Err(e) => {
+                        tracing::warn!(
+                            image = %manifest_ref,
+                            layer,
+                            "streaming the layer failed, unpacking it instead: {e}"
+                        );
+                        self.meta.disown_layer(&hex)?;
+                        return Ok(false);
+                    }
+                }
+            }
+            None => {
+                tracing::info!(
+                    image = %manifest_ref,
+                    layer,
+                    "no dedupd artifact covers the layer: unpacking it as usual"
+                );
+                self.meta.disown_layer(&hex)?;
+                return Ok(false);
+            }
         };
         drop(_layers);
         if let Err(e) = self.mount_layer(&hex) {
@@ -636,15 +769,26 @@ impl Snapshotter {
             record.image_bytes + record.logical_bytes,
             record.files,
         )?;
-        tracing::info!(
-            layer = %hex,
-            image = %manifest_ref,
-            layer_digest = %layer,
-            remote = record.remote.is_some(),
-            ms = started.elapsed().as_millis() as u64,
-            "layer pulled lazily: mounted from its metadata, data on demand"
-        );
-        lazy.prefetch_layer(&record);
+        if streamed {
+            tracing::info!(
+                layer = %hex,
+                image = %manifest_ref,
+                layer_digest = %layer,
+                logical_bytes = record.logical_bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "layer streamed from the registry into the converter"
+            );
+        } else {
+            tracing::info!(
+                layer = %hex,
+                image = %manifest_ref,
+                layer_digest = %layer,
+                remote = record.remote.is_some(),
+                ms = started.elapsed().as_millis() as u64,
+                "layer pulled lazily: mounted from its metadata, data on demand"
+            );
+        }
+        // Its prefetch starts when a container uses it (see `prefetching`).
         Ok(true)
     }
 
@@ -670,6 +814,7 @@ impl Snapshotter {
                 SnapError::Internal(format!("committed snapshot {key:?} has no layer"))
             })?;
             lowers.push(self.mount_layer(hex)?);
+            self.start_prefetch(hex);
         }
         let path = |p: &Path| p.to_string_lossy().into_owned();
         let lowers: Vec<String> = lowers.iter().map(|p| path(p)).collect();
@@ -773,7 +918,10 @@ impl Snapshotter {
             }
             None => {
                 self.meta.own_layer(&hex)?;
-                let record = convert::convert_layer(&self.store, &upper, &hex).map_err(internal)?;
+                let converted = convert::convert_layer(&self.store, &upper, &hex);
+                self.conversions
+                    .record(usage_done.elapsed(), converted.is_ok());
+                let record = converted.map_err(internal)?;
                 tracing::info!(
                     snapshot = %name,
                     layer = %hex,
@@ -846,6 +994,10 @@ impl Snapshotter {
     /// Unmounts layer `hex` (freeing its slot) and, if owned, removes it from the store.
     fn drop_layer(&self, hex: &str) -> Result<(), SnapError> {
         self.unmount_layer(hex)?;
+        self.prefetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hex);
         if self.meta.owned_layers()?.iter().any(|l| l == hex) {
             if let Some(r) = self.store.remove_layer(hex).map_err(internal)? {
                 tracing::info!(
@@ -980,12 +1132,12 @@ fn overlay_options(rw: Option<(&str, &str)>, lowers: &[String]) -> Vec<String> {
     options
 }
 
-/// Binds `socket` (parent directory created, a stale socket replaced, mode 0600).
+/// Binds `socket` (parent directory created 0700, a stale socket replaced, mode 0600).
+/// The socket is bound under umask 077 whatever the process umask is, so it is 0600
+/// from the moment it exists: no window in which another user could connect.
 pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         if !dir.exists() {
-            // A directory we create is ours alone, which also closes the window between
-            // bind and chmod below.
             fs::create_dir_all(dir)?;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         }
@@ -995,10 +1147,39 @@ pub fn bind(socket: &Path) -> io::Result<tokio::net::UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // The socket is created with the umask applied; tighten it before anyone connects.
-    let listener = tokio::net::UnixListener::bind(socket)?;
+    let old = crate::perms::private_umask();
+    let listener = tokio::net::UnixListener::bind(socket);
+    if old & crate::perms::UMASK != crate::perms::UMASK {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(old as _));
+    }
+    let listener = listener?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Connections of the snapshotter socket whose peer is root (or dedupd's user): any
+/// other is closed at once and logged (`SO_PEERCRED`; the socket's mode already keeps
+/// other users out, this holds even if someone loosens it).
+fn root_peers(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = io::Result<tokio::net::UnixStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::UnixListenerStream::new(listener).filter(|conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) => match crate::perms::allowed_uid(cred.uid()) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(pid = ?cred.pid(), "snapshotter: connection refused: {why}");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!("snapshotter: connection refused: SO_PEERCRED: {e}");
+                false
+            }
+        },
+        Err(_) => true,
+    })
 }
 
 /// Serves the snapshots API on `socket` until `shutdown` completes. Runs on the calling
@@ -1015,7 +1196,7 @@ pub async fn serve(
         front_end = snapshotter.mounter_name(),
         "snapshotter dedup serving"
     );
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = root_peers(listener);
     let svc = proto::snapshots::snapshots_server::SnapshotsServer::new(Service::new(snapshotter));
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();

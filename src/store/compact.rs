@@ -100,7 +100,7 @@ impl Store {
         opts: CompactOptions,
         #[cfg(test)] crash: Option<CrashPoint>,
     ) -> Result<CompactStats> {
-        let guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.exclusive();
         let mut stats = CompactStats::default();
         // Packs a writer appends to are left alone, and so is the one the next ingest
         // would take (rewriting it into itself gains nothing).
@@ -220,7 +220,7 @@ impl Store {
         live.sort_by_key(|(_, l)| (l.pack, l.offset));
 
         // Copy, verifying each record; the ingest holds the lock from here on.
-        let mut ing = self.open_ingest(guard)?;
+        let mut ing = self.open_ingest(super::IngestGuard::Exclusive(guard))?;
         let mut record = vec![0u8; chunk::MAX_RECORD_BYTES];
         let mut out = vec![0u8; chunk::MAX_CHUNK_BYTES];
         let mut moved: Vec<(ChunkDigest, ChunkLoc)> = Vec::new();
@@ -278,7 +278,7 @@ impl Store {
     /// [`Store::compact`], also by one that crashed after its index transaction). Call it
     /// only once no registry built before the compaction is in use.
     pub fn finish_compaction(&self) -> Result<FinishStats> {
-        let _guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.exclusive();
         let held = self.held_packs();
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let packs = txn.open_table(PACKS).map_err(self.db_err())?;

@@ -10,11 +10,19 @@
 //! layers/<hex>.erofs      EROFS metadata images, one per layer (diff_id hex)
 //! ```
 //!
-//! Crash safety: an [`Ingest`] appends records to the active pack, then at commit
+//! Crash safety: an [`Ingest`] appends records to a pack it leases, then at commit
 //! `fdatasync`s it, renames the layer's image into place, and commits one redb
 //! transaction that makes the chunks, the blob and the layer visible together. A crash
 //! before the commit leaves bytes past the pack's committed length, which the next
 //! ingest truncates away; an ingest dropped without commit truncates them at once.
+//!
+//! Concurrency: several ingests may run at once (layers streamed in parallel, a Commit
+//! beside them), each on a pack of its own (the lease), sharing the ingest lock; what
+//! must not see a half-written layer takes it exclusively ([`Store::remove_layer`],
+//! compaction), so no ingest ever names a chunk that a removal is dropping. Two ingests
+//! may both store a chunk new to the index: the first commit indexes it, the second
+//! finds it indexed and leaves its own record as dead pack space (not counted live, not
+//! counted as the layer's new chunk), so every count stays exact.
 //!
 //! Space: [`Store::remove_layer`] drops chunks from the index only; their records stay in
 //! the packs until [`Store::compact`]. The `pack_live` table counts, per pack, the record
@@ -55,7 +63,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -283,8 +291,9 @@ pub struct Store {
     root: PathBuf,
     db_path: PathBuf,
     db: redb::Database,
-    /// Serializes ingests: one layer is written at a time.
-    ingest_lock: Mutex<()>,
+    /// Shared by ingests (each on a pack of its own), exclusive for what must not run
+    /// beside one: layer removal and compaction.
+    ingest_lock: RwLock<()>,
     /// Packs being written (by an ingest or the fetch writer): no other writer appends
     /// to them and compaction leaves them alone.
     leases: Mutex<Leases>,
@@ -324,7 +333,7 @@ impl Store {
             root: root.to_path_buf(),
             db_path,
             db,
-            ingest_lock: Mutex::new(()),
+            ingest_lock: RwLock::new(()),
             leases: Mutex::new(Leases::default()),
             pack_roll_bytes: PACK_ROLL_BYTES,
         };
@@ -448,6 +457,34 @@ impl Store {
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
         let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
         resolve_loc(&chunks, &leaves, digest).map_err(self.db_err())
+    }
+
+    /// Data bytes of blobs `ids` (the sum of their chunks' lengths) and, of those, the
+    /// bytes whose chunk the store holds: how much of a lazily pulled layer is on this
+    /// node. One read transaction, one lookup per chunk.
+    pub fn local_bytes(&self, ids: &[String]) -> Result<(u64, u64)> {
+        let txn = self.db.begin_read().map_err(self.db_err())?;
+        let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
+        let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
+        let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
+        let (mut total, mut local) = (0, 0);
+        for id in ids {
+            let Some(v) = blobs.get(id.as_str()).map_err(self.db_err())? else {
+                continue;
+            };
+            let entries =
+                blob::decode_table(v.value()).ok_or_else(|| self.corrupt(format!("blob {id}")))?;
+            for e in entries {
+                total += u64::from(e.raw_len);
+                if resolve_loc(&chunks, &leaves, &e.digest)
+                    .map_err(self.db_err())?
+                    .is_some()
+                {
+                    local += u64::from(e.raw_len);
+                }
+            }
+        }
+        Ok((total, local))
     }
 
     /// The chunk table of blob `id`.
@@ -665,10 +702,11 @@ impl Store {
     /// Removes layer `diff_id` (with or without `sha256:`): its record, its aliases, its
     /// image file, and every blob and chunk whose last reference it held. Pack space is
     /// not reclaimed here (compaction is separate); freed chunks leave the index and the
-    /// stats at once. Waits for a running ingest, so that an ingest never names a chunk
-    /// this removal drops. Returns `None` when the layer is unknown.
+    /// stats at once. Waits for running ingests (and keeps new ones waiting), so that an
+    /// ingest never names a chunk this removal drops. Returns `None` when the layer is
+    /// unknown.
     pub fn remove_layer(&self, diff_id: &str) -> Result<Option<RemovedLayer>> {
-        let _guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.exclusive();
         let Some(record) = self.layer(diff_id)? else {
             return Ok(None);
         };
@@ -768,10 +806,18 @@ impl Store {
         Ok(blobs.get(id).map_err(self.db_err())?.is_some())
     }
 
-    /// Starts writing one layer's chunks. Only one ingest runs at a time per store.
+    /// Starts writing one layer's chunks, on a pack of its own. Ingests run side by side;
+    /// one waits while a layer is removed or the store compacted. A thread must not open
+    /// a second ingest while it holds one (a removal waiting between them would block
+    /// both).
     pub fn ingest(&self) -> Result<Ingest<'_>> {
-        let guard = self.ingest_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.open_ingest(guard)
+        let guard = self.ingest_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.open_ingest(IngestGuard::Shared(guard))
+    }
+
+    /// The ingest lock, exclusively: no ingest runs until it is dropped.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.ingest_lock.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The newest pack while an ingest may still append to it (under the roll size, with
@@ -838,7 +884,7 @@ impl Store {
         leases.held.clone()
     }
 
-    fn open_ingest<'s>(&'s self, guard: MutexGuard<'s, ()>) -> Result<Ingest<'s>> {
+    fn open_ingest<'s>(&'s self, guard: IngestGuard<'s>) -> Result<Ingest<'s>> {
         let (pack, committed) = self.lease_ingest_pack()?;
         let path = self.pack_path(pack);
         let opened = OpenOptions::new()
@@ -924,11 +970,19 @@ pub struct Put {
     pub new: bool,
 }
 
+/// How an [`Ingest`] holds the ingest lock.
+enum IngestGuard<'s> {
+    /// A layer's ingest: others run beside it.
+    Shared(#[allow(dead_code)] RwLockReadGuard<'s, ()>),
+    /// Compaction's copy: nothing runs beside it.
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'s, ()>),
+}
+
 /// One layer being written. Dropping it without [`Ingest::commit`] removes every byte it
 /// appended.
 pub struct Ingest<'s> {
     store: &'s Store,
-    _guard: MutexGuard<'s, ()>,
+    _guard: IngestGuard<'s>,
     pack: u32,
     pack_path: PathBuf,
     file: File,
@@ -1024,12 +1078,13 @@ impl Ingest<'_> {
 
     /// Makes the layer durable and visible: syncs the pack, renames the image into place,
     /// and commits chunks, blobs and layer in one transaction. Returns the final record.
+    /// A pending chunk that another writer indexed meanwhile (an ingest beside this one,
+    /// the fetch writer) keeps that writer's record: this one's bytes become dead space,
+    /// and the record's `new_chunks` and `stored_bytes` leave it out.
     pub fn commit(mut self, commit: LayerCommit<'_>) -> Result<LayerRecord> {
         let store = self.store;
         self.file.sync_data().map_err(io_err(&self.pack_path))?;
         let mut record = commit.record;
-        record.new_chunks = self.new_chunks;
-        record.stored_bytes = self.new_bytes;
         let image = store.image_path(record.id_hex());
         fs::rename(commit.image_tmp, &image).map_err(io_err(&image))?;
         let layers_dir = store.root.join("layers");
@@ -1037,13 +1092,24 @@ impl Ingest<'_> {
             .and_then(|d| d.sync_all())
             .map_err(io_err(&layers_dir))?;
 
-        let result = (|| -> std::result::Result<(), redb::Error> {
+        let result = (|| -> std::result::Result<LayerRecord, redb::Error> {
             let txn = store.db.begin_write()?;
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
                 let mut remote_refs = txn.open_table(REMOTE_REFS)?;
+                // Converted meanwhile by another ingest: its chunks are the layer's, and
+                // this one's would be named by no blob.
+                let converted = txn
+                    .open_table(LAYERS)?
+                    .get(record.diff_id.as_str())?
+                    .is_some();
+                let (mut indexed, mut added) = (0u64, 0u64);
                 for (d, l) in &self.pending {
+                    if converted || chunks.get(d.0.as_slice())?.is_some() {
+                        // Indexed by another writer since this one stored it.
+                        continue;
+                    }
                     // Lazily pulled blobs that name this chunk now find it here.
                     let named = remote_refs.remove(d.0.as_slice())?.map_or(0, |v| v.value());
                     chunks.insert(
@@ -1053,15 +1119,14 @@ impl Ingest<'_> {
                     if let Some(lv) = &l.leaves {
                         leaves.insert(d.0.as_slice(), lv.as_bytes())?;
                     }
+                    indexed += 1;
+                    added += record_bytes(l.stored_len);
                 }
+                record.new_chunks = indexed;
+                record.stored_bytes = added;
                 if self.len != self.committed {
                     // A layer with no new chunk leaves the packs (and pack numbers) alone.
                     let mut pack_live = txn.open_table(PACK_LIVE)?;
-                    let added: u64 = self
-                        .pending
-                        .values()
-                        .map(|l| record_bytes(l.stored_len))
-                        .sum();
                     let live = pack_live.get(self.pack)?.map_or(0, |v| v.value());
                     pack_live.insert(self.pack, live + added)?;
                     let mut packs = txn.open_table(PACKS)?;
@@ -1119,14 +1184,12 @@ impl Ingest<'_> {
                 }
             }
             txn.commit()?;
-            Ok(())
+            Ok(record)
         })();
-        if let Err(e) = result {
-            return Err(StoreError::Db {
-                path: store.db_path.clone(),
-                source: e,
-            });
-        }
+        let record = result.map_err(|e| StoreError::Db {
+            path: store.db_path.clone(),
+            source: e,
+        })?;
         self.committed = self.len;
         self.done = true;
         Ok(record)
@@ -1345,6 +1408,156 @@ pub(crate) mod tests {
         assert_eq!(served, Some(loc));
         store.remove_layer("aa").unwrap().unwrap();
         assert_eq!(leaf_rows(&store), 0);
+    }
+
+    /// Opens an ingest, stores `chunks` and returns it with the blob they make.
+    fn stage<'s>(store: &'s Store, chunks: &[Vec<u8>]) -> (Ingest<'s>, BlobBuilder) {
+        let mut ing = store.ingest().unwrap();
+        let mut b = BlobBuilder::new();
+        for c in chunks {
+            let put = ing.put_chunk(c).unwrap();
+            b.add(put.digest, c.len() as u32);
+        }
+        (ing, b)
+    }
+
+    /// Commits what [`stage`] staged as layer `diff`.
+    fn finish(store: &Store, ing: Ingest<'_>, b: &BlobBuilder, diff: &str) -> LayerRecord {
+        let id = blob::blob_id(&b.encode());
+        let tmp = store.root().join("layers").join(format!("{diff}.tmp"));
+        fs::write(&tmp, b"image").unwrap();
+        let record = LayerRecord {
+            diff_id: format!("sha256:{diff}"),
+            digests: vec![],
+            blobs: vec![id.clone()],
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            image_bytes: 5,
+            files: 1,
+            chunks: b.entries().len() as u64,
+            new_chunks: 0,
+            logical_bytes: 0,
+            stored_bytes: 0,
+            remote: None,
+        };
+        ing.commit(LayerCommit {
+            record,
+            image_tmp: &tmp,
+            blobs: vec![(id, b.entries().to_vec())],
+        })
+        .unwrap()
+    }
+
+    /// The blob count of chunk `data` in the index.
+    fn refs(store: &Store, data: &[u8]) -> Option<u32> {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(CHUNKS).unwrap();
+        let v = t.get(ChunkDigest::of(data).0.as_slice()).unwrap();
+        v.map(|v| v.value().4)
+    }
+
+    #[test]
+    fn concurrent_ingests_index_a_shared_new_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let shared = vec![3u8; 65536];
+        let (a_own, b_own) = (vec![4u8; 5000], vec![5u8; 7000]);
+        // Both stage the shared chunk as new: neither sees the other's pending one.
+        let (ing_a, blob_a) = stage(&store, &[shared.clone(), a_own.clone()]);
+        let (ing_b, blob_b) = stage(&store, &[shared.clone(), b_own.clone()]);
+        assert_ne!(ing_a.pack, ing_b.pack, "each ingest writes its own pack");
+        assert_eq!((ing_a.new_chunks(), ing_b.new_chunks()), (2, 2));
+        let record_len = |c: &[u8]| {
+            let mut r = Vec::new();
+            chunk::encode_record(c, &ChunkDigest::of(c), &mut r);
+            r.len() as u64
+        };
+        let shared_record = record_len(&shared);
+        // B commits first: A finds the shared chunk indexed and skips its own copy.
+        let rb = finish(&store, ing_b, &blob_b, "bb");
+        let ra = finish(&store, ing_a, &blob_a, "aa");
+        assert_eq!((rb.new_chunks, ra.new_chunks), (2, 1));
+        assert_eq!(ra.stored_bytes, record_len(&a_own));
+        assert_eq!(refs(&store, &shared), Some(2), "both blobs count");
+        let loc = store.locate(&ChunkDigest::of(&shared)).unwrap().unwrap();
+        let b_pack = store
+            .locate(&ChunkDigest::of(&b_own))
+            .unwrap()
+            .unwrap()
+            .pack;
+        assert_eq!(
+            loc.pack, b_pack,
+            "the first commit's record is the one indexed"
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.chunks, 3);
+        assert_eq!(stats.dead_bytes, shared_record, "A's copy is dead space");
+        let mut out = Vec::new();
+        store
+            .read_chunk(&ChunkDigest::of(&shared), &mut out)
+            .unwrap();
+        assert_eq!(out, shared);
+        // Removing either layer keeps the shared chunk; removing both frees all.
+        store.remove_layer("bb").unwrap().unwrap();
+        assert_eq!(refs(&store, &shared), Some(1));
+        store
+            .read_chunk(&ChunkDigest::of(&a_own), &mut out)
+            .unwrap();
+        store.remove_layer("aa").unwrap().unwrap();
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.chunks, stats.layers), (0, 0));
+        store.compact(CompactOptions::dead_only()).unwrap();
+        store.finish_compaction().unwrap();
+        assert_eq!(store.stats().unwrap().stored_bytes, 0);
+    }
+
+    #[test]
+    fn an_ingest_of_a_layer_committed_meanwhile_indexes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (c1, c2) = (vec![6u8; 9000], vec![7u8; 9001]);
+        let (ing_1, blob_1) = stage(&store, std::slice::from_ref(&c1));
+        let (ing_2, blob_2) = stage(&store, &[c1.clone(), c2.clone()]);
+        finish(&store, ing_1, &blob_1, "cc");
+        let r = finish(&store, ing_2, &blob_2, "cc");
+        assert_eq!(r.new_chunks, 0);
+        // The first conversion stands, and the second's chunks named by no blob are
+        // not indexed.
+        assert!(store.locate(&ChunkDigest::of(&c2)).unwrap().is_none());
+        assert_eq!(refs(&store, &c1), Some(1));
+        store.remove_layer("cc").unwrap().unwrap();
+        assert_eq!(store.stats().unwrap().chunks, 0);
+    }
+
+    #[test]
+    fn removal_and_compaction_wait_for_running_ingests() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        commit_layer(&store, "aa", &[vec![1u8; 4096]]);
+        commit_layer(&store, "bb", &[vec![2u8; 4096]]);
+        let (ing, blob) = stage(&store, &[vec![1u8; 4096], vec![9u8; 4096]]);
+        let done = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                store.remove_layer("aa").unwrap().unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+            s.spawn(|| {
+                store.compact(CompactOptions::dead_only()).unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert_eq!(done.load(Ordering::SeqCst), 0, "ran beside an ingest");
+            // The chunk the ingest found in the store is still there at its commit.
+            finish(&store, ing, &blob, "cc");
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 2);
+        assert!(store.layer("aa").unwrap().is_none());
+        assert_eq!(refs(&store, &[1u8; 4096]), Some(1), "cc keeps it");
+        let mut out = Vec::new();
+        store
+            .read_chunk(&ChunkDigest::of(&[1u8; 4096]), &mut out)
+            .unwrap();
     }
 
     #[test]

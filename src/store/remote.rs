@@ -667,6 +667,63 @@ mod store_tests {
         assert!(store.locate(&ChunkDigest::of(&a)).unwrap().is_none());
     }
 
+    /// A chunk fetched (and indexed) while an ingest that also stored it runs: the
+    /// ingest's commit keeps the fetched record, counts both blobs, and leaves its own
+    /// copy as dead space (before, it overwrote the row and lost the remote count).
+    #[test]
+    fn an_ingest_keeps_a_chunk_the_fetch_writer_indexed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let a = chunk(9, 65536);
+        let remote = remote_layer(&store, "88", std::slice::from_ref(&a));
+        let mut ing = store.ingest().unwrap();
+        let put = ing.put_chunk(&a).unwrap();
+        assert!(put.new);
+        let mut w = store.fetch_writer().unwrap();
+        let (da, la, ra) = record_of(&a);
+        let fetched = w.append(&ra, da, a.len() as u32, la).unwrap();
+        assert_eq!(w.commit().unwrap().indexed, 1);
+        let mut b = BlobBuilder::new();
+        b.add(put.digest, a.len() as u32);
+        let id = blob_id(&b.encode());
+        let tmp = store.root().join("layers").join("99.tmp");
+        fs::write(&tmp, b"image").unwrap();
+        let rec = ing
+            .commit(crate::store::LayerCommit {
+                record: LayerRecord {
+                    diff_id: "sha256:99".into(),
+                    digests: vec![],
+                    blobs: vec![id.clone()],
+                    chunk_bytes: DEFAULT_CHUNK_BYTES,
+                    image_bytes: 5,
+                    files: 1,
+                    chunks: 1,
+                    new_chunks: 0,
+                    logical_bytes: a.len() as u64,
+                    stored_bytes: 0,
+                    remote: None,
+                },
+                image_tmp: &tmp,
+                blobs: vec![(id, b.entries().to_vec())],
+            })
+            .unwrap();
+        assert_eq!((rec.new_chunks, rec.stored_bytes), (0, 0));
+        assert_eq!(store.locate(&da).unwrap(), Some(fetched));
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.chunks, 1);
+        assert_eq!(
+            stats.dead_bytes,
+            ra.len() as u64,
+            "the ingest's copy is dead"
+        );
+        // Named by both layers: it survives either removal alone.
+        store.remove_layer(&remote.diff_id).unwrap().unwrap();
+        assert!(store.locate(&da).unwrap().is_some());
+        store.remove_layer("sha256:99").unwrap().unwrap();
+        assert!(store.locate(&da).unwrap().is_none());
+        assert_eq!(store.stats().unwrap().chunks, 0);
+    }
+
     #[test]
     fn the_fetch_writer_and_an_ingest_never_share_a_pack() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,31 @@
+# Issue 13 in the VM: lazy pull over cachefiles. The lazy_e2e test binary (built by vm/run,
+# staged by vm/stage-e2e) runs its main test here: a docker-registry on the VM's loopback,
+# `dedupd publish` of two generated images, then `dedupd run` with the cachefiles front end
+# on a fresh root mounts their layers from metadata (Prepare with the CRI labels answers
+# ALREADY_EXISTS), 8 readers check every byte, and the fetch counters show each chunk
+# fetched once, also after a remount and for the second image that shares a layer.
+# The suite's own daemon is stopped first (# own-daemon): cachefiles binds one cache.
+# own-daemon
+# timeout-s: 1200
+. /tests/lib.sh
+stage=$DATA/e2e
+if [ ! -x "$stage/lazy_e2e" ] || [ ! -d "$stage/root" ]; then
+  fail lazy-staged "$stage/lazy_e2e is missing: $(cat "$stage/stage-error" 2>/dev/null || echo 'vm/stage-e2e did not stage it')"
+  exit 0
+fi
+cp -a "$stage/root/." /
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+mkdir -p "$SCRATCH/lazy"
+log=/out/lazy-e2e.log
+PATH=/usr/bin:/usr/sbin:$PATH DEDUPD_BIN=$(command -v dedupd) LAZY_E2E_FRONT_END=cachefiles \
+  LAZY_E2E_TMP=$SCRATCH/lazy RUST_BACKTRACE=1 \
+  "$stage/lazy_e2e" --exact lazy_layers_read_back_byte_identical_and_each_chunk_is_fetched_once \
+  --nocapture --test-threads=1 >"$log" 2>&1
+rc=$?
+grep -E '^(image A mounted|A: )' "$log" | sed 's/^/kt: lazy: /' | cut -c1-200
+if [ $rc = 0 ] && grep -q 'test result: ok. 1 passed' "$log"; then
+  pass lazy-e2e-cachefiles
+else
+  fail lazy-e2e-cachefiles "exit $rc: $(grep -m1 -A2 'panicked' "$log" | tr '\n' ' ' | cut -c1-300)"
+fi
+rm -rf "$SCRATCH/lazy"

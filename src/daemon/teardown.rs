@@ -1,0 +1,161 @@
+//! `dedupd teardown`: makes dedupd really gone from a root (an uninstall, or a move to
+//! another root). It unmounts every layer mount under the root that nothing uses and
+//! ends the front ends' holder processes, which otherwise keep the fanotify group and the
+//! cachefiles cache for the next daemon. It refuses, changing nothing that is in use,
+//! while a daemon runs on the root or a container still uses a layer.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::holder::MESSAGE_BYTES;
+
+/// How long a holder has to answer `QUIT`.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Arguments of `dedupd teardown`.
+#[derive(clap::Args, Debug)]
+pub struct TeardownArgs {
+    /// Store root.
+    #[arg(long, default_value = crate::config::DEFAULT_ROOT)]
+    pub root: PathBuf,
+}
+
+/// Runs `dedupd teardown`.
+pub fn teardown_cmd(args: &TeardownArgs) -> anyhow::Result<()> {
+    let root = &args.root;
+    if root.join("dedupd.redb").exists() {
+        match crate::store::Store::open(root) {
+            Ok(store) => drop(store),
+            Err(crate::store::StoreError::InUse { .. }) => bail!(
+                "a dedupd daemon is running on {}: stop it first (teardown never pulls \
+                 layers from under a running daemon)",
+                root.display()
+            ),
+            Err(e) => return Err(e).context("opening the store to see whether a daemon runs"),
+        }
+    }
+    let mounts = mounts_under(root).context("reading /proc/self/mountinfo")?;
+    let mut busy = Vec::new();
+    let mut unmounted = 0;
+    for m in &mounts {
+        match nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
+            Ok(()) => {
+                unmounted += 1;
+                let _ = std::fs::remove_dir(m);
+            }
+            Err(nix::errno::Errno::EBUSY) => busy.push(m.display().to_string()),
+            Err(e) => bail!("unmounting {}: {e}", m.display()),
+        }
+    }
+    if !busy.is_empty() {
+        bail!(
+            "{} mount(s) under {} are in use (a container or a process still uses the \
+             layer; stop it, then run teardown again): {}",
+            busy.len(),
+            root.display(),
+            busy.join(", ")
+        );
+    }
+    let mut ended = Vec::new();
+    let fanotify_socket = super::fanotify_dir(root).join("holder.sock");
+    if quit_holder(&fanotify_socket, Greeting::Fanotify)? {
+        ended.push("fanotify holder");
+    }
+    let cachefiles_socket = root.join("cachefiles").join("holder.sock");
+    if quit_holder(&cachefiles_socket, Greeting::Cachefiles)? {
+        ended.push("cachefiles holder");
+    }
+    println!(
+        "teardown of {}: {unmounted} mount(s) unmounted; {}",
+        root.display(),
+        if ended.is_empty() {
+            "no holder was running".to_string()
+        } else {
+            format!("ended: {}", ended.join(", "))
+        }
+    );
+    Ok(())
+}
+
+/// Mount points at or below `root`, deepest first (so a mount inside another goes
+/// first).
+pub fn mounts_under(root: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(&crate::fanotify::holder::unescape_mount_path(p))))
+        .filter(|p| p.starts_with(&root) && *p != root)
+        .collect();
+    out.sort();
+    out.dedup();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    Ok(out)
+}
+
+/// What a holder sends first on a connection.
+#[derive(Clone, Copy)]
+enum Greeting {
+    /// `GROUP` with fds, `WRITERS ...`s, then `END`.
+    Fanotify,
+    /// `DEVICE` with the fd, or `EMPTY`.
+    Cachefiles,
+}
+
+/// Tells the holder at `socket` to leave: true when it did, false when none listens
+/// there; an error when it refuses (something still uses what it holds).
+fn quit_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<bool> {
+    if !socket.exists() {
+        return Ok(false);
+    }
+    let conn = match crate::holder::connect(socket) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+            ) =>
+        {
+            // A socket file left by a holder that is gone.
+            let _ = std::fs::remove_file(socket);
+            return Ok(false);
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    };
+    let ctx = || format!("holder at {}", socket.display());
+    let mut buf = vec![0u8; MESSAGE_BYTES];
+    // The hand-over meant for a daemon: its fds are closed at once.
+    loop {
+        let (n, fds) = crate::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT)
+            .with_context(ctx)?;
+        drop(fds);
+        let msg = &buf[..n];
+        let done = match greeting {
+            Greeting::Fanotify => msg == b"END",
+            Greeting::Cachefiles => msg == b"DEVICE" || msg == b"EMPTY",
+        };
+        if n == 0 {
+            bail!("{}: closed the connection before its hand-over", ctx());
+        }
+        if done {
+            break;
+        }
+    }
+    crate::holder::send(conn.as_fd(), b"QUIT", &[]).with_context(ctx)?;
+    let (n, _) =
+        crate::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT).with_context(ctx)?;
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    match answer.as_str() {
+        "GONE" => Ok(true),
+        a => match a.strip_prefix("BUSY ") {
+            Some(why) => bail!("{} stays: {why}", ctx()),
+            None => bail!("{}: unexpected answer {a:?}", ctx()),
+        },
+    }
+}
