@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::store::chunk::{self, MAX_CHUNK_BYTES, MAX_RECORD_BYTES};
+use crate::store::chunk::{self, ChunkLoc, MAX_CHUNK_BYTES, MAX_RECORD_BYTES};
 use crate::store::{read_full_at, BlobEntry, BlobTable, Registry};
 
 /// Why a fill failed. Any of these makes the front end answer EIO.
@@ -136,6 +136,14 @@ pub struct PackFiller {
     packs: Arc<Packs>,
     record: Vec<u8>,
     out: Vec<u8>,
+    /// Where packs the [`Packs`] did not open are (`<root>/chunks`): the fetcher writes
+    /// packs of its own after the daemon started.
+    packs_dir: Option<PathBuf>,
+    /// Packs opened here, for chunks in packs newer than the [`Packs`].
+    opened: HashMap<u32, (PathBuf, File)>,
+    /// Locations of chunks of lazily pulled blobs fetched for recovery (the blob
+    /// table, made at mount, has none), by blob id and slot offset.
+    pub fetched: HashMap<(String, u64), ChunkLoc>,
 }
 
 impl PackFiller {
@@ -145,7 +153,34 @@ impl PackFiller {
             packs,
             record: vec![0u8; BATCH_BYTES],
             out: vec![0u8; BATCH_BYTES],
+            packs_dir: None,
+            opened: HashMap::new(),
+            fetched: HashMap::new(),
         }
+    }
+
+    /// A filler that also opens packs in `dir` that `packs` lacks (made later).
+    pub fn with_packs_dir(packs: Arc<Packs>, dir: PathBuf) -> PackFiller {
+        PackFiller {
+            packs_dir: Some(dir),
+            ..PackFiller::new(packs)
+        }
+    }
+
+    /// Opens pack `pack` from the packs directory if neither the shared [`Packs`] nor
+    /// this filler has it.
+    fn open_pack(&mut self, blob: &BlobTable, pack: u32) -> Result<(), FillError> {
+        if self.packs.files.contains_key(&pack) || self.opened.contains_key(&pack) {
+            return Ok(());
+        }
+        let missing = || FillError::MissingPack {
+            blob: blob.id().to_string(),
+            pack,
+        };
+        let path = self.packs_dir.as_ref().ok_or_else(missing)?.join(format!("{pack:08}.pack"));
+        let f = File::open(&path).map_err(|_| missing())?;
+        self.opened.insert(pack, (path, f));
+        Ok(())
     }
 
     /// Fills `run`: entries whose slots are consecutive in the blob and whose records
@@ -157,16 +192,13 @@ impl PackFiller {
         target: BorrowedFd<'_>,
     ) -> Result<u64, FillError> {
         let first = run[0].loc.expect("runs hold located entries");
-        let (path, file) =
-            self.packs
-                .files
-                .get(&first.pack)
-                .ok_or_else(|| FillError::MissingPack {
-                    blob: blob.id().to_string(),
-                    pack: first.pack,
-                })?;
         let last = run[run.len() - 1].loc.expect("located");
         let rec_bytes = (last.offset + last.record_len() as u64 - first.offset) as usize;
+        self.open_pack(blob, first.pack)?;
+        let (path, file) = match self.packs.files.get(&first.pack) {
+            Some(x) => x,
+            None => &self.opened[&first.pack],
+        };
         let n =
             read_full_at(file, &mut self.record[..rec_bytes], first.offset).map_err(|source| {
                 FillError::Read {
@@ -215,7 +247,15 @@ impl Filler for PackFiller {
         len: u64,
         target: BorrowedFd<'_>,
     ) -> Result<FillDone, FillError> {
-        let entries = blob.overlapping(offset, len);
+        let mut entries = blob.overlapping(offset, len).to_vec();
+        if !self.fetched.is_empty() {
+            for e in entries.iter_mut().filter(|e| e.loc.is_none()) {
+                e.loc = self
+                    .fetched
+                    .get(&(blob.id().to_string(), e.blob_offset))
+                    .copied();
+            }
+        }
         let mut done = FillDone::default();
         let mut i = 0;
         // Bounded: each iteration consumes at least one entry.

@@ -642,7 +642,10 @@ impl FanotifyFrontEnd {
             returned: (0..MAX_WORKERS).map(|_| Mutex::default()).collect(),
         });
         // Pending events of a dead daemon first: no new event is read before this.
-        shared.recover(&mut PackFiller::new(packs.clone()));
+        shared.recover(
+            &mut PackFiller::with_packs_dir(packs.clone(), opts.packs_dir.clone()),
+            opts.fetcher.as_deref(),
+        );
         let mut workers = Vec::new();
         {
             let s = shared.clone();
@@ -809,8 +812,12 @@ impl Shared {
     /// Answers what a dead daemon left: journaled events are filled (through the blob's
     /// kept write fd) and allowed, or denied; then any orphan is denied. Runs before any
     /// worker reads, so that no fd number of ours can be confused with an old one.
-    fn recover(&self, filler: &mut PackFiller) {
-        for (slot, e) in self.journal.live() {
+    fn recover(&self, filler: &mut PackFiller, fetcher: Option<&crate::remote::Fetcher>) {
+        let live = self.journal.live();
+        if let Some(f) = fetcher {
+            self.fetch_for_recovery(&live, filler, f);
+        }
+        for (slot, e) in live {
             let answer = match self.by_id.get(&e.blob) {
                 Some(&bi) => match self.blobs[bi].writer.get() {
                     Some(w) => self.fill_range(bi, e.offset, e.count, w.as_fd(), filler),
@@ -838,6 +845,56 @@ impl Shared {
                 orphans,
                 "denied (EIO) events a dead daemon read but had not journaled"
             );
+        }
+    }
+
+    /// Fetches what journaled events need of lazily pulled blobs and the store lacks
+    /// (a fetch the dead daemon had in flight is redone here, once), all requests at
+    /// once, and gives the filler their locations. A chunk that cannot be fetched is
+    /// left out: its event is denied (EIO), as a live fill that failed would be.
+    fn fetch_for_recovery(
+        &self,
+        live: &[(usize, journal::Entry)],
+        filler: &mut PackFiller,
+        fetcher: &crate::remote::Fetcher,
+    ) {
+        let mut asked = std::collections::HashSet::new();
+        let mut waits = Vec::new();
+        for (_, e) in live {
+            let Some(&bi) = self.by_id.get(&e.blob) else {
+                continue;
+            };
+            let b = &self.blobs[bi];
+            let all = b.table.entries();
+            for x in b.table.overlapping(e.offset, e.count) {
+                let end = x.blob_offset + x.slot_len();
+                if x.loc.is_some()
+                    || b.map.all(x.blob_offset / PAGE_BYTES, end / PAGE_BYTES)
+                    || !asked.insert((bi, x.blob_offset))
+                {
+                    continue;
+                }
+                let index = all.partition_point(|y| y.blob_offset < x.blob_offset);
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                fetcher.request(b.table.clone(), index, crate::remote::Reply::Channel(tx));
+                waits.push((b.table.id().to_string(), x.blob_offset, rx));
+            }
+        }
+        if !waits.is_empty() {
+            tracing::info!(
+                chunks = waits.len(),
+                "fetching what a dead daemon's journaled events need"
+            );
+        }
+        // Bounded: each fetch ends by the fetcher's deadline.
+        for (blob, offset, rx) in waits {
+            match rx.recv() {
+                Ok(Ok(loc)) => {
+                    filler.fetched.insert((blob, offset), loc);
+                }
+                Ok(Err(e)) => tracing::error!(%blob, offset, ?e, "recovery fetch failed"),
+                Err(_) => tracing::error!(%blob, offset, "the fetcher stopped"),
+            }
         }
     }
 
