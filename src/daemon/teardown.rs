@@ -5,7 +5,7 @@
 //! while a daemon runs on the root or a container still uses a layer.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +15,9 @@ use crate::holder::MESSAGE_BYTES;
 
 /// How long a holder has to answer `QUIT`.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a free holder takes at most to start its hand-over (it answers a new
+/// connection at once unless a daemon is attached).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Arguments of `dedupd teardown`.
 #[derive(clap::Args, Debug)]
@@ -38,6 +41,13 @@ pub fn teardown_cmd(args: &TeardownArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("opening the store to see whether a daemon runs"),
         }
     }
+    // The holders first: one that does not hand over at once has a daemon attached
+    // (`serve-fanotify`, or a `dedupd run` on another store path). Held from here on,
+    // no daemon can attach while layers are unmounted.
+    let fanotify_socket = super::fanotify_dir(root).join("holder.sock");
+    let cachefiles_socket = root.join("cachefiles").join("holder.sock");
+    let fanotify = attach_holder(&fanotify_socket, Greeting::Fanotify)?;
+    let cachefiles = attach_holder(&cachefiles_socket, Greeting::Cachefiles)?;
     let mounts = mounts_under(root).context("reading /proc/self/mountinfo")?;
     let mut busy = Vec::new();
     let mut unmounted = 0;
@@ -61,12 +71,12 @@ pub fn teardown_cmd(args: &TeardownArgs) -> anyhow::Result<()> {
         );
     }
     let mut ended = Vec::new();
-    let fanotify_socket = super::fanotify_dir(root).join("holder.sock");
-    if quit_holder(&fanotify_socket, Greeting::Fanotify)? {
+    if let Some(conn) = fanotify {
+        quit_holder(&conn, &fanotify_socket)?;
         ended.push("fanotify holder");
     }
-    let cachefiles_socket = root.join("cachefiles").join("holder.sock");
-    if quit_holder(&cachefiles_socket, Greeting::Cachefiles)? {
+    if let Some(conn) = cachefiles {
+        quit_holder(&conn, &cachefiles_socket)?;
         ended.push("cachefiles holder");
     }
     println!(
@@ -108,11 +118,12 @@ enum Greeting {
     Cachefiles,
 }
 
-/// Tells the holder at `socket` to leave: true when it did, false when none listens
-/// there; an error when it refuses (something still uses what it holds).
-fn quit_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<bool> {
+/// Connects to the holder at `socket` and takes (and drops) its hand-over: `None` when
+/// no holder listens there. A holder that does not hand over within
+/// [`HAND_OVER_TIMEOUT`] serves a daemon (it accepts one connection at a time): an error.
+fn attach_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<Option<OwnedFd>> {
     if !socket.exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let conn = match crate::holder::connect(socket) {
         Ok(c) => c,
@@ -124,35 +135,52 @@ fn quit_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<bool> {
         {
             // A socket file left by a holder that is gone.
             let _ = std::fs::remove_file(socket);
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
     };
     let ctx = || format!("holder at {}", socket.display());
     let mut buf = vec![0u8; MESSAGE_BYTES];
     // The hand-over meant for a daemon: its fds are closed at once.
+    let mut timeout = HAND_OVER_TIMEOUT;
     loop {
-        let (n, fds) = crate::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT)
-            .with_context(ctx)?;
+        let (n, fds) = match crate::holder::recv_timeout(conn.as_fd(), &mut buf, timeout) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && timeout == HAND_OVER_TIMEOUT => bail!(
+                "a dedupd daemon is attached to the {} (it did not hand over within {:?}): \
+                 stop the daemon first",
+                ctx(),
+                HAND_OVER_TIMEOUT
+            ),
+            Err(e) => return Err(e).with_context(ctx),
+        };
         drop(fds);
+        if n == 0 {
+            bail!("{}: closed the connection before its hand-over", ctx());
+        }
         let msg = &buf[..n];
         let done = match greeting {
             Greeting::Fanotify => msg == b"END",
             Greeting::Cachefiles => msg == b"DEVICE" || msg == b"EMPTY",
         };
-        if n == 0 {
-            bail!("{}: closed the connection before its hand-over", ctx());
-        }
         if done {
-            break;
+            return Ok(Some(conn));
         }
+        timeout = ANSWER_TIMEOUT;
     }
+}
+
+/// Tells an attached holder to leave; an error when it refuses (something still uses
+/// what it holds).
+fn quit_holder(conn: &OwnedFd, socket: &Path) -> anyhow::Result<()> {
+    let ctx = || format!("holder at {}", socket.display());
+    let mut buf = vec![0u8; MESSAGE_BYTES];
     crate::holder::send(conn.as_fd(), b"QUIT", &[]).with_context(ctx)?;
     let (n, _) =
         crate::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT).with_context(ctx)?;
     let answer = String::from_utf8_lossy(&buf[..n]).to_string();
     match answer.as_str() {
-        "GONE" => Ok(true),
+        "GONE" => Ok(()),
         a => match a.strip_prefix("BUSY ") {
             Some(why) => bail!("{} stays: {why}", ctx()),
             None => bail!("{}: unexpected answer {a:?}", ctx()),

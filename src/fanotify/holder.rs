@@ -153,7 +153,10 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                 .unwrap_or(PollTimeout::MAX)
         };
         let (listen_ready, conn_ready, group_ready) = {
-            let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            // A connection waiting while a daemon is attached stays queued (it is
+            // accepted once that daemon is gone): not polled, or poll would spin.
+            let listen = if attached { PollFlags::empty() } else { PollFlags::POLLIN };
+            let mut fds = vec![PollFd::new(listener.as_fd(), listen)];
             match &state {
                 State::Attached(c) => fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN)),
                 State::FailClosed => fds.push(PollFd::new(group.as_fd(), PollFlags::POLLIN)),
@@ -395,7 +398,7 @@ fn parse_mark(line: &str) -> io::Result<Mark> {
             .find_map(|kv| kv.strip_prefix(key))
             .and_then(|v| u64::from_str_radix(v, 16).ok())
     };
-    let (Some(ino), Some(sdev)) = (field("fanotify ino:"), field("sdev:")) else {
+    let (Some(ino), Some(sdev)) = (field("ino:"), field("sdev:")) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected fdinfo line {line:?}"),
