@@ -735,7 +735,9 @@ fn kill_9_loop_never_shows_wrong_bytes() {
         std::thread::sleep(Duration::from_millis(rng.random_range(20..250)));
         let killed = Instant::now();
         d.kill9();
-        waits.push(Duration::from_micros(round_max_us.swap(0, Ordering::Relaxed)));
+        waits.push(Duration::from_micros(
+            round_max_us.swap(0, Ordering::Relaxed),
+        ));
         // Keep the readers cold: events must be in flight when the next kill lands.
         drop_caches();
         std::thread::sleep(Duration::from_millis(rng.random_range(0..100)));
@@ -745,7 +747,9 @@ fn kill_9_loop_never_shows_wrong_bytes() {
         orphans += d.recovered.1;
     }
     std::thread::sleep(Duration::from_millis(500));
-    waits.push(Duration::from_micros(round_max_us.swap(0, Ordering::Relaxed)));
+    waits.push(Duration::from_micros(
+        round_max_us.swap(0, Ordering::Relaxed),
+    ));
     stop.store(true, Ordering::Relaxed);
     restarts.sort();
     waits.sort();
@@ -964,7 +968,10 @@ fn a_holder_leaves_once_no_mount_uses_its_blobs_even_with_the_root_gone() {
     d.kill9();
     let pid = fs::read_to_string(s.root.join("fanotify/holder.pid")).unwrap();
     std::thread::sleep(dedupd::fanotify::holder::IDLE_EXIT + Duration::from_secs(2));
-    assert!(holder_alive(&s), "the holder left while mounts still use its blobs");
+    assert!(
+        holder_alive(&s),
+        "the holder left while mounts still use its blobs"
+    );
     for e in fs::read_dir(&s.mnt).unwrap().flatten() {
         nix::mount::umount2(&e.path(), nix::mount::MntFlags::empty()).unwrap();
     }
@@ -1006,7 +1013,10 @@ fn teardown_refuses_while_a_layer_is_used_and_then_ends_everything() {
     let out = teardown(&s);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "teardown with a daemon running");
-    assert!(err.contains("stop the daemon first") || err.contains("stop it first"), "{err}");
+    assert!(
+        err.contains("stop the daemon first") || err.contains("stop it first"),
+        "{err}"
+    );
     assert!(
         s.layers.iter().all(|(id, _)| mounted(&s.mnt.join(id))),
         "teardown unmounted a layer under a running daemon"
@@ -1020,10 +1030,19 @@ fn teardown_refuses_while_a_layer_is_used_and_then_ends_everything() {
     d.kill9();
     let out = teardown(&s);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "teardown with a file of a layer open");
-    assert!(err.contains("in use") && err.contains(id0.as_str()), "{err}");
+    assert!(
+        !out.status.success(),
+        "teardown with a file of a layer open"
+    );
+    assert!(
+        err.contains("in use") && err.contains(id0.as_str()),
+        "{err}"
+    );
     assert!(mounted(&s.mnt.join(id0)), "a layer in use stays mounted");
-    assert!(!mounted(&s.mnt.join(id1)), "a layer nothing uses is unmounted");
+    assert!(
+        !mounted(&s.mnt.join(id1)),
+        "a layer nothing uses is unmounted"
+    );
     assert!(holder_alive(&s), "the holder stays while a layer is in use");
     drop(held);
     let out = teardown(&s);
@@ -1035,7 +1054,10 @@ fn teardown_refuses_while_a_layer_is_used_and_then_ends_everything() {
     );
     assert!(text.contains("ended: fanotify holder"), "{text}");
     assert!(!mounted(&s.mnt.join(id0)));
-    assert!(holder_gone_within(&s, Duration::from_secs(5)), "holder still runs");
+    assert!(
+        holder_gone_within(&s, Duration::from_secs(5)),
+        "holder still runs"
+    );
     // Nothing left to do: a second teardown succeeds and ends nothing.
     let out = teardown(&s);
     assert!(out.status.success());

@@ -786,8 +786,7 @@ impl SlowProxy {
         let mut range = None;
         for line in lines.filter(|l| !l.is_empty()) {
             let name = line.split(':').next().unwrap_or_default().trim();
-            if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive")
-            {
+            if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive") {
                 continue;
             }
             if name.eq_ignore_ascii_case("range") {
@@ -932,7 +931,8 @@ fn lazy_layer_readers_never_notice_kill_9_restarts() {
                     let len = rng.random_range(1..=CHUNK).min(want.len() - off);
                     let mut buf = vec![0u8; len];
                     let t0 = Instant::now();
-                    let r = fs::File::open(at.join(path)).and_then(|f| f.read_exact_at(&mut buf, off as u64));
+                    let r = fs::File::open(at.join(path))
+                        .and_then(|f| f.read_exact_at(&mut buf, off as u64));
                     let us = t0.elapsed().as_micros() as u64;
                     round_max_us.fetch_max(us, Ordering::Relaxed);
                     longest_us.fetch_max(us, Ordering::Relaxed);
@@ -961,17 +961,24 @@ fn lazy_layer_readers_never_notice_kill_9_restarts() {
         let t = Instant::now();
         d.kill9();
         kill_times.push(Instant::now());
-        round_longest.push(Duration::from_micros(round_max_us.swap(0, Ordering::Relaxed)));
+        round_longest.push(Duration::from_micros(
+            round_max_us.swap(0, Ordering::Relaxed),
+        ));
         d.spawn();
         restarts.push(t.elapsed());
     }
     std::thread::sleep(Duration::from_millis(500));
-    round_longest.push(Duration::from_micros(round_max_us.swap(0, Ordering::Relaxed)));
+    round_longest.push(Duration::from_micros(
+        round_max_us.swap(0, Ordering::Relaxed),
+    ));
     stop.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(60);
     for r in readers {
         while !r.is_finished() {
-            assert!(Instant::now() < deadline, "a reader is stuck after the soak");
+            assert!(
+                Instant::now() < deadline,
+                "a reader is stuck after the soak"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         r.join().unwrap();
@@ -993,11 +1000,9 @@ fn lazy_layer_readers_never_notice_kill_9_restarts() {
             .filter(|e| e.blob == f.blob && e.start < f.end && f.start < e.end)
         {
             twice += f.end.min(e.end) - f.start.max(e.start);
-            let excused = kill_times
-                .iter()
-                .any(|&k| {
-                    e.at < k + slack && k < f.at && k.saturating_duration_since(e.at) <= lost_window
-                });
+            let excused = kill_times.iter().any(|&k| {
+                e.at < k + slack && k < f.at && k.saturating_duration_since(e.at) <= lost_window
+            });
             if !excused {
                 let before = kill_times.iter().rev().find(|&&k| k <= e.at);
                 let after = kill_times.iter().find(|&&k| k > e.at);

@@ -69,7 +69,10 @@ pub fn recv_timeout(
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     let mut pfd = [PollFd::new(sock, PollFlags::POLLIN)];
     let ready = loop {
-        match nix::poll::poll(&mut pfd, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        match nix::poll::poll(
+            &mut pfd,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Err(nix::errno::Errno::EINTR) => continue,
             r => break r?,
         }
@@ -95,9 +98,8 @@ pub fn seqpacket() -> io::Result<OwnedFd> {
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let s = seqpacket()?;
     socket::connect(s.as_raw_fd(), &UnixAddr::new(path)?)?;
-    check_peer(&s).map_err(|e| {
-        io::Error::new(io::ErrorKind::PermissionDenied, format!("holder: {e}"))
-    })?;
+    check_peer(&s)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("holder: {e}")))?;
     Ok(s)
 }
 

@@ -133,10 +133,8 @@ fn main() -> ExitCode {
         Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
-        Command::CachefilesHolder { socket, tag } => {
-            dedupd::cachefiles::holder::run(socket, tag)
-                .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display()))
-        }
+        Command::CachefilesHolder { socket, tag } => dedupd::cachefiles::holder::run(socket, tag)
+            .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display())),
         Command::Teardown(a) => dedupd::daemon::teardown::teardown_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
         Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),

@@ -9,7 +9,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -122,7 +124,12 @@ mod tests {
         .unwrap();
         socket::bind(rx.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
         let f = tempfile::tempfile().unwrap();
-        notify_to(path.as_os_str(), "FDSTORE=1\nFDNAME=cachefiles", &[f.as_raw_fd()]).unwrap();
+        notify_to(
+            path.as_os_str(),
+            "FDSTORE=1\nFDNAME=cachefiles",
+            &[f.as_raw_fd()],
+        )
+        .unwrap();
         let mut buf = [0u8; 256];
         let (n, fds) = crate::holder::recv(rx.as_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=cachefiles");

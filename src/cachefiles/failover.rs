@@ -145,7 +145,12 @@ impl Keeper {
             KeeperKind::Holder(link) => {
                 let one = 1u64.to_ne_bytes();
                 let _ = nix::unistd::write(&link.stop, &one);
-                if let Some(w) = link.watcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                if let Some(w) = link
+                    .watcher
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
                     let _ = w.join();
                 }
                 if in_use {
@@ -442,7 +447,11 @@ fn attach_fresh_holder(opts: &Options, device: &CachefilesDevice) -> Result<Keep
 
 /// Watches the holder connection: if the holder dies while we run, a replacement is
 /// started and given the device, so that a later crash of ours still leaves the cache.
-fn watch(opts: &Options, conn: OwnedFd, device: &CachefilesDevice) -> Result<Keeper, FailoverError> {
+fn watch(
+    opts: &Options,
+    conn: OwnedFd,
+    device: &CachefilesDevice,
+) -> Result<Keeper, FailoverError> {
     let herr = |e: io::Error| FailoverError::Holder {
         socket: opts.socket(),
         reason: e.to_string(),
@@ -475,7 +484,11 @@ impl HolderLink {
     fn watch(&self) {
         // Bounded by the daemon's life: each round waits for an event.
         loop {
-            let raw = self.conn.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
+            let raw = self
+                .conn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_raw_fd();
             // SAFETY: the connection is replaced only by this thread, below.
             let conn = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
             let mut fds = [

@@ -109,7 +109,11 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
             // A connection waiting while a daemon is attached stays queued (it is
             // accepted once that daemon is gone): not polled, or poll would spin.
             let attached = matches!(state, State::Attached(_));
-            let listen = if attached { PollFlags::empty() } else { PollFlags::POLLIN };
+            let listen = if attached {
+                PollFlags::empty()
+            } else {
+                PollFlags::POLLIN
+            };
             let mut fds = vec![PollFd::new(listener.as_fd(), listen)];
             if let State::Attached(c) = &state {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::cachefiles::failover::{self, Acquired, Keeper};
 use crate::cachefiles;
+use crate::cachefiles::failover::{self, Acquired, Keeper};
 use crate::config::{Config, FrontEnd};
 use crate::fanotify::layer_mounter::FanotifyMounter;
 use crate::fanotify::Options as FanotifyOptions;

@@ -100,7 +100,11 @@ pub fn mounts_under(root: &Path) -> io::Result<Vec<PathBuf>> {
     let mut out: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(&crate::fanotify::holder::unescape_mount_path(p))))
+        .map(|p| {
+            PathBuf::from(std::ffi::OsStr::from_bytes(
+                &crate::fanotify::holder::unescape_mount_path(p),
+            ))
+        })
         .filter(|p| p.starts_with(&root) && *p != root)
         .collect();
     out.sort();

@@ -177,7 +177,11 @@ impl PackFiller {
             blob: blob.id().to_string(),
             pack,
         };
-        let path = self.packs_dir.as_ref().ok_or_else(missing)?.join(format!("{pack:08}.pack"));
+        let path = self
+            .packs_dir
+            .as_ref()
+            .ok_or_else(missing)?
+            .join(format!("{pack:08}.pack"));
         let f = File::open(&path).map_err(|_| missing())?;
         self.opened.insert(pack, (path, f));
         Ok(())

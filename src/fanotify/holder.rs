@@ -42,8 +42,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use super::event;
 use super::journal::Journal;
 use super::sys;
-pub use crate::holder::{connect, recv, send, seqpacket, FDS_PER_MESSAGE, MESSAGE_BYTES};
 use crate::holder::{accept, check_peer};
+pub use crate::holder::{connect, recv, send, seqpacket, FDS_PER_MESSAGE, MESSAGE_BYTES};
 
 /// How long a holder with no daemon waits, with nothing using its blobs, before it
 /// exits on its own.
@@ -115,8 +115,9 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
         let conn = accept(&listener)?;
         check_peer(&conn)?;
         let mut buf = vec![0u8; MESSAGE_BYTES];
-        let (n, mut fds) = crate::holder::recv_timeout(conn.as_fd(), &mut buf, Duration::from_secs(5))
-            .map_err(|_| bad())?;
+        let (n, mut fds) =
+            crate::holder::recv_timeout(conn.as_fd(), &mut buf, Duration::from_secs(5))
+                .map_err(|_| bad())?;
         if &buf[..n] != b"ADOPT" || fds.len() != 2 {
             return Err(bad());
         }
@@ -155,7 +156,11 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
         let (listen_ready, conn_ready, group_ready) = {
             // A connection waiting while a daemon is attached stays queued (it is
             // accepted once that daemon is gone): not polled, or poll would spin.
-            let listen = if attached { PollFlags::empty() } else { PollFlags::POLLIN };
+            let listen = if attached {
+                PollFlags::empty()
+            } else {
+                PollFlags::POLLIN
+            };
             let mut fds = vec![PollFd::new(listener.as_fd(), listen)];
             match &state {
                 State::Attached(c) => fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN)),
@@ -201,7 +206,9 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
                                 return Ok(());
                             }
                             n => {
-                                let m = format!("BUSY {n} marked blob file(s) still open (a mount uses them)");
+                                let m = format!(
+                                    "BUSY {n} marked blob file(s) still open (a mount uses them)"
+                                );
                                 let _ = send(conn.as_fd(), m.as_bytes(), &[]);
                             }
                         }
@@ -346,10 +353,8 @@ pub fn blobs_in_use(
     }
     // Marked inodes no path leads to (their root was removed while a mount still had
     // them open, or after): opened by handle. One that cannot be opened counts in use.
-    let found: std::collections::HashSet<(u64, u64)> = opened
-        .iter()
-        .filter_map(|f| ident(f.as_fd()))
-        .collect();
+    let found: std::collections::HashSet<(u64, u64)> =
+        opened.iter().filter_map(|f| ident(f.as_fd())).collect();
     for m in &marks {
         if by_inode.contains_key(&m.id) || found.contains(&m.id) {
             continue;
