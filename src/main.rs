@@ -43,6 +43,10 @@ enum Command {
         /// The cache's tag (its fscache volumes tell whether layers are still mounted).
         #[arg(long)]
         tag: String,
+        /// How long to keep a cache with mounted layers for a daemon that does not come
+        /// back, before withdrawing it (readers then get EIO).
+        #[arg(long, default_value_t = dedupd::cachefiles::holder::GRACE.as_millis() as u64)]
+        grace_ms: u64,
     },
     /// Unmount every layer nothing uses under a root and end dedupd's holder processes
     /// (before an uninstall or a move to another root); refuses while a daemon runs on
@@ -133,7 +137,11 @@ fn main() -> ExitCode {
         Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
         Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
         Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
-        Command::CachefilesHolder { socket, tag } => dedupd::cachefiles::holder::run(socket, tag)
+        Command::CachefilesHolder {
+            socket,
+            tag,
+            grace_ms,
+        } => dedupd::cachefiles::holder::run(socket, tag, std::time::Duration::from_millis(*grace_ms))
             .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display())),
         Command::Teardown(a) => dedupd::daemon::teardown::teardown_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),

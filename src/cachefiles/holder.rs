@@ -33,6 +33,13 @@ use crate::holder::{accept, check_peer, recv, send, MESSAGE_BYTES};
 
 /// How long a holder with no daemon and no volume waits before it exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(5);
+/// How long a holder keeps a cache with mounted layers for a daemon that does not come
+/// back. After that it closes the device: the kernel withdraws the cache and readers of
+/// uncached data get EIO instead of waiting for good.
+pub const GRACE: Duration = Duration::from_secs(30);
+/// How long `QUIT` waits for the volumes of just-unmounted layers to go (the kernel
+/// releases them a moment after umount(2) returns).
+const VOLUMES_SETTLE: Duration = Duration::from_secs(3);
 /// How often a holder with no daemon looks at the cache's volumes.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -76,7 +83,7 @@ enum State {
 /// Runs the holder on `socket_path` for the cache tagged `tag`, until told `BYE`, or
 /// `QUIT` with nothing mounted, or until it has had no daemon and no volume for
 /// [`IDLE_EXIT`].
-pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
+pub fn run(socket_path: &Path, tag: &str, grace: Duration) -> io::Result<()> {
     // Dying on a stray signal would withdraw the cache under every mounted layer.
     crate::holder::ignore_stray_signals()?;
     let Some(_lock) = crate::holder::lock(socket_path)? else {
@@ -92,6 +99,8 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
     let mut state = State::Waiting;
     let mut buf = vec![0u8; MESSAGE_BYTES];
     let mut idle_since: Option<Instant> = None;
+    // Since when a bound cache has had no daemon (set when one goes away).
+    let mut orphaned_since: Option<Instant> = None;
     let mut next_check = Instant::now() + IDLE_CHECK;
     let leave = |why: &str| {
         tracing::info!("cachefiles holder: {why}; closing the device and exiting");
@@ -143,6 +152,7 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
                     }
                     state = State::Waiting;
                     idle_since = None;
+                    orphaned_since = Some(Instant::now());
                     next_check = Instant::now() + IDLE_CHECK;
                 }
                 Ok((n, mut fds)) => match &buf[..n] {
@@ -157,7 +167,7 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
                         leave("the daemon stopped with nothing mounted");
                         return Ok(());
                     }
-                    b"QUIT" => match cache_volumes(tag) {
+                    b"QUIT" => match settled_volumes(tag) {
                         Ok(v) if v.is_empty() => {
                             let _ = send(conn.as_fd(), b"GONE", &[]);
                             leave("teardown, and no volume of the cache is left");
@@ -202,6 +212,7 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
                         "cachefiles holder: daemon attached"
                     );
                     state = State::Attached(conn);
+                    orphaned_since = None;
                 }
                 Err(e) => tracing::warn!("cachefiles holder: hand-over failed: {e}"),
             }
@@ -212,6 +223,14 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
                 continue;
             }
             next_check = Instant::now() + IDLE_CHECK;
+            if device.is_some() && orphaned_since.is_some_and(|t| t.elapsed() >= grace) {
+                tracing::error!(
+                    "cachefiles holder: no daemon came back within {grace:?}: withdrawing the \
+                     cache, so that reads of data not cached fail with EIO instead of waiting"
+                );
+                leave("no daemon within the grace period");
+                return Ok(());
+            }
             let idle = match (&device, cache_volumes(tag)) {
                 (None, _) => true,
                 (Some(_), Ok(v)) => v.is_empty(),
@@ -228,6 +247,18 @@ pub fn run(socket_path: &Path, tag: &str) -> io::Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// The cache's volumes once those of layers just unmounted had [`VOLUMES_SETTLE`] to go.
+fn settled_volumes(tag: &str) -> io::Result<Vec<String>> {
+    let deadline = Instant::now() + VOLUMES_SETTLE;
+    loop {
+        let v = cache_volumes(tag)?;
+        if v.is_empty() || Instant::now() >= deadline {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

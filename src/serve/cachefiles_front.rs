@@ -6,6 +6,9 @@
 //! counter, so a READ costs one atomic load and a local hash lookup. The blob registry
 //! is swapped whole ([`RegistryHandle::replace`]) and read only on OPEN.
 //!
+//! A READ whose range the cache file already holds (one a dead daemon filled and did
+//! not complete, sent again after `restore`) is completed at once, unread.
+//!
 //! Only the shared table and in-flight fills own an object's anon fd; thread caches hold
 //! weak references. A CLOSE must release the fd at once, even while other threads sleep
 //! in poll: the kernel frees the cachefiles object, and with it the fscache volume, only
@@ -280,6 +283,14 @@ impl FrontEnd for CachefilesFront {
                     self.complete(local, msg_id, &obj.fd, refused, c);
                     return Next::Handled;
                 }
+                if already_cached(&obj.fd, off, len) {
+                    // A READ a dead daemon filled and did not complete, sent again after
+                    // `restore`: the cache file holds it; nothing is read twice.
+                    bump(&c.reads);
+                    bump(&c.reads_ok);
+                    self.complete(local, msg_id, &obj.fd, FillOutcome::Ok, c);
+                    return Next::Handled;
+                }
                 Next::Fill(FillRequest {
                     source: obj.source.clone(),
                     offset: off,
@@ -315,5 +326,19 @@ impl FrontEnd for CachefilesFront {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// True when the cache file behind `fd` holds every byte of `[off, off + len)`: no hole
+/// starts before the range's end (`SEEK_HOLE`; an object's anon fd seeks in its cache
+/// file). The kernel asks only for ranges it lacks, so this holds only for a READ that a
+/// dead daemon filled without completing, re-sent after `restore`.
+fn already_cached(fd: &OwnedFd, off: u64, len: u64) -> bool {
+    let Ok(start) = i64::try_from(off) else {
+        return false;
+    };
+    match nix::unistd::lseek(fd.as_raw_fd(), start, nix::unistd::Whence::SeekHole) {
+        Ok(hole) => u64::try_from(hole).is_ok_and(|h| h >= off.saturating_add(len)),
+        Err(_) => false,
     }
 }
