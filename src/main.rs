@@ -141,8 +141,12 @@ fn main() -> ExitCode {
             socket,
             tag,
             grace_ms,
-        } => dedupd::cachefiles::holder::run(socket, tag, std::time::Duration::from_millis(*grace_ms))
-            .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display())),
+        } => dedupd::cachefiles::holder::run(
+            socket,
+            tag,
+            std::time::Duration::from_millis(*grace_ms),
+        )
+        .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display())),
         Command::Teardown(a) => dedupd::daemon::teardown::teardown_cmd(a),
         Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
         Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),

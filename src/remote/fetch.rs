@@ -1552,7 +1552,8 @@ mod tests {
             fake.clone(),
             FetchConfig {
                 min_window_bytes: 1,
-                trace_window: Duration::from_millis(300),
+                // Wide enough that a loaded machine still does the five reads in it.
+                trace_window: Duration::from_secs(3),
                 ..cfg()
             },
         )
@@ -1560,7 +1561,7 @@ mod tests {
         for i in [7usize, 2, 7, 9, 0] {
             f.fetch_blocking(table.clone(), i).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(1200));
+        std::thread::sleep(Duration::from_millis(4000));
         f.fetch_blocking(table.clone(), 5).unwrap(); // after the window: not traced
         assert_eq!(store.trace(table.id()).unwrap(), Some(vec![7, 2, 9, 0]));
     }

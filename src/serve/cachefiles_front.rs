@@ -337,7 +337,7 @@ fn already_cached(fd: &OwnedFd, off: u64, len: u64) -> bool {
     let Ok(start) = i64::try_from(off) else {
         return false;
     };
-    match nix::unistd::lseek(fd.as_raw_fd(), start, nix::unistd::Whence::SeekHole) {
+    match nix::unistd::lseek(fd, start, nix::unistd::Whence::SeekHole) {
         Ok(hole) => u64::try_from(hole).is_ok_and(|h| h >= off.saturating_add(len)),
         Err(_) => false,
     }
