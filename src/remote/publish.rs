@@ -51,6 +51,11 @@ pub const MAX_DATA_BLOB_BYTES: u64 = 4 << 30;
 /// blobs); emptied of them at start, since the store (and so this folder) is one
 /// process's at a time.
 const WORK_DIR: &str = "publish";
+/// How long `publish` waits for a registry's answer: it answers an upload only once it
+/// has hashed and stored the whole blob, which takes minutes for gigabytes on a slow
+/// disk (30 s, the pull default, failed a 256 MiB upload on an emulated VM). Publishing
+/// is on no reader's path.
+const PUSH_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 const _: () = assert!(MAX_DATA_BLOB_BYTES >= chunk::MAX_RECORD_BYTES as u64);
 const _: () = assert!(MAX_DATA_BLOBS <= u16::MAX as usize + 1);
@@ -849,6 +854,7 @@ pub fn publish_cmd(args: &PublishArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(auth::default_docker_config),
         ),
+        request_timeout: PUSH_ANSWER_TIMEOUT,
         ..RegistryOptions::default()
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
