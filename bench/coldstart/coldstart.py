@@ -28,6 +28,10 @@ NS = "coldstart"
 # Image groups measured together: a group is pulled image by image, then run image by
 # image; disk use is taken once every image of the group is pulled.
 GROUPS = [["hello"], ["python"], ["ml"], ["app-v1", "app-v2"]]
+# Measured on a cold node of their own (`dedupd pull`, then `ctr run`), not on the shared one.
+NODE_SNAPSHOTTERS = ("dedup-lazy", "dedup-stream")
+# The images again, pushed but never published (dedup-stream).
+PLAIN_REPO = "plain"
 WAIT_LIMIT_S = 60
 RUN_LIMIT_S = 600
 
@@ -691,6 +695,7 @@ http:
         try:
             text = open(os.path.join(self.work, "nodes-dedupd.log"), errors="replace").read()
             group_out["lazily_pulled_layers_so_far"] = text.count("layer pulled lazily")
+            group_out["streamed_layers_so_far"] = text.count("layer streamed from the registry")
         except OSError:
             pass
         if keep_node:
@@ -700,6 +705,8 @@ http:
     def measure_group(self, snapshotter, group):
         if snapshotter == "dedup-lazy":
             return self.measure_lazy(group)
+        if snapshotter == "dedup-stream":
+            return self.measure_lazy(group, repo=PLAIN_REPO)
         self.clean(snapshotter)
         if snapshotter == "dedup" and self.args.restart_dedupd and self.measured_dedup:
             self.restart_dedupd()
@@ -808,6 +815,12 @@ http:
                 layers = pub["artifacts"][0]["layers"]
                 self.info[name]["lazy_meta_bytes"] = sum(x["meta"]["bytes"] for x in layers)
                 self.info[name]["lazy_data_bytes"] = sum(d["bytes"] for x in layers for d in x["data"])
+        if "dedup-stream" in snapshotters:
+            # The same images in a repository nothing is published to: `dedupd pull` finds
+            # no artifact and streams each layer from the registry into the converter.
+            t0 = time.monotonic()
+            self.push(PLAIN_REPO)
+            log(f"pushed {len(self.info)} images to {PLAIN_REPO} (unpublished) in {time.monotonic() - t0:.1f} s")
         t_start = time.monotonic()
         links = {}
         trace = {}
@@ -826,7 +839,7 @@ http:
                 if ln != "loopback":
                     self.link_down()
         for s in snapshotters:
-            if s != "dedup-lazy":
+            if s not in NODE_SNAPSHOTTERS:
                 self.clean(s)
         main = links["loopback"] if "loopback" in links else links[a.links[0]]
         results = {
@@ -1003,7 +1016,9 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--snapshotters", default="dedup,overlayfs",
                     help="any of overlayfs, dedup, dedup-lazy (a cold node per measurement, "
-                         "`dedupd pull` of the published image)")
+                         "`dedupd pull` of the published image), dedup-stream (a cold node per "
+                         "measurement, `dedupd pull` of the unpublished image: each layer "
+                         "streamed from the registry into the converter)")
     ap.add_argument("--links", default="loopback",
                     help="loopback and/or shaped links: " + ", ".join(link.SHAPES))
     ap.add_argument("--link-reps", type=int, default=None,
@@ -1046,7 +1061,7 @@ def main():
     if a.link_reps is None:
         a.link_reps = a.reps
     for x in a.snapshotters:
-        if x not in ("overlayfs", "dedup", "dedup-lazy"):
+        if x not in ("overlayfs", "dedup") + NODE_SNAPSHOTTERS:
             ap.error(f"unknown snapshotter {x}")
     a.images = a.images.split(",")
     if not 1 <= a.reps <= 50:
@@ -1055,7 +1070,7 @@ def main():
         ap.error("--scale must be 0.001..64")
     if a.prepare_registry and not a.registry_root:
         ap.error("--prepare-registry needs --registry-root")
-    if ("dedup" in a.snapshotters or "dedup-lazy" in a.snapshotters) and not a.dedupd and not a.prepare_registry:
+    if any(s != "overlayfs" for s in a.snapshotters) and not a.dedupd and not a.prepare_registry:
         ap.error("--dedupd is required with the dedup snapshotter")
     if os.geteuid() != 0:
         sys.exit("coldstart: needs root (containerd, mounts, drop_caches)")
