@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dedupd::cachefiles::{self, Command, Device, Msg};
-use dedupd::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
+use dedupd::frontend::cachefiles::front::{CachefilesFront, RegistryHandle};
+use dedupd::frontend::cachefiles::{self, Command, Device, Msg};
 use dedupd::serve::sim::{ReadTicket, Sim};
 use dedupd::serve::{Engine, EngineConfig, WriteStrategy};
 use dedupd::store::blob::{blob_id, BlobBuilder, BlobTable, RawEntry};

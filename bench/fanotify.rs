@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dedupd::fanotify::journal::{self, Journal};
-use dedupd::fanotify::respond::Responder;
-use dedupd::fanotify::{event, sys};
+use dedupd::frontend::fanotify::journal::{self, Journal};
+use dedupd::frontend::fanotify::respond::Responder;
+use dedupd::frontend::fanotify::{event, sys};
 use io_uring::{opcode, types, IoUring};
 
 const READERS: usize = 4;
@@ -34,7 +34,7 @@ impl Rig {
             return None;
         }
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).ok()?;
-        if let Err(e) = dedupd::fanotify::probe(dir.path()) {
+        if let Err(e) = dedupd::frontend::fanotify::probe(dir.path()) {
             eprintln!("SKIP bench fanotify: {e}");
             return None;
         }

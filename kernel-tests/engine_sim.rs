@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dedupd::cachefiles::msg::{encode_open, encode_read};
 use dedupd::digest::ChunkDigest;
-use dedupd::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
+use dedupd::frontend::cachefiles::front::{CachefilesFront, RegistryHandle};
+use dedupd::frontend::cachefiles::msg::{encode_open, encode_read};
 use dedupd::serve::sim::{ReadOutcome, Sim, SimError};
 use dedupd::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use dedupd::store::blob::{blob_id, BlobBuilder, BlobTable};
@@ -631,14 +631,14 @@ fn a_full_disk_fails_requests_without_wrong_bytes() {
     assert!(b.bad.is_empty() && b.expected.len() > 64 << 10);
     sim.add_blob(&b.name, b.expected.clone()).unwrap();
     struct ReadOnly(Arc<Sim>);
-    impl dedupd::cachefiles::Device for ReadOnly {
+    impl dedupd::frontend::cachefiles::Device for ReadOnly {
         fn poll_fd(&self) -> std::os::fd::RawFd {
             self.0.poll_fd()
         }
         fn read_msg(&self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = self.0.read_msg(buf)?;
-            if let Ok(dedupd::cachefiles::Msg::Open { fd, .. }) =
-                dedupd::cachefiles::parse(&buf[..n])
+            if let Ok(dedupd::frontend::cachefiles::Msg::Open { fd, .. }) =
+                dedupd::frontend::cachefiles::parse(&buf[..n])
             {
                 // Swap the anon fd for a read-only one on the same file: writes get EBADF.
                 let path = format!("/proc/self/fd/{fd}");

@@ -26,7 +26,7 @@ fn can_run(name: &str) -> bool {
         return false;
     }
     let dir = scratch();
-    if let Err(e) = dedupd::fanotify::probe(dir.path()) {
+    if let Err(e) = dedupd::frontend::fanotify::probe(dir.path()) {
         eprintln!("SKIP {name}: {e}");
         return false;
     }
@@ -156,7 +156,8 @@ fn mkfs_layer(root: &Path, dir: &Path, files: &Files) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let store = dedupd::store::Store::open(root).unwrap();
-    let rec = dedupd::fanotify::import::import_erofs(&store, &image, &blob, 65536).unwrap();
+    let rec =
+        dedupd::frontend::fanotify::import::import_erofs(&store, &image, &blob, 65536).unwrap();
     rec.id_hex().to_string()
 }
 
@@ -311,7 +312,7 @@ impl Drop for Setup {
 }
 
 fn mounted(p: &Path) -> bool {
-    dedupd::fanotify::mount::is_mounted(p)
+    dedupd::frontend::fanotify::mount::is_mounted(p)
 }
 
 fn holder_alive(s: &Setup) -> bool {
@@ -805,7 +806,7 @@ fn kill_9_loop_never_shows_wrong_bytes() {
 fn pending_events_outlive_their_reader_and_are_answered_by_fd_number() {
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
-    use dedupd::fanotify::{event, holder, journal::Journal, sys};
+    use dedupd::frontend::fanotify::{event, holder, journal::Journal, sys};
     if !can_run("pending_events_outlive_their_reader") {
         return;
     }
@@ -967,7 +968,7 @@ fn a_holder_leaves_once_no_mount_uses_its_blobs_even_with_the_root_gone() {
     drop(f);
     d.kill9();
     let pid = fs::read_to_string(s.root.join("fanotify/holder.pid")).unwrap();
-    std::thread::sleep(dedupd::fanotify::holder::IDLE_EXIT + Duration::from_secs(2));
+    std::thread::sleep(dedupd::frontend::fanotify::holder::IDLE_EXIT + Duration::from_secs(2));
     assert!(
         holder_alive(&s),
         "the holder left while mounts still use its blobs"
@@ -978,9 +979,9 @@ fn a_holder_leaves_once_no_mount_uses_its_blobs_even_with_the_root_gone() {
     // The root goes too (a test harness or an operator cleaning up): blob files lose
     // their paths while the group's marks still pin them.
     fs::remove_dir_all(&s.root).unwrap();
-    let bound = dedupd::fanotify::holder::IDLE_EXIT + Duration::from_secs(10);
+    let bound = dedupd::frontend::fanotify::holder::IDLE_EXIT + Duration::from_secs(10);
     let deadline = Instant::now() + bound;
-    while dedupd::holder::process_alive(pid.trim().parse().unwrap()) {
+    while dedupd::frontend::holder::process_alive(pid.trim().parse().unwrap()) {
         assert!(
             Instant::now() < deadline,
             "the holder (pid {}) still runs {bound:?} after the last mount went",

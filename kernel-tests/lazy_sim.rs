@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dedupd::digest::{ChunkDigest, Leaves};
+use dedupd::frontend::cachefiles::front::{CachefilesFront, RegistryHandle};
 use dedupd::remote::fetch::RangeFuture;
 use dedupd::remote::{FetchConfig, Fetcher, RangeError, RangeSource};
-use dedupd::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use dedupd::serve::sim::{ReadOutcome, Sim};
 use dedupd::serve::{Engine, EngineConfig, WriteStrategy};
 use dedupd::store::blob::{blob_id, BlobBuilder};

@@ -27,12 +27,12 @@ enum Command {
     Export(dedupd::convert::ExportArgs),
     /// Serve every converted layer through fanotify pre-content events (Linux 6.14+),
     /// mounted under --mount-dir; prints READY, then the counters on SIGTERM.
-    ServeFanotify(dedupd::fanotify::cli::ServeArgs),
+    ServeFanotify(dedupd::frontend::fanotify::cli::ServeArgs),
     /// Materialize every blob and mount every layer locally (no lazy loading).
-    ServeLocal(dedupd::fanotify::cli::ServeArgs),
+    ServeLocal(dedupd::frontend::fanotify::cli::ServeArgs),
     /// Internal: the process that keeps the fanotify group alive across daemon restarts.
     #[command(hide = true)]
-    FanotifyHolder(dedupd::fanotify::cli::HolderArgs),
+    FanotifyHolder(dedupd::frontend::fanotify::cli::HolderArgs),
     /// Internal: the process that keeps the bound `/dev/cachefiles` fd alive across daemon
     /// restarts (when no systemd fd store keeps it).
     #[command(hide = true)]
@@ -45,7 +45,7 @@ enum Command {
         tag: String,
         /// How long to keep a cache with mounted layers for a daemon that does not come
         /// back, before withdrawing it (readers then get EIO).
-        #[arg(long, default_value_t = dedupd::cachefiles::holder::GRACE.as_millis() as u64)]
+        #[arg(long, default_value_t = dedupd::frontend::cachefiles::holder::GRACE.as_millis() as u64)]
         grace_ms: u64,
     },
     /// Unmount every layer nothing uses under a root and end dedupd's holder processes
@@ -54,7 +54,7 @@ enum Command {
     Teardown(dedupd::daemon::teardown::TeardownArgs),
     /// Import an image made by `mkfs.erofs --blobdev` into the store (tests, benches).
     #[command(hide = true)]
-    FanotifyImport(dedupd::fanotify::cli::ImportArgs),
+    FanotifyImport(dedupd::frontend::fanotify::cli::ImportArgs),
     /// Pull an image into containerd through the dedup snapshotter, lazily where the
     /// image has a published artifact (`ctr image pull` downloads every layer first).
     Pull(dedupd::ctrclient::pull::PullArgs),
@@ -134,21 +134,21 @@ fn main() -> ExitCode {
         Command::Convert(a) => dedupd::convert::convert_cmd(a),
         Command::Export(a) => dedupd::convert::export_cmd(a),
         Command::Publish(a) => dedupd::remote::publish::publish_cmd(a),
-        Command::ServeFanotify(a) => dedupd::fanotify::cli::serve_fanotify(a),
-        Command::ServeLocal(a) => dedupd::fanotify::cli::serve_local(a),
-        Command::FanotifyHolder(a) => dedupd::fanotify::cli::holder_cmd(a),
+        Command::ServeFanotify(a) => dedupd::frontend::fanotify::cli::serve_fanotify(a),
+        Command::ServeLocal(a) => dedupd::frontend::fanotify::cli::serve_local(a),
+        Command::FanotifyHolder(a) => dedupd::frontend::fanotify::cli::holder_cmd(a),
         Command::CachefilesHolder {
             socket,
             tag,
             grace_ms,
-        } => dedupd::cachefiles::holder::run(
+        } => dedupd::frontend::cachefiles::holder::run(
             socket,
             tag,
             std::time::Duration::from_millis(*grace_ms),
         )
         .map_err(|e| anyhow::anyhow!("cachefiles holder on {}: {e}", socket.display())),
         Command::Teardown(a) => dedupd::daemon::teardown::teardown_cmd(a),
-        Command::FanotifyImport(a) => dedupd::fanotify::cli::import_cmd(a),
+        Command::FanotifyImport(a) => dedupd::frontend::fanotify::cli::import_cmd(a),
         Command::Pull(a) => dedupd::ctrclient::pull::pull_cmd(a),
         Command::CriPull { address, image } => cri_pull(address, image),
         Command::Status { root, json } => dedupd::daemon::status(root, *json),

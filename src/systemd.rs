@@ -131,7 +131,7 @@ mod tests {
         )
         .unwrap();
         let mut buf = [0u8; 256];
-        let (n, fds) = crate::holder::recv(rx.as_fd(), &mut buf).unwrap();
+        let (n, fds) = crate::frontend::holder::recv(rx.as_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=cachefiles");
         assert_eq!(fds.len(), 1);
     }

@@ -2,7 +2,7 @@
 //! into a message that re-encodes to exactly the same bytes.
 #![no_main]
 
-use dedupd::cachefiles::msg::{encode_close, encode_open, encode_read, parse, Msg};
+use dedupd::frontend::cachefiles::msg::{encode_close, encode_open, encode_read, parse, Msg};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

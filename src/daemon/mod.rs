@@ -29,14 +29,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::cachefiles;
-use crate::cachefiles::failover::{self, Acquired, Keeper};
 use crate::config::{Config, FrontEnd};
-use crate::fanotify::layer_mounter::FanotifyMounter;
-use crate::fanotify::Options as FanotifyOptions;
+use crate::frontend::cachefiles;
+use crate::frontend::cachefiles::failover::{self, Acquired, Keeper};
+use crate::frontend::cachefiles::front::{CachefilesFront, RegistryHandle};
+use crate::frontend::fanotify::mounter::FanotifyMounter;
+use crate::frontend::fanotify::Options as FanotifyOptions;
 use crate::metrics::CacheUsage;
 use crate::remote::{Fetcher, LazyPuller};
-use crate::serve::cachefiles_front::{CachefilesFront, RegistryHandle};
 use crate::serve::{Engine, EngineConfig, StatsSnapshot, WriteStrategy};
 use crate::snapshotter::{
     ControlThread, FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh, Snapshotter,
@@ -516,7 +516,7 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
     }
     if matches!(want, FrontEnd::Auto | FrontEnd::Fanotify) {
         let dir = fanotify_dir(&config.root);
-        match crate::fanotify::probe(&dir) {
+        match crate::frontend::fanotify::probe(&dir) {
             Ok(()) => {
                 let reason = if want == FrontEnd::Auto {
                     format!(
@@ -591,7 +591,7 @@ impl DataPlane {
 /// The fanotify front end's counters in the daemon's terms: a READ is a permission
 /// event, a fill writes `bytes_written`; the rest (errors, latency of fill requests,
 /// slowest requests) is the engine's.
-fn fanotify_snapshot(s: &crate::fanotify::Stats) -> StatsSnapshot {
+fn fanotify_snapshot(s: &crate::frontend::fanotify::Stats) -> StatsSnapshot {
     let e = &s.engine;
     StatsSnapshot {
         front_end: "fanotify".into(),
@@ -700,7 +700,9 @@ fn start_data_plane(
         FrontEnd::Fanotify => {
             let opts = FanotifyOptions {
                 cache_dir: fanotify_dir(&config.root),
-                workers: config.thread_count().clamp(1, crate::fanotify::MAX_WORKERS),
+                workers: config
+                    .thread_count()
+                    .clamp(1, crate::frontend::fanotify::MAX_WORKERS),
                 grace: FANOTIFY_GRACE,
                 holder_exe: std::env::current_exe().context("locating the dedupd binary")?,
                 unmark_complete: true,

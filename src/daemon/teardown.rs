@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::holder::MESSAGE_BYTES;
+use crate::frontend::holder::MESSAGE_BYTES;
 
 /// How long a holder has to answer `QUIT`.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,7 +102,7 @@ pub fn mounts_under(root: &Path) -> io::Result<Vec<PathBuf>> {
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| {
             PathBuf::from(std::ffi::OsStr::from_bytes(
-                &crate::fanotify::holder::unescape_mount_path(p),
+                &crate::frontend::fanotify::holder::unescape_mount_path(p),
             ))
         })
         .filter(|p| p.starts_with(&root) && *p != root)
@@ -129,7 +129,7 @@ fn attach_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<Option<Own
     if !socket.exists() {
         return Ok(None);
     }
-    let conn = match crate::holder::connect(socket) {
+    let conn = match crate::frontend::holder::connect(socket) {
         Ok(c) => c,
         Err(e)
             if matches!(
@@ -148,7 +148,8 @@ fn attach_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<Option<Own
     // The hand-over meant for a daemon: its fds are closed at once.
     let mut timeout = HAND_OVER_TIMEOUT;
     loop {
-        let (n, fds) = match crate::holder::recv_timeout(conn.as_fd(), &mut buf, timeout) {
+        let (n, fds) = match crate::frontend::holder::recv_timeout(conn.as_fd(), &mut buf, timeout)
+        {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::TimedOut && timeout == HAND_OVER_TIMEOUT => bail!(
                 "a dedupd daemon is attached to the {} (it did not hand over within {:?}): \
@@ -179,9 +180,9 @@ fn attach_holder(socket: &Path, greeting: Greeting) -> anyhow::Result<Option<Own
 fn quit_holder(conn: &OwnedFd, socket: &Path) -> anyhow::Result<()> {
     let ctx = || format!("holder at {}", socket.display());
     let mut buf = vec![0u8; MESSAGE_BYTES];
-    crate::holder::send(conn.as_fd(), b"QUIT", &[]).with_context(ctx)?;
-    let (n, _) =
-        crate::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT).with_context(ctx)?;
+    crate::frontend::holder::send(conn.as_fd(), b"QUIT", &[]).with_context(ctx)?;
+    let (n, _) = crate::frontend::holder::recv_timeout(conn.as_fd(), &mut buf, ANSWER_TIMEOUT)
+        .with_context(ctx)?;
     let answer = String::from_utf8_lossy(&buf[..n]).to_string();
     match answer.as_str() {
         "GONE" => Ok(()),

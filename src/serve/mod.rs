@@ -39,7 +39,6 @@
 //! capped per ring) or as `pwrite` on the core thread ([`WriteStrategy::Sync`]).
 
 mod bufpool;
-pub mod cachefiles_front;
 mod engine_sync;
 mod engine_uring;
 pub mod sim;

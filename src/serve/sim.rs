@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::cachefiles::msg::{encode_close, encode_open, encode_read, OPEN_FD_OFFSET};
-use crate::cachefiles::{parse_copen, Device};
+use crate::frontend::cachefiles::msg::{encode_close, encode_open, encode_read, OPEN_FD_OFFSET};
+use crate::frontend::cachefiles::{parse_copen, Device};
 
 /// Page size of the simulated kernel.
 pub const SIM_PAGE_BYTES: u64 = 4096;

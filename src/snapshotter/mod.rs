@@ -44,7 +44,6 @@
 pub mod convert;
 pub mod filter;
 pub mod meta;
-pub mod mounter;
 mod service;
 mod trash;
 
@@ -59,8 +58,11 @@ use std::time::Instant;
 use sha2::Digest;
 
 pub use self::meta::{Kind, Snap};
-pub use self::mounter::{FscacheMounter, LayerMounter, LocalMounter, RegistryRefresh};
 pub use self::service::Service;
+use crate::frontend;
+pub use crate::frontend::cachefiles::FscacheMounter;
+pub use crate::frontend::local::LocalMounter;
+pub use crate::frontend::{LayerMounter, RegistryRefresh};
 use crate::store::Store;
 
 /// The generated protobuf code (moved to [`crate::proto`]; kept here for its old paths).
@@ -113,7 +115,7 @@ const fn overlay_data_bytes(
     let snap_dir = root_bytes + "/snapshots/".len() + id_digits;
     let work = "workdir=".len() + snap_dir + "/work".len();
     let upper = "upperdir=".len() + snap_dir + "/fs".len();
-    let lower_dir = root_bytes + 1 + mounter::MOUNT_DIR.len() + 1 + slot_digits;
+    let lower_dir = root_bytes + 1 + frontend::MOUNT_DIR.len() + 1 + slot_digits;
     let lower = "lowerdir=".len() + layers * lower_dir + (layers - 1);
     // Four options, three commas.
     index + work + upper + lower + 3
@@ -312,7 +314,7 @@ impl Snapshotter {
     ) -> Result<Snapshotter, SnapError> {
         let snaps = root.join("snapshots");
         fs::create_dir_all(&snaps).map_err(io_internal(&snaps))?;
-        let mnt = mounter::mount_dir(root);
+        let mnt = frontend::mount_dir(root);
         fs::create_dir_all(&mnt).map_err(io_internal(&mnt))?;
         let meta = meta::Meta::open(&root.join("snapshots.redb"))?;
         let trash = trash::Trash::open(root).map_err(io_internal(&root.join("trash")))?;
@@ -345,7 +347,7 @@ impl Snapshotter {
     /// where the next Mounts finds them. A layer that cannot be unmounted is logged and
     /// left; the daemon starts anyway.
     fn unmount_legacy(&self) {
-        let dir = self.root.join(mounter::LEGACY_MOUNT_DIR);
+        let dir = self.root.join(frontend::LEGACY_MOUNT_DIR);
         let Ok(entries) = fs::read_dir(&dir) else {
             return;
         };
@@ -435,7 +437,7 @@ impl Snapshotter {
             let record = self.store.layer(&id).map_err(internal)?;
             let mounted = self
                 .layer_mountpoint(&id)?
-                .is_some_and(|m| mounter::is_mountpoint(&m));
+                .is_some_and(|m| frontend::is_mountpoint(&m));
             let (data_bytes, local_bytes) = match &record {
                 Some(r) if r.remote.is_some() => self.local_bytes(&id, r)?,
                 Some(r) => (r.logical_bytes, r.logical_bytes),
@@ -503,7 +505,7 @@ impl Snapshotter {
     }
 
     fn slot_dir(&self, slot: u64) -> PathBuf {
-        mounter::mount_dir(&self.root).join(slot.to_string())
+        frontend::mount_dir(&self.root).join(slot.to_string())
     }
 
     /// Where layer `hex` is mounted while a snapshot uses it (`ROOT/m/<slot>`); `None`
@@ -524,7 +526,7 @@ impl Snapshotter {
             None => self.meta.assign_layer_slot(hex)?,
         };
         let target = self.slot_dir(slot);
-        let was_mounted = mounter::is_mountpoint(&target);
+        let was_mounted = frontend::is_mountpoint(&target);
         self.mounter.mount(&record, &target).map_err(internal)?;
         if !was_mounted {
             // Links the layer to its data blobs, which the data plane's log lines name.
@@ -1086,11 +1088,11 @@ impl Snapshotter {
                 report.mounts += 1;
             }
         }
-        let mdir = mounter::mount_dir(&self.root);
+        let mdir = frontend::mount_dir(&self.root);
         for e in fs::read_dir(&mdir).map_err(io_internal(&mdir))? {
             let e = e.map_err(io_internal(&mdir))?;
             if !slots.contains(e.file_name().to_string_lossy().as_ref()) {
-                mounter::unmount_dir(&e.path()).map_err(internal)?;
+                frontend::unmount_dir(&e.path()).map_err(internal)?;
                 report.mounts += 1;
             }
         }

@@ -45,7 +45,7 @@
 //! call both at once.
 //!
 //! Swapping the registry is not enough for rewrites: the cachefiles front end keeps the
-//! [`BlobTable`] of each object the kernel opened (`serve/cachefiles_front.rs`) for as
+//! [`BlobTable`] of each object the kernel opened (`frontend/cachefiles/front.rs`) for as
 //! long as the layer stays mounted, and the io_uring worker opens packs by path from
 //! those locations (`serve/worker.rs`, `pack_fd`). A rewritten pack may hold chunks of
 //! mounted layers, so the daemon (snapshotter Cleanup) compacts with

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{blobfile, mount, FanotifyFrontEnd, Options, Stats};
-use crate::snapshotter::mounter::{self, is_mountpoint, unmount_dir, MountError};
+use crate::frontend::{self, is_mountpoint, unmount_dir, MountError};
 use crate::snapshotter::LayerMounter;
 use crate::store::{LayerRecord, Store};
 
@@ -57,7 +57,7 @@ impl FanotifyMounter {
     /// marked, the holder attached or started); layers are mounted under
     /// `<store root>/m`.
     pub fn start(store: Arc<Store>, opts: Options) -> Result<FanotifyMounter, MountError> {
-        let mnt_dir = mounter::mount_dir(store.root());
+        let mnt_dir = frontend::mount_dir(store.root());
         fs::create_dir_all(&mnt_dir).map_err(io_err(&mnt_dir))?;
         let registry = store.registry().map_err(|source| MountError::Store {
             layer: "-".into(),

@@ -9,7 +9,8 @@ use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
 
 use super::mount::{is_mounted, mount_erofs, unmount, unmount_retry};
-use super::{local, FanotifyFrontEnd, Options};
+use super::{FanotifyFrontEnd, Options};
+use crate::frontend::local;
 use crate::store::{LayerRecord, Store};
 
 /// `dedupd serve-fanotify` / `serve-local` arguments.

@@ -42,8 +42,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use super::event;
 use super::journal::Journal;
 use super::sys;
-use crate::holder::{accept, check_peer};
-pub use crate::holder::{connect, recv, send, seqpacket, FDS_PER_MESSAGE, MESSAGE_BYTES};
+use crate::frontend::holder::{accept, check_peer};
+pub use crate::frontend::holder::{connect, recv, send, seqpacket, FDS_PER_MESSAGE, MESSAGE_BYTES};
 
 /// How long a holder with no daemon waits, with nothing using its blobs, before it
 /// exits on its own.
@@ -89,18 +89,18 @@ enum State {
 /// started it), listens on `socket_path`.
 pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
     // A holder that dies on a stray signal closes the group and exposes holes as zeros.
-    crate::holder::ignore_stray_signals()?;
+    crate::frontend::holder::ignore_stray_signals()?;
     // Its socket and lock file are root's alone (whoever started it).
     crate::perms::private_umask();
     // One holder per socket: a second one (two daemons racing to start it) leaves.
-    let Some(_lock) = crate::holder::lock(socket_path)? else {
+    let Some(_lock) = crate::frontend::holder::lock(socket_path)? else {
         tracing::info!(
             "fanotify holder: another holder owns {}",
             socket_path.display()
         );
         return Ok(());
     };
-    let listener = crate::holder::listen(socket_path)?;
+    let listener = crate::frontend::holder::listen(socket_path)?;
     let blob_dir = socket_path.parent().map(|d| d.join("blobs"));
     let mut writers: HashMap<String, OwnedFd> = HashMap::new();
     let (group, journal, mut state) = if adopt {
@@ -116,7 +116,7 @@ pub fn run(socket_path: &Path, grace: Duration, adopt: bool) -> io::Result<()> {
         check_peer(&conn)?;
         let mut buf = vec![0u8; MESSAGE_BYTES];
         let (n, mut fds) =
-            crate::holder::recv_timeout(conn.as_fd(), &mut buf, Duration::from_secs(5))
+            crate::frontend::holder::recv_timeout(conn.as_fd(), &mut buf, Duration::from_secs(5))
                 .map_err(|_| bad())?;
         if &buf[..n] != b"ADOPT" || fds.len() != 2 {
             return Err(bad());

@@ -1,6 +1,7 @@
 //! The fanotify pre-content front end: EROFS file-backed mounts over sparse blob files
-//! that are filled on `FAN_PRE_ACCESS` events (Linux 6.14+), and the `local` front end
-//! (blobs materialized eagerly) as the fallback.
+//! that are filled on `FAN_PRE_ACCESS` events (Linux 6.14+). Its failover lives here too:
+//! the holder that keeps the group ([`holder`]) and the journal a successor recovers
+//! from ([`journal`]); its [`mounter`] is the snapshotter's way in.
 //!
 //! Order of things, which matters:
 //! 1. A holder process owns the group ([`holder`]); the daemon gets it over a socket.
@@ -84,9 +85,8 @@ pub mod fill;
 pub mod holder;
 pub mod import;
 pub mod journal;
-pub mod layer_mounter;
-pub mod local;
 pub mod mount;
+pub mod mounter;
 pub mod respond;
 pub mod sys;
 

@@ -1,16 +1,25 @@
 //! The `local` front end: every data blob materialized completely, up front, as a
 //! plain file; layers mounted file-backed with no events at all. Always works (Linux
 //! 6.12+ file-backed EROFS), never lazy: the fallback, and the speed limit the lazy
-//! front ends are measured against.
+//! front ends are measured against. No kernel ABI and nothing to fail over: a mount
+//! reads plain files, whether a daemon runs or not.
+//!
+//! [`materialize`] writes a whole registry's blobs (`dedupd fanotify local`, the
+//! benches); [`LocalMounter`] is the snapshotter's way in, one layer at a time. Both
+//! read through the fanotify front end's [`PackFiller`], which verifies every chunk.
 
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::fill::{Filler, PackFiller, Packs};
-use super::FanotifyError;
+use crate::frontend::fanotify::fill::{Filler, PackFiller, Packs};
+use crate::frontend::fanotify::FanotifyError;
 use crate::store::{BlobSource, Registry};
+
+mod mounter;
+
+pub use self::mounter::LocalMounter;
 
 /// Writes every data blob of `registry` to `<dir>/<blob id>` (write to a temporary,
 /// fsync, rename; blobs already there with the right size are kept). Every chunk is

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use crate::holder::{accept, check_peer, recv, send, MESSAGE_BYTES};
+use crate::frontend::holder::{accept, check_peer, recv, send, MESSAGE_BYTES};
 
 /// How long a holder with no daemon and no volume waits before it exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(5);
@@ -85,15 +85,15 @@ enum State {
 /// [`IDLE_EXIT`].
 pub fn run(socket_path: &Path, tag: &str, grace: Duration) -> io::Result<()> {
     // Dying on a stray signal would withdraw the cache under every mounted layer.
-    crate::holder::ignore_stray_signals()?;
-    let Some(_lock) = crate::holder::lock(socket_path)? else {
+    crate::frontend::holder::ignore_stray_signals()?;
+    let Some(_lock) = crate::frontend::holder::lock(socket_path)? else {
         tracing::info!(
             "cachefiles holder: another holder owns {}",
             socket_path.display()
         );
         return Ok(());
     };
-    let listener = crate::holder::listen(socket_path)?;
+    let listener = crate::frontend::holder::listen(socket_path)?;
     tracing::info!(socket = %socket_path.display(), "cachefiles holder: listening");
     let mut device: Option<OwnedFd> = None;
     let mut state = State::Waiting;

@@ -1,12 +1,21 @@
-//! The cachefiles on-demand kernel ABI (`include/uapi/linux/cachefiles.h`): the raw
-//! structs ([`abi`]), the checked message parser ([`msg`]), the text commands the daemon
-//! writes, and the [`Device`] trait that stands for `/dev/cachefiles` (real:
-//! [`CachefilesDevice`]; simulated: `serve::sim::Sim`).
+//! The cachefiles on-demand front end (fscache, `/dev/cachefiles`; the VM kernel has it).
+//!
+//! - Its kernel ABI (`include/uapi/linux/cachefiles.h`): the raw structs ([`abi`]), the
+//!   checked message parser ([`msg`]), the text commands the daemon writes, and the
+//!   [`Device`] trait that stands for `/dev/cachefiles` (real: [`CachefilesDevice`];
+//!   simulated: `serve::sim::Sim`). This file.
+//! - The front end the serving engine drives: OPEN, READ, CLOSE ([`front`]).
+//! - The snapshotter's way in: `mount -t erofs none -o fsid=...` ([`FscacheMounter`]).
+//! - Failover: the holder that keeps the bound device fd across daemons ([`holder`]),
+//!   the systemd fd store and the takeover with `restore` ([`failover`]).
+//! - Space: culling the cache files of removed layers ([`cull`]).
 
 pub mod abi;
 pub mod cull;
 pub mod failover;
+pub mod front;
 pub mod holder;
+mod mounter;
 pub mod msg;
 
 use std::fs::File;
@@ -14,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+pub use self::mounter::FscacheMounter;
 pub use self::msg::{parse, Msg, MsgError};
 
 /// Path of the device.

@@ -21,10 +21,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use super::stats::{bump, ThreadCounters};
-use super::{FillOutcome, FillRequest, FillSource, FrontEnd, Next, MAX_FILL_BYTES};
-use crate::cachefiles::abi::{CACHEFILES_MSG_MAX_SIZE, CACHEFILES_OP_OPEN};
-use crate::cachefiles::{msg, send, Command, Device, Msg};
+use crate::frontend::cachefiles::abi::{CACHEFILES_MSG_MAX_SIZE, CACHEFILES_OP_OPEN};
+use crate::frontend::cachefiles::{msg, send, Command, Device, Msg};
+use crate::serve::stats::{bump, ThreadCounters};
+use crate::serve::{FillOutcome, FillRequest, FillSource, FrontEnd, Next, MAX_FILL_BYTES};
 use crate::store::Registry;
 
 /// The blob registry as the data plane sees it: read on OPEN, replaced whole by the
@@ -279,7 +279,7 @@ impl FrontEnd for CachefilesFront {
                 {
                     bump(&c.insane_reads);
                     tracing::warn!(msg_id, object_id, off, len, "READ of an insane range");
-                    let refused = FillOutcome::Failed(super::FillError::Source);
+                    let refused = FillOutcome::Failed(crate::serve::FillError::Source);
                     self.complete(local, msg_id, &obj.fd, refused, c);
                     return Next::Handled;
                 }

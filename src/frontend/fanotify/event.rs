@@ -156,7 +156,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::fanotify::sys::FAN_PRE_ACCESS;
+    use crate::frontend::fanotify::sys::FAN_PRE_ACCESS;
 
     fn ev(fd: i32, range: Option<(u64, u64)>) -> Event {
         Event {

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::{send, CachefilesDevice, Command, DEVICE_PATH};
-use crate::holder::MESSAGE_BYTES;
+use crate::frontend::holder::MESSAGE_BYTES;
 
 /// Environment variable naming an inherited `/dev/cachefiles` fd (a supervisor keeps its
 /// own copy): the daemon takes the cache over instead of binding one.
@@ -158,7 +158,7 @@ impl Keeper {
                     return;
                 }
                 let conn = link.conn.lock().unwrap_or_else(|p| p.into_inner());
-                if crate::holder::send(conn.as_fd(), b"BYE", &[]).is_ok() {
+                if crate::frontend::holder::send(conn.as_fd(), b"BYE", &[]).is_ok() {
                     // Until the holder hangs up (bounded): a daemon started right after
                     // this one must find the device free.
                     let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
@@ -263,12 +263,12 @@ pub fn acquire(opts: &Options) -> Result<Acquired, FailoverError> {
         }
         None => {
             let device = bind_fresh(opts)?;
-            crate::holder::send(conn.as_fd(), b"KEEP", &[device.as_raw_fd()]).map_err(|e| {
-                FailoverError::Holder {
+            crate::frontend::holder::send(conn.as_fd(), b"KEEP", &[device.as_raw_fd()]).map_err(
+                |e| FailoverError::Holder {
                     socket: opts.socket(),
                     reason: format!("handing over the device: {e}"),
-                }
-            })?;
+                },
+            )?;
             (device, false)
         }
     };
@@ -340,7 +340,7 @@ fn attach(opts: &Options) -> Result<(OwnedFd, Option<OwnedFd>), FailoverError> {
     // Bounded: a holder on its way out (idle, or told BYE a moment ago) may accept and
     // close, or still hold its lock; the next attempt starts a fresh one.
     for _ in 0..5 {
-        let conn = match crate::holder::connect(&socket) {
+        let conn = match crate::frontend::holder::connect(&socket) {
             Ok(c) => c,
             Err(_) => match spawn_holder(opts) {
                 Ok(c) => c,
@@ -352,7 +352,7 @@ fn attach(opts: &Options) -> Result<(OwnedFd, Option<OwnedFd>), FailoverError> {
             },
         };
         let mut buf = vec![0u8; MESSAGE_BYTES];
-        match crate::holder::recv_timeout(conn.as_fd(), &mut buf, ATTACH_TIMEOUT) {
+        match crate::frontend::holder::recv_timeout(conn.as_fd(), &mut buf, ATTACH_TIMEOUT) {
             Ok((n, mut fds)) if &buf[..n] == b"DEVICE" && fds.len() == 1 => {
                 return Ok((conn, fds.pop()))
             }
@@ -408,7 +408,7 @@ fn spawn_holder(opts: &Options) -> Result<OwnedFd, FailoverError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     // Not waited for once it listens: it must outlive us (dropping `child` leaves it).
     loop {
-        match crate::holder::connect(&socket) {
+        match crate::frontend::holder::connect(&socket) {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() > deadline => {
                 return Err(herr(format!("did not come up: {e}")))
@@ -436,7 +436,7 @@ fn attach_fresh_holder(opts: &Options, device: &CachefilesDevice) -> Result<Keep
             reason: "the holder already keeps another cache".into(),
         });
     }
-    crate::holder::send(conn.as_fd(), b"KEEP", &[device.as_raw_fd()]).map_err(|e| {
+    crate::frontend::holder::send(conn.as_fd(), b"KEEP", &[device.as_raw_fd()]).map_err(|e| {
         FailoverError::Holder {
             socket: opts.socket(),
             reason: e.to_string(),
@@ -515,12 +515,11 @@ impl HolderLink {
                         reason: "a replacement holder already had a device".into(),
                     });
                 }
-                crate::holder::send(c.as_fd(), b"KEEP", &[self.device.as_raw_fd()]).map_err(
-                    |e| FailoverError::Holder {
+                crate::frontend::holder::send(c.as_fd(), b"KEEP", &[self.device.as_raw_fd()])
+                    .map_err(|e| FailoverError::Holder {
                         socket: self.opts.socket(),
                         reason: e.to_string(),
-                    },
-                )?;
+                    })?;
                 Ok(c)
             }) {
                 Ok(c) => {
