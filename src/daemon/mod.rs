@@ -21,7 +21,7 @@
 pub mod teardown;
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -511,7 +511,24 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
             Err(why) if want == FrontEnd::Cachefiles => {
                 bail!("front end cachefiles was forced but is unavailable: {why}")
             }
-            Err(why) => unavailable.push(format!("cachefiles unavailable: {why}")),
+            Err(why) => {
+                // Layers an earlier daemon mounted over its cache read through that cache
+                // only: another front end cannot serve them, and they would hang.
+                let held = fscache_mounts_under(&config.root).unwrap_or_default();
+                if let Some(first) = held.first() {
+                    bail!(
+                        "cachefiles: {why}; {} layer(s) mounted over an earlier daemon's \
+                         cachefiles cache are still in place (first: {}), and no other \
+                         front end can serve them, so `auto` does not fall back. Fix the \
+                         cause and start again, or stop what uses those layers and run \
+                         `dedupd teardown --root {}`",
+                        held.len(),
+                        first.display(),
+                        config.root.display()
+                    )
+                }
+                unavailable.push(format!("cachefiles unavailable: {why}"))
+            }
         }
     }
     if matches!(want, FrontEnd::Auto | FrontEnd::Fanotify) {
@@ -551,6 +568,31 @@ pub fn select(config: &Config) -> anyhow::Result<Selection> {
         unavailable,
         cachefiles: None,
     })
+}
+
+/// Mount points under `root` of EROFS mounted over fscache (`fsid=` in the super
+/// options, no backing file): what only a cachefiles daemon can serve.
+fn fscache_mounts_under(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let root = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(fscache_mounts_in(&info, &root))
+}
+
+/// [`fscache_mounts_under`] over mountinfo text.
+fn fscache_mounts_in(info: &str, root: &Path) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split(' ');
+            let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
+            let fscache = fstype == "erofs" && opts.split(',').any(|o| o.starts_with("fsid="));
+            fscache.then_some(())?;
+            let p = crate::frontend::fanotify::holder::unescape_mount_path(pre.split(' ').nth(4)?);
+            Some(PathBuf::from(std::ffi::OsStr::from_bytes(&p)))
+        })
+        .filter(|p| p.starts_with(root))
+        .collect()
 }
 
 /// The running data plane.
@@ -1046,6 +1088,22 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fscache_mounts_are_told_from_file_backed_ones() {
+        let info = "\
+36 25 0:33 / /r/m/1 ro,nodev shared:1 - erofs none ro,fsid=abcd,domain_id=dedupd
+37 25 0:34 / /r/m/2 ro,nodev shared:2 - erofs /r/layers/x.erofs ro,device=/r/b
+38 25 0:35 / /other/m/3 ro shared:3 - erofs none ro,fsid=ef
+39 25 0:36 / /r/m/with\\040space ro shared:4 - erofs none ro,fsid=12
+40 25 0:37 / /r/ovl rw shared:5 - overlay overlay rw,lowerdir=/r/m/1
+";
+        let got = fscache_mounts_in(info, Path::new("/r"));
+        assert_eq!(
+            got,
+            vec![PathBuf::from("/r/m/1"), PathBuf::from("/r/m/with space")]
+        );
+    }
 
     fn config(root: &Path, front_end: FrontEnd) -> Config {
         Config {

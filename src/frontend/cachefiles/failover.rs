@@ -140,19 +140,11 @@ impl Keeper {
     /// At a clean stop: with `in_use` false (no volume of the cache left), the keeper lets
     /// the cache go (the holder exits; the fd store drops the fd); otherwise it keeps it
     /// for the next daemon.
-    pub fn release(self, in_use: bool) {
-        match self.kind {
+    pub fn release(mut self, in_use: bool) {
+        let kind = std::mem::replace(&mut self.kind, KeeperKind::Supervisor);
+        match kind {
             KeeperKind::Holder(link) => {
-                let one = 1u64.to_ne_bytes();
-                let _ = nix::unistd::write(&link.stop, &one);
-                if let Some(w) = link
-                    .watcher
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
-                    let _ = w.join();
-                }
+                link.stop_watcher();
                 if in_use {
                     tracing::info!("layers are still mounted: the cachefiles holder keeps the cache for the next daemon");
                     return;
@@ -177,6 +169,17 @@ impl Keeper {
                 }
             }
             KeeperKind::Supervisor => {}
+        }
+    }
+}
+
+/// A keeper dropped without [`Keeper::release`] (the daemon gave up on this cache, say
+/// `restore` failed) stops watching its holder, which keeps the cache for the next
+/// daemon: nothing is released behind the caller's back, and no thread outlives it.
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        if let KeeperKind::Holder(link) = &self.kind {
+            link.stop_watcher();
         }
     }
 }
@@ -481,6 +484,20 @@ fn watch(
 }
 
 impl HolderLink {
+    /// Stops the watcher thread and waits for it (idempotent).
+    fn stop_watcher(&self) {
+        let one = 1u64.to_ne_bytes();
+        let _ = nix::unistd::write(&self.stop, &one);
+        let handle = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(w) = handle {
+            let _ = w.join();
+        }
+    }
+
     fn watch(&self) {
         // Bounded by the daemon's life: each round waits for an event.
         loop {
