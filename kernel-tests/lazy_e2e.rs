@@ -858,6 +858,11 @@ fn lazy_layer_readers_never_notice_kill_9_restarts() {
     let kills = env_u64("DEDUPD_SOAK_KILLS", 100) as usize;
     let mib = env_u64("DEDUPD_SOAK_MIB", 64) as usize;
     let delay = Duration::from_millis(env_u64("DEDUPD_SOAK_FETCH_DELAY_MS", 250));
+    // How long each daemon serves before it is killed, at random in [min, max) ms. A
+    // daemon must live long enough to finish one fetch, or no reader can progress
+    // (under emulation a fetch takes most of a second).
+    let up_min = env_u64("DEDUPD_SOAK_UP_MIN_MS", 50);
+    let up_max = env_u64("DEDUPD_SOAK_UP_MAX_MS", 500).max(up_min + 1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
     let registry = TestRegistry::plain();
@@ -958,7 +963,7 @@ fn lazy_layer_readers_never_notice_kill_9_restarts() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(15);
     let (mut restarts, mut round_longest, mut kill_times) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..kills {
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..500)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(up_min..up_max)));
         let t = Instant::now();
         d.kill9();
         kill_times.push(Instant::now());
