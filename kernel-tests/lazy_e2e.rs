@@ -347,6 +347,21 @@ impl Drop for Daemon {
                 let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        // The holders end now, not some seconds after the last mount went: a
+        // cachefiles holder keeps its cache dir bound, and the root could not be removed.
+        match Command::new(dedupd())
+            .args(["teardown", "--root"])
+            .arg(self.root.path().join("store"))
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "dedupd teardown failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("dedupd teardown could not run: {e}"),
+        }
         if std::thread::panicking() {
             eprintln!("--- dedupd log ---\n{}", self.log());
         }

@@ -11,7 +11,9 @@
 # own-daemon
 # timeout-s: 1500
 . /tests/lib.sh
-KILLS=${T75_KILLS:-50}
+# 15 kills in CI (about 19 s a round under emulation); the acceptance runs in
+# bench/RESULTS.md use 50 (vm/run with DEDUPD_VM_ENV=T75_KILLS=50).
+KILLS=${T75_KILLS:-15}
 m=/mnt/t75
 ref=$DATA/ext4copy/bench
 log=/out/t75-dedupd.log
