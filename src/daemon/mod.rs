@@ -647,6 +647,7 @@ fn fanotify_snapshot(s: &crate::frontend::fanotify::Stats) -> StatsSnapshot {
         chunk_errors: e.chunk_errors,
         write_errors: e.write_errors,
         fetch_waits: e.fetch_waits,
+        refetches: e.refetches,
         fetch_errors: e.fetch_errors,
         source_errors: e.source_errors,
         in_flight_hwm: e.in_flight_hwm,

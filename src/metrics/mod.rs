@@ -373,6 +373,14 @@ impl Collector for Families {
             None,
             &by_fe(en.fetch_waits),
         )?;
+        counter(
+            &mut e,
+            "dedupd_refetches",
+            "Chunks whose stored record had been evicted (or failed) and that a fill \
+             asked of the fetcher again.",
+            None,
+            &by_fe(en.refetches),
+        )?;
         if let Some((f, lat)) = &s.fetch {
             counter(
                 &mut e,

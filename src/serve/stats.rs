@@ -43,6 +43,9 @@ pub struct ThreadCounters {
     pub write_errors: AtomicU64,
     /// Pieces parked on the fetcher (chunks of lazily pulled blobs the store lacked).
     pub fetch_waits: AtomicU64,
+    /// Pieces whose stored record failed (an evicted chunk's hole, a retired pack, a
+    /// damaged record) and that were asked of the fetcher again (lazily pulled blobs).
+    pub refetches: AtomicU64,
     /// Pieces whose fetch failed (timeout, corrupt twice, registry error).
     pub fetch_errors: AtomicU64,
     /// Source reads that failed (pack or image file I/O).
@@ -307,6 +310,7 @@ impl Default for ThreadCounters {
             chunk_errors: z(),
             write_errors: z(),
             fetch_waits: z(),
+            refetches: z(),
             fetch_errors: z(),
             source_errors: z(),
             malformed_messages: z(),
@@ -374,6 +378,9 @@ pub struct StatsSnapshot {
     /// See [`ThreadCounters::fetch_waits`].
     #[serde(default)]
     pub fetch_waits: u64,
+    /// See [`ThreadCounters::refetches`].
+    #[serde(default)]
+    pub refetches: u64,
     /// See [`ThreadCounters::fetch_errors`].
     #[serde(default)]
     pub fetch_errors: u64,
@@ -439,6 +446,7 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
         chunk_errors: sum(|t| &t.chunk_errors),
         write_errors: sum(|t| &t.write_errors),
         fetch_waits: sum(|t| &t.fetch_waits),
+        refetches: sum(|t| &t.refetches),
         fetch_errors: sum(|t| &t.fetch_errors),
         source_errors: sum(|t| &t.source_errors),
         malformed_messages: sum(|t| &t.malformed_messages),

@@ -782,6 +782,39 @@ impl<F: FrontEnd> Worker<F> {
         Step::Started
     }
 
+    /// Parks again, on the fetcher, a piece whose pack read failed (a hole where an
+    /// evicted chunk's record was, a pack compaction retired, a damaged record), when
+    /// its blob was pulled lazily: the fetcher finds where the store holds the chunk
+    /// now, or fetches it again, and its answer is verified like any other. The
+    /// request's cursor stays where it is. False (the caller fails the piece) for a
+    /// converted blob, without a fetcher, or with no room to park.
+    fn refetch(&mut self, w: Wait) -> bool {
+        let Some(FillSource::Chunked(table)) = self.reqs.get_mut(w.req).map(|q| q.source.clone())
+        else {
+            return false;
+        };
+        let (Some(fetcher), Some(mailbox), Some(_), Some(index)) = (
+            self.cfg.fetcher.clone(),
+            self.mailbox.clone(),
+            table.remote(),
+            table.index_at(w.slot_off),
+        ) else {
+            return false;
+        };
+        if table.entries()[index].digest != w.digest {
+            return false;
+        }
+        let Ok(ticket) = self.waits.insert(w) else {
+            return false;
+        };
+        bump(&self.c().fetch_waits);
+        if let Some(q) = self.reqs.get_mut(w.req) {
+            q.in_flight += 1;
+        }
+        fetcher.request(table, index, Reply::Mailbox { mailbox, ticket });
+        true
+    }
+
     /// Takes the fetcher's answers: fetched pieces queue for their pack reads, failed
     /// ones fail their requests (EIO).
     fn take_answers(&mut self) {
@@ -1089,6 +1122,21 @@ impl<F: FrontEnd> Worker<F> {
                     Err((why, msg)) => {
                         self.pool.give(rbuf);
                         self.pool.give(dbuf);
+                        let wait = Wait {
+                            req,
+                            digest,
+                            slot_off,
+                            w_off,
+                            w_len,
+                            parked: self.now,
+                        };
+                        if !fetched && self.refetch(wait) {
+                            // This op's count ends; the parked piece counts itself.
+                            tracing::debug!(req = self.req_id(req), chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}: the chunk was evicted (or damaged) since its location was read; asking the fetcher");
+                            bump(&self.c().refetches);
+                            self.write_done(req, None, 0, Ok(0), false);
+                            return;
+                        }
                         let counter = match why {
                             FillError::Chunk => &self.counters[self.id].chunk_errors,
                             _ => &self.counters[self.id].source_errors,

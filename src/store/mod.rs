@@ -55,6 +55,7 @@
 pub mod blob;
 pub mod chunk;
 mod compact;
+pub mod evict;
 pub mod lz4prefix;
 pub mod remote;
 
@@ -71,6 +72,7 @@ use serde::{Deserialize, Serialize};
 pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
 pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
 pub use self::compact::{CompactOptions, CompactStats, FinishStats};
+pub use self::evict::{Evictable, Evicted, Hole};
 pub use self::remote::{
     FetchCommit, FetchWriter, Locator, RemoteBlob, RemoteLayerCommit, RemoteSource,
 };

@@ -517,7 +517,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod store_tests {
+pub(crate) mod store_tests {
     use super::*;
     use crate::store::blob::{blob_id, BlobBuilder};
     use crate::store::tests::commit_layer;
@@ -527,7 +527,7 @@ mod store_tests {
         (0..len).map(|i| (i as u8).wrapping_mul(n) ^ n).collect()
     }
 
-    fn record_of(data: &[u8]) -> (ChunkDigest, Option<Leaves>, Vec<u8>) {
+    pub(crate) fn record_of(data: &[u8]) -> (ChunkDigest, Option<Leaves>, Vec<u8>) {
         let (d, leaves) = Leaves::digest_of(data);
         let mut rec = vec![];
         chunk::encode_record(data, &d, &mut rec);
@@ -535,7 +535,7 @@ mod store_tests {
     }
 
     /// Registers a remote layer over `chunks` (locators are made up: nothing fetches).
-    fn remote_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> LayerRecord {
+    pub(crate) fn remote_layer(store: &Store, diff: &str, chunks: &[Vec<u8>]) -> LayerRecord {
         let mut b = BlobBuilder::new();
         for c in chunks {
             b.add(ChunkDigest::of(c), c.len() as u32);

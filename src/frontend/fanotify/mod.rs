@@ -280,6 +280,7 @@ impl Stats {
         e.chunk_errors += p.chunk_errors;
         e.write_errors += p.write_errors;
         e.fetch_waits += p.fetch_waits;
+        e.refetches += p.refetches;
         e.fetch_errors += p.fetch_errors;
         e.source_errors += p.source_errors;
         e.served_from_store_bytes += p.served_from_store_bytes;
