@@ -217,6 +217,11 @@ struct Daemon {
 impl Daemon {
     /// `lazy`: extra lines of the config's `[lazy]` table.
     fn start(fetch_timeout_ms: u64, lazy: &str) -> Daemon {
+        Daemon::start_with(fetch_timeout_ms, lazy, "")
+    }
+
+    /// [`Daemon::start`] with more tables (`[cache]`) after `[lazy]`.
+    fn start_with(fetch_timeout_ms: u64, lazy: &str, tables: &str) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("dlazy")
             .tempdir_in(tmp_base())
@@ -230,7 +235,7 @@ impl Daemon {
         fs::write(
             &config,
             format!(
-                "root = {:?}\nsocket = {:?}\nfront_end = {:?}\n\n[registry]\nplain_http = true\nhosts_dir = {:?}\n\n[lazy]\nprefetch = \"none\"\nfetch_timeout_ms = {fetch_timeout_ms}\n{lazy}\n",
+                "root = {:?}\nsocket = {:?}\nfront_end = {:?}\n\n[registry]\nplain_http = true\nhosts_dir = {:?}\n\n[lazy]\nprefetch = \"none\"\nfetch_timeout_ms = {fetch_timeout_ms}\n{lazy}\n{tables}\n",
                 d.root.path().join("store"),
                 d.socket(),
                 std::env::var("LAZY_E2E_FRONT_END").unwrap_or_else(|_| "fanotify".into()),
@@ -290,6 +295,20 @@ impl Daemon {
 
     fn log(&self) -> String {
         fs::read_to_string(self.root.path().join("dedupd.log")).unwrap_or_default()
+    }
+
+    /// The whole of stats.json now.
+    fn status(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(t) = fs::read_to_string(self.stats_path()) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
+                    return v;
+                }
+            }
+            assert!(Instant::now() < deadline, "no stats");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The fetcher's counters now.
@@ -649,6 +668,112 @@ fn lazy_layers_read_back_byte_identical_and_each_chunk_is_fetched_once() {
             d.fetch()
         );
         assert_eq!(d.fetch()["failed"], 0);
+    });
+}
+
+/// Issue 16's bounded cache: lazily pulled data far over the limit, read by verifying
+/// readers while the evictor runs beside them; usage comes back under the high
+/// watermark, and an image made of evicted chunks fetches them again and reads right.
+#[test]
+fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
+    let registry = TestRegistry::plain();
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/bounded/a:1", registry.host),
+        &la,
+    ));
+    // C: A's big file again, under another name in a layer of its own (another blob,
+    // so another blob file: its fills need the store, or the registry).
+    let mut c_layer = Layer::default();
+    // (With the big file alone its chunk table, so its blob, would be A's.)
+    c_layer.files.push((
+        "copy/README".into(),
+        b"the same weights, elsewhere".to_vec(),
+    ));
+    c_layer
+        .files
+        .push(("copy/weights.bin".into(), la[2].files[0].1.clone()));
+    let c = rt.block_on(push_image(
+        &client,
+        &format!("{}/bounded/c:1", registry.host),
+        &[c_layer],
+    ));
+    let own_c = c.chunks.difference(&a.chunks).count() as u64;
+    assert_eq!(own_c, 1, "C's chunks are A's, but for its README");
+    let src = scratch.path().join("publisher");
+    publish(&a.reference, &src);
+    publish(&c.reference, &src);
+
+    let limit = 8u64 << 20;
+    let high = limit * 9 / 10;
+    let mut d = Daemon::start_with(
+        10_000,
+        "",
+        &format!(
+            "[cache]\nlimit = \"8MiB\"\nhigh_watermark_percent = 90\nlow_watermark_percent = 80\ncheck_period_ms = 100\npunch_grace_ms = 300\n"
+        ),
+    );
+    let settle = |d: &Daemon| -> serde_json::Value {
+        // Under the high watermark within a few passes and a grace period.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = d.status();
+            if s["cache"]["bounded_bytes"].as_u64().unwrap() <= high {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cache stays over its high watermark: {}",
+                s["cache"]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    rt.block_on(async {
+        let mut cl = connect(&d.socket()).await;
+        let top = pull_lazily(&mut cl, &a, &a.reference).await;
+        let at = view(&mut cl, &mut d, "va", &top).await;
+        read_all(&at, &a.want, 8);
+        let fetched_a = d.settled("chunks_fetched") + d.settled("zero_chunks");
+        // (A chunk two of A's files share, in two layers, may be evicted between the
+        // two fills and fetched twice.)
+        assert!(fetched_a >= a.chunks.len() as u64, "every chunk of A");
+        let s = settle(&d);
+        eprintln!("after A: cache {} fetch {}", s["cache"], s["fetch"]);
+        assert_eq!(s["cache"]["limit_bytes"].as_u64(), Some(limit));
+        let evicted = s["cache"]["evictions"].as_u64().unwrap();
+        assert!(evicted > 0, "nothing evicted: {}", s["cache"]);
+        // Everything of A reads right still (its blob files hold what was read).
+        read_all(&at, &a.want, 4);
+
+        // C's chunks are all A's: what was evicted comes from the registry again.
+        let top_c = pull_lazily(&mut cl, &c, &c.reference).await;
+        let ct = view(&mut cl, &mut d, "vc", &top_c).await;
+        read_all(&ct, &c.want, 8);
+        let fetched_c = d.settled("chunks_fetched") + d.settled("zero_chunks") - fetched_a;
+        let s = settle(&d);
+        eprintln!("after C: cache {} fetch {} refetched {fetched_c}", s["cache"], s["fetch"]);
+        assert!(
+            fetched_c > own_c && fetched_c <= c.chunks.len() as u64,
+            "C fetched {fetched_c} of its {} chunks; all but {own_c} had been fetched for A, and {evicted} evicted since",
+            c.chunks.len()
+        );
+        assert_eq!(d.fetch()["failed"], 0);
+        assert_eq!(s["reads_failed"], 0, "a read was failed");
+        eprintln!(
+            "fills that found an evicted chunk's hole and asked the fetcher: {}",
+            s["refetches"]
+        );
+        read_all(&ct, &c.want, 4);
+        unview(&mut cl, &mut d, "vc", &ct).await;
+        unview(&mut cl, &mut d, "va", &at).await;
     });
 }
 

@@ -42,6 +42,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// Lazy pull of layers that have a published dedupd artifact.
     pub lazy: LazyConfig,
+    /// `[cache]`: how much lazily pulled data the node keeps.
+    pub cache: CacheConfig,
     /// Where the Prometheus endpoint (`GET /metrics`) listens: a unix socket path
     /// (`/run/dedupd/metrics.sock`, root only) or `127.0.0.1:PORT`. Off when unset.
     pub metrics_address: Option<String>,
@@ -123,6 +125,104 @@ pub struct LazyConfig {
     pub stream: bool,
 }
 
+/// `[cache]`: the bounded cache. What it bounds is the data of lazily pulled layers
+/// that can be fetched again: their chunks in the store (see
+/// [`crate::store::evict`]). Layers pulled the classic way are never evicted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The limit: bytes (`1073741824`), with a unit (`500MiB`, `20GiB`, `2TB`), or a
+    /// share of the root's filesystem (`25%`). Unset: unbounded.
+    pub limit: Option<String>,
+    /// Eviction starts when the data passes this percentage of the limit.
+    pub high_watermark_percent: u8,
+    /// ... and evicts down to this percentage of it.
+    pub low_watermark_percent: u8,
+    /// How often usage is checked, milliseconds.
+    pub check_period_ms: u64,
+    /// How long an evicted chunk's record stays readable before its bytes are
+    /// deallocated (a fill that looked the chunk up just before still reads it),
+    /// milliseconds.
+    pub punch_grace_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig {
+            limit: None,
+            high_watermark_percent: 90,
+            low_watermark_percent: 80,
+            check_period_ms: 2000,
+            punch_grace_ms: 5000,
+        }
+    }
+}
+
+/// A cache limit as configured: bytes, or a share of the root's filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitSpec {
+    /// That many bytes.
+    Bytes(u64),
+    /// This percentage (1..=100) of the filesystem's size.
+    Percent(u8),
+}
+
+impl LimitSpec {
+    /// Parses `limit` (see [`CacheConfig::limit`]).
+    pub fn parse(s: &str) -> Result<LimitSpec, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(n) if (1..=100).contains(&n) => Ok(LimitSpec::Percent(n)),
+                _ => Err(format!("cache limit {s:?}: a percentage is 1% to 100%")),
+            };
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("cache limit {s:?}: not a number of bytes"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => {
+                return Err(format!(
+                    "cache limit {s:?}: unknown unit {u:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or %)"
+                ))
+            }
+        };
+        match n.checked_mul(mult) {
+            Some(0) => Err(format!("cache limit {s:?}: must be more than 0")),
+            Some(b) => Ok(LimitSpec::Bytes(b)),
+            None => Err(format!("cache limit {s:?}: too large")),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The limit, checked with its watermarks; `None` when unbounded.
+    pub fn spec(&self) -> Result<Option<LimitSpec>, String> {
+        let Some(l) = &self.limit else {
+            return Ok(None);
+        };
+        let spec = LimitSpec::parse(l)?;
+        let (lo, hi) = (self.low_watermark_percent, self.high_watermark_percent);
+        if !(lo < hi && hi <= 100 && lo > 0) {
+            return Err(format!(
+                "cache watermarks: need 0 < low ({lo}%) < high ({hi}%) <= 100%"
+            ));
+        }
+        Ok(Some(spec))
+    }
+}
+
 impl Default for LazyConfig {
     fn default() -> LazyConfig {
         let d = crate::remote::FetchConfig::default();
@@ -163,6 +263,7 @@ impl Default for Config {
             chunk_bytes: crate::store::DEFAULT_CHUNK_BYTES,
             registry: RegistryConfig::default(),
             lazy: LazyConfig::default(),
+            cache: CacheConfig::default(),
             metrics_address: None,
         }
     }

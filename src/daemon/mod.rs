@@ -18,6 +18,7 @@
 //! `metrics_address`, a Prometheus endpoint ([`crate::metrics`]) serves counters summed
 //! at scrape time.
 
+pub mod cache_limit;
 pub mod teardown;
 
 use std::fs;
@@ -205,13 +206,23 @@ fn cache_dir_of(root: &Path, f: FrontEnd) -> PathBuf {
     }
 }
 
-/// The cache on disk (no limit yet: the bounded cache fills in `limit_bytes` and
-/// `evictions`) and the pack files' bytes.
-fn disk_usage(root: &Path, f: FrontEnd) -> (CacheUsage, u64) {
-    let cache = CacheUsage {
+/// The bounded cache's counters and limit, when there is one.
+type Bound = Option<(Arc<cache_limit::EvictStats>, cache_limit::Watermarks)>;
+
+/// The cache on disk (with the bounded cache's limit and counters) and the pack
+/// files' bytes.
+fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
+    let mut cache = CacheUsage {
         bytes: disk_bytes(&cache_dir_of(root, f)),
         ..CacheUsage::default()
     };
+    if let Some((stats, marks)) = bound {
+        cache.limit_bytes = Some(marks.limit);
+        cache.evictions = stats.chunks.load(std::sync::atomic::Ordering::Relaxed);
+        cache.bounded_bytes = stats
+            .bounded_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+    }
     let packs = fs::read_dir(root.join("chunks"))
         .map(|rd| {
             rd.flatten()
@@ -344,17 +355,18 @@ pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
     let c = &status.cache;
     let limit = match c.limit_bytes {
         Some(l) if l > 0 => format!(
-            "of {} ({:.0}%)",
+            "lazily pulled data {} of {} limit ({:.0}%), {} chunks evicted",
+            human_bytes(c.bounded_bytes),
             human_bytes(l),
-            c.bytes as f64 * 100.0 / l as f64
+            c.bounded_bytes as f64 * 100.0 / l as f64,
+            c.evictions
         ),
-        _ => "(no limit)".to_string(),
+        _ => "no limit".to_string(),
     };
     writeln!(
         out,
-        "cache: {} {limit}, {} evictions; store packs {}",
+        "cache: front end files {}; {limit}; store packs {}",
         human_bytes(c.bytes),
-        c.evictions,
         human_bytes(status.pack_bytes)
     )?;
     if let Some(snap) = status.snapshotter.as_object() {
@@ -896,6 +908,7 @@ fn metrics_source(
     snap: Arc<Snapshotter>,
     root: PathBuf,
     registered: Arc<std::sync::atomic::AtomicU64>,
+    bound: Bound,
 ) -> crate::metrics::Source {
     Arc::new(move || {
         let mut s = crate::metrics::Sample {
@@ -906,7 +919,7 @@ fn metrics_source(
         plane.sample(&mut s);
         s.engine.front_end = front_end.to_string();
         s.fetch = fetcher.as_ref().map(|f| (f.stats(), f.latency()));
-        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end));
+        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end), &bound);
         if let Ok(st) = snap.status() {
             s.snapshots = crate::metrics::SnapshotCounts {
                 active: st.active,
@@ -928,6 +941,35 @@ fn front_end_of(name: &str) -> FrontEnd {
         "fanotify" => FrontEnd::Fanotify,
         _ => FrontEnd::Local,
     }
+}
+
+/// The bounded cache's thread, when `[cache] limit` is set.
+fn start_evictor(
+    config: &Config,
+    store: &Arc<Store>,
+    fetcher: Option<&Arc<Fetcher>>,
+) -> anyhow::Result<Option<cache_limit::EvictorThread>> {
+    let Some(marks) = cache_limit::Watermarks::from_config(&config.cache, &config.root)
+        .context("[cache] in the config")?
+    else {
+        return Ok(None);
+    };
+    tracing::info!(
+        limit = marks.limit,
+        high = marks.high,
+        low = marks.low,
+        "bounded cache: chunks of lazily pulled layers are evicted above the high watermark"
+    );
+    let evictor = cache_limit::Evictor::new(
+        store.clone(),
+        marks,
+        Duration::from_millis(config.cache.punch_grace_ms),
+        fetcher.map(|f| f.touches().clone()),
+    );
+    let period = Duration::from_millis(config.cache.check_period_ms.max(100));
+    Ok(Some(
+        cache_limit::EvictorThread::spawn(evictor, period).context("starting the evictor")?,
+    ))
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -993,10 +1035,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         snapshotter = snapshotter.with_lazy(puller.clone());
     }
     let snap = Arc::new(snapshotter);
+    let mut evictor = start_evictor(&config, &store, fetcher.as_ref())?;
+    let bound: Bound = evictor
+        .as_ref()
+        .map(|t| (t.stats().clone(), t.watermarks()));
     let control = ControlThread::spawn(config.socket.clone(), snap.clone())
         .with_context(|| format!("starting the snapshotter on {}", config.socket.display()))?;
     let front_end = sel.front_end;
-    let usage = Arc::new(std::sync::Mutex::new(disk_usage(&config.root, front_end)));
+    let usage = Arc::new(std::sync::Mutex::new(disk_usage(
+        &config.root,
+        front_end,
+        &bound,
+    )));
     let registered_now = Arc::new(std::sync::atomic::AtomicU64::new(registered));
     let metrics = match metrics_address {
         Some(addr) => {
@@ -1007,6 +1057,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 snap.clone(),
                 config.root.clone(),
                 registered_now.clone(),
+                bound.clone(),
             );
             Some(crate::metrics::Server::start(addr, source)?)
         }
@@ -1045,7 +1096,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         registered_now.store(registered, std::sync::atomic::Ordering::Relaxed);
         if pass % USAGE_EVERY_PASSES == 0 {
-            let u = disk_usage(&config.root, front_end);
+            let u = disk_usage(&config.root, front_end, &bound);
             *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
         }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
@@ -1085,6 +1136,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(f) = &fetcher {
         // After the data plane: its parked reads get their answers (or "stopped").
         f.stop();
+    }
+    if let Some(e) = &mut evictor {
+        // Nothing reads any more: evicted records are deallocated now.
+        e.stop();
     }
     write_status(&path, &status(fin, false, registered))
         .with_context(|| format!("{}", path.display()))?;
@@ -1202,6 +1257,7 @@ mod tests {
                 bytes: 3 << 20,
                 limit_bytes: Some(12 << 20),
                 evictions: 2,
+                bounded_bytes: 5 << 20,
             },
             snapshotter: serde_json::json!({
                 "active": 1, "views": 0, "committed": 2,
@@ -1232,7 +1288,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("cache: 3.0 MiB of 12.0 MiB (25%), 2 evictions"),
+            text.contains(
+                "cache: front end files 3.0 MiB; lazily pulled data 5.0 MiB of 12.0 MiB limit \
+                 (42%), 2 chunks evicted"
+            ),
             "{text}"
         );
         assert!(

@@ -115,9 +115,13 @@ pub struct CacheUsage {
     /// The configured limit; `None` when the cache is unbounded.
     #[serde(default)]
     pub limit_bytes: Option<u64>,
-    /// Cache files (or ranges) evicted to stay under the limit.
+    /// Chunks evicted to stay under the limit.
     #[serde(default)]
     pub evictions: u64,
+    /// Bytes counted against the limit: chunks of lazily pulled layers the store
+    /// holds, and evicted ones not yet deallocated.
+    #[serde(default)]
+    pub bounded_bytes: u64,
 }
 
 /// Snapshot and layer counts.
@@ -462,11 +466,19 @@ impl Collector for Families {
                 Some(&Unit::Bytes),
                 &by_fe(limit),
             )?;
+            gauge(
+                &mut e,
+                "dedupd_cache_bounded",
+                "Bytes counted against the limit: chunks of lazily pulled layers in the \
+                 store, and evicted ones not yet deallocated.",
+                Some(&Unit::Bytes),
+                &by_fe(s.cache.bounded_bytes),
+            )?;
         }
         counter(
             &mut e,
             "dedupd_cache_evictions",
-            "Cache entries evicted to stay under the limit.",
+            "Chunks evicted to stay under the cache limit.",
             None,
             &by_fe(s.cache.evictions),
         )?;

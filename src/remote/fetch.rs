@@ -351,6 +351,42 @@ struct Window {
     prefetch: bool,
 }
 
+/// Most touches kept between two drains; later ones are dropped (a drain comes every
+/// few seconds, and a touch only sharpens the eviction order).
+const MAX_TOUCHES: usize = 1 << 16;
+
+/// Chunks read lately: each fetched chunk, and each stored chunk a fill read (the
+/// serving engine reports them). The bounded cache drains it to order evictions, least
+/// recently used first. Off (and free) until [`TouchLog::enable`].
+#[derive(Default)]
+pub struct TouchLog {
+    on: std::sync::atomic::AtomicBool,
+    log: Mutex<Vec<ChunkDigest>>,
+}
+
+impl TouchLog {
+    /// Starts keeping touches.
+    pub fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes that `digest` was just read.
+    pub fn touch(&self, digest: ChunkDigest) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() < MAX_TOUCHES {
+            log.push(digest);
+        }
+    }
+
+    /// The touches since the last drain, oldest first.
+    pub fn drain(&self) -> Vec<ChunkDigest> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// What the fetch tasks share.
 struct Ctx {
     store: Arc<Store>,
@@ -359,6 +395,7 @@ struct Ctx {
     stats: Arc<FetchStats>,
     tx: mpsc::UnboundedSender<Msg>,
     writer: Mutex<Option<FetchWriter>>,
+    touches: Arc<TouchLog>,
 }
 
 /// The running fetcher. Dropping it (or [`Fetcher::stop`]) fails what still waits,
@@ -366,6 +403,7 @@ struct Ctx {
 pub struct Fetcher {
     tx: mpsc::UnboundedSender<Msg>,
     stats: Arc<FetchStats>,
+    touches: Arc<TouchLog>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
 
@@ -384,7 +422,9 @@ impl Fetcher {
             .build()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(FetchStats::default());
+        let touches = Arc::new(TouchLog::default());
         let ctx = Arc::new(Ctx {
+            touches: touches.clone(),
             store,
             source,
             cfg,
@@ -398,6 +438,7 @@ impl Fetcher {
         Ok(Arc::new(Fetcher {
             tx,
             stats,
+            touches,
             runtime: Mutex::new(Some(runtime)),
         }))
     }
@@ -441,6 +482,11 @@ impl Fetcher {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|rt| rt.handle().clone())
+    }
+
+    /// Chunks read lately (see [`TouchLog`]).
+    pub fn touches(&self) -> &Arc<TouchLog> {
+        &self.touches
     }
 
     /// The counters.
@@ -593,6 +639,7 @@ impl Dispatcher {
                     for (d, r) in results {
                         match &r {
                             Ok(loc) => {
+                                self.ctx.touches.touch(d);
                                 self.landed.insert(d, *loc);
                                 self.failed.remove(&d);
                             }

@@ -19,5 +19,6 @@ pub mod pull;
 
 pub use self::fetch::{
     FetchConfig, FetchFailure, FetchStats, Fetcher, Mailbox, RangeError, RangeSource, Reply,
+    TouchLog,
 };
 pub use self::pull::{LazyPuller, PrefetchMode, PullError, Traces};

@@ -1101,6 +1101,9 @@ impl<F: FrontEnd> Worker<F> {
                     }
                 };
                 if outcome.is_ok() {
+                    if let Some(f) = &self.cfg.fetcher {
+                        f.touches().touch(digest);
+                    }
                     let c = &self.counters[self.id];
                     let served = if fetched {
                         &c.fetched_bytes
