@@ -671,6 +671,90 @@ fn lazy_layers_read_back_byte_identical_and_each_chunk_is_fetched_once() {
     });
 }
 
+/// C's one layer: A's big file again, under another name (another blob, so another
+/// blob file: its fills need the store, or the registry), and a small file of its own
+/// (with the big file alone its chunk table, so its blob, would be A's).
+fn weights_again(a: &[Layer]) -> Layer {
+    let mut l = Layer::default();
+    l.files.push((
+        "copy/README".into(),
+        b"the same weights, elsewhere".to_vec(),
+    ));
+    l.files
+        .push(("copy/weights.bin".into(), a[2].files[0].1.clone()));
+    l
+}
+
+/// A layer mounted while the store held its chunks (so the front end's table has their
+/// old locations), then every chunk evicted and deallocated by a daemon restarted with
+/// a tiny limit: each fill reads a hole, fails verification, and asks the fetcher,
+/// which fetches the chunk again. Every byte is right, and no read fails.
+#[test]
+fn a_fill_that_meets_an_evicted_chunks_hole_fetches_it_again() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
+    let registry = TestRegistry::plain();
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/holes/a:1", registry.host),
+        &la,
+    ));
+    let c = rt.block_on(push_image(
+        &client,
+        &format!("{}/holes/c:1", registry.host),
+        &[weights_again(&la)],
+    ));
+    let src = scratch.path().join("publisher");
+    publish(&a.reference, &src);
+    publish(&c.reference, &src);
+
+    let mut d = Daemon::start(10_000, "");
+    let (at, ct) = rt.block_on(async {
+        let mut cl = connect(&d.socket()).await;
+        let top = pull_lazily(&mut cl, &a, &a.reference).await;
+        let at = view(&mut cl, &mut d, "va", &top).await;
+        read_all(&at, &a.want, 8);
+        // Mounted, nothing read: its table holds where the store has A's chunks.
+        let top_c = pull_lazily(&mut cl, &c, &c.reference).await;
+        let ct = view(&mut cl, &mut d, "vc", &top_c).await;
+        (at, ct)
+    });
+    d.kill9();
+    let config = d.root.path().join("config.toml");
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str("[cache]\nlimit = \"64KiB\"\ncheck_period_ms = 100\npunch_grace_ms = 200\n");
+    fs::write(&config, text).unwrap();
+    d.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = d.status();
+        let e = s["cache"]["evictions"].as_u64().unwrap_or(0);
+        // Evicted, and (a grace and a pass later) deallocated.
+        if e > 0 && s["cache"]["bounded_bytes"].as_u64().unwrap() <= 64 << 10 {
+            eprintln!("evicted at restart: {}", s["cache"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no eviction: {}", s["cache"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    read_all(&ct, &c.want, 4);
+    let s = d.status();
+    eprintln!("after C: refetches {} fetch {}", s["refetches"], s["fetch"]);
+    assert_eq!(s["reads_failed"], 0, "a read was failed");
+    assert!(
+        s["refetches"].as_u64().unwrap() > 0,
+        "no fill met a hole: {s}"
+    );
+    assert!(d.fetch()["chunks_fetched"].as_u64().unwrap() > 1);
+    // A's files, already in its blob files, read right too.
+    read_all(&at, &a.want, 4);
+}
+
 /// Issue 16's bounded cache: lazily pulled data far over the limit, read by verifying
 /// readers while the evictor runs beside them; usage comes back under the high
 /// watermark, and an image made of evicted chunks fetches them again and reads right.
@@ -689,21 +773,10 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
         &format!("{}/bounded/a:1", registry.host),
         &la,
     ));
-    // C: A's big file again, under another name in a layer of its own (another blob,
-    // so another blob file: its fills need the store, or the registry).
-    let mut c_layer = Layer::default();
-    // (With the big file alone its chunk table, so its blob, would be A's.)
-    c_layer.files.push((
-        "copy/README".into(),
-        b"the same weights, elsewhere".to_vec(),
-    ));
-    c_layer
-        .files
-        .push(("copy/weights.bin".into(), la[2].files[0].1.clone()));
     let c = rt.block_on(push_image(
         &client,
         &format!("{}/bounded/c:1", registry.host),
-        &[c_layer],
+        &[weights_again(&la)],
     ));
     let own_c = c.chunks.difference(&a.chunks).count() as u64;
     assert_eq!(own_c, 1, "C's chunks are A's, but for its README");
