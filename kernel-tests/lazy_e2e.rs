@@ -850,6 +850,111 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     });
 }
 
+/// Issue 18: an unpublished layer streamed into the converter from a registry that
+/// sends one wrong byte, then from one that cuts the stream: each is refused with a
+/// logged error naming the layer (Prepare falls back to containerd's own unpack), the
+/// store is as it was (no layer, no image file), and a retry against the mended
+/// registry streams the layer and reads right.
+#[test]
+fn a_streamed_layer_with_wrong_or_cut_bytes_is_refused_and_a_retry_converts_it() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
+    let registry = TestRegistry::plain();
+    let proxy = FaultProxy::start(&registry.host);
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    // Nothing published: Prepare streams each layer from the registry.
+    let img = rt.block_on(push_image(
+        &client,
+        &format!("{}/stream/x:1", proxy.host),
+        &la[..2],
+    ));
+    let mut d = Daemon::start(10_000, "");
+    let images = |d: &Daemon| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(d.root.path().join("store/layers"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    rt.block_on(async {
+        let mut c = connect(&d.socket()).await;
+        let chain = chain_ids(&img.diff_ids)[0].clone();
+        let layer = img.layer_digests[0].clone();
+        let before = (d.status()["snapshotter"]["layers"].clone(), images(&d));
+        let mut fails = 0;
+        for (fault, what) in [
+            (Fault::Flip, "one flipped byte"),
+            (Fault::Truncate, "a cut stream"),
+        ] {
+            proxy.set_for(fault, layer.trim_start_matches("sha256:"), None);
+            let r = c
+                .prepare(pb::PrepareSnapshotRequest {
+                    snapshotter: "dedup".into(),
+                    key: format!("extract-0 {chain}"),
+                    parent: String::new(),
+                    labels: HashMap::from([
+                        ("containerd.io/snapshot.ref".to_string(), chain.clone()),
+                        (
+                            "containerd.io/snapshot/cri.image-ref".into(),
+                            img.reference.clone(),
+                        ),
+                        (
+                            "containerd.io/snapshot/cri.manifest-digest".into(),
+                            img.manifest_digest.clone(),
+                        ),
+                        (
+                            "containerd.io/snapshot/cri.layer-digest".into(),
+                            layer.clone(),
+                        ),
+                    ]),
+                })
+                .await;
+            // Refused: the layer is not streamed; Prepare hands containerd an empty
+            // snapshot to unpack into, as for any layer dedupd cannot take (containerd
+            // checks the digest of what it downloads itself).
+            let m = r
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+                .into_inner()
+                .mounts;
+            assert_eq!(m.len(), 1, "{what}: {m:?}");
+            let log = d.log();
+            let line = log
+                .lines()
+                .filter(|l| l.contains("streaming the layer failed"))
+                .nth(fails)
+                .unwrap_or_else(|| panic!("{what}: no refusal in the log:\n{log}"))
+                .to_string();
+            fails += 1;
+            eprintln!("{what}: {line}");
+            assert!(
+                line.contains(&layer),
+                "{what}: the refusal does not name the layer"
+            );
+            assert_eq!(
+                (d.status()["snapshotter"]["layers"].clone(), images(&d)),
+                before,
+                "{what}: the store changed"
+            );
+            // containerd removes the failed extraction's snapshot; so does this test.
+            let _ = c
+                .remove(pb::RemoveSnapshotRequest {
+                    snapshotter: "dedup".into(),
+                    key: format!("extract-0 {chain}"),
+                })
+                .await;
+        }
+        proxy.set(Fault::Pass);
+        let top = pull_lazily(&mut c, &img, &img.reference).await;
+        let at = view(&mut c, &mut d, "vs", &top).await;
+        read_all(&at, &img.want, 4);
+        unview(&mut c, &mut d, "vs", &at).await;
+    });
+}
+
 #[test]
 fn registry_faults_give_eio_in_bounded_time_then_correct_reads() {
     if !require_root() {
