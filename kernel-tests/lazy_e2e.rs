@@ -789,9 +789,7 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     let mut d = Daemon::start_with(
         10_000,
         "",
-        &format!(
-            "[cache]\nlimit = \"8MiB\"\nhigh_watermark_percent = 90\nlow_watermark_percent = 80\ncheck_period_ms = 100\npunch_grace_ms = 300\n"
-        ),
+        "[cache]\nlimit = \"8MiB\"\nhigh_watermark_percent = 90\nlow_watermark_percent = 80\ncheck_period_ms = 100\npunch_grace_ms = 300\n",
     );
     let settle = |d: &Daemon| -> serde_json::Value {
         // Under the high watermark within a few passes and a grace period.
@@ -885,11 +883,13 @@ fn a_streamed_layer_with_wrong_or_cut_bytes_is_refused_and_a_retry_converts_it()
         let chain = chain_ids(&img.diff_ids)[0].clone();
         let layer = img.layer_digests[0].clone();
         let before = (d.status()["snapshotter"]["layers"].clone(), images(&d));
-        let mut fails = 0;
-        for (fault, what) in [
+        for (fails, (fault, what)) in [
             (Fault::Flip, "one flipped byte"),
             (Fault::Truncate, "a cut stream"),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             proxy.set_for(fault, layer.trim_start_matches("sha256:"), None);
             let r = c
                 .prepare(pb::PrepareSnapshotRequest {
@@ -928,7 +928,6 @@ fn a_streamed_layer_with_wrong_or_cut_bytes_is_refused_and_a_retry_converts_it()
                 .nth(fails)
                 .unwrap_or_else(|| panic!("{what}: no refusal in the log:\n{log}"))
                 .to_string();
-            fails += 1;
             eprintln!("{what}: {line}");
             assert!(
                 line.contains(&layer),

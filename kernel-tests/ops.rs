@@ -87,7 +87,8 @@ impl Scratch {
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(m) = metrics {
-            cmd.args(["--metrics-address", m]);
+            // With a cache limit, so that its families are there too.
+            cmd.args(["--metrics-address", m, "--cache-limit", "1GiB"]);
         }
         self.daemon = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -535,6 +536,9 @@ fn metrics_status_and_root_only_permissions_on_a_running_daemon() {
         ("dedupd_registry_fetch_errors", "counter"),
         ("dedupd_cache_bytes", "gauge"),
         ("dedupd_cache_evictions", "counter"),
+        ("dedupd_cache_limit_bytes", "gauge"),
+        ("dedupd_cache_bounded_bytes", "gauge"),
+        ("dedupd_refetches", "counter"),
         ("dedupd_store_bytes", "gauge"),
         ("dedupd_snapshots", "gauge"),
         ("dedupd_layers", "gauge"),

@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// `metrics_address`).
     #[arg(long)]
     pub metrics_address: Option<String>,
+    /// Bound on the lazily pulled data the node keeps: bytes, with a unit (`20GiB`), or
+    /// a percentage of the root's filesystem (overrides `[cache] limit`).
+    #[arg(long)]
+    pub cache_limit: Option<String>,
 }
 
 impl RunArgs {
@@ -100,6 +104,7 @@ impl RunArgs {
             write_strategy: WriteStrategy::Uring,
             no_read_around: false,
             metrics_address: None,
+            cache_limit: None,
         }
     }
 
@@ -123,6 +128,9 @@ impl RunArgs {
         }
         if let Some(m) = &self.metrics_address {
             c.metrics_address = Some(m.clone());
+        }
+        if let Some(l) = &self.cache_limit {
+            c.cache.limit = Some(l.clone());
         }
         Ok(c)
     }
