@@ -142,7 +142,7 @@ pub struct CacheConfig {
     pub check_period_ms: u64,
     /// How long an evicted chunk's record stays readable before its bytes are
     /// deallocated (a fill that looked the chunk up just before still reads it),
-    /// milliseconds.
+    /// milliseconds; at least 100.
     pub punch_grace_ms: u64,
 }
 

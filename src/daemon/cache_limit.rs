@@ -82,6 +82,8 @@ pub struct EvictStats {
     pub over_high: AtomicU64,
     /// Passes that failed (the store could not be read or written).
     pub failures: AtomicU64,
+    /// Evicted records that could not be deallocated.
+    pub punch_failures: AtomicU64,
 }
 
 /// What one pass did.
@@ -97,6 +99,11 @@ pub struct Pass {
     /// Record bytes deallocated.
     pub punched: u64,
 }
+
+/// The shortest grace before an evicted record is deallocated: a fill that looked the
+/// chunk up just before the eviction (the fetcher's `stored` answer) reads it well
+/// within this.
+pub const MIN_GRACE: Duration = Duration::from_millis(100);
 
 /// Keeps the bounded data under its watermarks (see the module doc).
 pub struct Evictor {
@@ -126,7 +133,7 @@ impl Evictor {
         Evictor {
             store,
             marks,
-            grace,
+            grace: grace.max(MIN_GRACE),
             touches,
             pending: VecDeque::new(),
             recency: HashMap::new(),
@@ -170,7 +177,7 @@ impl Evictor {
             due.push(h);
             self.pending.pop_front();
         }
-        pass.punched = self.punch(&due)?;
+        pass.punched = self.punch(&due);
         let mut list = self.store.evictable().context("listing evictable chunks")?;
         let pending = |p: &VecDeque<(Instant, Hole)>| p.iter().map(|(_, h)| h.len).sum::<u64>();
         let mut stored: u64 = list.iter().map(|e| e.record_bytes).sum();
@@ -213,10 +220,6 @@ impl Evictor {
                 kept = done.kept,
                 "cache over its high watermark: evicted the least recently used chunks"
             );
-            if self.grace.is_zero() {
-                let all: Vec<Hole> = self.pending.drain(..).map(|(_, h)| h).collect();
-                pass.punched += self.punch(&all)?;
-            }
         }
         pass.after = stored + pending(&self.pending);
         self.stats
@@ -227,21 +230,32 @@ impl Evictor {
 
     /// Deallocates every pending record at once: for when nothing reads any more (the
     /// data plane has stopped).
-    pub fn finish(&mut self) -> anyhow::Result<u64> {
+    pub fn finish(&mut self) -> u64 {
         let all: Vec<Hole> = self.pending.drain(..).map(|(_, h)| h).collect();
         self.punch(&all)
     }
 
-    fn punch(&self, holes: &[Hole]) -> anyhow::Result<u64> {
+    /// Deallocates `holes`; one that fails is logged and left as dead pack space
+    /// (compaction reclaims it), never retried.
+    fn punch(&self, holes: &[Hole]) -> u64 {
         if holes.is_empty() {
-            return Ok(0);
+            return 0;
         }
-        let n = self
-            .store
-            .punch(holes)
-            .context("deallocating evicted records")?;
-        self.stats.punched_bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
+        let p = self.store.punch(holes);
+        if p.failed > 0 {
+            self.stats
+                .punch_failures
+                .fetch_add(p.failed, Ordering::Relaxed);
+            tracing::warn!(
+                failed = p.failed,
+                first = p.first_error.as_deref().unwrap_or(""),
+                "evicted records could not be deallocated (they stay as dead pack space)"
+            );
+        }
+        self.stats
+            .punched_bytes
+            .fetch_add(p.bytes, Ordering::Relaxed);
+        p.bytes
     }
 }
 
@@ -271,9 +285,7 @@ impl EvictorThread {
                     }
                     std::thread::park_timeout(period);
                 }
-                if let Err(e) = evictor.finish() {
-                    tracing::warn!("bounded cache at stop: {e:#}");
-                }
+                evictor.finish();
             })?;
         Ok(EvictorThread {
             stop,

@@ -236,7 +236,8 @@ fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
                 .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                // Allocated bytes: records an eviction deallocated take none.
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .sum()
         })
         .unwrap_or(0);
@@ -962,6 +963,14 @@ fn start_evictor(
     else {
         return Ok(None);
     };
+    let Some(fetcher) = fetcher else {
+        // An evicted chunk would be gone for good: nothing could fetch it again.
+        tracing::warn!(
+            "[cache] limit is set, but lazy pull is off (or the front end cannot fetch): \
+             nothing could fetch an evicted chunk again, so nothing is evicted"
+        );
+        return Ok(None);
+    };
     tracing::info!(
         limit = marks.limit,
         high = marks.high,
@@ -972,7 +981,7 @@ fn start_evictor(
         store.clone(),
         marks,
         Duration::from_millis(config.cache.punch_grace_ms),
-        fetcher.map(|f| f.touches().clone()),
+        Some(fetcher.touches().clone()),
     );
     let period = Duration::from_millis(config.cache.check_period_ms.max(100));
     Ok(Some(

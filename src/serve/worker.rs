@@ -97,6 +97,9 @@ impl<T> Slab<T> {
     fn get_mut(&mut self, i: u32) -> Option<&mut T> {
         self.items.get_mut(i as usize)?.as_mut()
     }
+    fn get(&self, i: u32) -> Option<&T> {
+        self.items.get(i as usize)?.as_ref()
+    }
     fn len(&self) -> usize {
         self.items.len() - self.free.len()
     }
@@ -678,6 +681,18 @@ impl<F: FrontEnd> Worker<F> {
         }
         let fd = match self.pack_fd(loc.pack) {
             Ok(fd) => fd,
+            Err(err) if new_cursor.is_some() && self.remote_index(&w).is_some() => {
+                // A lazily pulled blob's chunk in a pack that is gone (evicted, then
+                // retired by compaction): the fetcher finds it or fetches it again.
+                let (table, index) = self.remote_index(&w).expect("checked");
+                tracing::debug!(
+                    req = self.req_id(r),
+                    pack = loc.pack,
+                    "opening pack: {err}; asking the fetcher"
+                );
+                bump(&self.c().refetches);
+                return self.park(w, &table, index, new_cursor.expect("checked"));
+            }
             Err(err) => {
                 bump(&self.c().source_errors);
                 tracing::warn!(pack = loc.pack, "opening pack: {err}");
@@ -789,21 +804,13 @@ impl<F: FrontEnd> Worker<F> {
     /// request's cursor stays where it is. False (the caller fails the piece) for a
     /// converted blob, without a fetcher, or with no room to park.
     fn refetch(&mut self, w: Wait) -> bool {
-        let Some(FillSource::Chunked(table)) = self.reqs.get_mut(w.req).map(|q| q.source.clone())
-        else {
-            return false;
-        };
-        let (Some(fetcher), Some(mailbox), Some(_), Some(index)) = (
+        let (Some(fetcher), Some(mailbox), Some((table, index))) = (
             self.cfg.fetcher.clone(),
             self.mailbox.clone(),
-            table.remote(),
-            table.index_at(w.slot_off),
+            self.remote_index(&w),
         ) else {
             return false;
         };
-        if table.entries()[index].digest != w.digest {
-            return false;
-        }
         let Ok(ticket) = self.waits.insert(w) else {
             return false;
         };
@@ -813,6 +820,18 @@ impl<F: FrontEnd> Worker<F> {
         }
         fetcher.request(table, index, Reply::Mailbox { mailbox, ticket });
         true
+    }
+
+    /// The table and entry of piece `w` when its blob was pulled lazily and a fetcher
+    /// can get its chunk.
+    fn remote_index(&self, w: &Wait) -> Option<(Arc<crate::store::BlobTable>, usize)> {
+        self.cfg.fetcher.as_ref()?;
+        let FillSource::Chunked(table) = &self.reqs.get(w.req)?.source else {
+            return None;
+        };
+        table.remote()?;
+        let index = table.index_at(w.slot_off)?;
+        (table.entries()[index].digest == w.digest).then(|| (table.clone(), index))
     }
 
     /// Takes the fetcher's answers: fetched pieces queue for their pack reads, failed

@@ -54,6 +54,24 @@ pub struct Hole {
     pub len: u64,
 }
 
+/// What [`Store::punch`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Punched {
+    /// Bytes deallocated.
+    pub bytes: u64,
+    /// Holes that could not be punched.
+    pub failed: u64,
+    /// The first failure, naming the pack.
+    pub first_error: Option<String>,
+}
+
+impl Punched {
+    fn fail(&mut self, why: String) {
+        self.failed += 1;
+        self.first_error.get_or_insert(why);
+    }
+}
+
 /// What [`Store::evict`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Evicted {
@@ -68,15 +86,29 @@ pub struct Evicted {
     pub holes: Vec<Hole>,
 }
 
-/// Digests named by converted layers (layer records with no remote source). By layer,
-/// not by blob: a blob is named by its table alone, so a converted layer and a lazily
-/// pulled one may share a blob that has a remote row.
+/// Digests that no registry is known to keep: those named by converted layers (layer
+/// records with no remote source) and those of blobs with no remote row. Both, since a
+/// blob is named by its table alone: a converted layer and a lazily pulled one may
+/// share a blob that has a remote row (the lazy one registered it first), or one that
+/// has none (the converted one did, and may since have been removed).
 fn converted_chunks(
     layers: &impl ReadableTable<&'static str, &'static [u8]>,
     blobs: &impl ReadableTable<&'static str, &'static [u8]>,
+    remote_blobs: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> std::result::Result<std::result::Result<HashSet<ChunkDigest>, String>, redb::Error> {
     let mut out = HashSet::new();
     let mut done = HashSet::new();
+    for row in blobs.iter()? {
+        let (id, table) = row?;
+        if remote_blobs.get(id.value())?.is_some() {
+            continue;
+        }
+        let Some(entries) = blob::decode_table(table.value()) else {
+            return Ok(Err(format!("blob {}: malformed chunk table", id.value())));
+        };
+        out.extend(entries.iter().map(|e| e.digest));
+        done.insert(id.value().to_string());
+    }
     for row in layers.iter()? {
         let (diff_id, json) = row?;
         let Ok(record) = serde_json::from_slice::<LayerRecord>(json.value()) else {
@@ -113,7 +145,7 @@ impl Store {
         let remote_blobs = txn.open_table(REMOTE_BLOBS).map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
         let layers = txn.open_table(LAYERS).map_err(self.db_err())?;
-        let converted = converted_chunks(&layers, &blobs)
+        let converted = converted_chunks(&layers, &blobs, &remote_blobs)
             .map_err(self.db_err())?
             .map_err(|m| self.corrupt(m))?;
         let mut seen = HashSet::new();
@@ -157,7 +189,8 @@ impl Store {
             {
                 let blobs = txn.open_table(BLOBS)?;
                 let layers = txn.open_table(LAYERS)?;
-                let converted = match converted_chunks(&layers, &blobs)? {
+                let remote_blobs = txn.open_table(REMOTE_BLOBS)?;
+                let converted = match converted_chunks(&layers, &blobs, &remote_blobs)? {
                     Ok(c) => c,
                     Err(m) => return Ok(Err(m)),
                 };
@@ -206,12 +239,13 @@ impl Store {
     }
 
     /// Deallocates the records of evicted chunks (their pack keeps its length; the
-    /// range reads as zeros). A pack that is gone (retired by compaction) is skipped.
-    /// Returns the bytes punched.
-    pub fn punch(&self, holes: &[Hole]) -> Result<u64> {
+    /// range reads as zeros). A pack that is gone (retired by compaction) is skipped; a
+    /// hole that cannot be punched is counted and the rest still are (its bytes stay as
+    /// dead pack space, which compaction reclaims).
+    pub fn punch(&self, holes: &[Hole]) -> Punched {
         let mut by_pack: Vec<&Hole> = holes.iter().collect();
         by_pack.sort_by_key(|h| (h.pack, h.offset));
-        let mut punched = 0;
+        let mut done = Punched::default();
         let mut open: Option<(u32, std::fs::File)> = None;
         for h in by_pack {
             if open.as_ref().is_none_or(|(p, _)| *p != h.pack) {
@@ -219,7 +253,10 @@ impl Store {
                 open = match OpenOptions::new().write(true).open(&path) {
                     Ok(f) => Some((h.pack, f)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(super::io_err(&path)(e)),
+                    Err(e) => {
+                        done.fail(format!("{}: {e}", path.display()));
+                        None
+                    }
                 };
             }
             let Some((_, f)) = &open else { continue };
@@ -233,12 +270,16 @@ impl Store {
                 )
             };
             if rc != 0 {
-                let path = self.pack_path(h.pack);
-                return Err(super::io_err(&path)(std::io::Error::last_os_error()));
+                let e = std::io::Error::last_os_error();
+                done.fail(format!(
+                    "{}: punching a hole: {e}",
+                    self.pack_path(h.pack).display()
+                ));
+                continue;
             }
-            punched += h.len;
+            done.bytes += h.len;
         }
-        Ok(punched)
+        done
     }
 }
 
@@ -301,7 +342,7 @@ mod tests {
         // keeps its length.
         let path = store.pack_path(pack);
         let len = std::fs::metadata(&path).unwrap().len();
-        assert_eq!(store.punch(&done.holes).unwrap(), done.bytes);
+        assert_eq!(store.punch(&done.holes).bytes, done.bytes);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         let mut rec = vec![0u8; done.holes[0].len as usize];
         std::os::unix::fs::FileExt::read_exact_at(
@@ -327,7 +368,7 @@ mod tests {
             offset: 0,
             len: chunk::RECORD_HEADER_BYTES as u64,
         };
-        assert_eq!(store.punch(&[gone]).unwrap(), 0);
+        assert_eq!(store.punch(&[gone]), Punched::default());
     }
 
     #[test]
@@ -348,6 +389,35 @@ mod tests {
         store.remove_layer("sha256:44").unwrap().unwrap();
         assert!(store.locate(&ChunkDigest::of(&a)).unwrap().is_none());
         assert_eq!(store.remote_chunks().unwrap(), 0);
+    }
+
+    /// A converted layer registers a blob first; a lazily pulled layer with the same
+    /// table shares it (no remote row), and another lazily pulled blob names its chunk
+    /// too. With the converted layer gone, the shared blob still has no registry copy:
+    /// its chunk must stay.
+    #[test]
+    fn a_chunk_of_a_blob_with_no_remote_row_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (a, b) = (chunk_of(6, 65536), chunk_of(7, 20_000));
+        commit_layer(&store, "66", std::slice::from_ref(&a));
+        let shared = remote_layer(&store, "77", std::slice::from_ref(&a));
+        assert!(store.remote_blob(&shared.blobs[0]).unwrap().is_none());
+        remote_layer(&store, "88", &[a.clone(), b.clone()]);
+        fetch(&store, &[&b]);
+        store.remove_layer("sha256:66").unwrap().unwrap();
+        let ev: Vec<ChunkDigest> = store
+            .evictable()
+            .unwrap()
+            .iter()
+            .map(|e| e.digest)
+            .collect();
+        assert_eq!(ev, vec![ChunkDigest::of(&b)]);
+        let done = store
+            .evict(&[ChunkDigest::of(&a), ChunkDigest::of(&b)])
+            .unwrap();
+        assert_eq!((done.chunks, done.kept), (1, 1));
+        assert!(store.locate(&ChunkDigest::of(&a)).unwrap().is_some());
     }
 
     #[test]

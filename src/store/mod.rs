@@ -72,7 +72,7 @@ use serde::{Deserialize, Serialize};
 pub use self::blob::{BlobBuilder, BlobEntry, BlobTable, RawEntry, BLOCK_BYTES};
 pub use self::chunk::{ChunkError, ChunkLoc, MAX_CHUNK_BYTES};
 pub use self::compact::{CompactOptions, CompactStats, FinishStats};
-pub use self::evict::{Evictable, Evicted, Hole};
+pub use self::evict::{Evictable, Evicted, Hole, Punched};
 pub use self::remote::{
     FetchCommit, FetchWriter, Locator, RemoteBlob, RemoteLayerCommit, RemoteSource,
 };
