@@ -789,7 +789,7 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     let mut d = Daemon::start_with(
         10_000,
         "",
-        "[cache]\nlimit = \"8MiB\"\nhigh_watermark_percent = 90\nlow_watermark_percent = 80\ncheck_period_ms = 100\npunch_grace_ms = 300\n",
+        "[cache]\nlimit = \"8MiB\"\nhigh_watermark_percent = 90\nlow_watermark_percent = 80\ncheck_period_ms = 100\npunch_grace_ms = 1000\n",
     );
     let settle = |d: &Daemon| -> serde_json::Value {
         // Under the high watermark within a few passes and a grace period.

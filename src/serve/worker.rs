@@ -48,6 +48,8 @@ const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
 const POLL_WAKE: u64 = u64::MAX - 2;
 const POLL_FETCH: u64 = u64::MAX - 3;
+/// Times one piece whose stored record failed is asked of the fetcher again.
+const MAX_REFETCHES: u8 = 3;
 /// Pieces parked on the fetcher per thread: enough for every request in flight to wait
 /// on several chunks (a read-around window of a sequential read).
 const MAX_WAITS_PER_REQUEST: usize = 16;
@@ -124,6 +126,8 @@ enum Op {
         t0: Instant,
         /// The chunk came from the registry (the piece was parked on the fetcher).
         fetched: bool,
+        /// See [`Wait::refetched`].
+        refetched: u8,
     },
     /// A range of a plain file is being read into `dbuf`.
     FileRead {
@@ -180,6 +184,8 @@ struct Wait {
     w_len: u32,
     /// When it was parked on the fetcher.
     parked: Instant,
+    /// Times its stored record failed and it was asked of the fetcher again.
+    refetched: u8,
 }
 
 pub(super) struct Worker<F: FrontEnd> {
@@ -623,6 +629,7 @@ impl<F: FrontEnd> Worker<F> {
                     w_off: cursor,
                     w_len: (w_end - cursor) as u32,
                     parked: self.now,
+                    refetched: 0,
                 };
                 if e.slot_len() > slot_bytes {
                     bump(&self.c().chunk_errors);
@@ -721,6 +728,7 @@ impl<F: FrontEnd> Worker<F> {
             w_len: w.w_len,
             t0: self.now,
             fetched: new_cursor.is_none(),
+            refetched: w.refetched,
         };
         let entry = engine_uring::read_entry(
             fd,
@@ -1081,6 +1089,7 @@ impl<F: FrontEnd> Worker<F> {
                 w_len,
                 t0,
                 fetched,
+                refetched,
             } => {
                 bump(&self.c().chunks_fetched);
                 let now = self.now;
@@ -1151,8 +1160,11 @@ impl<F: FrontEnd> Worker<F> {
                             w_off,
                             w_len,
                             parked: self.now,
+                            refetched: refetched + 1,
                         };
-                        if !fetched && self.refetch(wait) {
+                        // Bounded: a record that fails again and again (damaged in
+                        // the store, evicted each time before it is read) ends in EIO.
+                        if refetched < MAX_REFETCHES && self.refetch(wait) {
                             // This op's count ends; the parked piece counts itself.
                             tracing::debug!(req = self.req_id(req), chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}: the chunk was evicted (or damaged) since its location was read; asking the fetcher");
                             bump(&self.c().refetches);
