@@ -324,13 +324,17 @@ enum Msg {
     },
     Done {
         results: Vec<(ChunkDigest, Result<ChunkLoc, FetchFailure>)>,
+        /// Per chunk appended: the fetch writer's commit count before its append (see
+        /// `Dispatcher::landed`).
+        gens: Vec<(ChunkDigest, u64)>,
         prefetch: bool,
         /// The repository fetched from (none for chunks made locally).
         source: Option<RemoteSource>,
     },
     Prefetch(Arc<BlobTable>, Vec<u32>),
     Tick,
-    Committed(Vec<ChunkDigest>),
+    /// A commit settled these chunks; the writer's commit count is now the number.
+    Committed(Vec<ChunkDigest>, u64),
     Stop(crossbeam_channel::Sender<()>),
 }
 
@@ -567,7 +571,15 @@ const MAX_TRACES: usize = 4096;
 struct Dispatcher {
     ctx: Arc<Ctx>,
     inflight: HashMap<ChunkDigest, Vec<Reply>>,
-    landed: HashMap<ChunkDigest, ChunkLoc>,
+    /// Fetched chunks not yet settled by a commit: where the fetch writer put them,
+    /// and its commit count before the append. The index answers for a chunk once a
+    /// commit settles it, and an entry must not outlive that: the index's answer may
+    /// change (an eviction) while this one would not. A `Done` can reach the
+    /// dispatcher after the `Committed` that settled its chunks, and a roll's commit
+    /// sends none, so entries go by count, not by name.
+    landed: HashMap<ChunkDigest, (ChunkLoc, u64)>,
+    /// The highest commit count a `Committed` has brought.
+    settled: u64,
     sequences: HashMap<String, Sequence>,
     queued: VecDeque<Window>,
     running: usize,
@@ -590,6 +602,7 @@ impl Dispatcher {
             ctx,
             inflight: HashMap::new(),
             landed: HashMap::new(),
+            settled: 0,
             sequences: HashMap::new(),
             queued: VecDeque::new(),
             running: 0,
@@ -613,9 +626,11 @@ impl Dispatcher {
                 } => self.on_request(table, index, reply),
                 Msg::Done {
                     results,
+                    gens,
                     prefetch,
                     source,
                 } => {
+                    let gens: HashMap<ChunkDigest, u64> = gens.into_iter().collect();
                     if let Some(src) = source {
                         let timeout = results.iter().find_map(|(_, r)| match r {
                             Err(e @ FetchFailure::Timeout(..)) => Some(e.clone()),
@@ -640,7 +655,14 @@ impl Dispatcher {
                         match &r {
                             Ok(loc) => {
                                 self.ctx.touches.touch(d);
-                                self.landed.insert(d, *loc);
+                                match gens.get(&d) {
+                                    // Not settled yet: answered from here until it is.
+                                    Some(&g) if g >= self.settled => {
+                                        self.landed.insert(d, (*loc, g));
+                                    }
+                                    // Settled (or found local): the index answers.
+                                    _ => {}
+                                }
                                 self.failed.remove(&d);
                             }
                             Err(e) => {
@@ -665,10 +687,13 @@ impl Dispatcher {
                     }
                 }
                 Msg::Tick => self.flush_traces(false),
-                Msg::Committed(digests) => {
+                Msg::Committed(digests, count) => {
+                    self.settled = self.settled.max(count);
                     for d in digests {
                         self.landed.remove(&d);
                     }
+                    let settled = self.settled;
+                    self.landed.retain(|_, &mut (_, g)| g >= settled);
                 }
                 Msg::Stop(done) => {
                     self.flush_traces(true);
@@ -701,7 +726,7 @@ impl Dispatcher {
         if table.remote().is_some() {
             self.trace(&table, index);
         }
-        if let Some(loc) = self.landed.get(&e.digest) {
+        if let Some((loc, _)) = self.landed.get(&e.digest) {
             bump(&stats.local, 1);
             reply.send(Ok(*loc));
             return;
@@ -738,8 +763,10 @@ impl Dispatcher {
             let ctx = self.ctx.clone();
             tokio::task::spawn_blocking(move || {
                 let r = store_zero_chunk(&ctx, e.digest, e.raw_len);
+                let gens = r.iter().map(|&(_, g)| (e.digest, g)).collect();
                 let _ = ctx.tx.send(Msg::Done {
-                    results: vec![(e.digest, r)],
+                    results: vec![(e.digest, r.map(|(loc, _)| loc))],
+                    gens,
                     prefetch: false,
                     source: None,
                 });
@@ -1005,6 +1032,7 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
     let deadline = Instant::now() + ctx.cfg.timeout;
     let mut todo = w.pieces.clone();
     let mut results: Vec<(ChunkDigest, Result<ChunkLoc, FetchFailure>)> = Vec::new();
+    let mut gens = Vec::new();
     let mut backoff = Duration::from_millis(50);
     let mut corrupt_tries = 0;
     // Bounded by the deadline (each pass waits, or ends the loop) and the verification
@@ -1090,11 +1118,12 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
         let mut bad = Vec::new();
         for (p, r) in checked {
             match r {
-                Ok(loc) => {
+                Ok((loc, gen)) => {
                     if w.prefetch {
                         bump(&ctx.stats.prefetched_chunks, 1);
                     }
-                    results.push((p.digest, Ok(loc)))
+                    results.push((p.digest, Ok(loc)));
+                    gens.push((p.digest, gen));
                 }
                 Err(Verify::Corrupt(why)) => {
                     bump(&ctx.stats.corrupt, 1);
@@ -1123,6 +1152,7 @@ async fn fetch_window(ctx: Arc<Ctx>, w: Window) {
     bump(&ctx.stats.failed, failed);
     let _ = ctx.tx.send(Msg::Done {
         results,
+        gens,
         prefetch: w.prefetch,
         source: Some(w.source),
     });
@@ -1140,7 +1170,7 @@ fn verify_and_store(
     pieces: &[Piece],
     start: u64,
     bytes: &[u8],
-) -> Vec<(Piece, Result<ChunkLoc, Verify>)> {
+) -> Vec<(Piece, Result<(ChunkLoc, u64), Verify>)> {
     let mut out = vec![0u8; MAX_CHUNK_BYTES];
     pieces
         .iter()
@@ -1160,27 +1190,32 @@ fn verify_and_store(
         .collect()
 }
 
+/// Appends a verified record; returns where it is and the writer's commit count before
+/// the append.
 fn append(
     ctx: &Ctx,
     record: &[u8],
     digest: ChunkDigest,
     raw_len: u32,
     leaves: Option<crate::digest::Leaves>,
-) -> Result<ChunkLoc, String> {
+) -> Result<(ChunkLoc, u64), String> {
     let mut w = ctx.writer.lock().unwrap_or_else(|p| p.into_inner());
     if w.is_none() {
         *w = Some(ctx.store.fetch_writer().map_err(|e| e.to_string())?);
     }
     let w = w.as_mut().expect("set above");
-    w.append(record, digest, raw_len, leaves)
-        .map_err(|e| e.to_string())
+    let gen = w.commits();
+    let loc = w
+        .append(record, digest, raw_len, leaves)
+        .map_err(|e| e.to_string())?;
+    Ok((loc, gen))
 }
 
 fn store_zero_chunk(
     ctx: &Ctx,
     digest: ChunkDigest,
     raw_len: u32,
-) -> Result<ChunkLoc, FetchFailure> {
+) -> Result<(ChunkLoc, u64), FetchFailure> {
     let zeros = vec![0u8; raw_len as usize];
     let (d, leaves) = crate::digest::Leaves::digest_of(&zeros);
     debug_assert_eq!(d, digest);
@@ -1218,7 +1253,7 @@ fn commit_now(ctx: &Ctx) {
     }
     match w.commit() {
         Ok(done) => {
-            let _ = ctx.tx.send(Msg::Committed(done.digests));
+            let _ = ctx.tx.send(Msg::Committed(done.digests, w.commits()));
         }
         Err(e) => tracing::warn!("committing fetched chunks: {e}"),
     }
@@ -1443,6 +1478,41 @@ mod tests {
         let f = Fetcher::start(store.clone(), fake.clone(), cfg()).unwrap();
         f.fetch_blocking(table.clone(), 2).unwrap();
         assert_eq!(f.stats().range_requests, 0);
+    }
+
+    /// Fetched, committed, evicted and deallocated, again and again: each request gets
+    /// where the chunk is now (fetched anew), never where it was. (A `Done` that reached
+    /// the dispatcher after its `Committed` used to leave the old location answering.)
+    #[test]
+    fn an_evicted_chunk_is_fetched_anew_never_answered_from_its_old_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let chunks: Vec<Vec<u8>> = (0..3).map(|n| chunk_bytes(n + 40, 65536)).collect();
+        let (store, table) = setup(dir.path(), &chunks, &fake);
+        let f = Fetcher::start(
+            store.clone(),
+            fake.clone(),
+            FetchConfig {
+                min_window_bytes: 1,
+                commit_period: Duration::from_millis(1),
+                ..cfg()
+            },
+        )
+        .unwrap();
+        let d = table.entries()[1].digest;
+        for round in 0..40 {
+            let loc = f.fetch_blocking(table.clone(), 1).unwrap();
+            assert_eq!(read(&store, &loc, &d), chunks[1], "round {round}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while store.locate(&d).unwrap().is_none() {
+                assert!(std::time::Instant::now() < deadline, "never committed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let ev = store.evict(&[d]).unwrap();
+            assert_eq!(ev.chunks, 1);
+            assert_eq!(store.punch(&ev.holes).failed, 0);
+        }
+        assert_eq!(f.stats().chunks_fetched, 40);
     }
 
     #[test]

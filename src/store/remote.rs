@@ -186,6 +186,8 @@ pub struct FetchWriter {
     committed: u64,
     len: u64,
     pending: HashMap<ChunkDigest, ChunkLoc>,
+    /// Commits that settled something, so far (see [`FetchWriter::commits`]).
+    commits: u64,
 }
 
 /// What [`FetchWriter::commit`] did.
@@ -334,6 +336,7 @@ impl Store {
             committed: 0,
             len: 0,
             pending: HashMap::new(),
+            commits: 0,
         })
     }
 }
@@ -374,6 +377,12 @@ impl FetchWriter {
     /// Chunks appended since the last commit.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Commits that settled chunks so far (a roll's included). A chunk appended when
+    /// this was `n` is settled (indexed or dropped) once it passes `n`.
+    pub fn commits(&self) -> u64 {
+        self.commits
     }
 
     /// Syncs the pack, then moves every pending chunk that some blob still names from
@@ -426,6 +435,7 @@ impl FetchWriter {
             source: e,
         })?;
         self.committed = self.len;
+        self.commits += 1;
         done.digests = self.pending.drain().map(|(d, _)| d).collect();
         Ok(done)
     }
