@@ -831,9 +831,12 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
         let fetched_c = d.settled("chunks_fetched") + d.settled("zero_chunks") - fetched_a;
         let s = settle(&d);
         eprintln!("after C: cache {} fetch {} refetched {fetched_c}", s["cache"], s["fetch"]);
+        // C's 24 MiB do not fit under the limit either: a chunk fetched for C can be
+        // evicted again before its fill reads it (slow machines, the emulated VM), and is
+        // fetched once more. Bounded: no fetch loop.
         assert!(
-            fetched_c > own_c && fetched_c <= c.chunks.len() as u64,
-            "C fetched {fetched_c} of its {} chunks; all but {own_c} had been fetched for A, and {evicted} evicted since",
+            fetched_c > own_c && fetched_c <= 3 * c.chunks.len() as u64,
+            "C fetched {fetched_c} for its {} chunks; all but {own_c} had been fetched for A, and {evicted} evicted since",
             c.chunks.len()
         );
         assert_eq!(d.fetch()["failed"], 0);
