@@ -222,9 +222,14 @@ impl Daemon {
 
     /// [`Daemon::start`] with more tables (`[cache]`) after `[lazy]`.
     fn start_with(fetch_timeout_ms: u64, lazy: &str, tables: &str) -> Daemon {
+        Daemon::start_in(&tmp_base(), fetch_timeout_ms, lazy, tables)
+    }
+
+    /// [`Daemon::start_with`] with its root under `base`.
+    fn start_in(base: &Path, fetch_timeout_ms: u64, lazy: &str, tables: &str) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("dlazy")
-            .tempdir_in(tmp_base())
+            .tempdir_in(base)
             .unwrap();
         let mut d = Daemon {
             root,
@@ -259,7 +264,10 @@ impl Daemon {
             Command::new(dedupd())
                 .args(["run", "--config"])
                 .arg(self.root.path().join("config.toml"))
-                .env("DEDUPD_LOG", "info")
+                .env(
+                    "DEDUPD_LOG",
+                    std::env::var("LAZY_E2E_DEDUPD_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -955,6 +963,145 @@ fn a_streamed_layer_with_wrong_or_cut_bytes_is_refused_and_a_retry_converts_it()
         read_all(&at, &img.want, 4);
         unview(&mut c, &mut d, "vs", &at).await;
     });
+}
+
+/// A small ext4 filesystem in an image file, loop-mounted; unmounted on drop.
+struct SmallFs {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    fn new(mib: u64) -> SmallFs {
+        let dir = tempfile::tempdir_in(tmp_base()).unwrap();
+        let img = dir.path().join("fs.img");
+        fs::File::create(&img).unwrap().set_len(mib << 20).unwrap();
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { _dir: dir, mnt }
+    }
+
+    /// Bytes root can still write (the reserved blocks included: dedupd runs as root).
+    fn avail(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.mnt).unwrap();
+        st.blocks_free() as u64 * st.fragment_size() as u64
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Issue 16: the root on a filesystem that fills up while a lazily pulled layer is
+/// read (the daemon's log with it, as a node's log may share the disk). Each read
+/// either fails with EIO or returns the right bytes; once space is freed, everything
+/// reads right, with the same daemon. (Its first runs read a file as zeros: the daemon
+/// and its fanotify holder died of a log line they could not write, and a group whose
+/// holder is gone lets the kernel allow every pending read of a hole.)
+#[test]
+fn a_full_disk_fails_reads_with_eio_and_never_damages_anything() {
+    if !require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
+    let registry = TestRegistry::plain();
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/full/a:1", registry.host),
+        &la,
+    ));
+    publish(&a.reference, &scratch.path().join("publisher"));
+
+    // Declared before the daemon: dropped after it.
+    let small = SmallFs::new(160);
+    let mut d = Daemon::start_in(&small.mnt, 10_000, "", "");
+    let ballast = small.mnt.join("ballast");
+    let at = rt.block_on(async {
+        let mut c = connect(&d.socket()).await;
+        let top = pull_lazily(&mut c, &a, &a.reference).await;
+        view(&mut c, &mut d, "va", &top).await
+    });
+    // Leave 12 MiB: A's chunks need about 29 MiB in the packs and as much again in
+    // the blob files.
+    let free = small.avail();
+    let keep = 12u64 << 20;
+    assert!(
+        free > keep + (8 << 20),
+        "the filesystem is too small: {free} bytes free"
+    );
+    let out = Command::new("fallocate")
+        .args(["-l", &(free - keep).to_string()])
+        .arg(&ballast)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fallocate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let files: Vec<(&String, &String)> = a.want.iter().collect();
+    let (mut ok, mut eio) = (0, 0);
+    for (p, sum) in &files {
+        match fs::read(at.join(p)) {
+            Ok(got) => {
+                if &sha256(&got) != *sum {
+                    let zeros = got.iter().filter(|&&b| b == 0).count();
+                    let alive = d.alive();
+                    panic!(
+                        "{p}: wrong bytes on a full disk ({} bytes, {zeros} of them zeros); daemon alive: {alive}",
+                        got.len()
+                    );
+                }
+                ok += 1;
+            }
+            Err(e) => {
+                eprintln!("full disk: {p}: {e}");
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{p}: {e}");
+                eio += 1;
+            }
+        }
+    }
+    eprintln!("full disk: {ok} files read right, {eio} failed with EIO");
+    assert!(
+        eio > 0,
+        "the disk never filled: {} bytes free",
+        small.avail()
+    );
+    assert!(d.alive(), "dedupd died on a full disk:\n{}", d.log());
+
+    // Space again: after the failures' hold, every file reads right.
+    fs::remove_file(&ballast).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    read_all(&at, &a.want, 4);
+    let s = d.status();
+    eprintln!("after space was freed: fetch {}", s["fetch"]);
 }
 
 #[test]

@@ -120,6 +120,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a full disk under the log file) is dropped
+        // silently. With the default, the subscriber reports the failure with eprintln!,
+        // which panics on the same stderr: a daemon or holder died of its own log line,
+        // and a dead fanotify holder lets the kernel allow every pending read of a hole
+        // (zeros).
+        .log_internal_errors(false)
         // Colors only on a terminal: a log file or the journal gets plain `key=value`.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -1163,14 +1163,13 @@ enum Verify {
     Store(String),
 }
 
+/// A verified piece's place in the store and the writer's commit count before it was
+/// appended, or why it was not stored.
+type Stored = Result<(ChunkLoc, u64), Verify>;
+
 /// Verifies each piece's record in `bytes` (which start at data-blob offset `start`)
 /// and appends the good ones to the store.
-fn verify_and_store(
-    ctx: &Ctx,
-    pieces: &[Piece],
-    start: u64,
-    bytes: &[u8],
-) -> Vec<(Piece, Result<(ChunkLoc, u64), Verify>)> {
+fn verify_and_store(ctx: &Ctx, pieces: &[Piece], start: u64, bytes: &[u8]) -> Vec<(Piece, Stored)> {
     let mut out = vec![0u8; MAX_CHUNK_BYTES];
     pieces
         .iter()
