@@ -321,16 +321,7 @@ impl Daemon {
 
     /// The fetcher's counters now.
     fn fetch(&self) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(t) = fs::read_to_string(self.stats_path()) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
-                    return v["fetch"].clone();
-                }
-            }
-            assert!(Instant::now() < deadline, "no stats");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.status()["fetch"].clone()
     }
 
     /// The fetcher counter `k` once it has been steady for a moment (stats.json is
@@ -693,6 +684,41 @@ fn weights_again(a: &[Layer]) -> Layer {
     l
 }
 
+/// A registry holding image A (`layers().0`) and image C ([`weights_again`]) in
+/// repository `repo`, both published (the registry and scratch dir live as long as it).
+struct AandC {
+    _scratch: tempfile::TempDir,
+    _registry: TestRegistry,
+    a: Image,
+    c: Image,
+}
+
+fn published_a_and_c(rt: &tokio::runtime::Runtime, repo: &str) -> AandC {
+    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
+    let registry = TestRegistry::plain();
+    let client = registry_client(scratch.path());
+    let (la, _) = layers();
+    let a = rt.block_on(push_image(
+        &client,
+        &format!("{}/{repo}/a:1", registry.host),
+        &la,
+    ));
+    let c = rt.block_on(push_image(
+        &client,
+        &format!("{}/{repo}/c:1", registry.host),
+        &[weights_again(&la)],
+    ));
+    let src = scratch.path().join("publisher");
+    publish(&a.reference, &src);
+    publish(&c.reference, &src);
+    AandC {
+        _scratch: scratch,
+        _registry: registry,
+        a,
+        c,
+    }
+}
+
 /// A layer mounted while the store held its chunks (so the front end's table has their
 /// old locations), then every chunk evicted and deallocated by a daemon restarted with
 /// a tiny limit: each fill reads a hole, fails verification, and asks the fetcher,
@@ -703,23 +729,8 @@ fn a_fill_that_meets_an_evicted_chunks_hole_fetches_it_again() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
-    let registry = TestRegistry::plain();
-    let client = registry_client(scratch.path());
-    let (la, _) = layers();
-    let a = rt.block_on(push_image(
-        &client,
-        &format!("{}/holes/a:1", registry.host),
-        &la,
-    ));
-    let c = rt.block_on(push_image(
-        &client,
-        &format!("{}/holes/c:1", registry.host),
-        &[weights_again(&la)],
-    ));
-    let src = scratch.path().join("publisher");
-    publish(&a.reference, &src);
-    publish(&c.reference, &src);
+    let images = published_a_and_c(&rt, "holes");
+    let (a, c) = (images.a, images.c);
 
     let mut d = Daemon::start(10_000, "");
     let (at, ct) = rt.block_on(async {
@@ -772,25 +783,10 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let scratch = tempfile::tempdir_in(tmp_base()).unwrap();
-    let registry = TestRegistry::plain();
-    let client = registry_client(scratch.path());
-    let (la, _) = layers();
-    let a = rt.block_on(push_image(
-        &client,
-        &format!("{}/bounded/a:1", registry.host),
-        &la,
-    ));
-    let c = rt.block_on(push_image(
-        &client,
-        &format!("{}/bounded/c:1", registry.host),
-        &[weights_again(&la)],
-    ));
+    let images = published_a_and_c(&rt, "bounded");
+    let (a, c) = (images.a, images.c);
     let own_c = c.chunks.difference(&a.chunks).count() as u64;
     assert_eq!(own_c, 1, "C's chunks are A's, but for its README");
-    let src = scratch.path().join("publisher");
-    publish(&a.reference, &src);
-    publish(&c.reference, &src);
 
     let limit = 8u64 << 20;
     let high = limit * 9 / 10;
