@@ -230,6 +230,10 @@ fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
         cache.bounded_bytes = stats
             .bounded_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
+        cache.copy_bytes = stats.copy_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        cache.layers_released = stats
+            .layers_released
+            .load(std::sync::atomic::Ordering::Relaxed);
     }
     let packs = fs::read_dir(root.join("chunks"))
         .map(|rd| {
@@ -364,11 +368,14 @@ pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
     let c = &status.cache;
     let limit = match c.limit_bytes {
         Some(l) if l > 0 => format!(
-            "lazily pulled data {} of {} limit ({:.0}%), {} chunks evicted",
+            "lazily pulled data {} of {} limit ({:.0}%; front end copies {}), {} chunks \
+             evicted, {} idle layers released",
             human_bytes(c.bounded_bytes),
             human_bytes(l),
             c.bounded_bytes as f64 * 100.0 / l as f64,
-            c.evictions
+            human_bytes(c.copy_bytes),
+            c.evictions,
+            c.layers_released
         ),
         _ => "no limit".to_string(),
     };
@@ -744,7 +751,7 @@ fn start_data_plane(
             ecfg.fetcher = fetcher;
             let dev: Arc<dyn cachefiles::Device> = Arc::new(dev);
             let front = Arc::new(CachefilesFront::new(dev.clone(), registry.clone()));
-            let engine = Engine::start(ecfg, front)?;
+            let engine = Engine::start(ecfg, front.clone())?;
             let st = store.clone();
             let refresh: RegistryRefresh = Arc::new(move || {
                 let reg = st.registry().map_err(|e| e.to_string())?;
@@ -753,6 +760,7 @@ fn start_data_plane(
             });
             let m = FscacheMounter::new(None, refresh)
                 .with_cull(dev, cachefiles_cache_dir(&config.root))
+                .with_front(front)
                 .continued(acq.continued);
             tracing::info!(
                 keeper = acq.keeper.name(),
@@ -957,6 +965,7 @@ fn start_evictor(
     config: &Config,
     store: &Arc<Store>,
     fetcher: Option<&Arc<Fetcher>>,
+    snap: &Arc<Snapshotter>,
 ) -> anyhow::Result<Option<cache_limit::EvictorThread>> {
     let Some(marks) = cache_limit::Watermarks::from_config(&config.cache, &config.root)
         .context("[cache] in the config")?
@@ -982,7 +991,8 @@ fn start_evictor(
         marks,
         Duration::from_millis(config.cache.punch_grace_ms),
         Some(fetcher.touches().clone()),
-    );
+    )
+    .with_copies(snap.clone());
     let period = Duration::from_millis(config.cache.check_period_ms.max(100));
     Ok(Some(
         cache_limit::EvictorThread::spawn(evictor, period).context("starting the evictor")?,
@@ -1052,7 +1062,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         snapshotter = snapshotter.with_lazy(puller.clone());
     }
     let snap = Arc::new(snapshotter);
-    let mut evictor = start_evictor(&config, &store, fetcher.as_ref())?;
+    let mut evictor = start_evictor(&config, &store, fetcher.as_ref(), &snap)?;
     let bound: Bound = evictor
         .as_ref()
         .map(|t| (t.stats().clone(), t.watermarks()));
@@ -1275,6 +1285,8 @@ mod tests {
                 limit_bytes: Some(12 << 20),
                 evictions: 2,
                 bounded_bytes: 5 << 20,
+                copy_bytes: 1 << 20,
+                layers_released: 1,
             },
             snapshotter: serde_json::json!({
                 "active": 1, "views": 0, "committed": 2,
@@ -1307,7 +1319,7 @@ mod tests {
         assert!(
             text.contains(
                 "cache: front end files 3.0 MiB; lazily pulled data 5.0 MiB of 12.0 MiB limit \
-                 (42%), 2 chunks evicted"
+                 (42%; front end copies 1.0 MiB), 2 chunks evicted, 1 idle layers released"
             ),
             "{text}"
         );

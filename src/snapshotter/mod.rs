@@ -43,6 +43,7 @@
 
 pub mod convert;
 pub mod filter;
+mod idle;
 pub mod meta;
 mod service;
 mod trash;
@@ -57,6 +58,7 @@ use std::time::Instant;
 
 use sha2::Digest;
 
+pub use self::idle::Released;
 pub use self::meta::{Kind, Snap};
 pub use self::service::Service;
 use crate::frontend;
@@ -289,6 +291,9 @@ pub struct Snapshotter {
     /// Commit, Remove of a committed snapshot, Cleanup), so that Cleanup never takes a
     /// new directory for an orphan and a layer being converted or reused is never dropped.
     layers_lock: std::sync::Mutex<()>,
+    /// Read from a Prepare's, View's or Mounts' first layer mount to the mounts it
+    /// returns; written while idle layers are unmounted (see [`idle`]).
+    mount_use: std::sync::RwLock<()>,
     /// Unpacked trees and removed snapshot directories, deleted in the background.
     trash: trash::Trash,
     /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
@@ -324,6 +329,7 @@ impl Snapshotter {
             store,
             mounter,
             layers_lock: std::sync::Mutex::new(()),
+            mount_use: std::sync::RwLock::new(()),
             trash,
             lazy: None,
             conversions: Conversions::default(),
@@ -550,6 +556,7 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<MountSpec>, SnapError> {
+        let _use = self.mount_use.read().unwrap_or_else(|p| p.into_inner());
         if kind == Kind::Active {
             if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
                 self.check_remote(target, parent)?;
@@ -802,6 +809,7 @@ impl Snapshotter {
                 "snapshot {key:?} is committed: it has no mounts"
             )));
         }
+        let _use = self.mount_use.read().unwrap_or_else(|p| p.into_inner());
         self.mounts_of(&snap)
     }
 

@@ -200,6 +200,54 @@ impl LayerMounter for FanotifyMounter {
         unmount_dir(target)
     }
 
+    fn unmount_unused(&self, hex: &str, target: &Path) -> Result<bool, MountError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let done = frontend::unmount_if_unused(target)?;
+        if done {
+            st.mounted_here.remove(hex);
+        }
+        Ok(done)
+    }
+
+    /// Deletes the filled blob files of `layers` (not mounted), then restarts the front
+    /// end, which makes each of them again: empty, sparse, and marked before any mount
+    /// can open it, so every read of it raises an event again. A file marked while a
+    /// mount already had it open would raise none, which is why a mounted layer's files
+    /// are never freed. Files with nothing allocated are left alone (no restart for them).
+    fn free_copies(
+        &self,
+        layers: &[LayerRecord],
+        keep: &HashSet<String>,
+    ) -> Result<u64, MountError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = 0;
+        for id in layers.iter().flat_map(|l| l.blobs.iter()) {
+            let path = blobfile::blob_path(&self.opts.cache_dir, id);
+            if keep.contains(id) || frontend::allocated_bytes(&path) == 0 {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => gone += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        if gone > 0 {
+            // The old front end's open files (and the holder's write fds, which the new
+            // one finds stale and drops) are what still keeps the deleted inodes.
+            self.restart(&mut st)?;
+        }
+        Ok(gone)
+    }
+
+    fn copy_bytes(&self, layers: &[LayerRecord]) -> u64 {
+        let blobs: HashSet<&String> = layers.iter().flat_map(|l| l.blobs.iter()).collect();
+        blobs
+            .into_iter()
+            .map(|id| frontend::allocated_bytes(&blobfile::blob_path(&self.opts.cache_dir, id)))
+            .sum()
+    }
+
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let dir = blobfile::blob_path(&self.opts.cache_dir, "x")
