@@ -219,9 +219,11 @@ type Bound = Option<(Arc<cache_limit::EvictStats>, cache_limit::Watermarks)>;
 
 /// The cache on disk (with the bounded cache's limit and counters) and the pack
 /// files' bytes.
-fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
+fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound, snap: &Snapshotter) -> (CacheUsage, u64) {
     let mut cache = CacheUsage {
-        bytes: disk_bytes(&cache_dir_of(root, f)),
+        bytes: snap
+            .front_end_bytes()
+            .unwrap_or_else(|| disk_bytes(&cache_dir_of(root, f))),
         ..CacheUsage::default()
     };
     if let Some((stats, marks)) = bound {
@@ -936,7 +938,7 @@ fn metrics_source(
         plane.sample(&mut s);
         s.engine.front_end = front_end.to_string();
         s.fetch = fetcher.as_ref().map(|f| (f.stats(), f.latency()));
-        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end), &bound);
+        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end), &bound, &snap);
         if let Ok(st) = snap.status() {
             s.snapshots = crate::metrics::SnapshotCounts {
                 active: st.active,
@@ -1073,6 +1075,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         &config.root,
         front_end,
         &bound,
+        &snap,
     )));
     let registered_now = Arc::new(std::sync::atomic::AtomicU64::new(registered));
     let metrics = match metrics_address {
@@ -1123,7 +1126,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         registered_now.store(registered, std::sync::atomic::Ordering::Relaxed);
         if pass % USAGE_EVERY_PASSES == 0 {
-            let u = disk_usage(&config.root, front_end, &bound);
+            let u = disk_usage(&config.root, front_end, &bound, &snap);
             *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
         }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {

@@ -136,6 +136,11 @@ pub trait LayerMounter: Send + Sync {
     fn copy_bytes(&self, _layers: &[LayerRecord]) -> u64 {
         0
     }
+    /// Bytes of all the front end's files, when a walk of its directory would not see
+    /// them all (`None`: the walk is right).
+    fn files_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Swaps the data plane's registry for a fresh one, so that nothing reads packs
     /// through chunk locations older than now (called before retired packs are unlinked).
     /// Front ends that keep no registry between calls need nothing.

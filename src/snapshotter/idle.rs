@@ -56,6 +56,12 @@ impl Snapshotter {
         Ok(self.mounter.copy_bytes(&self.lazy_layers()?))
     }
 
+    /// Bytes of every file the front end keeps, when it counts them itself (see
+    /// [`crate::frontend::LayerMounter::files_bytes`]).
+    pub fn front_end_bytes(&self) -> Option<u64> {
+        self.mounter.files_bytes()
+    }
+
     /// Unmounts every lazily pulled layer that no active or view snapshot stands on,
     /// and frees the front end's copies of those layers (blobs that a mounted layer also
     /// names are kept).

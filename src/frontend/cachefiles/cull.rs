@@ -203,6 +203,7 @@ fn is_id(s: &str) -> bool {
 mod tests {
     use super::*;
     use std::os::fd::RawFd;
+    use std::os::unix::fs::MetadataExt;
     use std::sync::Mutex;
 
     /// Stands in for the kernel's side of `cull`: removes the named entry from the
@@ -276,6 +277,11 @@ mod tests {
             busy: vec![format!("D{b3}")],
             log: Mutex::default(),
         };
+        // Counted by key over the EROFS volumes only (b2 is also in a foreign one).
+        let bytes = file_bytes_by_key(d.path(), &|k: &str| k == b1 || k == b2).unwrap();
+        let one = fs::symlink_metadata(&v1).unwrap().blocks() * 512;
+        assert_eq!(bytes.len(), 2, "{bytes:?}");
+        assert_eq!((bytes[&b1], bytes[&b2]), (2 * one, one));
         let before = std::env::current_dir().unwrap();
         let live = |s: &str| s == l2 || s == b1;
         let r = cull_dead(&k, d.path(), &live).unwrap();

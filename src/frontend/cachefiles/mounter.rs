@@ -104,6 +104,35 @@ impl FscacheMounter {
         Ok(freed)
     }
 
+    /// Bytes of the cache files whose cookie key `wanted` accepts, linked or open
+    /// (`None` without a cache directory).
+    fn bytes_of(&self, wanted: &dyn Fn(&str) -> bool) -> Option<u64> {
+        let (_, cache_dir) = self.cull.as_ref()?;
+        let linked = match file_bytes_by_key(cache_dir, wanted) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(dir = %cache_dir.display(), "counting cache files: {e}");
+                Default::default()
+            }
+        };
+        let open = self
+            .front
+            .as_ref()
+            .map(|f| f.open_data_bytes(wanted))
+            .unwrap_or_default();
+        // An object reopened from a linked file is seen both ways: the larger counts.
+        let keys: HashSet<&String> = linked.keys().chain(open.keys()).collect();
+        Some(
+            keys.into_iter()
+                .map(|k| {
+                    let a = linked.get(k).copied().unwrap_or(0);
+                    let b = open.get(k).copied().unwrap_or(0);
+                    a.max(b)
+                })
+                .sum(),
+        )
+    }
+
     fn refresh(&self) -> Result<(), MountError> {
         (self.refresh)().map_err(MountError::Registry)
     }
@@ -187,34 +216,15 @@ impl LayerMounter for FscacheMounter {
     }
 
     fn copy_bytes(&self, layers: &[LayerRecord]) -> u64 {
-        let Some((_, cache_dir)) = &self.cull else {
-            return 0;
-        };
         let keys: HashSet<&str> = layers
             .iter()
             .flat_map(|l| std::iter::once(l.id_hex()).chain(l.blobs.iter().map(String::as_str)))
             .collect();
-        let wanted = |k: &str| keys.contains(k);
-        let linked = match file_bytes_by_key(cache_dir, &wanted) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(dir = %cache_dir.display(), "counting cache files: {e}");
-                Default::default()
-            }
-        };
-        let open = self
-            .front
-            .as_ref()
-            .map(|f| f.open_data_bytes(&wanted))
-            .unwrap_or_default();
-        // An object reopened from a linked file is seen both ways: the larger counts.
-        keys.iter()
-            .map(|k| {
-                let a = linked.get(*k).copied().unwrap_or(0);
-                let b = open.get(*k).copied().unwrap_or(0);
-                a.max(b)
-            })
-            .sum()
+        self.bytes_of(&|k: &str| keys.contains(k)).unwrap_or(0)
+    }
+
+    fn files_bytes(&self) -> Option<u64> {
+        self.bytes_of(&|_| true)
     }
 
     fn refresh_registry(&self) -> Result<(), MountError> {
