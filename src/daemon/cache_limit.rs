@@ -81,8 +81,11 @@ impl Watermarks {
 pub trait FrontCopies: Send + Sync {
     /// Bytes they take on disk.
     fn bytes(&self) -> anyhow::Result<u64>;
-    /// Unmounts the idle lazily pulled layers and frees their copies.
-    fn release_idle(&self) -> anyhow::Result<Released>;
+    /// Unmounts the idle lazily pulled layers and frees their copies; `None` when it
+    /// could not start at once (a snapshot operation is under way).
+    fn release_idle(&self) -> anyhow::Result<Option<Released>>;
+    /// Grows whenever the set of idle layers may have changed.
+    fn generation(&self) -> u64;
 }
 
 impl FrontCopies for Snapshotter {
@@ -90,10 +93,24 @@ impl FrontCopies for Snapshotter {
         Ok(self.lazy_copy_bytes()?)
     }
 
-    fn release_idle(&self) -> anyhow::Result<Released> {
+    fn release_idle(&self) -> anyhow::Result<Option<Released>> {
         Ok(Snapshotter::release_idle(self)?)
     }
+
+    fn generation(&self) -> u64 {
+        Snapshotter::generation(self)
+    }
 }
+
+/// How often idle layers are looked for again while over the high watermark when no
+/// snapshot was removed since (a layer pulled and never run becomes idle that way).
+pub const RELEASE_RETRY: Duration = Duration::from_secs(10);
+
+/// The share of the limit the store keeps for itself (its most recently used chunks)
+/// while the copies of layers in use alone pass the low watermark: chunks just
+/// prefetched or fetched live until their fills read them, instead of being evicted
+/// by the very next pass.
+pub const STORE_FLOOR_PERCENT: u64 = 10;
 
 /// The evictor's counters, read by status and metrics.
 #[derive(Debug, Default)]
@@ -156,6 +173,8 @@ pub struct Evictor {
     clock: u64,
     stats: Arc<EvictStats>,
     copies: Option<Arc<dyn FrontCopies>>,
+    /// The copies' generation at the last release, and when it ran.
+    released_at: Option<(u64, Instant)>,
 }
 
 impl Evictor {
@@ -179,6 +198,7 @@ impl Evictor {
             clock: 0,
             stats: Arc::new(EvictStats::default()),
             copies: None,
+            released_at: None,
         }
     }
 
@@ -188,10 +208,44 @@ impl Evictor {
         self
     }
 
-    fn copy_bytes(&self) -> anyhow::Result<u64> {
-        match &self.copies {
-            Some(c) => c.bytes().context("counting the front end's copies"),
-            None => Ok(0),
+    /// The copies' bytes; a failure is logged and counts as none, so that the store's
+    /// part is still kept under the limit.
+    fn copy_bytes(&self) -> u64 {
+        let Some(c) = &self.copies else { return 0 };
+        c.bytes().unwrap_or_else(|e| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("bounded cache: counting the front end's copies: {e:#}");
+            0
+        })
+    }
+
+    /// Releases idle layers when the set of them may have changed since the last
+    /// release, or [`RELEASE_RETRY`] after it.
+    fn release_idle(&mut self, now: Instant) -> Released {
+        let Some(c) = self.copies.clone() else {
+            return Released::default();
+        };
+        let generation = c.generation();
+        let due = match self.released_at {
+            None => true,
+            Some((g, at)) => g != generation || now.saturating_duration_since(at) >= RELEASE_RETRY,
+        };
+        if !due {
+            return Released::default();
+        }
+        match c.release_idle() {
+            Ok(Some(r)) => {
+                self.released_at = Some((generation, now));
+                r
+            }
+            // Busy: the next pass tries again.
+            Ok(None) => Released::default(),
+            Err(e) => {
+                self.released_at = Some((generation, now));
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("bounded cache: releasing idle layers: {e:#}");
+                Released::default()
+            }
         }
     }
 
@@ -234,7 +288,7 @@ impl Evictor {
         let mut list = self.store.evictable().context("listing evictable chunks")?;
         let pending = |p: &VecDeque<(Instant, Hole)>| p.iter().map(|(_, h)| h.len).sum::<u64>();
         let mut stored: u64 = list.iter().map(|e| e.record_bytes).sum();
-        let mut copies = self.copy_bytes()?;
+        let mut copies = self.copy_bytes();
         pass.before = stored + copies + pending(&self.pending);
         let live: HashSet<ChunkDigest> = list.iter().map(|e| e.digest).collect();
         self.recency.retain(|d, _| live.contains(d));
@@ -242,10 +296,10 @@ impl Evictor {
         // decides (else every pass in a grace period would evict again).
         if stored + copies > self.marks.high {
             self.stats.over_high.fetch_add(1, Ordering::Relaxed);
-            if let (Some(c), true) = (&self.copies, copies > 0) {
-                let r = c.release_idle().context("releasing idle layers")?;
+            if copies > 0 {
+                let r = self.release_idle(now);
                 if r.files > 0 {
-                    copies = self.copy_bytes()?;
+                    copies = self.copy_bytes();
                 }
                 if r.unmounted > 0 || r.files > 0 {
                     tracing::info!(
@@ -266,8 +320,13 @@ impl Evictor {
                 pass.released = r;
             }
         }
-        // The store's share: what the copies left under the low watermark.
-        let target = self.marks.low.saturating_sub(copies);
+        // The store's share: what the copies left under the low watermark, and never
+        // less than its floor.
+        let target = self
+            .marks
+            .low
+            .saturating_sub(copies)
+            .max(self.marks.limit / 100 * STORE_FLOOR_PERCENT);
         if stored + copies > self.marks.high && stored > target {
             // Oldest use first; never used in this life: oldest record first (the
             // list comes in pack order, and the sort is stable).
@@ -534,16 +593,21 @@ mod tests {
             Ok(*self.bytes.lock().unwrap())
         }
 
-        fn release_idle(&self) -> anyhow::Result<Released> {
+        fn generation(&self) -> u64 {
+            // A new generation every time: each pass may release.
+            self.releases.load(Ordering::Relaxed)
+        }
+
+        fn release_idle(&self) -> anyhow::Result<Option<Released>> {
             let first = self.releases.fetch_add(1, Ordering::Relaxed) == 0;
             let mut b = self.bytes.lock().unwrap();
             let freed = if first { self.idle.min(*b) } else { 0 };
             *b -= freed;
-            Ok(Released {
+            Ok(Some(Released {
                 unmounted: u64::from(freed > 0),
                 busy: 1,
                 files: u64::from(freed > 0),
-            })
+            }))
         }
     }
 

@@ -294,6 +294,8 @@ pub struct Snapshotter {
     /// Read from a Prepare's, View's or Mounts' first layer mount to the mounts it
     /// returns; written while idle layers are unmounted (see [`idle`]).
     mount_use: std::sync::RwLock<()>,
+    /// Bumped by every Remove: the set of idle layers may have changed.
+    generation: std::sync::atomic::AtomicU64,
     /// Unpacked trees and removed snapshot directories, deleted in the background.
     trash: trash::Trash,
     /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
@@ -330,6 +332,7 @@ impl Snapshotter {
             mounter,
             layers_lock: std::sync::Mutex::new(()),
             mount_use: std::sync::RwLock::new(()),
+            generation: Default::default(),
             trash,
             lazy: None,
             conversions: Conversions::default(),
@@ -971,6 +974,9 @@ impl Snapshotter {
     /// store with every chunk nothing else references.
     pub fn remove(&self, key: &str) -> Result<(), SnapError> {
         let snap = self.meta.remove(key)?;
+        // A layer may have become idle.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.trash.discard(&self.snap_dir(snap.id));
         if let Some(hex) = &snap.layer {
             let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());

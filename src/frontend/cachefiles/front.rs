@@ -107,9 +107,8 @@ impl CachefilesFront {
             .collect();
         let mut out: HashMap<String, u64> = HashMap::new();
         for o in objects {
-            let n = data_bytes(&o.fd, o.source.size_bytes());
-            let e = out.entry(o.key.clone()).or_default();
-            *e = (*e).max(n);
+            // Summed: each volume (a layer's fsid) has its own object of a shared blob.
+            *out.entry(o.key.clone()).or_default() += data_bytes(&o.fd, o.source.size_bytes());
         }
         out
     }
