@@ -685,12 +685,15 @@ fn weights_again(a: &[Layer]) -> Layer {
 }
 
 /// A registry holding image A (`layers().0`) and image C ([`weights_again`]) in
-/// repository `repo`, both published (the registry and scratch dir live as long as it).
+/// repository `repo`, both published, and image S, not published: a Prepare streams
+/// and converts its layer, which is then classic (the registry and scratch dir live as
+/// long as it).
 struct AandC {
     _scratch: tempfile::TempDir,
     _registry: TestRegistry,
     a: Image,
     c: Image,
+    s: Image,
 }
 
 fn published_a_and_c(rt: &tokio::runtime::Runtime, repo: &str) -> AandC {
@@ -708,6 +711,15 @@ fn published_a_and_c(rt: &tokio::runtime::Runtime, repo: &str) -> AandC {
         &format!("{}/{repo}/c:1", registry.host),
         &[weights_again(&la)],
     ));
+    let mut classic = Layer::default();
+    classic
+        .files
+        .push(("opt/classic.bin".into(), noise(4242, 3 << 20)));
+    let s = rt.block_on(push_image(
+        &client,
+        &format!("{}/{repo}/s:1", registry.host),
+        &[classic],
+    ));
     let src = scratch.path().join("publisher");
     publish(&a.reference, &src);
     publish(&c.reference, &src);
@@ -716,6 +728,7 @@ fn published_a_and_c(rt: &tokio::runtime::Runtime, repo: &str) -> AandC {
         _registry: registry,
         a,
         c,
+        s,
     }
 }
 
@@ -753,8 +766,13 @@ fn a_fill_that_meets_an_evicted_chunks_hole_fetches_it_again() {
     loop {
         let s = d.status();
         let e = s["cache"]["evictions"].as_u64().unwrap_or(0);
-        // Evicted, and (a grace and a pass later) deallocated.
-        if e > 0 && s["cache"]["bounded_bytes"].as_u64().unwrap() <= 64 << 10 {
+        // Evicted, and (a grace and a pass later) deallocated. The blob or cache files
+        // of the mounted views stay (a container uses them): the store's part goes.
+        let stored = s["cache"]["bounded_bytes"]
+            .as_u64()
+            .unwrap()
+            .saturating_sub(s["cache"]["copy_bytes"].as_u64().unwrap());
+        if e > 0 && stored <= 64 << 10 {
             eprintln!("evicted at restart: {}", s["cache"]);
             break;
         }
@@ -775,8 +793,12 @@ fn a_fill_that_meets_an_evicted_chunks_hole_fetches_it_again() {
 }
 
 /// Issue 16's bounded cache: lazily pulled data far over the limit, read by verifying
-/// readers while the evictor runs beside them; usage comes back under the high
-/// watermark, and an image made of evicted chunks fetches them again and reads right.
+/// readers while the evictor runs beside them. While a container (here a view) uses a
+/// lazily pulled layer, its blob or cache files stay and the store's copies of its
+/// chunks are evicted; once it is gone, its layers are unmounted, their files freed,
+/// and usage comes back under the high watermark. An image made of evicted chunks
+/// fetches them again and reads right, so does A mounted again, and a classic
+/// (streamed and converted) layer keeps every chunk.
 #[test]
 fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     if !require_root() {
@@ -784,7 +806,7 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let images = published_a_and_c(&rt, "bounded");
-    let (a, c) = (images.a, images.c);
+    let (a, c, classic) = (images.a, images.c, images.s);
     let own_c = c.chunks.difference(&a.chunks).count() as u64;
     assert_eq!(own_c, 1, "C's chunks are A's, but for its README");
 
@@ -797,7 +819,7 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
     );
     let settle = |d: &Daemon| -> serde_json::Value {
         // Under the high watermark within a few passes and a grace period.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let s = d.status();
             if s["cache"]["bounded_bytes"].as_u64().unwrap() <= high {
@@ -811,8 +833,31 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    let mounted = |d: &Daemon, img: &Image| -> usize {
+        let chains = chain_ids(&img.diff_ids);
+        let s = d.status();
+        let layers = s["snapshotter"]["layers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        layers
+            .iter()
+            .filter(|l| {
+                l["mounted"] == true
+                    && chains
+                        .iter()
+                        .any(|c| c.trim_start_matches("sha256:") == l["id"])
+            })
+            .count()
+    };
     rt.block_on(async {
         let mut cl = connect(&d.socket()).await;
+        // The classic layer: streamed and converted, then idle.
+        let top_s = pull_lazily(&mut cl, &classic, &classic.reference).await;
+        let st = view(&mut cl, &mut d, "vs", &top_s).await;
+        read_all(&st, &classic.want, 2);
+        unview(&mut cl, &mut d, "vs", &st).await;
+
         let top = pull_lazily(&mut cl, &a, &a.reference).await;
         let at = view(&mut cl, &mut d, "va", &top).await;
         read_all(&at, &a.want, 8);
@@ -820,21 +865,52 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
         // (A chunk two of A's files share, in two layers, may be evicted between the
         // two fills and fetched twice.)
         assert!(fetched_a >= a.chunks.len() as u64, "every chunk of A");
+        // In use, A's blob or cache files stay; everything of A reads right still.
+        read_all(&at, &a.want, 4);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            let s = d.status();
+            if s["cache"]["copy_bytes"].as_u64().unwrap() > high {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "A's copies are not counted: {}", s["cache"]);
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!("A in use: cache {}", s["cache"]);
+        assert_eq!(mounted(&d, &a), a.diff_ids.len(), "A's layers stay mounted while used");
+        // The view's snapshot removed while its overlay stays mounted (a leaked rootfs):
+        // the overlay still stands on A's layers, so they stay, and read right.
+        cl.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "dedup".into(),
+            key: "va".into(),
+        })
+        .await
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(mounted(&d, &a), a.diff_ids.len(), "an overlay still uses A's layers");
+        read_all(&at, &a.want, 4);
+        // Gone: its layers are released (the next look for idle layers, within
+        // RELEASE_RETRY).
+        nix::mount::umount2(&at, nix::mount::MntFlags::empty()).unwrap();
+        d.mounts.retain(|m| m != &at);
         let s = settle(&d);
         eprintln!("after A: cache {} fetch {}", s["cache"], s["fetch"]);
         assert_eq!(s["cache"]["limit_bytes"].as_u64(), Some(limit));
         let evicted = s["cache"]["evictions"].as_u64().unwrap();
         assert!(evicted > 0, "nothing evicted: {}", s["cache"]);
-        // Everything of A reads right still (its blob files hold what was read).
-        read_all(&at, &a.want, 4);
+        assert!(
+            s["cache"]["layers_released"].as_u64().unwrap() >= a.diff_ids.len() as u64,
+            "A's idle layers were not released: {}",
+            s["cache"]
+        );
+        assert_eq!(mounted(&d, &a), 0, "A's idle layers are unmounted");
+        assert_eq!(mounted(&d, &classic), 1, "a classic layer is never released");
 
         // C's chunks are all A's: what was evicted comes from the registry again.
         let top_c = pull_lazily(&mut cl, &c, &c.reference).await;
         let ct = view(&mut cl, &mut d, "vc", &top_c).await;
         read_all(&ct, &c.want, 8);
         let fetched_c = d.settled("chunks_fetched") + d.settled("zero_chunks") - fetched_a;
-        let s = settle(&d);
-        eprintln!("after C: cache {} fetch {} refetched {fetched_c}", s["cache"], s["fetch"]);
         // C's 24 MiB do not fit under the limit either: a chunk fetched for C can be
         // evicted again before its fill reads it (slow machines, the emulated VM), and is
         // fetched once more. Bounded: no fetch loop.
@@ -843,15 +919,31 @@ fn the_bounded_cache_evicts_fetched_chunks_and_fetches_them_again_on_demand() {
             "C fetched {fetched_c} for its {} chunks; all but {own_c} had been fetched for A, and {evicted} evicted since",
             c.chunks.len()
         );
+        read_all(&ct, &c.want, 4);
+        unview(&mut cl, &mut d, "vc", &ct).await;
+        let s = settle(&d);
+        eprintln!("after C: cache {} fetch {} refetched {fetched_c}", s["cache"], s["fetch"]);
         assert_eq!(d.fetch()["failed"], 0);
         assert_eq!(s["reads_failed"], 0, "a read was failed");
         eprintln!(
             "fills that found an evicted chunk's hole and asked the fetcher: {}",
             s["refetches"]
         );
-        read_all(&ct, &c.want, 4);
-        unview(&mut cl, &mut d, "vc", &ct).await;
-        unview(&mut cl, &mut d, "va", &at).await;
+
+        // A again: mounted anew, its files filled anew, every byte right.
+        let at = view(&mut cl, &mut d, "va2", &top).await;
+        read_all(&at, &a.want, 8);
+        unview(&mut cl, &mut d, "va2", &at).await;
+        // The classic layer kept every chunk: it reads right and fetches nothing (it
+        // has nothing to fetch from).
+        let before = d.settled("requests");
+        let st = view(&mut cl, &mut d, "vs2", &top_s).await;
+        read_all(&st, &classic.want, 2);
+        unview(&mut cl, &mut d, "vs2", &st).await;
+        assert_eq!(d.settled("requests"), before, "the classic layer asked the fetcher");
+        let s = settle(&d);
+        eprintln!("at the end: cache {}", s["cache"]);
+        assert_eq!(s["reads_failed"], 0, "a read was failed");
     });
 }
 

@@ -538,6 +538,8 @@ fn metrics_status_and_root_only_permissions_on_a_running_daemon() {
         ("dedupd_cache_evictions", "counter"),
         ("dedupd_cache_limit_bytes", "gauge"),
         ("dedupd_cache_bounded_bytes", "gauge"),
+        ("dedupd_cache_copies_bytes", "gauge"),
+        ("dedupd_cache_layers_released", "counter"),
         ("dedupd_refetches", "counter"),
         ("dedupd_store_bytes", "gauge"),
         ("dedupd_snapshots", "gauge"),

@@ -12,6 +12,14 @@
 //!    first (a chunk never touched in this process's life counts as oldest, in the
 //!    order its record was written) until they are at the low watermark.
 //!
+//! The front end's own copies of lazily pulled layers (cache files, blob files) count
+//! too ([`FrontCopies`]). The kernel reads them without asking, so only those of layers
+//! that no container uses can go: above the high watermark a pass first unmounts such
+//! idle layers and frees their copies (see `crate::snapshotter::idle`), then evicts
+//! chunks until the store's part and the copies left are at the low watermark. Copies
+//! of layers in use stay; the store's chunks are evicted in their place (a mounted
+//! layer's copy already holds what its readers read).
+//!
 //! Recency is what the daemon sees: the kernel serves what a cache or blob file holds
 //! without asking, so a chunk's last use is the last time a fill needed it. An evicted
 //! chunk is fetched again by the next fill that needs it; a fill that had its old
@@ -29,6 +37,7 @@ use anyhow::Context;
 use crate::config::{CacheConfig, LimitSpec};
 use crate::digest::ChunkDigest;
 use crate::remote::TouchLog;
+use crate::snapshotter::{Released, Snapshotter};
 use crate::store::{Hole, Store};
 
 /// The limit and its watermarks, in bytes.
@@ -67,6 +76,42 @@ impl Watermarks {
     }
 }
 
+/// The front end's copies of lazily pulled layers: counted against the limit, freed
+/// for layers no container uses.
+pub trait FrontCopies: Send + Sync {
+    /// Bytes they take on disk.
+    fn bytes(&self) -> anyhow::Result<u64>;
+    /// Unmounts the idle lazily pulled layers and frees their copies; `None` when it
+    /// could not start at once (a snapshot operation is under way).
+    fn release_idle(&self) -> anyhow::Result<Option<Released>>;
+    /// Grows whenever the set of idle layers may have changed.
+    fn generation(&self) -> u64;
+}
+
+impl FrontCopies for Snapshotter {
+    fn bytes(&self) -> anyhow::Result<u64> {
+        Ok(self.lazy_copy_bytes()?)
+    }
+
+    fn release_idle(&self) -> anyhow::Result<Option<Released>> {
+        Ok(Snapshotter::release_idle(self)?)
+    }
+
+    fn generation(&self) -> u64 {
+        Snapshotter::generation(self)
+    }
+}
+
+/// How often idle layers are looked for again while over the high watermark when no
+/// snapshot was removed since (a layer pulled and never run becomes idle that way).
+pub const RELEASE_RETRY: Duration = Duration::from_secs(10);
+
+/// The share of the limit the store keeps for itself (its most recently used chunks)
+/// while the copies of layers in use alone pass the low watermark: chunks just
+/// prefetched or fetched live until their fills read them, instead of being evicted
+/// by the very next pass.
+pub const STORE_FLOOR_PERCENT: u64 = 10;
+
 /// The evictor's counters, read by status and metrics.
 #[derive(Debug, Default)]
 pub struct EvictStats {
@@ -84,6 +129,12 @@ pub struct EvictStats {
     pub failures: AtomicU64,
     /// Evicted records that could not be deallocated.
     pub punch_failures: AtomicU64,
+    /// Of `bounded_bytes`, the front end's copies.
+    pub copy_bytes: AtomicU64,
+    /// Idle lazily pulled layers unmounted to free their copies.
+    pub layers_released: AtomicU64,
+    /// Front-end files freed with them.
+    pub copies_freed: AtomicU64,
 }
 
 /// What one pass did.
@@ -98,6 +149,10 @@ pub struct Pass {
     pub evicted: u64,
     /// Record bytes deallocated.
     pub punched: u64,
+    /// The front end's copies, after the pass (part of `after`).
+    pub copies: u64,
+    /// Idle layers unmounted and files freed.
+    pub released: Released,
 }
 
 /// The shortest grace before an evicted record is deallocated: a fill that looked the
@@ -117,6 +172,9 @@ pub struct Evictor {
     recency: HashMap<ChunkDigest, u64>,
     clock: u64,
     stats: Arc<EvictStats>,
+    copies: Option<Arc<dyn FrontCopies>>,
+    /// The copies' generation at the last release, and when it ran.
+    released_at: Option<(u64, Instant)>,
 }
 
 impl Evictor {
@@ -139,6 +197,55 @@ impl Evictor {
             recency: HashMap::new(),
             clock: 0,
             stats: Arc::new(EvictStats::default()),
+            copies: None,
+            released_at: None,
+        }
+    }
+
+    /// Counts `copies` against the limit too, and frees those of idle layers.
+    pub fn with_copies(mut self, copies: Arc<dyn FrontCopies>) -> Evictor {
+        self.copies = Some(copies);
+        self
+    }
+
+    /// The copies' bytes; a failure is logged and counts as none, so that the store's
+    /// part is still kept under the limit.
+    fn copy_bytes(&self) -> u64 {
+        let Some(c) = &self.copies else { return 0 };
+        c.bytes().unwrap_or_else(|e| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("bounded cache: counting the front end's copies: {e:#}");
+            0
+        })
+    }
+
+    /// Releases idle layers when the set of them may have changed since the last
+    /// release, or [`RELEASE_RETRY`] after it.
+    fn release_idle(&mut self, now: Instant) -> Released {
+        let Some(c) = self.copies.clone() else {
+            return Released::default();
+        };
+        let generation = c.generation();
+        let due = match self.released_at {
+            None => true,
+            Some((g, at)) => g != generation || now.saturating_duration_since(at) >= RELEASE_RETRY,
+        };
+        if !due {
+            return Released::default();
+        }
+        match c.release_idle() {
+            Ok(Some(r)) => {
+                self.released_at = Some((generation, now));
+                r
+            }
+            // Busy: the next pass tries again.
+            Ok(None) => Released::default(),
+            Err(e) => {
+                self.released_at = Some((generation, now));
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("bounded cache: releasing idle layers: {e:#}");
+                Released::default()
+            }
         }
     }
 
@@ -181,20 +288,53 @@ impl Evictor {
         let mut list = self.store.evictable().context("listing evictable chunks")?;
         let pending = |p: &VecDeque<(Instant, Hole)>| p.iter().map(|(_, h)| h.len).sum::<u64>();
         let mut stored: u64 = list.iter().map(|e| e.record_bytes).sum();
-        pass.before = stored + pending(&self.pending);
+        let mut copies = self.copy_bytes();
+        pass.before = stored + copies + pending(&self.pending);
         let live: HashSet<ChunkDigest> = list.iter().map(|e| e.digest).collect();
         self.recency.retain(|d, _| live.contains(d));
         // Records evicted already are on their way out: only what is still indexed
         // decides (else every pass in a grace period would evict again).
-        if stored > self.marks.high {
+        if stored + copies > self.marks.high {
             self.stats.over_high.fetch_add(1, Ordering::Relaxed);
+            if copies > 0 {
+                let r = self.release_idle(now);
+                if r.files > 0 {
+                    copies = self.copy_bytes();
+                }
+                if r.unmounted > 0 || r.files > 0 {
+                    tracing::info!(
+                        layers = r.unmounted,
+                        busy = r.busy,
+                        files = r.files,
+                        copies_left = copies,
+                        "cache over its high watermark: idle lazily pulled layers \
+                         unmounted and their front-end files freed"
+                    );
+                }
+                self.stats
+                    .layers_released
+                    .fetch_add(r.unmounted, Ordering::Relaxed);
+                self.stats
+                    .copies_freed
+                    .fetch_add(r.files, Ordering::Relaxed);
+                pass.released = r;
+            }
+        }
+        // The store's share: what the copies left under the low watermark, and never
+        // less than its floor.
+        let target = self
+            .marks
+            .low
+            .saturating_sub(copies)
+            .max(self.marks.limit / 100 * STORE_FLOOR_PERCENT);
+        if stored + copies > self.marks.high && stored > target {
             // Oldest use first; never used in this life: oldest record first (the
             // list comes in pack order, and the sort is stable).
             list.sort_by_key(|e| self.recency.get(&e.digest).copied().unwrap_or(0));
             let mut victims = Vec::new();
             let mut left = stored;
             for e in &list {
-                if left <= self.marks.low {
+                if left <= target {
                     break;
                 }
                 victims.push(e.digest);
@@ -221,10 +361,12 @@ impl Evictor {
                 "cache over its high watermark: evicted the least recently used chunks"
             );
         }
-        pass.after = stored + pending(&self.pending);
+        pass.after = stored + copies + pending(&self.pending);
+        pass.copies = copies;
         self.stats
             .bounded_bytes
             .store(pass.after, Ordering::Relaxed);
+        self.stats.copy_bytes.store(copies, Ordering::Relaxed);
         Ok(pass)
     }
 
@@ -437,5 +579,81 @@ mod tests {
         assert_eq!(e.stats().chunks.load(Ordering::Relaxed), 5);
         // Under the watermark nothing more goes.
         assert_eq!(e.pass(t0 + Duration::from_secs(7)).unwrap().evicted, 0);
+    }
+
+    /// Front-end copies: `idle` bytes of them go at the first release, none later.
+    struct FakeCopies {
+        bytes: std::sync::Mutex<u64>,
+        idle: u64,
+        releases: AtomicU64,
+    }
+
+    impl FrontCopies for FakeCopies {
+        fn bytes(&self) -> anyhow::Result<u64> {
+            Ok(*self.bytes.lock().unwrap())
+        }
+
+        fn generation(&self) -> u64 {
+            // A new generation every time: each pass may release.
+            self.releases.load(Ordering::Relaxed)
+        }
+
+        fn release_idle(&self) -> anyhow::Result<Option<Released>> {
+            let first = self.releases.fetch_add(1, Ordering::Relaxed) == 0;
+            let mut b = self.bytes.lock().unwrap();
+            let freed = if first { self.idle.min(*b) } else { 0 };
+            *b -= freed;
+            Ok(Some(Released {
+                unmounted: u64::from(freed > 0),
+                busy: 1,
+                files: u64::from(freed > 0),
+            }))
+        }
+    }
+
+    #[test]
+    fn copies_count_idle_ones_are_released_first_and_the_store_makes_room_for_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let chunks: Vec<Vec<u8>> = (1..=10).map(chunk_of).collect();
+        remote_layer(&store, "22", &chunks);
+        fetch(&store, &chunks);
+        let rec = store.evictable().unwrap()[0].record_bytes;
+        let marks = Watermarks {
+            limit: 9 * rec,
+            high: 8 * rec,
+            low: 6 * rec,
+        };
+        // Copies of 6 records: 2 of an idle layer, 4 of one a container uses.
+        let copies = Arc::new(FakeCopies {
+            bytes: std::sync::Mutex::new(6 * rec),
+            idle: 2 * rec,
+            releases: AtomicU64::new(0),
+        });
+        let mut e = Evictor::new(store.clone(), marks, Duration::from_secs(5), None)
+            .with_copies(copies.clone());
+        let t0 = Instant::now();
+        let p = e.pass(t0).unwrap();
+        // 10 stored + 6 copies; the idle 2 go, then the store keeps low - 4 = 2.
+        assert_eq!(p.before, 16 * rec);
+        assert_eq!(p.released.unmounted, 1);
+        assert_eq!((p.copies, p.evicted), (4 * rec, 8));
+        assert_eq!(
+            p.after,
+            (2 + 4 + 8) * rec,
+            "evicted records count until punched"
+        );
+        assert_eq!(e.stats().layers_released.load(Ordering::Relaxed), 1);
+        assert_eq!(e.stats().copy_bytes.load(Ordering::Relaxed), 4 * rec);
+        // Punched: 6 records in all, under the high watermark; nothing is released.
+        let p = e.pass(t0 + Duration::from_secs(6)).unwrap();
+        assert_eq!((p.before, p.after, p.evicted), (6 * rec, 6 * rec, 0));
+        assert_eq!(copies.releases.load(Ordering::Relaxed), 1);
+        // Copies in use alone over the high watermark: every evictable chunk goes.
+        *copies.bytes.lock().unwrap() = 9 * rec;
+        let p = e.pass(t0 + Duration::from_secs(7)).unwrap();
+        assert_eq!((p.evicted, p.copies), (2, 9 * rec));
+        assert_eq!(copies.releases.load(Ordering::Relaxed), 2);
+        assert!(store.evictable().unwrap().is_empty());
     }
 }

@@ -219,9 +219,11 @@ type Bound = Option<(Arc<cache_limit::EvictStats>, cache_limit::Watermarks)>;
 
 /// The cache on disk (with the bounded cache's limit and counters) and the pack
 /// files' bytes.
-fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
+fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound, snap: &Snapshotter) -> (CacheUsage, u64) {
     let mut cache = CacheUsage {
-        bytes: disk_bytes(&cache_dir_of(root, f)),
+        bytes: snap
+            .front_end_bytes()
+            .unwrap_or_else(|| disk_bytes(&cache_dir_of(root, f))),
         ..CacheUsage::default()
     };
     if let Some((stats, marks)) = bound {
@@ -229,6 +231,10 @@ fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound) -> (CacheUsage, u64) {
         cache.evictions = stats.chunks.load(std::sync::atomic::Ordering::Relaxed);
         cache.bounded_bytes = stats
             .bounded_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        cache.copy_bytes = stats.copy_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        cache.layers_released = stats
+            .layers_released
             .load(std::sync::atomic::Ordering::Relaxed);
     }
     let packs = fs::read_dir(root.join("chunks"))
@@ -364,11 +370,14 @@ pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
     let c = &status.cache;
     let limit = match c.limit_bytes {
         Some(l) if l > 0 => format!(
-            "lazily pulled data {} of {} limit ({:.0}%), {} chunks evicted",
+            "lazily pulled data {} of {} limit ({:.0}%; front end copies {}), {} chunks \
+             evicted, {} idle layers released",
             human_bytes(c.bounded_bytes),
             human_bytes(l),
             c.bounded_bytes as f64 * 100.0 / l as f64,
-            c.evictions
+            human_bytes(c.copy_bytes),
+            c.evictions,
+            c.layers_released
         ),
         _ => "no limit".to_string(),
     };
@@ -744,7 +753,7 @@ fn start_data_plane(
             ecfg.fetcher = fetcher;
             let dev: Arc<dyn cachefiles::Device> = Arc::new(dev);
             let front = Arc::new(CachefilesFront::new(dev.clone(), registry.clone()));
-            let engine = Engine::start(ecfg, front)?;
+            let engine = Engine::start(ecfg, front.clone())?;
             let st = store.clone();
             let refresh: RegistryRefresh = Arc::new(move || {
                 let reg = st.registry().map_err(|e| e.to_string())?;
@@ -753,6 +762,7 @@ fn start_data_plane(
             });
             let m = FscacheMounter::new(None, refresh)
                 .with_cull(dev, cachefiles_cache_dir(&config.root))
+                .with_front(front)
                 .continued(acq.continued);
             tracing::info!(
                 keeper = acq.keeper.name(),
@@ -928,7 +938,7 @@ fn metrics_source(
         plane.sample(&mut s);
         s.engine.front_end = front_end.to_string();
         s.fetch = fetcher.as_ref().map(|f| (f.stats(), f.latency()));
-        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end), &bound);
+        (s.cache, s.store_bytes) = disk_usage(&root, front_end_of(front_end), &bound, &snap);
         if let Ok(st) = snap.status() {
             s.snapshots = crate::metrics::SnapshotCounts {
                 active: st.active,
@@ -957,6 +967,7 @@ fn start_evictor(
     config: &Config,
     store: &Arc<Store>,
     fetcher: Option<&Arc<Fetcher>>,
+    snap: &Arc<Snapshotter>,
 ) -> anyhow::Result<Option<cache_limit::EvictorThread>> {
     let Some(marks) = cache_limit::Watermarks::from_config(&config.cache, &config.root)
         .context("[cache] in the config")?
@@ -982,7 +993,8 @@ fn start_evictor(
         marks,
         Duration::from_millis(config.cache.punch_grace_ms),
         Some(fetcher.touches().clone()),
-    );
+    )
+    .with_copies(snap.clone());
     let period = Duration::from_millis(config.cache.check_period_ms.max(100));
     Ok(Some(
         cache_limit::EvictorThread::spawn(evictor, period).context("starting the evictor")?,
@@ -1052,7 +1064,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         snapshotter = snapshotter.with_lazy(puller.clone());
     }
     let snap = Arc::new(snapshotter);
-    let mut evictor = start_evictor(&config, &store, fetcher.as_ref())?;
+    let mut evictor = start_evictor(&config, &store, fetcher.as_ref(), &snap)?;
     let bound: Bound = evictor
         .as_ref()
         .map(|t| (t.stats().clone(), t.watermarks()));
@@ -1063,6 +1075,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         &config.root,
         front_end,
         &bound,
+        &snap,
     )));
     let registered_now = Arc::new(std::sync::atomic::AtomicU64::new(registered));
     let metrics = match metrics_address {
@@ -1113,7 +1126,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         registered_now.store(registered, std::sync::atomic::Ordering::Relaxed);
         if pass % USAGE_EVERY_PASSES == 0 {
-            let u = disk_usage(&config.root, front_end, &bound);
+            let u = disk_usage(&config.root, front_end, &bound, &snap);
             *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
         }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
@@ -1275,6 +1288,8 @@ mod tests {
                 limit_bytes: Some(12 << 20),
                 evictions: 2,
                 bounded_bytes: 5 << 20,
+                copy_bytes: 1 << 20,
+                layers_released: 1,
             },
             snapshotter: serde_json::json!({
                 "active": 1, "views": 0, "committed": 2,
@@ -1307,7 +1322,7 @@ mod tests {
         assert!(
             text.contains(
                 "cache: front end files 3.0 MiB; lazily pulled data 5.0 MiB of 12.0 MiB limit \
-                 (42%), 2 chunks evicted"
+                 (42%; front end copies 1.0 MiB), 2 chunks evicted, 1 idle layers released"
             ),
             "{text}"
         );

@@ -117,6 +117,30 @@ pub trait LayerMounter: Send + Sync {
     /// Frees per-blob resources (cache files, materialized blobs) of blobs the store no
     /// longer has. Called after layers are removed, and by Cleanup.
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError>;
+    /// Unmounts layer `hex` from `target` unless something uses the mount (an overlay
+    /// stacked on it, a process inside): never detached. Ok(false) when it is busy; the
+    /// directory stays, and the next mount of the layer uses it again.
+    fn unmount_unused(&self, hex: &str, target: &Path) -> Result<bool, MountError>;
+    /// Frees what the front end keeps on disk for `layers` (cache files, filled blob
+    /// files), none of which is mounted, except blobs named in `keep` (mounted layers use
+    /// them). A later mount reads them through the front end again. Returns the files
+    /// freed.
+    fn free_copies(
+        &self,
+        _layers: &[LayerRecord],
+        _keep: &std::collections::HashSet<String>,
+    ) -> Result<u64, MountError> {
+        Ok(0)
+    }
+    /// Bytes the front end keeps on disk for `layers` (see [`LayerMounter::free_copies`]).
+    fn copy_bytes(&self, _layers: &[LayerRecord]) -> u64 {
+        0
+    }
+    /// Bytes of all the front end's files, when a walk of its directory would not see
+    /// them all (`None`: the walk is right).
+    fn files_bytes(&self) -> Option<u64> {
+        None
+    }
     /// Swaps the data plane's registry for a fresh one, so that nothing reads packs
     /// through chunk locations older than now (called before retired packs are unlinked).
     /// Front ends that keep no registry between calls need nothing.
@@ -154,6 +178,24 @@ pub fn unmount_dir(path: &Path) -> Result<(), MountError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path)(e)),
     }
+}
+
+/// Unmounts `path` if nothing uses it (never detached): Ok(false) when busy. The
+/// directory stays.
+pub fn unmount_if_unused(path: &Path) -> Result<bool, MountError> {
+    if !is_mountpoint(path) {
+        return Ok(true);
+    }
+    match nix::mount::umount2(path, nix::mount::MntFlags::empty()) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EBUSY) => Ok(false),
+        Err(e) => Err(io_err(path)(e.into())),
+    }
+}
+
+/// Allocated bytes of the file at `path` (0 when there is none).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
 /// Makes the daemon's blob registry match the store (called before a layer is mounted, so

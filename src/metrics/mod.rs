@@ -119,9 +119,17 @@ pub struct CacheUsage {
     #[serde(default)]
     pub evictions: u64,
     /// Bytes counted against the limit: chunks of lazily pulled layers the store
-    /// holds, and evicted ones not yet deallocated.
+    /// holds, evicted ones not yet deallocated, and the front end's copies of lazily
+    /// pulled layers (`copy_bytes`).
     #[serde(default)]
     pub bounded_bytes: u64,
+    /// Of `bounded_bytes`, the front end's copies (cache or blob files) of lazily
+    /// pulled layers, mounted or not.
+    #[serde(default)]
+    pub copy_bytes: u64,
+    /// Idle lazily pulled layers unmounted so that their copies could be freed.
+    #[serde(default)]
+    pub layers_released: u64,
 }
 
 /// Snapshot and layer counts.
@@ -470,9 +478,26 @@ impl Collector for Families {
                 &mut e,
                 "dedupd_cache_bounded",
                 "Bytes counted against the limit: chunks of lazily pulled layers in the \
-                 store, and evicted ones not yet deallocated.",
+                 store, evicted ones not yet deallocated, and the front end's copies of \
+                 lazily pulled layers.",
                 Some(&Unit::Bytes),
                 &by_fe(s.cache.bounded_bytes),
+            )?;
+            gauge(
+                &mut e,
+                "dedupd_cache_copies",
+                "Of the bytes counted against the limit, the front end's cache or blob \
+                 files of lazily pulled layers.",
+                Some(&Unit::Bytes),
+                &by_fe(s.cache.copy_bytes),
+            )?;
+            counter(
+                &mut e,
+                "dedupd_cache_layers_released",
+                "Lazily pulled layers no container used, unmounted to free their \
+                 front-end files.",
+                None,
+                &by_fe(s.cache.layers_released),
             )?;
         }
         counter(

@@ -43,6 +43,7 @@
 
 pub mod convert;
 pub mod filter;
+mod idle;
 pub mod meta;
 mod service;
 mod trash;
@@ -57,6 +58,7 @@ use std::time::Instant;
 
 use sha2::Digest;
 
+pub use self::idle::Released;
 pub use self::meta::{Kind, Snap};
 pub use self::service::Service;
 use crate::frontend;
@@ -289,6 +291,11 @@ pub struct Snapshotter {
     /// Commit, Remove of a committed snapshot, Cleanup), so that Cleanup never takes a
     /// new directory for an orphan and a layer being converted or reused is never dropped.
     layers_lock: std::sync::Mutex<()>,
+    /// Read from a Prepare's, View's or Mounts' first layer mount to the mounts it
+    /// returns; written while idle layers are unmounted (see [`idle`]).
+    mount_use: std::sync::RwLock<()>,
+    /// Bumped by every Remove: the set of idle layers may have changed.
+    generation: std::sync::atomic::AtomicU64,
     /// Unpacked trees and removed snapshot directories, deleted in the background.
     trash: trash::Trash,
     /// Lazy pull from published artifacts; `None`: every layer is unpacked and converted.
@@ -324,6 +331,8 @@ impl Snapshotter {
             store,
             mounter,
             layers_lock: std::sync::Mutex::new(()),
+            mount_use: std::sync::RwLock::new(()),
+            generation: Default::default(),
             trash,
             lazy: None,
             conversions: Conversions::default(),
@@ -550,6 +559,7 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<MountSpec>, SnapError> {
+        let _use = self.mount_use.read().unwrap_or_else(|p| p.into_inner());
         if kind == Kind::Active {
             if let Some(target) = labels.get(LABEL_SNAPSHOT_REF) {
                 self.check_remote(target, parent)?;
@@ -802,6 +812,7 @@ impl Snapshotter {
                 "snapshot {key:?} is committed: it has no mounts"
             )));
         }
+        let _use = self.mount_use.read().unwrap_or_else(|p| p.into_inner());
         self.mounts_of(&snap)
     }
 
@@ -963,6 +974,9 @@ impl Snapshotter {
     /// store with every chunk nothing else references.
     pub fn remove(&self, key: &str) -> Result<(), SnapError> {
         let snap = self.meta.remove(key)?;
+        // A layer may have become idle.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.trash.discard(&self.snap_dir(snap.id));
         if let Some(hex) = &snap.layer {
             let _layers = self.layers_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -116,6 +116,46 @@ fn cull_on_own_cwd(
     Ok(r)
 }
 
+/// Allocated bytes of the cache files under `cache_dir` whose cookie key `wanted`
+/// accepts, summed by key over every EROFS volume. Only files the kernel has linked into
+/// the directory are seen: the objects of a mounted layer are not, until it is
+/// unmounted (see `CachefilesFront::open_data_bytes`).
+pub fn file_bytes_by_key(
+    cache_dir: &Path,
+    wanted: &dyn Fn(&str) -> bool,
+) -> io::Result<std::collections::HashMap<String, u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::HashMap::new();
+    for vol in entries(&cache_dir.join("cache"))? {
+        let erofs = vol
+            .file_name()
+            .and_then(OsStr::to_str)
+            .is_some_and(|n| n.starts_with(EROFS_VOLUME_PREFIX));
+        if !erofs {
+            continue;
+        }
+        for fan in entries(&vol)? {
+            for f in entries(&fan)? {
+                let Some(key) = f
+                    .file_name()
+                    .and_then(OsStr::to_str)
+                    .and_then(|n| n.strip_prefix('D'))
+                    .filter(|k| is_id(k) && wanted(k))
+                else {
+                    continue;
+                };
+                let Ok(m) = fs::symlink_metadata(&f) else {
+                    continue;
+                };
+                if m.is_file() {
+                    *out.entry(key.to_string()).or_default() += m.blocks() * 512;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `cull name` from `dir`. Ok(false) when the kernel still uses it or it is already gone.
 fn cull(dev: &dyn Device, dir: &Path, name: &str, r: &mut CullReport) -> io::Result<bool> {
     std::env::set_current_dir(dir)
@@ -163,6 +203,7 @@ fn is_id(s: &str) -> bool {
 mod tests {
     use super::*;
     use std::os::fd::RawFd;
+    use std::os::unix::fs::MetadataExt;
     use std::sync::Mutex;
 
     /// Stands in for the kernel's side of `cull`: removes the named entry from the
@@ -236,6 +277,11 @@ mod tests {
             busy: vec![format!("D{b3}")],
             log: Mutex::default(),
         };
+        // Counted by key over the EROFS volumes only (b2 is also in a foreign one).
+        let bytes = file_bytes_by_key(d.path(), &|k: &str| k == b1 || k == b2).unwrap();
+        let one = fs::symlink_metadata(&v1).unwrap().blocks() * 512;
+        assert_eq!(bytes.len(), 2, "{bytes:?}");
+        assert_eq!((bytes[&b1], bytes[&b2]), (2 * one, one));
         let before = std::env::current_dir().unwrap();
         let live = |s: &str| s == l2 || s == b1;
         let r = cull_dead(&k, d.path(), &live).unwrap();

@@ -52,6 +52,8 @@ impl RegistryHandle {
 struct Object {
     source: FillSource,
     fd: Arc<OwnedFd>,
+    /// The cookie key: the blob id (or the layer id, for its image).
+    key: String,
 }
 
 /// Per-thread state: the message buffer and the object cache (weak: see the module doc).
@@ -88,6 +90,27 @@ impl CachefilesFront {
     /// Objects currently open.
     pub fn open_objects(&self) -> usize {
         self.objects.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Data bytes of the cache files of open objects whose cookie key `wanted` accepts,
+    /// by key. An object in use is a file the kernel has not linked into the cache
+    /// directory yet (it does so when the object is withdrawn), so a walk of the
+    /// directory cannot see it; its anon fd seeks in it (`SEEK_DATA` / `SEEK_HOLE`).
+    pub fn open_data_bytes(&self, wanted: &dyn Fn(&str) -> bool) -> HashMap<String, u64> {
+        let objects: Vec<Arc<Object>> = self
+            .objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|o| wanted(&o.key))
+            .cloned()
+            .collect();
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for o in objects {
+            // Summed: each volume (a layer's fsid) has its own object of a shared blob.
+            *out.entry(o.key.clone()).or_default() += data_bytes(&o.fd, o.source.size_bytes());
+        }
+        out
     }
 
     fn copen(&self, msg_id: u32, size: Result<u64, i32>) -> io::Result<()> {
@@ -173,6 +196,7 @@ impl CachefilesFront {
                 let obj = Arc::new(Object {
                     source,
                     fd: Arc::new(fd),
+                    key: cookie_key.to_string(),
                 });
                 // Insert before the reply: READs for the object may follow at once.
                 self.objects
@@ -327,6 +351,36 @@ impl FrontEnd for CachefilesFront {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Extents of data a bytes count walks per file, at most.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// Bytes of `[0, size)` in data extents of the file behind `fd` (0 if it cannot seek).
+fn data_bytes(fd: &OwnedFd, size: u64) -> u64 {
+    use nix::unistd::{lseek, Whence};
+    let mut total = 0;
+    let mut pos: i64 = 0;
+    let end = i64::try_from(size).unwrap_or(i64::MAX);
+    // Bounded by MAX_EXTENTS; each turn moves past one data extent.
+    for _ in 0..MAX_EXTENTS {
+        if pos >= end {
+            break;
+        }
+        let Ok(data) = lseek(fd, pos, Whence::SeekData) else {
+            break; // ENXIO: no data after pos.
+        };
+        let Ok(hole) = lseek(fd, data, Whence::SeekHole) else {
+            break;
+        };
+        let hole = hole.min(end);
+        if hole <= data {
+            break;
+        }
+        total += (hole - data) as u64;
+        pos = hole;
+    }
+    total
 }
 
 /// True when the cache file behind `fd` holds every byte of `[off, off + len)`: no hole

@@ -1,14 +1,17 @@
 //! The snapshotter's [`LayerMounter`] for the cachefiles front end.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::cull::cull_dead;
+use super::cull::{cull_dead, file_bytes_by_key};
+use super::front::CachefilesFront;
 use super::Device;
 use crate::frontend::{
-    io_err, is_mountpoint, unmount_dir, LayerMounter, MountError, RegistryRefresh,
+    io_err, is_mountpoint, unmount_dir, unmount_if_unused, LayerMounter, MountError,
+    RegistryRefresh,
 };
 use crate::store::{LayerRecord, Store};
 
@@ -32,6 +35,9 @@ pub struct FscacheMounter {
     cull: Option<(Arc<dyn Device>, PathBuf)>,
     /// The cache was taken over from a previous daemon: mounts found are its own.
     continued: bool,
+    /// The data plane's front end, whose open objects are the cache files of mounted
+    /// layers (counted by [`LayerMounter::copy_bytes`]).
+    front: Option<Arc<CachefilesFront>>,
 }
 
 /// Passes of `cull` while dead entries are still busy: the kernel withdraws the objects
@@ -49,6 +55,7 @@ impl FscacheMounter {
             lock: Mutex::new(std::collections::HashSet::new()),
             cull: None,
             continued: false,
+            front: None,
         }
     }
 
@@ -64,6 +71,66 @@ impl FscacheMounter {
     pub fn with_cull(mut self, dev: Arc<dyn Device>, cache_dir: PathBuf) -> FscacheMounter {
         self.cull = Some((dev, cache_dir));
         self
+    }
+
+    /// Counts the cache files of mounted layers through `front`'s open objects.
+    pub fn with_front(mut self, front: Arc<CachefilesFront>) -> FscacheMounter {
+        self.front = Some(front);
+        self
+    }
+
+    /// Culls, in passes while the kernel still withdraws them (`EBUSY`), every cache
+    /// entry whose key `live` refuses. Returns the entries culled.
+    fn cull_passes(&self, live: &(dyn Fn(&str) -> bool + Sync)) -> Result<u64, MountError> {
+        let Some((dev, cache_dir)) = &self.cull else {
+            return Ok(0);
+        };
+        let mut freed = 0;
+        for pass in 0..CULL_PASSES {
+            let r = cull_dead(&**dev, cache_dir, live).map_err(|e| MountError::Io {
+                path: cache_dir.clone(),
+                source: e,
+            })?;
+            freed += r.volumes + r.files;
+            if r.busy == 0 {
+                break;
+            }
+            if pass + 1 == CULL_PASSES {
+                tracing::info!(busy = r.busy, "cache entries still in use; culled later");
+            } else {
+                std::thread::sleep(CULL_RETRY);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Bytes of the cache files whose cookie key `wanted` accepts, linked or open
+    /// (`None` without a cache directory).
+    fn bytes_of(&self, wanted: &dyn Fn(&str) -> bool) -> Option<u64> {
+        let (_, cache_dir) = self.cull.as_ref()?;
+        let linked = match file_bytes_by_key(cache_dir, wanted) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(dir = %cache_dir.display(), "counting cache files: {e}");
+                Default::default()
+            }
+        };
+        let open = self
+            .front
+            .as_ref()
+            .map(|f| f.open_data_bytes(wanted))
+            .unwrap_or_default();
+        // An object reopened from a linked file is seen both ways: the larger counts.
+        let keys: HashSet<&String> = linked.keys().chain(open.keys()).collect();
+        Some(
+            keys.into_iter()
+                .map(|k| {
+                    let a = linked.get(k).copied().unwrap_or(0);
+                    let b = open.get(k).copied().unwrap_or(0);
+                    a.max(b)
+                })
+                .sum(),
+        )
     }
 
     fn refresh(&self) -> Result<(), MountError> {
@@ -119,6 +186,47 @@ impl LayerMounter for FscacheMounter {
         unmount_dir(target)
     }
 
+    fn unmount_unused(&self, hex: &str, target: &Path) -> Result<bool, MountError> {
+        let mut mine = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let done = unmount_if_unused(target)?;
+        if done {
+            mine.remove(hex);
+        }
+        Ok(done)
+    }
+
+    /// Culls the volumes of `layers` (unmounted: the kernel withdraws their objects and
+    /// links their files into the cache) and their blobs' files, except blobs in `keep`.
+    /// A later mount makes the cookies again and the kernel asks for every range anew.
+    fn free_copies(
+        &self,
+        layers: &[LayerRecord],
+        keep: &HashSet<String>,
+    ) -> Result<u64, MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dead: HashSet<&str> = layers
+            .iter()
+            .flat_map(|l| std::iter::once(l.id_hex()).chain(l.blobs.iter().map(String::as_str)))
+            .filter(|k| !keep.contains(*k))
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        self.cull_passes(&|k: &str| !dead.contains(k))
+    }
+
+    fn copy_bytes(&self, layers: &[LayerRecord]) -> u64 {
+        let keys: HashSet<&str> = layers
+            .iter()
+            .flat_map(|l| std::iter::once(l.id_hex()).chain(l.blobs.iter().map(String::as_str)))
+            .collect();
+        self.bytes_of(&|k: &str| keys.contains(k)).unwrap_or(0)
+    }
+
+    fn files_bytes(&self) -> Option<u64> {
+        self.bytes_of(&|_| true)
+    }
+
     fn refresh_registry(&self) -> Result<(), MountError> {
         self.refresh()
     }
@@ -127,7 +235,7 @@ impl LayerMounter for FscacheMounter {
         // Removed blobs leave the registry first, so no new OPEN finds them.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh()?;
-        let Some((dev, cache_dir)) = &self.cull else {
+        let Some((_, cache_dir)) = &self.cull else {
             return Ok(0);
         };
         let layers = store.layers().map_err(|e| MountError::Io {
@@ -135,27 +243,11 @@ impl LayerMounter for FscacheMounter {
             source: io::Error::other(format!("reading the store's layers: {e}")),
         })?;
         // Cookie keys still in use: every layer's image (its fsid) and data blobs.
-        let keys: std::collections::HashSet<&str> = layers
+        let keys: HashSet<&str> = layers
             .iter()
             .flat_map(|l| std::iter::once(l.id_hex()).chain(l.blobs.iter().map(String::as_str)))
             .collect();
         let live = |id: &str| keys.contains(id);
-        let mut freed = 0;
-        for pass in 0..CULL_PASSES {
-            let r = cull_dead(&**dev, cache_dir, &live).map_err(|e| MountError::Io {
-                path: cache_dir.clone(),
-                source: e,
-            })?;
-            freed += r.volumes + r.files;
-            if r.busy == 0 {
-                break;
-            }
-            if pass + 1 == CULL_PASSES {
-                tracing::info!(busy = r.busy, "cache entries still in use; culled later");
-            } else {
-                std::thread::sleep(CULL_RETRY);
-            }
-        }
-        Ok(freed)
+        self.cull_passes(&live)
     }
 }

@@ -40,6 +40,10 @@ struct State {
     past: Stats,
     /// Blobs in the registry the front end was started over.
     blobs: u64,
+    /// Blob files of idle layers were deleted ([`LayerMounter::free_copies`]): a
+    /// superblock nobody can see (an overlay detached while a file was open) may still
+    /// read their old inodes, so the group is never released at shutdown.
+    freed: bool,
 }
 
 /// Mounts layers over the fanotify front end it owns.
@@ -77,6 +81,7 @@ impl FanotifyMounter {
                 restarts: 0,
                 blobs: registry.blobs.len() as u64,
                 past: Stats::default(),
+                freed: false,
             }),
         })
     }
@@ -130,15 +135,16 @@ impl FanotifyMounter {
     }
 
     /// Stops the front end. The group is released (the holder exits) only when no
-    /// layer is mounted any more; otherwise the holder keeps it for a successor and
+    /// layer is mounted any more and this daemon deleted no blob file of an idle layer; otherwise the holder keeps it for a successor and
     /// fails reads with EIO after its grace period.
     pub fn shutdown(&self) -> Stats {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mounted = fs::read_dir(&self.mnt_dir)
             .map(|rd| rd.flatten().any(|e| is_mountpoint(&e.path())))
             .unwrap_or(true);
+        let release = !mounted && !st.freed;
         let mut s = match st.fe.take() {
-            Some(fe) => fe.shutdown(!mounted),
+            Some(fe) => fe.shutdown(release),
             None => Stats::default(),
         };
         s.accumulate(&st.past);
@@ -198,6 +204,65 @@ impl LayerMounter for FanotifyMounter {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.mounted_here.remove(hex);
         unmount_dir(target)
+    }
+
+    fn unmount_unused(&self, hex: &str, target: &Path) -> Result<bool, MountError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let done = frontend::unmount_if_unused(target)?;
+        if done {
+            st.mounted_here.remove(hex);
+        }
+        Ok(done)
+    }
+
+    /// Deletes the filled blob files of `layers` (not mounted), then restarts the front
+    /// end, which makes each of them again: empty, sparse, and marked before any mount
+    /// can open it, so every read of it raises an event again. A file marked while a
+    /// mount already had it open would raise none, which is why a mounted layer's files
+    /// are never freed. Files with nothing allocated are left alone (no restart for them).
+    fn free_copies(
+        &self,
+        layers: &[LayerRecord],
+        keep: &HashSet<String>,
+    ) -> Result<u64, MountError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = 0;
+        let mut first_err = None;
+        for id in layers.iter().flat_map(|l| l.blobs.iter()) {
+            let path = blobfile::blob_path(&self.opts.cache_dir, id);
+            if keep.contains(id) || frontend::allocated_bytes(&path) == 0 {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => gone += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(io_err(&path)(e));
+                }
+            }
+        }
+        if gone > 0 {
+            st.freed = true;
+        }
+        // Also after a failure, and when an earlier restart failed: the front end must
+        // not go on naming files that are gone.
+        if gone > 0 || st.fe.is_none() {
+            // The old front end's open files (and the holder's write fds, which the new
+            // one finds stale and drops) are what still keeps the deleted inodes.
+            self.restart(&mut st)?;
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(gone),
+        }
+    }
+
+    fn copy_bytes(&self, layers: &[LayerRecord]) -> u64 {
+        let blobs: HashSet<&String> = layers.iter().flat_map(|l| l.blobs.iter()).collect();
+        blobs
+            .into_iter()
+            .map(|id| frontend::allocated_bytes(&blobfile::blob_path(&self.opts.cache_dir, id)))
+            .sum()
     }
 
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {

@@ -110,6 +110,11 @@ impl LayerMounter for LocalMounter {
         unmount_dir(target)
     }
 
+    fn unmount_unused(&self, _hex: &str, target: &Path) -> Result<bool, MountError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        crate::frontend::unmount_if_unused(target)
+    }
+
     fn release_blobs(&self, store: &Store) -> Result<u64, MountError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut freed = 0;
