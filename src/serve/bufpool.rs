@@ -83,12 +83,15 @@ impl BufPool {
 
     /// One iovec per slot, the zero slot last, for `register_buffers`.
     pub fn iovecs(&self) -> Vec<libc::iovec> {
-        (0..=self.count as u16)
-            .map(|i| libc::iovec {
-                iov_base: self.ptr(i).cast(),
-                iov_len: self.slot_bytes,
-            })
-            .collect()
+        (0..=self.count as u16).map(|i| self.iovec(i)).collect()
+    }
+
+    /// The iovec of slot `i` (`i == zero_index()` for the zero slot).
+    pub fn iovec(&self, i: u16) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr(i).cast(),
+            iov_len: self.slot_bytes,
+        }
     }
 
     /// Slot `i` mutably. The caller must own the slot (taken, no I/O in flight on it).

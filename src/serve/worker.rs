@@ -192,7 +192,11 @@ pub(super) struct Worker<F: FrontEnd> {
     // Declared first so it is dropped before the buffers it points into.
     ring: IoUring,
     pool: BufPool,
+    /// Fixed buffers are in use: the pool's slots are registered with the ring, each on
+    /// its first use (see [`register_pool`]).
     fixed: bool,
+    /// Which slots are registered (the zero slot last).
+    registered: Vec<bool>,
     cfg: Arc<EngineConfig>,
     front: Arc<F>,
     local: F::Local,
@@ -225,6 +229,33 @@ pub(super) struct Worker<F: FrontEnd> {
 }
 
 impl<F: FrontEnd> Worker<F> {
+    /// `slot` as a fixed buffer index, registering it first if this is its first use;
+    /// `None` (a plain read or write) without fixed buffers or when it cannot be
+    /// registered.
+    fn fixed_slot(&mut self, slot: u16) -> Option<u16> {
+        if !self.fixed {
+            return None;
+        }
+        let i = slot as usize;
+        if !self.registered[i] {
+            let iov = [self.pool.iovec(slot)];
+            // SAFETY: the iovec points into `pool`'s allocation, which outlives the ring
+            // (declared after it, so dropped after it); the kernel pins the pages.
+            match unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(u32::from(slot), &iov, None)
+            } {
+                Ok(()) => self.registered[i] = true,
+                Err(e) => {
+                    tracing::warn!(thread = self.id, slot, "registering a buffer: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(slot)
+    }
+
     pub(super) fn new(
         id: usize,
         cfg: Arc<EngineConfig>,
@@ -245,19 +276,7 @@ impl<F: FrontEnd> Worker<F> {
             .build(entries)
             .map_err(setup("io_uring setup"))?;
         let pool = BufPool::new(cfg.buffers_per_thread, cfg.buffer_bytes);
-        let iovecs = pool.iovecs();
-        // SAFETY: every iovec points into `pool`'s allocation, which outlives the ring
-        // (declared after it in Worker, so dropped after it); the kernel pins the pages.
-        let fixed = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    thread = id,
-                    "registering buffers failed ({e}); using plain reads and writes"
-                );
-                false
-            }
-        };
+        let (fixed, registered) = register_pool(&ring, &pool, id);
         if cfg.write_strategy == WriteStrategy::Uring {
             if let Err(e) = engine_uring::cap_workers(&ring, cfg.iowq_workers) {
                 tracing::warn!(thread = id, "could not cap io-wq workers: {e}");
@@ -274,6 +293,7 @@ impl<F: FrontEnd> Worker<F> {
             ring,
             pool,
             fixed,
+            registered,
             reqs: Slab::new(cfg.max_requests_per_thread),
             waits: Slab::new(cfg.max_requests_per_thread * MAX_WAITS_PER_REQUEST),
             cfg,
@@ -659,11 +679,12 @@ impl<F: FrontEnd> Worker<F> {
                     len,
                     data_bytes,
                 };
+                let fixed = self.fixed_slot(dbuf);
                 let entry = engine_uring::read_entry(
                     file.as_raw_fd(),
                     self.pool.ptr(dbuf),
                     len,
-                    self.fixed.then_some(dbuf),
+                    fixed,
                     cursor,
                     0,
                 );
@@ -730,11 +751,12 @@ impl<F: FrontEnd> Worker<F> {
             fetched: new_cursor.is_none(),
             refetched: w.refetched,
         };
+        let fixed = self.fixed_slot(rbuf);
         let entry = engine_uring::read_entry(
             fd,
             self.pool.ptr(rbuf),
             loc.record_len() as u32,
-            self.fixed.then_some(rbuf),
+            fixed,
             loc.offset,
             0,
         );
@@ -993,11 +1015,12 @@ impl<F: FrontEnd> Worker<F> {
                 };
                 // SAFETY: as above, `at + len` stays inside the slot.
                 let ptr = unsafe { self.pool.ptr(slot).add(at) };
+                let fixed = self.fixed_slot(slot);
                 let e = engine_uring::write_entry(
                     target.as_raw_fd(),
                     ptr,
                     len,
-                    self.fixed.then_some(slot),
+                    fixed,
                     off,
                     u64::from(i),
                 );
@@ -1299,6 +1322,49 @@ impl<F: FrontEnd> Worker<F> {
         if let Some(token) = q.token.take() {
             self.front
                 .complete(&mut self.local, token, &q.target, outcome, c);
+        }
+    }
+}
+
+/// Registers `pool` with `ring` as fixed buffers. The table is made sparse and each slot
+/// is registered on its first use ([`Worker::fixed_slot`]): registering pins, and so
+/// makes resident, every page it covers, so a pool registered whole at start costs its
+/// full size in memory (32 slots of a 1 MiB record each, per thread) even on an idle
+/// node. Slots are reused most recently freed first, so the slots ever registered follow
+/// the load. A kernel without sparse tables gets the whole pool at once; without fixed
+/// buffers at all, plain reads and writes are used. Returns whether fixed buffers are
+/// used and which slots are registered (the zero slot, last, always is).
+fn register_pool(ring: &IoUring, pool: &BufPool, id: usize) -> (bool, Vec<bool>) {
+    let n = pool.iovecs().len();
+    let zero = pool.zero_index();
+    let sub = ring.submitter();
+    let sparse = sub.register_buffers_sparse(n as u32).and_then(|()| {
+        // SAFETY: as in `Worker::fixed_slot`.
+        unsafe { sub.register_buffers_update(u32::from(zero), &[pool.iovec(zero)], None) }
+    });
+    match sparse {
+        Ok(()) => {
+            let mut registered = vec![false; n];
+            registered[zero as usize] = true;
+            return (true, registered);
+        }
+        Err(e) => {
+            let _ = sub.unregister_buffers();
+            tracing::debug!(
+                thread = id,
+                "sparse buffer table: {e}; registering every slot"
+            );
+        }
+    }
+    // SAFETY: every iovec points into `pool`'s allocation, which outlives the ring.
+    match unsafe { sub.register_buffers(&pool.iovecs()) } {
+        Ok(()) => (true, vec![true; n]),
+        Err(e) => {
+            tracing::warn!(
+                thread = id,
+                "registering buffers failed ({e}); using plain reads and writes"
+            );
+            (false, vec![false; n])
         }
     }
 }
