@@ -1,8 +1,8 @@
-//! A thread's fixed set of page-aligned buffers, allocated once at start and registered
-//! with its io_uring. Slot `count` (the last) is a read-only zero buffer used for
+//! A thread's fixed set of page-aligned buffers, mapped once at start and registered
+//! with its io_uring. The mapping is anonymous and faulted in only where a slot is used
+//! (an aligned zeroed allocation would be written whole, and so resident, at start). Slot `count` (the last) is a read-only zero buffer used for
 //! zero-fill writes; it is never handed out.
 
-use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
 /// Alignment of every slot: a page, as O_DIRECT writes to the cache file need.
@@ -11,7 +11,8 @@ pub const ALIGN_BYTES: usize = 4096;
 /// Fixed, page-aligned buffer slots with a free list.
 pub struct BufPool {
     base: NonNull<u8>,
-    layout: Layout,
+    /// Bytes mapped.
+    total: usize,
     slot_bytes: usize,
     count: usize,
     free: Vec<u16>,
@@ -23,7 +24,8 @@ unsafe impl Send for BufPool {}
 
 impl BufPool {
     /// Allocates `count` slots of `slot_bytes` (rounded up to a page) plus the zero slot.
-    /// Panics only on configuration errors checked by the engine before calling.
+    /// Panics on configuration errors checked by the engine before calling, and when the
+    /// memory cannot be mapped.
     pub fn new(count: usize, slot_bytes: usize) -> BufPool {
         assert!(
             count >= 2 && count < u16::MAX as usize,
@@ -33,15 +35,28 @@ impl BufPool {
         let total = slot_bytes
             .checked_mul(count + 1)
             .expect("buffer pool size overflows");
-        let layout = Layout::from_size_align(total, ALIGN_BYTES).expect("valid layout");
-        // SAFETY: `layout` has a non-zero size (count >= 2, slot_bytes >= 4096).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(base) = NonNull::new(ptr) else {
-            alloc::handle_alloc_error(layout)
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        // Zero-filled and page-aligned by mmap; a failure is out of memory.
+        let base = match NonNull::new(ptr.cast::<u8>()) {
+            Some(b) if ptr != libc::MAP_FAILED => b,
+            _ => panic!(
+                "mapping {total} bytes of buffers: {}",
+                std::io::Error::last_os_error()
+            ),
         };
         BufPool {
             base,
-            layout,
+            total,
             slot_bytes,
             count,
             free: (0..count as u16).rev().collect(),
@@ -119,9 +134,9 @@ impl BufPool {
 
 impl Drop for BufPool {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; the engine drops the pool only
-        // after its ring (and every operation on these buffers) is gone.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        // SAFETY: mapped in `new` with this length; the engine drops the pool only after
+        // its ring (and every operation on these buffers) is gone.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.total) };
     }
 }
 
