@@ -43,6 +43,18 @@ pub struct ChunkLoc {
     /// The chunk's BLAKE3 leaves, from the index (see [`decode_record_range`]); `None`
     /// for chunks of one leaf and for chunks converted before the index kept them.
     pub leaves: Option<Leaves>,
+    /// The at-rest checksum of the record's payload ([`payload_sum`]), taken from the
+    /// bytes written when the chunk entered the store (verified against its digest just
+    /// before); `None` for chunks stored before the index kept it: those are verified
+    /// against their digest on every read.
+    pub sum: Option<u64>,
+}
+
+/// The at-rest checksum of a record's payload (the bytes after the header): xxh3-64.
+/// It detects damage to stored bytes (bit rot, torn or misdirected writes), not forgery:
+/// see the README's "Verification".
+pub fn payload_sum(payload: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(payload)
 }
 
 impl ChunkLoc {
@@ -246,6 +258,7 @@ pub fn verify_foreign_record(
         stored_len,
         raw_len,
         leaves: None,
+        sum: None,
     };
     check_header(record, &loc, digest)?;
     let n = raw_len as usize;
@@ -313,6 +326,7 @@ mod tests {
             stored_len: (rec.len() - RECORD_HEADER_BYTES) as u32,
             raw_len: data.len() as u32,
             leaves,
+            sum: None,
         };
         (digest, rec, loc)
     }
@@ -472,6 +486,7 @@ mod tests {
             stored_len: 10,
             raw_len: 10,
             leaves: None,
+            sum: None,
         };
         let mut out = [0u8; 10];
         assert!(matches!(

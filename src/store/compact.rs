@@ -213,6 +213,7 @@ impl Store {
                         stored_len,
                         raw_len,
                         leaves: None,
+                        sum: None,
                     },
                 ));
             }

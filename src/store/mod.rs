@@ -941,6 +941,7 @@ fn resolve_loc(
         stored_len,
         raw_len,
         leaves,
+        sum: None,
     }))
 }
 
@@ -1060,6 +1061,7 @@ impl Ingest<'_> {
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
             leaves,
+            sum: None,
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);

@@ -368,6 +368,7 @@ impl FetchWriter {
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
             leaves,
+            sum: None,
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
