@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// Fill only the requested pages instead of the whole chunks around them.
     #[arg(long)]
     pub no_read_around: bool,
+    /// Check every chunk read against its BLAKE3 digest instead of the at-rest checksum
+    /// the store keeps for it (see the README's "Verification").
+    #[arg(long)]
+    pub digest_on_read: bool,
     /// Prometheus endpoint: a unix socket path or 127.0.0.1:PORT (overrides
     /// `metrics_address`).
     #[arg(long)]
@@ -103,6 +107,7 @@ impl RunArgs {
             front_end: Some(FrontEnd::Local),
             write_strategy: WriteStrategy::Uring,
             no_read_around: false,
+            digest_on_read: false,
             metrics_address: None,
             cache_limit: None,
         }
@@ -750,6 +755,7 @@ fn start_data_plane(
             ecfg.threads = config.thread_count();
             ecfg.write_strategy = args.write_strategy;
             ecfg.read_around = !args.no_read_around;
+            ecfg.digest_on_read = args.digest_on_read;
             ecfg.fetcher = fetcher;
             let dev: Arc<dyn cachefiles::Device> = Arc::new(dev);
             let front = Arc::new(CachefilesFront::new(dev.clone(), registry.clone()));
@@ -783,6 +789,7 @@ fn start_data_plane(
                 uring_responses: true,
                 prefetch: true,
                 packs_dir: config.root.join("chunks"),
+                digest_on_read: args.digest_on_read,
                 fetcher,
             };
             let m = Arc::new(FanotifyMounter::start(store.clone(), opts)?);

@@ -228,7 +228,8 @@ pub struct EngineConfig {
     pub write_strategy: WriteStrategy,
     /// Registered buffers per thread (at least 3).
     pub buffers_per_thread: usize,
-    /// Bytes per buffer: must hold the largest chunk record (default: the store's max).
+    /// Bytes per buffer: a page of record headers, then a data area that must hold the
+    /// largest chunk (default: the store's max), and with it the most a run reads.
     pub buffer_bytes: usize,
     /// Fill requests in flight per thread; the device is not drained beyond it.
     pub max_requests_per_thread: usize,
@@ -244,11 +245,11 @@ pub struct EngineConfig {
     /// and verified anyway, and once its slot is cached the kernel sends no READ for the
     /// rest of it (see `bench/RESULTS.md`, reader_seq).
     pub read_around: bool,
-    /// Write a chunk stored uncompressed straight from the buffer its record was read
-    /// into (verified there), skipping the copy into a second buffer. The source address
-    /// is then not page-aligned, so only for targets written buffered (fanotify blob
-    /// files), never for O_DIRECT ones (cachefiles). Default off.
-    pub write_from_record: bool,
+    /// Check every chunk read against its BLAKE3 digest, as when it entered the node,
+    /// instead of against the at-rest checksum the index keeps for it (the default; see
+    /// the README's "Verification"). Chunks stored before the index kept checksums are
+    /// checked against their digest either way.
+    pub digest_on_read: bool,
     /// Directory of the store's pack files (`<root>/chunks`).
     pub packs_dir: PathBuf,
     /// Where chunks of lazily pulled blobs come from when the store lacks them. A piece
@@ -268,13 +269,13 @@ impl EngineConfig {
             pin: true,
             write_strategy: WriteStrategy::Uring,
             buffers_per_thread: 32,
-            buffer_bytes: crate::store::chunk::MAX_RECORD_BYTES,
+            buffer_bytes: worker::HEADER_AREA_BYTES + crate::store::chunk::MAX_CHUNK_BYTES,
             max_requests_per_thread: 64,
             admit_per_turn: 4,
             ring_entries: 256,
             iowq_workers: 4,
             read_around: true,
-            write_from_record: false,
+            digest_on_read: false,
             packs_dir,
             fetcher: None,
         }
@@ -323,9 +324,9 @@ impl Engine {
                 cfg.buffers_per_thread
             )));
         }
-        if cfg.buffer_bytes < PAGE_BYTES as usize || cfg.buffer_bytes > (64 << 20) {
+        if cfg.buffer_bytes < 2 * PAGE_BYTES as usize || cfg.buffer_bytes > (64 << 20) {
             return Err(EngineError::Config(format!(
-                "buffer_bytes = {} (4 KiB..=64 MiB)",
+                "buffer_bytes = {} (8 KiB..=64 MiB)",
                 cfg.buffer_bytes
             )));
         }

@@ -3,12 +3,16 @@
 //! A request is a cursor over its page-aligned fill range. Pieces (one chunk slot, one
 //! buffer of a plain file, or a run of zeros) are started from the cursor while buffers
 //! and operation slots last; a request waiting for buffers sits in `pending`, and while
-//! anything is pending the device is not drained. Each piece is a read (pack record or
-//! file) into a registered buffer, a decode into a second registered buffer (only up to
-//! the end of the write when the chunk's BLAKE3 leaves allow it; with
-//! `write_from_record`, a record stored uncompressed is verified where it was read and
-//! written from there), and a write into the target; an in-flight operation owns its
-//! buffers until its CQE arrives.
+//! anything is pending the device is not drained. A chunked piece is a *run*: up to
+//! [`MAX_RUN_CHUNKS`] chunks whose slots follow each other in the target and whose
+//! records follow each other in one pack, so that it costs one read, one write and one
+//! buffer whatever its number of chunks. The read is a `readv` that scatters each record:
+//! its header into the buffer's first page, a payload stored raw straight to its slot's
+//! place in the rest of the buffer (page-aligned, so it is written from there, O_DIRECT
+//! targets included), an lz4 payload into a second buffer to be decoded into that place.
+//! Each chunk is then checked ([`verify_split`]: against its at-rest checksum, or its
+//! digest) before the run is written in one write. A plain-file piece is one buffer read
+//! and written. An in-flight operation owns its buffers until its CQE arrives.
 //!
 //! A chunk of a lazily pulled blob that the store lacks is asked of the fetcher
 //! ([`crate::remote::Fetcher`]) and its piece parked in `waits`; the request's other
@@ -42,7 +46,8 @@ use super::{
 };
 use crate::digest::ChunkDigest;
 use crate::remote::{FetchFailure, Mailbox, Reply};
-use crate::store::chunk::{decode_record_range, ChunkLoc, RECORD_HEADER_BYTES};
+use crate::store::chunk::{verify_split, ChunkLoc, RECORD_HEADER_BYTES};
+use crate::store::BlobTable;
 
 const POLL_DEVICE: u64 = u64::MAX;
 const POLL_STOP: u64 = u64::MAX - 1;
@@ -50,6 +55,12 @@ const POLL_WAKE: u64 = u64::MAX - 2;
 const POLL_FETCH: u64 = u64::MAX - 3;
 /// Times one piece whose stored record failed is asked of the fetcher again.
 const MAX_REFETCHES: u8 = 3;
+/// Bytes at the start of each buffer for the headers of a run's records; the data area
+/// after it is page-aligned.
+pub(super) const HEADER_AREA_BYTES: usize = PAGE_BYTES as usize;
+/// Chunks per run at most: their headers fill the header area.
+const MAX_RUN_CHUNKS: usize = 64;
+const _: () = assert!(MAX_RUN_CHUNKS * RECORD_HEADER_BYTES <= HEADER_AREA_BYTES);
 /// Pieces parked on the fetcher per thread: enough for every request in flight to wait
 /// on several chunks (a read-around window of a sequential read).
 const MAX_WAITS_PER_REQUEST: usize = 16;
@@ -112,14 +123,23 @@ impl<T> Slab<T> {
 
 /// An operation in flight in the ring.
 enum Op {
-    /// A chunk record is being read into `rbuf`; it decodes into `dbuf`.
-    PackRead {
+    /// A run of chunk records is being read (see the module documentation): headers and
+    /// raw payloads into `rbuf`, lz4 payloads into `sbuf`. The first chunk is named here
+    /// (from the blob table, or from the fetcher's answer); the others are the table's
+    /// entries after `index`.
+    PackRun {
         req: u32,
         rbuf: u16,
-        dbuf: u16,
+        sbuf: Option<u16>,
         digest: ChunkDigest,
-        loc: ChunkLoc,
+        /// Boxed: the BLAKE3 leaves make a location large, and every op slot pays for
+        /// the largest variant.
+        loc: Box<ChunkLoc>,
         slot_off: u64,
+        index: usize,
+        n: u16,
+        /// Bytes the read asks for (every record of the run).
+        read_len: u32,
         w_off: u64,
         w_len: u32,
         /// Submitted at (the turn clock).
@@ -207,6 +227,10 @@ pub(super) struct Worker<F: FrontEnd> {
     reqs: Slab<Request<F::Token>>,
     pending: VecDeque<u32>,
     packs: HashMap<u32, File>,
+    /// The iovecs of the run read into each buffer, kept until its completion.
+    iovs: Vec<Vec<libc::iovec>>,
+    /// The chunks of the run being checked (reused).
+    run: Vec<(ChunkDigest, ChunkLoc, u64)>,
     /// Pieces parked on the fetcher, keyed by ticket.
     waits: Slab<Wait>,
     /// Fetched pieces whose pack read has not started (no buffers yet).
@@ -305,6 +329,8 @@ impl<F: FrontEnd> Worker<F> {
             ops: Slab::new(max_ops),
             pending: VecDeque::new(),
             packs: HashMap::new(),
+            iovs: Vec::new(),
+            run: Vec::with_capacity(MAX_RUN_CHUNKS),
             fetched: VecDeque::new(),
             mailbox,
             answers: Vec::new(),
@@ -622,6 +648,43 @@ impl<F: FrontEnd> Worker<F> {
         })
     }
 
+    /// Bytes of a buffer's data area (after its header area): the most a run holds.
+    fn data_bytes(&self) -> u64 {
+        (self.pool.slot_bytes() - HEADER_AREA_BYTES) as u64
+    }
+
+    /// The run that starts at entry `index` of `table` (whose chunk the store has) for a
+    /// fill ending at `end`: how many chunks it takes, and where its write ends. A run
+    /// goes on while the next entry's slot follows in the target, the fill reaches into
+    /// it, its record follows in the same pack, and the data area has room.
+    fn plan_run(&self, table: &BlobTable, index: usize, end: u64) -> (usize, u64) {
+        let entries = table.entries();
+        let cap = self.data_bytes();
+        let mut last = &entries[index];
+        let (mut n, mut bytes) = (1, last.slot_len());
+        // Bounded by MAX_RUN_CHUNKS.
+        while n < MAX_RUN_CHUNKS {
+            let (Some(next), Some(loc)) = (entries.get(index + n), last.loc) else {
+                break;
+            };
+            let slot_end = last.blob_offset + last.slot_len();
+            let follows = next.loc.is_some_and(|l| {
+                l.pack == loc.pack && l.offset == loc.offset + loc.record_len() as u64
+            });
+            if !follows
+                || next.blob_offset != slot_end
+                || slot_end >= end
+                || bytes + next.slot_len() > cap
+            {
+                break;
+            }
+            bytes += next.slot_len();
+            last = next;
+            n += 1;
+        }
+        (n, end.min(last.blob_offset + last.slot_len()))
+    }
+
     /// Starts the next piece of request `r`.
     fn start_piece(&mut self, r: u32) -> Step {
         let slot_bytes = self.pool.slot_bytes() as u64;
@@ -640,8 +703,17 @@ impl<F: FrontEnd> Worker<F> {
                 let Some(index) = table.index_at(cursor) else {
                     return self.start_zero(r, cursor, end);
                 };
-                let e = table.entries()[index];
-                let w_end = end.min(e.blob_offset + e.slot_len());
+                let e = &table.entries()[index];
+                if e.slot_len() > self.data_bytes() {
+                    bump(&self.c().chunk_errors);
+                    tracing::warn!(chunk = %e.digest, "chunk larger than an engine buffer");
+                    self.fail(r, FillError::Chunk);
+                    return Step::Done;
+                }
+                let (n, w_end) = match e.loc {
+                    Some(_) => self.plan_run(&table, index, end),
+                    None => (1, end.min(e.blob_offset + e.slot_len())),
+                };
                 let wait = Wait {
                     req: r,
                     digest: e.digest,
@@ -651,14 +723,8 @@ impl<F: FrontEnd> Worker<F> {
                     parked: self.now,
                     refetched: 0,
                 };
-                if e.slot_len() > slot_bytes {
-                    bump(&self.c().chunk_errors);
-                    tracing::warn!(chunk = %e.digest, "chunk larger than an engine buffer");
-                    self.fail(r, FillError::Chunk);
-                    return Step::Done;
-                }
                 match e.loc {
-                    Some(loc) => self.start_pack_read(wait, loc, Some(w_end)),
+                    Some(loc) => self.start_run(wait, loc, (index, n), Some(w_end)),
                     None => self.park(wait, &table, index, w_end),
                 }
             }
@@ -693,18 +759,48 @@ impl<F: FrontEnd> Worker<F> {
         }
     }
 
-    /// Starts the pack read of piece `w`, whose chunk is at `loc`; advances the request's
-    /// cursor to `new_cursor` once started (`None`: it was advanced when the piece was
-    /// parked on the fetcher).
-    fn start_pack_read(&mut self, w: Wait, loc: ChunkLoc, new_cursor: Option<u64>) -> Step {
+    /// Starts the read of piece `w`: the run of `n` chunks from entry `index` of its
+    /// table (`(index, n)`; for a fetched piece, `(_, 1)`), whose first chunk's record is
+    /// at `loc`. Advances the request's cursor to `new_cursor` once started (`None`: it
+    /// was advanced when the piece was parked on the fetcher).
+    fn start_run(
+        &mut self,
+        w: Wait,
+        loc: ChunkLoc,
+        (index, n): (usize, usize),
+        new_cursor: Option<u64>,
+    ) -> Step {
         let r = w.req;
-        if loc.record_len() > self.pool.slot_bytes() {
+        let raw_slot = u64::from(loc.raw_len).div_ceil(PAGE_BYTES) * PAGE_BYTES;
+        if raw_slot > self.data_bytes() || loc.record_len() > self.pool.slot_bytes() {
             bump(&self.c().chunk_errors);
             tracing::warn!(chunk = %w.digest, "chunk record larger than an engine buffer");
             self.fail_piece(r, FillError::Chunk, new_cursor.is_none());
             return Step::Done;
         }
-        if self.ops.room() == 0 || self.pool.available() < 2 {
+        let table = match self.reqs.get(r).map(|q| &q.source) {
+            Some(FillSource::Chunked(t)) if n > 1 => Some(t.clone()),
+            _ => None,
+        };
+        self.run.clear();
+        self.run.push((w.digest, loc, w.slot_off));
+        if let Some(t) = &table {
+            self.run.extend(
+                t.entries()[index + 1..index + n]
+                    .iter()
+                    .filter_map(|e| Some((e.digest, e.loc?, e.blob_offset))),
+            );
+        }
+        if self.run.len() != n {
+            // plan_run takes only entries the store has; a run that is not whole would
+            // leave part of its write unverified.
+            tracing::error!(req = self.req_id(r), "a planned run lost a chunk");
+            self.fail_piece(r, FillError::Chunk, new_cursor.is_none());
+            return Step::Done;
+        }
+        let lz4 = self.run.iter().any(|(_, l, _)| l.is_lz4());
+        let want = 1 + usize::from(lz4);
+        if self.ops.room() == 0 || self.pool.available() < want {
             return Step::Blocked;
         }
         let fd = match self.pack_fd(loc.pack) {
@@ -712,6 +808,7 @@ impl<F: FrontEnd> Worker<F> {
             Err(err) if new_cursor.is_some() && self.remote_index(&w).is_some() => {
                 // A lazily pulled blob's chunk in a pack that is gone (evicted, then
                 // retired by compaction): the fetcher finds it or fetches it again.
+                // The piece goes back to one chunk; the cursor moves past it only.
                 let (table, index) = self.remote_index(&w).expect("checked");
                 tracing::debug!(
                     req = self.req_id(r),
@@ -719,7 +816,13 @@ impl<F: FrontEnd> Worker<F> {
                     "opening pack: {err}; asking the fetcher"
                 );
                 bump(&self.c().refetches);
-                return self.park(w, &table, index, new_cursor.expect("checked"));
+                let e = &table.entries()[index];
+                let w_end = (w.w_off + u64::from(w.w_len)).min(e.blob_offset + e.slot_len());
+                let w = Wait {
+                    w_len: (w_end - w.w_off) as u32,
+                    ..w
+                };
+                return self.park(w, &table, index, w_end);
             }
             Err(err) => {
                 bump(&self.c().source_errors);
@@ -728,38 +831,64 @@ impl<F: FrontEnd> Worker<F> {
                 return Step::Done;
             }
         };
-        let (rbuf, dbuf) = match (self.pool.take(), self.pool.take()) {
-            (Some(a), Some(b)) => (a, b),
-            (a, b) => {
-                // Checked above; give back whatever was taken.
-                for x in [a, b].into_iter().flatten() {
-                    self.pool.give(x);
+        let rbuf = self.pool.take().expect("checked");
+        let sbuf = if lz4 { self.pool.take() } else { None };
+        let (rptr, sptr) = (self.pool.ptr(rbuf), sbuf.map(|b| self.pool.ptr(b)));
+        let slots = self.pool.slot_bytes();
+        if self.iovs.len() <= rbuf as usize {
+            self.iovs.resize_with(rbuf as usize + 1, Vec::new);
+        }
+        let iovs = &mut self.iovs[rbuf as usize];
+        iovs.clear();
+        let (mut spos, mut read_len) = (0usize, 0usize);
+        for (k, (_, l, slot)) in self.run.iter().enumerate() {
+            let stored = l.stored_len as usize;
+            let at = HEADER_AREA_BYTES + (slot - w.slot_off) as usize;
+            debug_assert!(at + l.raw_len as usize <= slots && spos + stored <= slots);
+            // SAFETY: every address is inside this op's buffers: headers in the header
+            // area (k < MAX_RUN_CHUNKS), raw payloads at their slot in the data area
+            // (plan_run keeps the run within it), lz4 payloads packed in `sbuf` (each
+            // shorter than its raw bytes, so within the data area's size).
+            let payload = unsafe {
+                if l.is_lz4() {
+                    let p = sptr.expect("an lz4 run has a scratch buffer").add(spos);
+                    spos += stored;
+                    p
+                } else {
+                    rptr.add(at)
                 }
-                return Step::Blocked;
-            }
-        };
-        let op = Op::PackRead {
+            };
+            // SAFETY: k < MAX_RUN_CHUNKS, so the header lies in the header area.
+            let header = unsafe { rptr.add(k * RECORD_HEADER_BYTES) };
+            iovs.push(libc::iovec {
+                iov_base: header.cast(),
+                iov_len: RECORD_HEADER_BYTES,
+            });
+            iovs.push(libc::iovec {
+                iov_base: payload.cast(),
+                iov_len: stored,
+            });
+            read_len += l.record_len();
+        }
+        let entry = opcode::Readv::new(types::Fd(fd), iovs.as_ptr(), iovs.len() as u32)
+            .offset(loc.offset)
+            .build();
+        let op = Op::PackRun {
             req: r,
             rbuf,
-            dbuf,
+            sbuf,
             digest: w.digest,
-            loc,
+            loc: Box::new(loc),
             slot_off: w.slot_off,
+            index,
+            n: self.run.len() as u16,
+            read_len: read_len as u32,
             w_off: w.w_off,
             w_len: w.w_len,
             t0: self.now,
             fetched: new_cursor.is_none(),
             refetched: w.refetched,
         };
-        let fixed = self.fixed_slot(rbuf);
-        let entry = engine_uring::read_entry(
-            fd,
-            self.pool.ptr(rbuf),
-            loc.record_len() as u32,
-            fixed,
-            loc.offset,
-            0,
-        );
         let step = self.submit_op(r, op, entry, new_cursor);
         if new_cursor.is_none() && !matches!(step, Step::Blocked) {
             // The parked piece's count ends: the read took it over (and counted itself),
@@ -906,7 +1035,7 @@ impl<F: FrontEnd> Worker<F> {
                 self.maybe_finish(w.req);
                 continue;
             }
-            match self.start_pack_read(w, loc, None) {
+            match self.start_run(w, loc, (0, 1), None) {
                 Step::Blocked => return,
                 Step::Started | Step::Done => {
                     self.fetched.pop_front();
@@ -946,9 +1075,11 @@ impl<F: FrontEnd> Worker<F> {
 
     fn release(&mut self, op: &Op) {
         match *op {
-            Op::PackRead { rbuf, dbuf, .. } => {
+            Op::PackRun { rbuf, sbuf, .. } => {
                 self.pool.give(rbuf);
-                self.pool.give(dbuf);
+                if let Some(b) = sbuf {
+                    self.pool.give(b);
+                }
             }
             Op::FileRead { dbuf, .. } => self.pool.give(dbuf),
             Op::Write { buf, .. } => {
@@ -1101,108 +1232,68 @@ impl<F: FrontEnd> Worker<F> {
                 };
                 self.write_done(req, buf, off, r, true);
             }
-            Op::PackRead {
+            Op::PackRun {
                 req,
                 rbuf,
-                dbuf,
+                sbuf,
                 digest,
                 loc,
                 slot_off,
+                index,
+                n,
+                read_len,
                 w_off,
                 w_len,
                 t0,
                 fetched,
                 refetched,
             } => {
-                bump(&self.c().chunks_fetched);
+                self.c()
+                    .chunks_fetched
+                    .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
                 let now = self.now;
                 if let Some(q) = self.reqs.get_mut(req) {
                     q.store_us += now.saturating_duration_since(t0).as_micros() as u64;
                 }
+                self.collect_run(req, (digest, *loc, slot_off), index, n);
                 let outcome = if res < 0 {
                     Err((
+                        0,
                         FillError::Source,
                         format!("pack read: {}", io::Error::from_raw_os_error(-res)),
                     ))
+                } else if res as u32 != read_len {
+                    Err((
+                        0,
+                        FillError::Chunk,
+                        format!("pack read: {res} of {read_len} bytes"),
+                    ))
                 } else {
-                    let (rec, out) = self.pool.pair_mut(rbuf, dbuf);
-                    let n = (res as usize).min(rec.len());
-                    let raw_len = loc.raw_len as usize;
-                    let slot_len = raw_len.div_ceil(PAGE_BYTES as usize) * PAGE_BYTES as usize;
-                    // Only the slot's bytes under the write are needed (past the chunk's
-                    // end the slot is zeros, filled below).
-                    let from = ((w_off - slot_off) as usize).min(raw_len);
-                    let to = ((w_off - slot_off) as usize + w_len as usize).min(raw_len);
-                    match decode_record_range(&rec[..n], &loc, &digest, out, from, to) {
-                        // Stored raw and whole pages: written straight from the record
-                        // buffer, no copy.
-                        Ok(true) if raw_len == slot_len && self.cfg.write_from_record => {
-                            Ok(Some(rbuf))
-                        }
-                        Ok(in_place) => {
-                            if in_place {
-                                out[..raw_len].copy_from_slice(
-                                    &rec[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + raw_len],
-                                );
-                            }
-                            out[raw_len..slot_len].fill(0);
-                            Ok(None)
-                        }
-                        Err(e) => Err((FillError::Chunk, e.to_string())),
-                    }
+                    self.check_run(rbuf, sbuf, (w_off, w_len))
                 };
-                if outcome.is_ok() {
-                    if let Some(f) = &self.cfg.fetcher {
-                        f.touches().touch(digest);
-                    }
-                    let c = &self.counters[self.id];
-                    let served = if fetched {
-                        &c.fetched_bytes
-                    } else {
-                        &c.store_bytes
-                    };
-                    served.fetch_add(u64::from(w_len), std::sync::atomic::Ordering::Relaxed);
+                if let Some(b) = sbuf {
+                    self.pool.give(b);
                 }
                 match outcome {
-                    Ok(Some(buf)) => {
-                        self.pool.give(dbuf);
-                        let at = RECORD_HEADER_BYTES + (w_off - slot_off) as usize;
-                        self.write(req, Some(buf), at, w_len, w_off);
-                    }
-                    Ok(None) => {
-                        self.pool.give(rbuf);
-                        self.write(req, Some(dbuf), (w_off - slot_off) as usize, w_len, w_off);
-                    }
-                    Err((why, msg)) => {
-                        self.pool.give(rbuf);
-                        self.pool.give(dbuf);
-                        let wait = Wait {
-                            req,
-                            digest,
-                            slot_off,
-                            w_off,
-                            w_len,
-                            parked: self.now,
-                            refetched: refetched + 1,
-                        };
-                        // Bounded: a record that fails again and again (damaged in
-                        // the store, evicted each time before it is read) ends in EIO.
-                        if refetched < MAX_REFETCHES && self.refetch(wait) {
-                            // This op's count ends; the parked piece counts itself.
-                            tracing::debug!(req = self.req_id(req), chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}: the chunk was evicted (or damaged) since its location was read; asking the fetcher");
-                            bump(&self.c().refetches);
-                            self.write_done(req, None, 0, Ok(0), false);
-                            return;
+                    Ok(()) => {
+                        if let Some(f) = &self.cfg.fetcher {
+                            for (d, _, _) in &self.run {
+                                f.touches().touch(*d);
+                            }
                         }
-                        let counter = match why {
-                            FillError::Chunk => &self.counters[self.id].chunk_errors,
-                            _ => &self.counters[self.id].source_errors,
+                        let c = &self.counters[self.id];
+                        let served = if fetched {
+                            &c.fetched_bytes
+                        } else {
+                            &c.store_bytes
                         };
-                        bump(counter);
-                        let id = self.req_id(req);
-                        tracing::warn!(req = id, chunk = %digest, pack = loc.pack, offset = loc.offset, "{msg}");
-                        self.fail(req, why);
-                        self.write_done(req, None, 0, Ok(0), false);
+                        served.fetch_add(u64::from(w_len), std::sync::atomic::Ordering::Relaxed);
+                        let at = HEADER_AREA_BYTES + (w_off - slot_off) as usize;
+                        self.write(req, Some(rbuf), at, w_len, w_off);
+                    }
+                    Err((k, why, msg)) => {
+                        self.pool.give(rbuf);
+                        self.run_failed(req, k, (why, msg), (w_off, w_len), refetched);
                     }
                 }
             }
@@ -1234,6 +1325,134 @@ impl<F: FrontEnd> Worker<F> {
                 }
             }
         }
+    }
+
+    /// Fills `self.run` with the chunks of a run: `first`, then the entries after
+    /// `index` in the request's table.
+    fn collect_run(&mut self, r: u32, first: (ChunkDigest, ChunkLoc, u64), index: usize, n: u16) {
+        self.run.clear();
+        self.run.push(first);
+        if n > 1 {
+            if let Some(FillSource::Chunked(t)) = self.reqs.get(r).map(|q| &q.source) {
+                let more = t.entries().get(index + 1..index + usize::from(n));
+                self.run.extend(
+                    more.into_iter()
+                        .flatten()
+                        .filter_map(|e| Some((e.digest, e.loc?, e.blob_offset))),
+                );
+            }
+        }
+    }
+
+    /// Checks each chunk of the run in `self.run`, read into `rbuf` (and `sbuf`), and
+    /// decodes its lz4 payloads into place: on success the data area of `rbuf` holds
+    /// verified bytes over the write `(w_off, w_len)`, with zeros past each chunk's end
+    /// up to its slot's. On failure, the index of the first chunk that failed.
+    fn check_run(
+        &mut self,
+        rbuf: u16,
+        sbuf: Option<u16>,
+        (w_off, w_len): (u64, u32),
+    ) -> Result<(), (usize, FillError, String)> {
+        let trust_sum = !self.cfg.digest_on_read;
+        let w_end = w_off + u64::from(w_len);
+        let Some(&(_, _, base)) = self.run.first() else {
+            return Err((0, FillError::Chunk, "an empty run".into()));
+        };
+        let (scratch, slot) = match sbuf {
+            Some(b) => {
+                let (s, r) = self.pool.pair_mut(b, rbuf);
+                (s, r)
+            }
+            None => (&[][..], self.pool.slot_mut(rbuf)),
+        };
+        let (headers, data) = slot.split_at_mut(HEADER_AREA_BYTES);
+        let mut spos = 0;
+        for (k, (digest, loc, slot_off)) in self.run.iter().enumerate() {
+            let raw_len = loc.raw_len as usize;
+            let slot_len = raw_len.div_ceil(PAGE_BYTES as usize) * PAGE_BYTES as usize;
+            let at = (slot_off - base) as usize;
+            // The part of this chunk under the write.
+            let from = (w_off.max(*slot_off) - slot_off) as usize;
+            let to = (w_end.min(slot_off + slot_len as u64) - slot_off) as usize;
+            let range = (from.min(raw_len), to.min(raw_len));
+            let header = &headers[k * RECORD_HEADER_BYTES..(k + 1) * RECORD_HEADER_BYTES];
+            let stored = loc.stored_len as usize;
+            let checked = if loc.is_lz4() {
+                let payload = scratch.get(spos..spos + stored).unwrap_or_default();
+                spos += stored;
+                let out = &mut data[at..at + raw_len];
+                verify_split(header, payload, loc, digest, Some(out), range, trust_sum)
+            } else {
+                let payload = &data[at..at + stored];
+                verify_split(header, payload, loc, digest, None, range, trust_sum)
+            };
+            if let Err(e) = checked {
+                let msg = format!(
+                    "chunk {digest} (pack {}, offset {}): {e}",
+                    loc.pack, loc.offset
+                );
+                return Err((k, FillError::Chunk, msg));
+            }
+            data[at + raw_len..at + slot_len].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Chunk `k` of the run in `self.run` (written to `(w_off, w_len)`) failed: for a
+    /// lazily pulled blob each chunk of the run from `k` on is asked of the fetcher
+    /// again, on its own (bounded by [`MAX_REFETCHES`]; the ones before `k` verified,
+    /// but the run is written whole or not at all, so they are asked too, and the
+    /// fetcher finds them in the store); otherwise the request fails (EIO).
+    fn run_failed(
+        &mut self,
+        req: u32,
+        k: usize,
+        (why, msg): (FillError, String),
+        (w_off, w_len): (u64, u32),
+        refetched: u8,
+    ) {
+        let w_end = w_off + u64::from(w_len);
+        let run = std::mem::take(&mut self.run);
+        let mut parked = 0;
+        if refetched < MAX_REFETCHES {
+            for &(digest, loc, slot_off) in &run {
+                let slot_end = slot_off + u64::from(loc.raw_len).div_ceil(PAGE_BYTES) * PAGE_BYTES;
+                let piece_off = w_off.max(slot_off);
+                let wait = Wait {
+                    req,
+                    digest,
+                    slot_off,
+                    w_off: piece_off,
+                    w_len: (w_end.min(slot_end) - piece_off) as u32,
+                    parked: self.now,
+                    refetched: refetched + 1,
+                };
+                if !self.refetch(wait) {
+                    break;
+                }
+                parked += 1;
+            }
+        }
+        self.run = run;
+        if parked == self.run.len() {
+            // This op's count ends; each parked piece counts itself.
+            let (d, l, _) = self.run[k.min(self.run.len() - 1)];
+            tracing::debug!(req = self.req_id(req), chunk = %d, pack = l.pack, offset = l.offset, "{msg}: the chunk was evicted (or damaged) since its location was read; asking the fetcher");
+            self.c()
+                .refetches
+                .fetch_add(parked as u64, std::sync::atomic::Ordering::Relaxed);
+            self.write_done(req, None, 0, Ok(0), false);
+            return;
+        }
+        let counter = match why {
+            FillError::Chunk => &self.counters[self.id].chunk_errors,
+            _ => &self.counters[self.id].source_errors,
+        };
+        bump(counter);
+        tracing::warn!(req = self.req_id(req), "{msg}");
+        self.fail(req, why);
+        self.write_done(req, None, 0, Ok(0), false);
     }
 
     /// Id of request `r` for the log (0 if it is gone).

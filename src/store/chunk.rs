@@ -58,6 +58,12 @@ pub fn payload_sum(payload: &[u8]) -> u64 {
 }
 
 impl ChunkLoc {
+    /// Whether the payload is an lz4 block: the encoder compresses exactly when that
+    /// saves bytes, so the lengths say it.
+    pub fn is_lz4(&self) -> bool {
+        self.stored_len < self.raw_len
+    }
+
     /// Bytes to read from `offset` to get the whole record.
     pub fn record_len(&self) -> usize {
         RECORD_HEADER_BYTES + self.stored_len as usize
@@ -126,13 +132,121 @@ fn check_header(record: &[u8], loc: &ChunkLoc, digest: &ChunkDigest) -> Result<(
             want,
         });
     }
-    let word = |i: usize| u32::from_le_bytes(record[i..i + 4].try_into().expect("4 bytes"));
+    check_header_bytes(record, loc, digest)
+}
+
+/// Checks the header at the start of `header` against the index: magic, lengths, chunk
+/// digest, and flags. The flags follow from the lengths (the encoder compresses only when
+/// that saves bytes), so every header byte is pinned by the index.
+fn check_header_bytes(
+    header: &[u8],
+    loc: &ChunkLoc,
+    digest: &ChunkDigest,
+) -> Result<(), ChunkError> {
+    if header.len() < RECORD_HEADER_BYTES {
+        return Err(ChunkError::Truncated {
+            got: header.len(),
+            want: RECORD_HEADER_BYTES,
+        });
+    }
+    let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    let flags = if loc.is_lz4() { FLAG_LZ4 } else { 0 };
     if word(0) != RECORD_MAGIC
+        || word(4) != flags
         || word(8) != loc.raw_len
         || word(12) != loc.stored_len
-        || record[16..48] != digest.0
+        || header[16..48] != digest.0
     {
         return Err(ChunkError::HeaderMismatch);
+    }
+    Ok(())
+}
+
+/// Checks a record read in two parts (the engine reads each payload where its bytes are
+/// needed: a raw one straight into its place in the output, an lz4 one aside): the header
+/// against the index, then the payload. With `trust_sum` and the index's at-rest checksum
+/// (`loc.sum`), the payload is checked against that; otherwise (no checksum, a reader
+/// that wants the digest, or a payload that fails its checksum) the chunk's bytes are
+/// hashed and compared with `digest`.
+///
+/// A raw record's bytes are `payload` itself (`out` must be `None`). An lz4 record is
+/// decoded into `out[..raw_len]`, at least up to `to` (`from..to` is the part the reader
+/// needs): only a prefix is decoded when the checksum vouches for the whole payload, or
+/// when the index's BLAKE3 leaves verify the leaves under `from..to`. On error no byte is
+/// valid.
+pub fn verify_split(
+    header: &[u8],
+    payload: &[u8],
+    loc: &ChunkLoc,
+    digest: &ChunkDigest,
+    out: Option<&mut [u8]>,
+    (from, to): (usize, usize),
+    trust_sum: bool,
+) -> Result<(), ChunkError> {
+    check_header_bytes(header, loc, digest)?;
+    if payload.len() != loc.stored_len as usize {
+        return Err(ChunkError::Truncated {
+            got: payload.len(),
+            want: loc.stored_len as usize,
+        });
+    }
+    let raw_len = loc.raw_len as usize;
+    // A payload that fails its checksum was damaged at rest; the digest then decides,
+    // which may still clear the leaves a reader needs from a chunk damaged elsewhere.
+    let sum = loc
+        .sum
+        .filter(|&sum| trust_sum && payload_sum(payload) == sum);
+    let Some(out) = out else {
+        if loc.is_lz4() {
+            return Err(ChunkError::BufferTooSmall {
+                got: 0,
+                want: raw_len,
+            });
+        }
+        if sum.is_none() && ChunkDigest::of(payload) != *digest {
+            return Err(ChunkError::DigestMismatch);
+        }
+        return Ok(());
+    };
+    if !loc.is_lz4() {
+        return Err(ChunkError::HeaderMismatch);
+    }
+    if out.len() < raw_len {
+        return Err(ChunkError::BufferTooSmall {
+            got: out.len(),
+            want: raw_len,
+        });
+    }
+    let out = &mut out[..raw_len];
+    let to = to.min(raw_len);
+    if sum.is_some() {
+        // The payload is the one that was verified when it entered the store, and lz4
+        // decoding is deterministic: decoding it is all that is left.
+        return match lz4prefix::decode_prefix(payload, out, to.max(1).min(raw_len)) {
+            Ok(n) if n >= to && (to < raw_len || n == raw_len) => Ok(()),
+            _ => Err(ChunkError::Decompress),
+        };
+    }
+    if let Some(leaves) = &loc.leaves {
+        let leaf = Leaves::leaf_bytes(raw_len);
+        let (first, last) = (from / leaf, to.saturating_sub(1) / leaf);
+        let end = (last + 1).saturating_mul(leaf);
+        if from < to
+            && end < raw_len
+            && leaves.combine_to(raw_len, digest)
+            && lz4prefix::decode_prefix(payload, out, end).is_ok()
+            && (first..=last).all(|i| leaves.check_leaf(raw_len, i, &out[i * leaf..(i + 1) * leaf]))
+        {
+            return Ok(());
+        }
+        // Not verified this way: the whole-chunk check decides.
+    }
+    match lz4_flex::block::decompress_into(payload, out) {
+        Ok(n) if n == raw_len => {}
+        _ => return Err(ChunkError::Decompress),
+    }
+    if ChunkDigest::of(out) != *digest {
+        return Err(ChunkError::DigestMismatch);
     }
     Ok(())
 }
@@ -312,6 +426,89 @@ mod tests {
         assert!(verify_foreign_record(&long, data.len() as u32, &digest, &mut out).is_err());
         let other = ChunkDigest::of(b"other");
         assert!(verify_foreign_record(&rec, data.len() as u32, &other, &mut out).is_err());
+    }
+
+    /// `verify_split` on `rec` (a whole record) with the checksum the store would keep.
+    fn split(
+        rec: &[u8],
+        loc: &ChunkLoc,
+        digest: &ChunkDigest,
+        out: &mut [u8],
+        range: (usize, usize),
+        trust_sum: bool,
+    ) -> Result<(), ChunkError> {
+        let (header, payload) = rec.split_at(RECORD_HEADER_BYTES);
+        let out = if loc.is_lz4() { Some(out) } else { None };
+        verify_split(header, payload, loc, digest, out, range, trust_sum)
+    }
+
+    #[test]
+    fn split_records_are_checked_by_their_sum_or_their_digest() {
+        let raw: Vec<u8> = (0..65_536u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let text: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        for data in [raw, text] {
+            let (digest, rec, mut loc) = encoded(&data);
+            loc.sum = Some(payload_sum(&rec[RECORD_HEADER_BYTES..]));
+            let n = data.len();
+            let mut out = vec![0u8; n];
+            for trust in [true, false] {
+                split(&rec, &loc, &digest, &mut out, (0, n), trust).unwrap();
+                if loc.is_lz4() {
+                    assert_eq!(out, data);
+                }
+            }
+            // A damaged payload fails the sum; the digest then refuses it.
+            let mut bad = rec.clone();
+            bad[RECORD_HEADER_BYTES + loc.stored_len as usize / 3] ^= 0x10;
+            assert!(split(&bad, &loc, &digest, &mut out, (0, n), true).is_err());
+            // A flipped flag (raw read as lz4, or the reverse) is refused by the header
+            // check before any payload byte is used.
+            let mut flag = rec.clone();
+            flag[4] ^= 1;
+            assert_eq!(
+                split(&flag, &loc, &digest, &mut out, (0, n), true),
+                Err(ChunkError::HeaderMismatch)
+            );
+            // A sum that does not match (a record moved under a stale index row) is
+            // not trusted: the digest decides, and the bytes are right.
+            let stale = ChunkLoc {
+                sum: Some(loc.sum.unwrap() ^ 1),
+                ..loc
+            };
+            split(&rec, &stale, &digest, &mut out, (0, n), true).unwrap();
+            // A payload of the wrong length.
+            let (h, p) = rec.split_at(RECORD_HEADER_BYTES);
+            let short = if loc.is_lz4() {
+                Some(&mut out[..])
+            } else {
+                None
+            };
+            assert!(matches!(
+                verify_split(h, &p[1..], &loc, &digest, short, (0, n), true),
+                Err(ChunkError::Truncated { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_trusted_lz4_prefix_is_decoded_only_as_far_as_needed() {
+        let data: Vec<u8> = (0..262_144u32).map(|i| (i / 7 % 251) as u8).collect();
+        let (digest, rec, mut loc) = encoded(&data);
+        assert!(loc.is_lz4());
+        loc.sum = Some(payload_sum(&rec[RECORD_HEADER_BYTES..]));
+        let mut out = vec![0u8; data.len()];
+        split(&rec, &loc, &digest, &mut out, (4096, 8192), true).unwrap();
+        assert_eq!(out[4096..8192], data[4096..8192]);
+        // Damage past the prefix: the sum refuses the payload, the leaves clear the
+        // prefix.
+        let mut bad = rec.clone();
+        let last = bad.len() - 2;
+        bad[last] ^= 0x40;
+        let mut out = vec![0u8; data.len()];
+        split(&bad, &loc, &digest, &mut out, (4096, 8192), true).unwrap();
+        assert_eq!(out[4096..8192], data[4096..8192]);
     }
 
     /// `data`'s digest, its record, and the record's location (at offset 0 of pack 0,

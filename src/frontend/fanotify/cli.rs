@@ -113,6 +113,7 @@ pub fn serve_fanotify(args: &ServeArgs) -> anyhow::Result<()> {
         uring_responses: !args.plain_responses,
         prefetch: !args.no_prefetch,
         packs_dir: args.root.join("chunks"),
+        digest_on_read: false,
         fetcher: None,
     };
     let fe = FanotifyFrontEnd::start(&registry, &opts)?;

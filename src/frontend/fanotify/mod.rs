@@ -219,6 +219,8 @@ pub struct Options {
     pub prefetch: bool,
     /// The store's pack directory (`<root>/chunks`).
     pub packs_dir: PathBuf,
+    /// See [`EngineConfig::digest_on_read`].
+    pub digest_on_read: bool,
     /// Where chunks of lazily pulled blobs come from (see [`EngineConfig::fetcher`]).
     pub fetcher: Option<Arc<crate::remote::Fetcher>>,
 }
@@ -792,9 +794,7 @@ fn engine_config(opts: &Options) -> EngineConfig {
     // that cannot complete inline is handed to an io-wq thread, one more context switch
     // per chunk on a machine whose CPUs the readers need too).
     cfg.write_strategy = crate::serve::WriteStrategy::Sync;
-    // Buffered writes into the blob files: a chunk stored raw is written from the
-    // buffer it was read and verified in (one copy less per chunk).
-    cfg.write_from_record = true;
+    cfg.digest_on_read = opts.digest_on_read;
     cfg
 }
 
