@@ -6,6 +6,9 @@
 //! Run: `cargo bench --bench engine`. A summary table (throughput, reader-side latency
 //! p50/p99, ratios) is printed at the end.
 //!
+//! CPU per MiB (issue 17): `DEDUPD_BENCH_ONLY=cpu cargo bench --bench engine` runs only
+//! [`bench_cpu`]: 128 KiB random READs, requests/s and the serving threads' CPU per MiB.
+//!
 //! Metrics on versus off (issue 16): `DEDUPD_BENCH_ONLY=metrics cargo bench --bench engine`
 //! runs only that comparison ([`bench_metrics`]): one engine at 4 KiB, with and without a
 //! thread that renders the whole `/metrics` text from its counters every 10 ms.
@@ -224,6 +227,17 @@ struct Served {
 /// so every chunk is decoded and verified whole, as the limit and the sync loop do;
 /// kept beside the default to show what decoding and verifying only part is worth.
 fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, whole: bool) -> Served {
+    start_engine_with(s, threads, strategy, whole, |_| {})
+}
+
+/// [`start_engine`], with `tweak` applied to the engine's configuration last.
+fn start_engine_with(
+    s: &Setup,
+    threads: usize,
+    strategy: WriteStrategy,
+    whole: bool,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> Served {
     let (cache, sim) = new_sim(s);
     let mut blobs = s.registry.blobs.clone();
     if whole {
@@ -261,6 +275,7 @@ fn start_engine(s: &Setup, threads: usize, strategy: WriteStrategy, whole: bool)
     cfg.threads = threads;
     cfg.write_strategy = strategy;
     cfg.read_around = false; // the same bytes as the limit and the sync loop
+    tweak(&mut cfg);
     let engine = Engine::start(cfg, front).unwrap();
     let (object, _) = sim.open(&s.name, WAIT).unwrap();
     prefill(&sim, object);
@@ -790,11 +805,90 @@ metrics off vs on, 4 KiB, engine/uring/2t, {METRICS_ROUNDS} interleaved rounds o
     scraper.join().unwrap();
 }
 
+/// Rounds of the CPU comparison (each runs every engine once).
+const CPU_ROUNDS: usize = 5;
+/// 128 KiB READs per engine per round of the CPU comparison (1 GiB).
+const CPU_READS: u64 = 8192;
+
+/// CPU seconds (user + system) so far of this process's tasks that serve: the engine
+/// threads and their io_uring workers (io-wq threads belong to the process that owns
+/// the ring).
+fn serving_cpu_seconds() -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ..." — comm may hold spaces; the fields follow the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !(comm.starts_with("dedupd-serve") || comm.starts_with("iou-wrk")) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat(5): 11 and 12 after the state.
+        total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    total as f64 / tick
+}
+
+/// Requests/s and the serving threads' CPU per MiB at 128 KiB random READs (issue 17's
+/// native check): engines side by side, interleaved rounds, medians. Run:
+/// `DEDUPD_BENCH_ONLY=cpu cargo bench --bench engine`.
+fn bench_cpu(s: &Setup) {
+    let len = 128 << 10;
+    let mut served = vec![
+        start_engine(s, 1, WriteStrategy::Uring, false),
+        start_engine(s, 2, WriteStrategy::Uring, false),
+    ];
+    let mut digest = start_engine_with(s, 2, WriteStrategy::Uring, false, |c| {
+        c.digest_on_read = true;
+    });
+    digest.key.push_str("/digest-on-read");
+    served.push(digest);
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut rps = vec![Vec::new(); served.len()];
+    let mut cpu = vec![Vec::new(); served.len()];
+    for _ in 0..CPU_ROUNDS {
+        for (i, sv) in served.iter().enumerate() {
+            let c0 = serving_cpu_seconds();
+            let (el, _) = drive(&sv.sim, sv.object, len, CPU_READS, depth_for(len), &mut rng);
+            let used = serving_cpu_seconds() - c0;
+            let mib = (CPU_READS * len) as f64 / f64::from(1 << 20);
+            rps[i].push(CPU_READS as f64 / el.as_secs_f64());
+            cpu[i].push(used * 1000.0 / mib);
+        }
+    }
+    println!(
+        "\nCPU at 128 KiB random READs, {CPU_ROUNDS} interleaved rounds of {CPU_READS} READs \
+         (medians; CPU of the serving threads and their io-wq workers):"
+    );
+    println!("| engine | requests/s | CPU ms per MiB |\n|---|---|---|");
+    for (i, sv) in served.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.3} |",
+            sv.key,
+            median(&mut rps[i]),
+            median(&mut cpu[i])
+        );
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let s = setup();
-    if std::env::var("DEDUPD_BENCH_ONLY").as_deref() == Ok("metrics") {
-        bench_metrics(c, &s);
-        return;
+    match std::env::var("DEDUPD_BENCH_ONLY").as_deref() {
+        Ok("metrics") => {
+            bench_metrics(c, &s);
+            return;
+        }
+        Ok("cpu") => {
+            bench_cpu(&s);
+            return;
+        }
+        _ => {}
     }
     let results: Results = Arc::default();
     bench_sizes(c, &s, &results);
