@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     chunk, io_err, read_full_at, record_bytes, ChunkLoc, Ingest, Result, Store, StoreError, CHUNKS,
-    CHUNK_LEAVES, META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
+    CHUNK_LEAVES, CHUNK_SUMS, META_MAX_PACK, PACKS, PACK_LIVE, PACK_ROLL_BYTES, STORE_META,
 };
 use crate::digest::ChunkDigest;
 
@@ -213,6 +213,8 @@ impl Store {
                         stored_len,
                         raw_len,
                         leaves: None,
+                        // No sum: each copy is verified against its digest below, so
+                        // the sum the copy is given vouches for bytes known good.
                         sum: None,
                     },
                 ));
@@ -242,7 +244,8 @@ impl Store {
             let n = read_full_at(file, rec, loc.offset).map_err(io_err(&path))?;
             match chunk::decode_record(&rec[..n], &loc, &digest, &mut out) {
                 Ok(()) => {
-                    // The chunk's leaves row, keyed by its digest, stays as it is.
+                    // The chunk's leaves row, keyed by its digest, stays as it is; its sum
+                    // is taken again from the copied payload (see commit_moves).
                     ing.append_record(rec, digest, loc.raw_len, None)?;
                     moved.push((digest, loc));
                 }
@@ -351,6 +354,7 @@ impl Ingest<'_> {
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut sums = txn.open_table(CHUNK_SUMS)?;
                 let mut packs = txn.open_table(PACKS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut meta = txn.open_table(STORE_META)?;
@@ -368,6 +372,11 @@ impl Ingest<'_> {
                         d.0.as_slice(),
                         (new.pack, new.offset, new.stored_len, new.raw_len, refs),
                     )?;
+                    // The payload is copied byte for byte, so this is the sum the row
+                    // already holds; a chunk stored before sums were kept gains one.
+                    if let Some(sum) = new.sum {
+                        sums.insert(d.0.as_slice(), sum)?;
+                    }
                     added += record_bytes(new.stored_len);
                 }
                 for (d, old) in corrupt {
@@ -375,6 +384,7 @@ impl Ingest<'_> {
                     if cur.is_some_and(|(p, o, ..)| (p, o) == (old.pack, old.offset)) {
                         chunks.remove(d.0.as_slice())?;
                         leaves.remove(d.0.as_slice())?;
+                        sums.remove(d.0.as_slice())?;
                     }
                 }
                 if !moved.is_empty() {
@@ -413,6 +423,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::store::tests::{pack_payload_sum, sum_row};
     use crate::store::BlobSource;
 
     /// A store whose every ingest starts a new pack, so that packs are not active.
@@ -476,8 +487,13 @@ mod tests {
             let mut got = vec![0u8; loc.raw_len as usize];
             chunk::decode_record(&rec, &loc, &e.digest, &mut got).unwrap();
             assert_eq!(&got, c);
-            // The leaves stay with the chunk wherever its record moves.
+            // The leaves stay with the chunk wherever its record moves, and the sum
+            // is the moved payload's.
             assert_eq!(loc.leaves, crate::digest::Leaves::digest_of(c).1);
+            assert_eq!(
+                loc.sum,
+                Some(chunk::payload_sum(&rec[chunk::RECORD_HEADER_BYTES..]))
+            );
             got.fill(0);
             let head =
                 if chunk::decode_record_range(&rec, &loc, &e.digest, &mut got, 0, 100).unwrap() {
@@ -640,6 +656,7 @@ mod tests {
         assert_eq!((stats.chunks_moved, stats.corrupt_chunks), (1, 1));
         store.finish_compaction().unwrap();
         assert!(store.locate(&ChunkDigest::of(&a[3])).unwrap().is_none());
+        assert_eq!(sum_row(&store, &ChunkDigest::of(&a[3])), None);
         let mut out = Vec::new();
         store.read_chunk(&ChunkDigest::of(&a[0]), &mut out).unwrap();
         assert_eq!(out, a[0]);
@@ -657,6 +674,44 @@ mod tests {
                 .windows(32)
                 .any(|w| w == ChunkDigest::of(&a[3]).0.as_slice()));
         }
+    }
+
+    #[test]
+    fn a_moved_chunk_keeps_its_payload_sum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        // a[0] is stored as lz4, a[1] raw; both stay live and are moved.
+        let text: Vec<u8> = (0..20_000u32).map(|i| (i % 89) as u8).collect();
+        let mut a: Vec<Vec<u8>> = (1..4).map(|n| chunk(n, 20_000)).collect();
+        a.insert(0, text);
+        let c = vec![a[0].clone(), a[1].clone()];
+        commit_layer(&store, "aa", &a);
+        let id_c = commit_layer(&store, "cc", &c);
+        let (d0, d1) = (ChunkDigest::of(&a[0]), ChunkDigest::of(&a[1]));
+        let before = store.locate(&d0).unwrap().unwrap();
+        assert!(before.stored_len < before.raw_len);
+        assert!(before.sum.is_some());
+        // a[1] as a chunk stored before the index kept sums.
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(CHUNK_SUMS)
+            .unwrap()
+            .remove(d1.0.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        store.remove_layer("aa").unwrap().unwrap();
+
+        let stats = store.compact(CompactOptions::default()).unwrap();
+        assert_eq!((stats.packs_rewritten, stats.chunks_moved), (1, 2));
+        let after = store.locate(&d0).unwrap().unwrap();
+        assert_ne!((after.pack, after.offset), (before.pack, before.offset));
+        assert_eq!(after.sum, before.sum);
+        assert_eq!(after.sum, Some(pack_payload_sum(&store, &after)));
+        // Verified against its digest on the way, the unsummed chunk gains its sum.
+        let moved = store.locate(&d1).unwrap().unwrap();
+        assert_eq!(moved.sum, Some(pack_payload_sum(&store, &moved)));
+        assert_eq!(sum_row(&store, &d1), moved.sum);
+        store.finish_compaction().unwrap();
+        check_reads(&store, &id_c, &c);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!
 //! Eviction is the fetch commit run backwards, in one transaction under the store's
 //! exclusive lock (no ingest can be naming the chunk meanwhile): the chunk leaves the
-//! index (and its leaves), its count of naming blobs moves to `remote_refs`, and its
+//! index (and its leaves and payload sum), its count of naming blobs moves to `remote_refs`, and its
 //! pack's live bytes drop by its record. Its record's bytes stay in the pack until
 //! [`Store::punch`] deallocates them (`FALLOC_FL_PUNCH_HOLE`): the caller waits a grace
 //! period first, so that a reader holding the old location from just before the
@@ -26,7 +26,7 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::{
     blob, record_bytes, LayerRecord, Result, Store, StoreError, BLOBS, CHUNKS, CHUNK_LEAVES,
-    LAYERS, PACK_LIVE, REMOTE_BLOBS, REMOTE_REFS,
+    CHUNK_SUMS, LAYERS, PACK_LIVE, REMOTE_BLOBS, REMOTE_REFS,
 };
 use crate::digest::ChunkDigest;
 
@@ -196,6 +196,7 @@ impl Store {
                 };
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut sums = txn.open_table(CHUNK_SUMS)?;
                 let mut remote_refs = txn.open_table(REMOTE_REFS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut seen = HashSet::new();
@@ -215,6 +216,7 @@ impl Store {
                         continue;
                     };
                     leaves.remove(key)?;
+                    sums.remove(key)?;
                     let before = remote_refs.get(key)?.map_or(0, |v| v.value());
                     remote_refs.insert(key, before + refs)?;
                     let len = record_bytes(stored_len);
@@ -291,7 +293,7 @@ mod tests {
     use crate::digest::Leaves;
     use crate::store::chunk;
     use crate::store::remote::store_tests::{record_of, remote_layer};
-    use crate::store::tests::commit_layer;
+    use crate::store::tests::{commit_layer, pack_payload_sum, sum_row};
 
     fn chunk_of(n: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(n) ^ n).collect()
@@ -369,6 +371,26 @@ mod tests {
             len: chunk::RECORD_HEADER_BYTES as u64,
         };
         assert_eq!(store.punch(&[gone]), Punched::default());
+    }
+
+    #[test]
+    fn an_evicted_chunk_loses_its_sum_and_a_refetch_brings_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let a = chunk_of(8, 30_000);
+        let da = ChunkDigest::of(&a);
+        remote_layer(&store, "99", std::slice::from_ref(&a));
+        fetch(&store, &[&a]);
+        let first = store.locate(&da).unwrap().unwrap();
+        assert_eq!(first.sum, Some(pack_payload_sum(&store, &first)));
+        assert_eq!(store.evict(&[da]).unwrap().chunks, 1);
+        assert_eq!(sum_row(&store, &da), None);
+        // Fetched again into a new record: the row is that record's.
+        fetch(&store, &[&a]);
+        let again = store.locate(&da).unwrap().unwrap();
+        assert_ne!((again.pack, again.offset), (first.pack, first.offset));
+        assert_eq!(again.sum, Some(pack_payload_sum(&store, &again)));
+        assert_eq!(sum_row(&store, &da), again.sum);
     }
 
     #[test]

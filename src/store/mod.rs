@@ -4,8 +4,8 @@
 //! Layout under the root (default `/var/lib/dedupd`):
 //!
 //! ```text
-//! dedupd.redb             chunk index (with BLAKE3 leaves), pack lengths, blobs, layers
-//!                         (redb, transactional)
+//! dedupd.redb             chunk index (with BLAKE3 leaves and payload checksums), pack
+//!                         lengths, blobs, layers (redb, transactional)
 //! chunks/NNNNNNNN.pack    append-only chunk records (see [`chunk`])
 //! layers/<hex>.erofs      EROFS metadata images, one per layer (diff_id hex)
 //! ```
@@ -91,6 +91,13 @@ const CHUNKS: TableDefinition<&[u8], (u32, u64, u32, u32, u32)> = TableDefinitio
 /// they follow from the chunk's bytes alone and are checked against its digest before
 /// use. A chunk without a row (stores from before this table) is decoded whole.
 const CHUNK_LEAVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_leaves");
+/// digest -> the at-rest checksum of the chunk's record payload ([`chunk::payload_sum`]),
+/// for every indexed chunk. It is taken from the bytes written, when they were known
+/// good, so a reader can detect damaged stored bytes without hashing the chunk; a row
+/// lives and dies with the chunk's `chunks` row (a move by compaction copies the payload
+/// byte for byte, so the row stays valid). A chunk without a row (stores from before
+/// this table) has `sum: None` and is verified against its digest on every read.
+const CHUNK_SUMS: TableDefinition<&[u8], u64> = TableDefinition::new("chunk_sums");
 /// pack -> committed length.
 const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 /// pack -> bytes of records of indexed chunks in it (the live bytes).
@@ -344,6 +351,7 @@ impl Store {
         {
             txn.open_table(CHUNKS).map_err(store.db_err())?;
             txn.open_table(CHUNK_LEAVES).map_err(store.db_err())?;
+            txn.open_table(CHUNK_SUMS).map_err(store.db_err())?;
             txn.open_table(PACKS).map_err(store.db_err())?;
             txn.open_table(BLOBS).map_err(store.db_err())?;
             txn.open_table(BLOB_REFS).map_err(store.db_err())?;
@@ -458,7 +466,8 @@ impl Store {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
         let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
-        resolve_loc(&chunks, &leaves, digest).map_err(self.db_err())
+        let sums = txn.open_table(CHUNK_SUMS).map_err(self.db_err())?;
+        resolve_loc(&chunks, &leaves, &sums, digest).map_err(self.db_err())
     }
 
     /// Data bytes of blobs `ids` (the sum of their chunks' lengths) and, of those, the
@@ -469,6 +478,7 @@ impl Store {
         let blobs = txn.open_table(BLOBS).map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
         let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
+        let sums = txn.open_table(CHUNK_SUMS).map_err(self.db_err())?;
         let (mut total, mut local) = (0, 0);
         for id in ids {
             let Some(v) = blobs.get(id.as_str()).map_err(self.db_err())? else {
@@ -478,7 +488,7 @@ impl Store {
                 blob::decode_table(v.value()).ok_or_else(|| self.corrupt(format!("blob {id}")))?;
             for e in entries {
                 total += u64::from(e.raw_len);
-                if resolve_loc(&chunks, &leaves, &e.digest)
+                if resolve_loc(&chunks, &leaves, &sums, &e.digest)
                     .map_err(self.db_err())?
                     .is_some()
                 {
@@ -509,9 +519,10 @@ impl Store {
         let txn = self.db.begin_read().map_err(self.db_err())?;
         let chunks = txn.open_table(CHUNKS).map_err(self.db_err())?;
         let leaves = txn.open_table(CHUNK_LEAVES).map_err(self.db_err())?;
+        let sums = txn.open_table(CHUNK_SUMS).map_err(self.db_err())?;
         let mut failed = None;
         let table = BlobTable::new(id.to_string(), &entries, |d| {
-            match resolve_loc(&chunks, &leaves, d) {
+            match resolve_loc(&chunks, &leaves, &sums, d) {
                 Ok(loc) => loc,
                 Err(e) => {
                     failed.get_or_insert(e);
@@ -722,6 +733,7 @@ impl Store {
                 let mut blob_refs = txn.open_table(BLOB_REFS)?;
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut sums = txn.open_table(CHUNK_SUMS)?;
                 let mut pack_live = txn.open_table(PACK_LIVE)?;
                 let mut remote_refs = txn.open_table(REMOTE_REFS)?;
                 let mut remote_blobs = txn.open_table(REMOTE_BLOBS)?;
@@ -776,6 +788,7 @@ impl Store {
                         } else {
                             chunks.remove(e.digest.0.as_slice())?;
                             leaves.remove(e.digest.0.as_slice())?;
+                            sums.remove(e.digest.0.as_slice())?;
                             let live = pack_live.get(p)?.map_or(0, |v| v.value());
                             pack_live.insert(p, live.saturating_sub(record_bytes(s)))?;
                             removed.chunks += 1;
@@ -921,11 +934,13 @@ impl Store {
     }
 }
 
-/// The location of chunk `digest` in the index, with its leaves when it has them (a
-/// malformed row counts as none: the chunk is then verified whole).
+/// The location of chunk `digest` in the index, with its leaves and its payload sum when
+/// it has them (a malformed leaves row counts as none: the chunk is then verified whole;
+/// a missing sum row leaves it to be verified against its digest).
 fn resolve_loc(
     chunks: &impl ReadableTable<&'static [u8], (u32, u64, u32, u32, u32)>,
     leaves: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    sums: &impl ReadableTable<&'static [u8], u64>,
     digest: &ChunkDigest,
 ) -> std::result::Result<Option<ChunkLoc>, redb::StorageError> {
     let Some(v) = chunks.get(digest.0.as_slice())? else {
@@ -935,13 +950,14 @@ fn resolve_loc(
     let leaves = leaves
         .get(digest.0.as_slice())?
         .and_then(|l| Leaves::from_bytes(l.value()));
+    let sum = sums.get(digest.0.as_slice())?.map(|s| s.value());
     Ok(Some(ChunkLoc {
         pack,
         offset,
         stored_len,
         raw_len,
         leaves,
-        sum: None,
+        sum,
     }))
 }
 
@@ -1055,13 +1071,14 @@ impl Ingest<'_> {
         self.file
             .write_all_at(record, self.len)
             .map_err(io_err(&self.pack_path))?;
+        // Summed from the bytes in memory, not read back: they are the ones known good.
         let loc = ChunkLoc {
             pack: self.pack,
             offset: self.len,
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
             leaves,
-            sum: None,
+            sum: Some(chunk::payload_sum(&record[chunk::RECORD_HEADER_BYTES..])),
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
@@ -1101,6 +1118,7 @@ impl Ingest<'_> {
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut sums = txn.open_table(CHUNK_SUMS)?;
                 let mut remote_refs = txn.open_table(REMOTE_REFS)?;
                 // Converted meanwhile by another ingest: its chunks are the layer's, and
                 // this one's would be named by no blob.
@@ -1122,6 +1140,9 @@ impl Ingest<'_> {
                     )?;
                     if let Some(lv) = &l.leaves {
                         leaves.insert(d.0.as_slice(), lv.as_bytes())?;
+                    }
+                    if let Some(sum) = l.sum {
+                        sums.insert(d.0.as_slice(), sum)?;
                     }
                     indexed += 1;
                     added += record_bytes(l.stored_len);
@@ -1412,6 +1433,132 @@ pub(crate) mod tests {
         assert_eq!(served, Some(loc));
         store.remove_layer("aa").unwrap().unwrap();
         assert_eq!(leaf_rows(&store), 0);
+    }
+
+    /// The sum row of chunk `d` (shared with the other store tests).
+    pub(crate) fn sum_row(store: &Store, d: &ChunkDigest) -> Option<u64> {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(CHUNK_SUMS).unwrap();
+        let v = t.get(d.0.as_slice()).unwrap();
+        v.map(|v| v.value())
+    }
+
+    /// The sum rows, for tests.
+    fn sum_rows(store: &Store) -> usize {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(CHUNK_SUMS).unwrap();
+        t.iter().unwrap().count()
+    }
+
+    /// [`chunk::payload_sum`] of the payload `loc` names, read back from its pack: what
+    /// the index must agree with, found without it.
+    pub(crate) fn pack_payload_sum(store: &Store, loc: &ChunkLoc) -> u64 {
+        let mut rec = vec![0u8; loc.record_len()];
+        File::open(store.pack_path(loc.pack))
+            .unwrap()
+            .read_exact_at(&mut rec, loc.offset)
+            .unwrap();
+        chunk::payload_sum(&rec[chunk::RECORD_HEADER_BYTES..])
+    }
+
+    /// Poorly compressible bytes, so stored raw.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_indexed_chunk_keeps_its_payload_sum_until_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let big: Vec<u8> = (0..65536u32).map(|i| (i % 97) as u8).collect();
+        let raw = noise(1, 5000);
+        let shared = vec![5u8; 4096];
+        commit_layer(&store, "aa", &[big.clone(), raw.clone(), shared.clone()]);
+        commit_layer(&store, "bb", std::slice::from_ref(&shared));
+        for c in [&big, &raw, &shared] {
+            let d = ChunkDigest::of(c);
+            let loc = store.locate(&d).unwrap().unwrap();
+            assert_eq!(loc.sum, Some(pack_payload_sum(&store, &loc)));
+            assert_eq!(sum_row(&store, &d), loc.sum);
+        }
+        // Of the stored payload, which for a compressed chunk is not the chunk.
+        let lz = store.locate(&ChunkDigest::of(&big)).unwrap().unwrap();
+        assert!(lz.stored_len < lz.raw_len);
+        assert_ne!(lz.sum, Some(chunk::payload_sum(&big)));
+        let stored_raw = store.locate(&ChunkDigest::of(&raw)).unwrap().unwrap();
+        assert_eq!(stored_raw.stored_len, stored_raw.raw_len);
+        assert_eq!(stored_raw.sum, Some(chunk::payload_sum(&raw)));
+        // One row per chunk, those of one leaf too.
+        assert_eq!(sum_rows(&store), 3);
+        assert_eq!(leaf_rows(&store), 1);
+        // The served tables carry them.
+        let reg = store.registry().unwrap();
+        for b in reg.blobs.values() {
+            if let BlobSource::Chunked(t) = &**b {
+                for e in t.entries() {
+                    assert!(e.loc.unwrap().sum.is_some());
+                    assert_eq!(e.loc, store.locate(&e.digest).unwrap());
+                }
+            }
+        }
+        // A chunk another layer still names keeps its row; the others lose theirs.
+        store.remove_layer("aa").unwrap().unwrap();
+        assert_eq!(sum_rows(&store), 1);
+        assert!(sum_row(&store, &ChunkDigest::of(&shared)).is_some());
+        store.remove_layer("bb").unwrap().unwrap();
+        assert_eq!(sum_rows(&store), 0);
+    }
+
+    #[test]
+    fn a_chunk_without_a_sum_row_resolves_with_none_and_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (noise(2, 9000), vec![8u8; 70_000]);
+        let rec = commit_layer(&store, "aa", &[a.clone(), b.clone()]);
+        let (da, db) = (ChunkDigest::of(&a), ChunkDigest::of(&b));
+        let with = store.locate(&da).unwrap().unwrap();
+        assert!(with.sum.is_some());
+        // As a chunk stored before the index kept sums.
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(CHUNK_SUMS)
+            .unwrap()
+            .remove(da.0.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let without = store.locate(&da).unwrap().unwrap();
+        assert_eq!(without, ChunkLoc { sum: None, ..with });
+        assert!(store.locate(&db).unwrap().unwrap().sum.is_some());
+        let table = store.blob_table(&rec.blobs[0]).unwrap().unwrap();
+        assert_eq!(table.entries()[0].loc, Some(without));
+        let mut out = Vec::new();
+        store.read_chunk(&da, &mut out).unwrap();
+        assert_eq!(out, a);
+
+        // A store from before the table: opening creates it empty and makes up no row;
+        // new chunks get theirs.
+        let txn = store.db.begin_write().unwrap();
+        assert!(txn.delete_table(CHUNK_SUMS).unwrap());
+        txn.commit().unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(sum_rows(&store), 0);
+        assert_eq!(store.locate(&db).unwrap().unwrap().sum, None);
+        let c = vec![9u8; 3000];
+        commit_layer(&store, "bb", std::slice::from_ref(&c));
+        let lc = store.locate(&ChunkDigest::of(&c)).unwrap().unwrap();
+        assert_eq!(lc.sum, Some(pack_payload_sum(&store, &lc)));
+        // Removing chunks that have no row is no error.
+        store.remove_layer("aa").unwrap().unwrap();
+        assert!(store.locate(&da).unwrap().is_none());
+        assert_eq!(sum_rows(&store), 1);
     }
 
     /// Opens an ingest, stores `chunks` and returns it with the blob they make.

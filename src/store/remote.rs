@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     blob, chunk, io_err, record_bytes, ChunkLoc, LayerRecord, RawEntry, Result, Store, StoreError,
-    BLOBS, BLOB_REFS, CHUNKS, CHUNK_LEAVES, LAYERS, LAYER_ALIASES, META_MAX_PACK, PACKS, PACK_LIVE,
-    REMOTE_BLOBS, REMOTE_REFS, STORE_META,
+    BLOBS, BLOB_REFS, CHUNKS, CHUNK_LEAVES, CHUNK_SUMS, LAYERS, LAYER_ALIASES, META_MAX_PACK,
+    PACKS, PACK_LIVE, REMOTE_BLOBS, REMOTE_REFS, STORE_META,
 };
 use crate::digest::{ChunkDigest, Leaves};
 
@@ -368,7 +368,8 @@ impl FetchWriter {
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
             leaves,
-            sum: None,
+            // The record was verified against its digest before it came here.
+            sum: Some(chunk::payload_sum(&record[chunk::RECORD_HEADER_BYTES..])),
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
@@ -400,6 +401,7 @@ impl FetchWriter {
             {
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut leaves = txn.open_table(CHUNK_LEAVES)?;
+                let mut sums = txn.open_table(CHUNK_SUMS)?;
                 let mut refs = txn.open_table(REMOTE_REFS)?;
                 let mut added = 0u64;
                 for (d, l) in &self.pending {
@@ -412,6 +414,9 @@ impl FetchWriter {
                     chunks.insert(key, (l.pack, l.offset, l.stored_len, l.raw_len, wanted))?;
                     if let Some(lv) = &l.leaves {
                         leaves.insert(key, lv.as_bytes())?;
+                    }
+                    if let Some(sum) = l.sum {
+                        sums.insert(key, sum)?;
                     }
                     added += record_bytes(l.stored_len);
                     done.indexed += 1;
@@ -531,7 +536,7 @@ mod tests {
 pub(crate) mod store_tests {
     use super::*;
     use crate::store::blob::{blob_id, BlobBuilder};
-    use crate::store::tests::commit_layer;
+    use crate::store::tests::{commit_layer, pack_payload_sum, sum_row};
     use crate::store::DEFAULT_CHUNK_BYTES;
 
     fn chunk(n: u8, len: usize) -> Vec<u8> {
@@ -733,6 +738,80 @@ pub(crate) mod store_tests {
         store.remove_layer("sha256:99").unwrap().unwrap();
         assert!(store.locate(&da).unwrap().is_none());
         assert_eq!(store.stats().unwrap().chunks, 0);
+    }
+
+    /// A `DDC1` record of `data` stored raw, as a publisher may have written one where
+    /// this node would compress.
+    fn raw_record_of(data: &[u8]) -> Vec<u8> {
+        let len = (data.len() as u32).to_le_bytes();
+        let mut rec = Vec::with_capacity(chunk::RECORD_HEADER_BYTES + data.len());
+        rec.extend_from_slice(&chunk::RECORD_MAGIC.to_le_bytes());
+        rec.extend_from_slice(&0u32.to_le_bytes());
+        rec.extend_from_slice(&len);
+        rec.extend_from_slice(&len);
+        rec.extend_from_slice(&ChunkDigest::of(data).0);
+        rec.extend_from_slice(data);
+        rec
+    }
+
+    /// The index keeps the sum of the record it points at: a record fetched raw (where
+    /// a conversion here compresses) keeps its own, also when an ingest that stored the
+    /// chunk meanwhile commits after the fetch.
+    #[test]
+    fn a_fetched_chunk_keeps_the_sum_of_the_record_it_arrived_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let a = chunk(10, 65536);
+        let da = ChunkDigest::of(&a);
+        let remote = remote_layer(&store, "aa", std::slice::from_ref(&a));
+        let mut ing = store.ingest().unwrap();
+        assert!(ing.put_chunk(&a).unwrap().new);
+        let raw = raw_record_of(&a);
+        let mut out = vec![0u8; a.len()];
+        let leaves = chunk::verify_foreign_record(&raw, a.len() as u32, &da, &mut out).unwrap();
+        let mut w = store.fetch_writer().unwrap();
+        let fetched = w.append(&raw, da, a.len() as u32, leaves).unwrap();
+        assert_eq!(fetched.sum, Some(chunk::payload_sum(&a)), "raw: the chunk");
+        assert_eq!(w.commit().unwrap().indexed, 1);
+        assert_eq!(store.locate(&da).unwrap(), Some(fetched));
+        assert_eq!(fetched.sum, Some(pack_payload_sum(&store, &fetched)));
+
+        // The ingest's compressed copy is dead space, and its sum is not indexed.
+        let mut b = BlobBuilder::new();
+        b.add(da, a.len() as u32);
+        let id = blob_id(&b.encode());
+        let tmp = store.root().join("layers").join("bb.tmp");
+        fs::write(&tmp, b"image").unwrap();
+        let rec = ing
+            .commit(crate::store::LayerCommit {
+                record: LayerRecord {
+                    diff_id: "sha256:bb".into(),
+                    digests: vec![],
+                    blobs: vec![id.clone()],
+                    chunk_bytes: DEFAULT_CHUNK_BYTES,
+                    image_bytes: 5,
+                    files: 1,
+                    chunks: 1,
+                    new_chunks: 0,
+                    logical_bytes: a.len() as u64,
+                    stored_bytes: 0,
+                    remote: None,
+                },
+                image_tmp: &tmp,
+                blobs: vec![(id, b.entries().to_vec())],
+            })
+            .unwrap();
+        assert_eq!(rec.new_chunks, 0);
+        assert!(store.stats().unwrap().dead_bytes < raw.len() as u64, "lz4");
+        assert_eq!(store.locate(&da).unwrap(), Some(fetched));
+        assert_eq!(sum_row(&store, &da), fetched.sum);
+
+        // The row goes with the chunk.
+        store.remove_layer(&remote.diff_id).unwrap().unwrap();
+        assert_eq!(sum_row(&store, &da), fetched.sum);
+        store.remove_layer("sha256:bb").unwrap().unwrap();
+        assert!(store.locate(&da).unwrap().is_none());
+        assert_eq!(sum_row(&store, &da), None);
     }
 
     #[test]
