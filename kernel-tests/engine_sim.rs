@@ -469,6 +469,8 @@ fn assert_counts(s: &StatsSnapshot, threads: u64) {
     assert_eq!(s.distinct_blobs_opened, 8, "{s:?}");
     assert!(s.opens >= 16, "{s:?}");
     assert!(s.bytes_written > 0 && s.chunks_fetched > 0, "{s:?}");
+    // Chunks adjacent in a blob and in its pack are read as runs, one read each.
+    assert!(s.pack_reads > 0 && s.pack_reads < s.chunks_fetched, "{s:?}");
     assert!(
         s.in_flight_hwm >= 1 && s.latency_us_p99 >= s.latency_us_p50,
         "{s:?}"

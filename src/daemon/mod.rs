@@ -345,7 +345,7 @@ pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
     writeln!(
         out,
         "reads: {} ({} ok, {} failed), filled {} ({} from the store, {} from the registry), \
-         fill latency p50 {} p99 {}, chunks read {}",
+         fill latency p50 {} p99 {}, chunks read {} in {} pack reads",
         st.reads,
         st.reads_ok,
         st.reads_failed,
@@ -354,7 +354,8 @@ pub fn render_status(status: &DaemonStatus) -> anyhow::Result<String> {
         human_bytes(st.served_from_registry_bytes),
         human_us(st.latency_us_p50),
         human_us(st.latency_us_p99),
-        st.chunks_fetched
+        st.chunks_fetched,
+        st.pack_reads
     )?;
     if let Some(f) = &status.fetch {
         writeln!(
@@ -677,6 +678,7 @@ fn fanotify_snapshot(s: &crate::frontend::fanotify::Stats) -> StatsSnapshot {
         reads_failed: s.denied,
         bytes_written: s.bytes_filled,
         chunks_fetched: s.chunks_fetched,
+        pack_reads: e.pack_reads,
         threads: e.threads,
         write_strategy: e.write_strategy.clone(),
         chunk_errors: e.chunk_errors,

@@ -356,6 +356,14 @@ impl Collector for Families {
             None,
             &by_fe(en.chunks_fetched),
         )?;
+        counter(
+            &mut e,
+            "dedupd_pack_reads",
+            "Reads of pack files by the data plane: one per run of chunks adjacent in a \
+             file and in a pack.",
+            None,
+            &by_fe(en.pack_reads),
+        )?;
         let causes: [(&str, u64); 9] = [
             ("chunk", en.chunk_errors),
             ("source", en.source_errors),

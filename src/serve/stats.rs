@@ -37,6 +37,8 @@ pub struct ThreadCounters {
     pub bytes_written: AtomicU64,
     /// Chunk records read from the store.
     pub chunks_fetched: AtomicU64,
+    /// Reads of pack files: one per run of chunks adjacent in the target and in a pack.
+    pub pack_reads: AtomicU64,
     /// Chunks that failed verification, decompression, or were missing.
     pub chunk_errors: AtomicU64,
     /// Cache-file writes that failed (ENOSPC, EIO, short).
@@ -307,6 +309,7 @@ impl Default for ThreadCounters {
             reads_failed: z(),
             bytes_written: z(),
             chunks_fetched: z(),
+            pack_reads: z(),
             chunk_errors: z(),
             write_errors: z(),
             fetch_waits: z(),
@@ -371,6 +374,9 @@ pub struct StatsSnapshot {
     pub bytes_written: u64,
     /// See [`ThreadCounters::chunks_fetched`].
     pub chunks_fetched: u64,
+    /// See [`ThreadCounters::pack_reads`].
+    #[serde(default)]
+    pub pack_reads: u64,
     /// See [`ThreadCounters::chunk_errors`].
     pub chunk_errors: u64,
     /// See [`ThreadCounters::write_errors`].
@@ -443,6 +449,7 @@ pub fn snapshot(threads: &[ThreadCounters]) -> StatsSnapshot {
         reads_failed: sum(|t| &t.reads_failed),
         bytes_written: sum(|t| &t.bytes_written),
         chunks_fetched: sum(|t| &t.chunks_fetched),
+        pack_reads: sum(|t| &t.pack_reads),
         chunk_errors: sum(|t| &t.chunk_errors),
         write_errors: sum(|t| &t.write_errors),
         fetch_waits: sum(|t| &t.fetch_waits),

@@ -1251,6 +1251,7 @@ impl<F: FrontEnd> Worker<F> {
                 self.c()
                     .chunks_fetched
                     .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                bump(&self.c().pack_reads);
                 let now = self.now;
                 if let Some(q) = self.reqs.get_mut(req) {
                     q.store_us += now.saturating_duration_since(t0).as_micros() as u64;
