@@ -7,7 +7,9 @@
 # (VmHWM) at its end. Rows go to /out/fio-naive.tsv:
 #   job, setup (dedupd | naive | erofs-local), run, KiB read, KiB/s, server CPU ms,
 #   server VmHWM KiB (the last two empty for local EROFS);
-# vm/run renders the medians into fio-naive.md. Only fio's and the mounts' success is
+# dedupd's RSS once it answers, before anything is mounted (idle), goes to
+# /out/fio-naive-idle.tsv (KiB, one row per start). vm/run renders the medians into
+# fio-naive.md. Only fio's and the mounts' success is
 # tested; the numbers are measurements, never asserted.
 #
 # Every run is cold: caches dropped, a fresh server process, and fresh cache files (each
@@ -21,6 +23,7 @@
 . /tests/lib.sh
 out=/out/fio-naive.tsv
 : >"$out"
+: >/out/fio-naive-idle.tsv
 exp=$DATA/export/bench
 image=$exp/$(cat "$exp/image-name")
 blob=$exp/$(layer_blob bench).blob
@@ -143,6 +146,7 @@ for job in seq-128k rand-4k small-files; do
   for run in 1 2 3; do
     # (a) dedupd serving the bench layer from its chunk store.
     if dedupd_start; then
+      awk '/^VmRSS:/ {print $2}' "/proc/$srv/status" >>/out/fio-naive-idle.tsv
       if mount_layer /mnt/t62 bench "t62-$job-dedupd-$run"; then
         measure "$job" dedupd "$run" /mnt/t62
       else
