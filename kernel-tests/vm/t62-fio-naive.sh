@@ -72,7 +72,13 @@ verdict() { # JOB SETUP
 dedupd_start() {
   local i=0
   rm -f "$ROOT/run/stats.json"
-  dedupd run --root "$ROOT" --front-end cachefiles --threads "$(nproc)" >>/out/t62-dedupd.log 2>&1 &
+  # T62_DEDUPD_FLAGS (vm/run's DEDUPD_VM_ENV; flags joined by '+', e.g.
+  # --threads=1+--write-strategy=sync) replaces the suite's flags, to measure other
+  # settings of the daemon in the same comparison.
+  # shellcheck disable=SC2046 # the flags are words, split on purpose
+  dedupd run --root "$ROOT" --front-end cachefiles \
+    $(if [ -n "${T62_DEDUPD_FLAGS:-}" ]; then echo "$T62_DEDUPD_FLAGS" | tr '+' ' '; else echo "--threads $(nproc)"; fi) \
+    >>/out/t62-dedupd.log 2>&1 &
   srv=$!
   while [ $i -lt 120 ]; do
     alive "$srv" || return 1

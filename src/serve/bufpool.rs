@@ -1,12 +1,17 @@
 //! A thread's fixed set of page-aligned buffers, mapped once at start and registered
 //! with its io_uring. The mapping is anonymous and faulted in only where a slot is used
-//! (an aligned zeroed allocation would be written whole, and so resident, at start). Slot `count` (the last) is a read-only zero buffer used for
-//! zero-fill writes; it is never handed out.
+//! (an aligned zeroed allocation would be written whole, and so resident, at start).
+//! Slot `count` (the last) is a read-only zero buffer for zero-fill writes, of which only
+//! the first [`ZERO_BYTES`] are used; it is never handed out.
 
 use std::ptr::NonNull;
 
 /// Alignment of every slot: a page, as O_DIRECT writes to the cache file need.
 pub const ALIGN_BYTES: usize = 4096;
+/// The zero slot's usable (and registered) bytes at most. Registering pins, and so makes
+/// resident, what it covers, so the zero slot is kept small: a zero-fill is written in
+/// pieces of this size.
+pub const ZERO_BYTES: usize = 128 << 10;
 
 /// Fixed, page-aligned buffer slots with a free list.
 pub struct BufPool {
@@ -73,6 +78,11 @@ impl BufPool {
         self.count as u16
     }
 
+    /// Bytes of the zero slot a write may use.
+    pub fn zero_bytes(&self) -> usize {
+        self.slot_bytes.min(ZERO_BYTES)
+    }
+
     /// Free slots.
     pub fn available(&self) -> usize {
         self.free.len()
@@ -101,11 +111,16 @@ impl BufPool {
         (0..=self.count as u16).map(|i| self.iovec(i)).collect()
     }
 
-    /// The iovec of slot `i` (`i == zero_index()` for the zero slot).
+    /// The iovec of slot `i` (`i == zero_index()` for the zero slot: its first
+    /// [`BufPool::zero_bytes`] only).
     pub fn iovec(&self, i: u16) -> libc::iovec {
         libc::iovec {
             iov_base: self.ptr(i).cast(),
-            iov_len: self.slot_bytes,
+            iov_len: if i == self.zero_index() {
+                self.zero_bytes()
+            } else {
+                self.slot_bytes
+            },
         }
     }
 
@@ -158,5 +173,9 @@ mod tests {
         p.give(a);
         assert_eq!(p.available(), 2);
         assert_eq!(p.iovecs().len(), 4);
+        assert_eq!(p.iovec(p.zero_index()).iov_len, 8192);
+        let big = BufPool::new(3, 1 << 20);
+        assert_eq!(big.iovec(big.zero_index()).iov_len, ZERO_BYTES);
+        assert_eq!(big.iovec(0).iov_len, 1 << 20);
     }
 }

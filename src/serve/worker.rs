@@ -1091,7 +1091,7 @@ impl<F: FrontEnd> Worker<F> {
     }
 
     fn start_zero(&mut self, r: u32, cursor: u64, end: u64) -> Step {
-        let len = (end - cursor).min(self.pool.slot_bytes() as u64) as u32;
+        let len = (end - cursor).min(self.pool.zero_bytes() as u64) as u32;
         if let Some(q) = self.reqs.get_mut(r) {
             q.cursor = cursor + u64::from(len);
             q.in_flight += 1;
