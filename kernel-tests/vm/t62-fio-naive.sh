@@ -56,6 +56,14 @@ alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/
 # command name (which may hold spaces).
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
+# Where a server's CPU went, by thread name (digits dropped: dedupd-serve-0 and -1 add
+# up): "name ticks" pairs, most first. Threads that exited are not counted.
+thread_ticks() {
+  for t in /proc/"$1"/task/*; do
+    c=$(tr -d '0-9' <"$t/comm" 2>/dev/null | tr ' ' '_')
+    sed 's/^.*) //' "$t/stat" 2>/dev/null | awk -v c="$c" '{print c, $12 + $13}'
+  done | awk '{s[$1] += $2} END {for (k in s) print s[k], k}' | sort -rn | awk '{printf "%s%s=%s", (NR > 1 ? " " : ""), $2, $1}'
+}
 
 # bad JOB SETUP WHY: remembers the first failure of JOB on SETUP (reported once per pair).
 bad() { [ -e "/tmp/t62-bad-$1-$2" ] || echo "$3" >"/tmp/t62-bad-$1-$2"; note "t62: $1 on $2: $3"; }
@@ -129,6 +137,7 @@ measure() {
     if [ -n "$srv" ]; then
       t1=$(cpu_ticks "$srv")
       rss=$(hwm_kib "$srv")
+      note "t62: $setup threads' CPU ticks after $job run $run: $(thread_ticks "$srv")"
       cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN { if (a != "" && b != "") print int((b - a) * 1000 / hz) }')
     fi
     line=$(echo "$line" | grep "^3;" | tail -n 1)
