@@ -57,12 +57,19 @@ alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}'; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
 # Where a server's CPU went, by thread name (digits dropped: dedupd-serve-0 and -1 add
-# up): "name ticks" pairs, most first. Threads that exited are not counted.
+# up): "name=ticks" words, most first. Threads that exited are not counted.
 thread_ticks() {
   for t in /proc/"$1"/task/*; do
     c=$(tr -d '0-9' <"$t/comm" 2>/dev/null | tr ' ' '_')
     sed 's/^.*) //' "$t/stat" 2>/dev/null | awk -v c="$c" '{print c, $12 + $13}'
   done | awk '{s[$1] += $2} END {for (k in s) print s[k], k}' | sort -rn | awk '{printf "%s%s=%s", (NR > 1 ? " " : ""), $2, $1}'
+}
+# ticks_since BEFORE AFTER: AFTER's words less BEFORE's, per name.
+ticks_since() {
+  echo "$1|$2" | awk -F'|' '{
+    n = split($1, a, " "); for (i = 1; i <= n; i++) { split(a[i], kv, "="); b[kv[1]] = kv[2] }
+    m = split($2, c, " "); for (i = 1; i <= m; i++) { split(c[i], kv, "="); printf "%s%s=%d", (i > 1 ? " " : ""), kv[1], kv[2] - b[kv[1]] }
+  }'
 }
 
 # bad JOB SETUP WHY: remembers the first failure of JOB on SETUP (reported once per pair).
@@ -130,14 +137,14 @@ server_stop() {
 # measure JOB SETUP RUN DIR: one cold fio run on DIR; with a server ($srv), its CPU
 # time over the run and its peak RSS.
 measure() {
-  local job=$1 setup=$2 run=$3 dir=$4 line t0="" t1="" cpu="" rss="" kib bw
+  local job=$1 setup=$2 run=$3 dir=$4 line t0="" t1="" cpu="" rss="" kib bw threads0=""
   drop_caches
-  [ -n "$srv" ] && t0=$(cpu_ticks "$srv")
+  [ -n "$srv" ] && t0=$(cpu_ticks "$srv") && threads0=$(thread_ticks "$srv")
   if line=$(FIO_DIR=$dir fio --readonly --output-format=terse --terse-version=3 "/bench/fio/$job.fio" 2>/tmp/fio-err); then
     if [ -n "$srv" ]; then
       t1=$(cpu_ticks "$srv")
       rss=$(hwm_kib "$srv")
-      note "t62: $setup threads' CPU ticks after $job run $run: $(thread_ticks "$srv")"
+      note "t62: $setup threads' CPU ticks during $job run $run: $(ticks_since "$threads0" "$(thread_ticks "$srv")")"
       cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN { if (a != "" && b != "") print int((b - a) * 1000 / hz) }')
     fi
     line=$(echo "$line" | grep "^3;" | tail -n 1)
