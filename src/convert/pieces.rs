@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::digest::{ChunkDigest, Leaves};
 use crate::erofs::{ChunkAddr, FileData, Kind, Tree};
-use crate::store::chunk::encode_record;
+use crate::store::chunk::{encode_record, payload_is};
 use crate::store::{BlobBuilder, Ingest, Store, StoreError};
 
 /// Batch buffers in the pool: bounds the pipeline's memory to this many batches.
@@ -279,8 +279,9 @@ impl PieceSender {
     }
 }
 
-/// Per piece: its digest, and (when the store lacks it) its encoded record and leaves.
-type HashedPieces = Vec<(ChunkDigest, Option<(Vec<u8>, Option<Leaves>)>)>;
+/// Per piece: its digest, and (when the store lacks it) its encoded record, leaves, and
+/// whether the record's payload was checked against the bytes hashed.
+type HashedPieces = Vec<(ChunkDigest, Option<(Vec<u8>, Option<Leaves>, bool)>)>;
 
 /// A batch after a worker hashed it (and compressed the chunks the store lacks).
 struct Hashed {
@@ -302,7 +303,10 @@ fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
                 let record = found.is_none().then(|| {
                     let mut r = Vec::new();
                     encode_record(data, &digest, &mut r);
-                    (r, leaves)
+                    // Checked here, on this worker, so the store may keep an at-rest
+                    // checksum for the payload (see Ingest::put_encoded).
+                    let vouched = payload_is(&r, data);
+                    (r, leaves, vouched)
                 });
                 Ok((digest, record))
             })
@@ -347,8 +351,8 @@ impl PieceReceiver {
                 while let Some(h) = waiting.remove(&(addrs.len() as u64)) {
                     let Hashed { batch, results } = h;
                     for (&(_, len), (digest, record)) in batch.pieces.iter().zip(results?) {
-                        if let Some((record, leaves)) = record {
-                            ingest.put_encoded(digest, len as u32, &record, leaves)?;
+                        if let Some((record, leaves, vouched)) = record {
+                            ingest.put_encoded(digest, len as u32, &record, leaves, vouched)?;
                         }
                         addrs.push(builder.add(digest, len as u32));
                     }

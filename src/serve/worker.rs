@@ -669,7 +669,9 @@ impl<F: FrontEnd> Worker<F> {
             };
             let slot_end = last.blob_offset + last.slot_len();
             let follows = next.loc.is_some_and(|l| {
-                l.pack == loc.pack && l.offset == loc.offset + loc.record_len() as u64
+                l.pack == loc.pack
+                    && l.offset == loc.offset + loc.record_len() as u64
+                    && placeable(&l)
             });
             if !follows
                 || next.blob_offset != slot_end
@@ -795,6 +797,14 @@ impl<F: FrontEnd> Worker<F> {
             // plan_run takes only entries the store has; a run that is not whole would
             // leave part of its write unverified.
             tracing::error!(req = self.req_id(r), "a planned run lost a chunk");
+            self.fail_piece(r, FillError::Chunk, new_cursor.is_none());
+            return Step::Done;
+        }
+        if let Some((d, _, _)) = self.run.iter().find(|(_, l, _)| !placeable(l)) {
+            // A row no encoder of this format writes (stored raw, yet not raw_len
+            // bytes): reading it to its slot could run past the slot. Refused unread.
+            bump(&self.c().chunk_errors);
+            tracing::warn!(chunk = %d, "chunk record lengths do not match its kind");
             self.fail_piece(r, FillError::Chunk, new_cursor.is_none());
             return Step::Done;
         }
@@ -1544,6 +1554,12 @@ impl<F: FrontEnd> Worker<F> {
                 .complete(&mut self.local, token, &q.target, outcome, c);
         }
     }
+}
+
+/// Whether the record at `loc` can be read into a run: an lz4 payload goes aside, a raw
+/// one to its slot, which holds exactly `raw_len` bytes of it.
+fn placeable(loc: &ChunkLoc) -> bool {
+    loc.is_lz4() || loc.stored_len == loc.raw_len
 }
 
 /// Registers `pool` with `ring` as fixed buffers. The table is made sparse and each slot

@@ -123,6 +123,20 @@ pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Whether the payload of `record` (from [`encode_record`]) is `data`, or decodes to it:
+/// what an at-rest checksum may then vouch for.
+pub fn payload_is(record: &[u8], data: &[u8]) -> bool {
+    let Some(payload) = record.get(RECORD_HEADER_BYTES..) else {
+        return false;
+    };
+    if payload.len() == data.len() {
+        return payload == data;
+    }
+    let mut out = vec![0u8; data.len()];
+    matches!(lz4_flex::block::decompress_into(payload, &mut out), Ok(n) if n == data.len())
+        && out == data
+}
+
 /// Checks the record header against the index: magic, lengths and chunk digest.
 fn check_header(record: &[u8], loc: &ChunkLoc, digest: &ChunkDigest) -> Result<(), ChunkError> {
     let want = loc.record_len();
@@ -132,16 +146,20 @@ fn check_header(record: &[u8], loc: &ChunkLoc, digest: &ChunkDigest) -> Result<(
             want,
         });
     }
-    check_header_bytes(record, loc, digest)
+    check_header_bytes(record, loc, digest, false)
 }
 
 /// Checks the header at the start of `header` against the index: magic, lengths, chunk
-/// digest, and flags. The flags follow from the lengths (the encoder compresses only when
-/// that saves bytes), so every header byte is pinned by the index.
+/// digest, and with `exact_flags` the flags too. The encoder compresses only when that
+/// saves bytes, so the flags follow from the lengths and every header byte is pinned by
+/// the index. Readers that decode by the header's flag (whole records) accept a record
+/// another encoder flagged otherwise; the engine, which places each payload by its
+/// lengths before reading it, and records arriving from a registry, do not.
 fn check_header_bytes(
     header: &[u8],
     loc: &ChunkLoc,
     digest: &ChunkDigest,
+    exact_flags: bool,
 ) -> Result<(), ChunkError> {
     if header.len() < RECORD_HEADER_BYTES {
         return Err(ChunkError::Truncated {
@@ -152,7 +170,7 @@ fn check_header_bytes(
     let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
     let flags = if loc.is_lz4() { FLAG_LZ4 } else { 0 };
     if word(0) != RECORD_MAGIC
-        || word(4) != flags
+        || (exact_flags && word(4) != flags)
         || word(8) != loc.raw_len
         || word(12) != loc.stored_len
         || header[16..48] != digest.0
@@ -183,7 +201,7 @@ pub fn verify_split(
     (from, to): (usize, usize),
     trust_sum: bool,
 ) -> Result<(), ChunkError> {
-    check_header_bytes(header, loc, digest)?;
+    check_header_bytes(header, loc, digest, true)?;
     if payload.len() != loc.stored_len as usize {
         return Err(ChunkError::Truncated {
             got: payload.len(),
@@ -349,7 +367,8 @@ pub fn decode_record_or_in_place(
 
 /// Checks a record that arrived from outside the node (a registry's data blob) before
 /// anything keeps it: the header must describe chunk `digest` of `raw_len` bytes and
-/// span exactly `record`, the payload must decode to exactly `raw_len` bytes, and those
+/// span exactly `record`, its flags must follow from the lengths (lz4 exactly when the
+/// payload is shorter), the payload must decode to exactly `raw_len` bytes, and those
 /// must hash to `digest`. Leaves the chunk in `out[..raw_len]` and returns its leaves
 /// (computed in the same BLAKE3 pass as the digest). On error no byte is valid.
 pub fn verify_foreign_record(
@@ -374,7 +393,7 @@ pub fn verify_foreign_record(
         leaves: None,
         sum: None,
     };
-    check_header(record, &loc, digest)?;
+    check_header_bytes(record, &loc, digest, true)?;
     let n = raw_len as usize;
     if out.len() < n {
         return Err(ChunkError::BufferTooSmall {
@@ -490,6 +509,58 @@ mod tests {
                 Err(ChunkError::Truncated { .. })
             ));
         }
+    }
+
+    #[test]
+    fn only_payloads_that_are_or_decode_to_the_data_are_vouched_for() {
+        let text: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for data in [&text, &noise] {
+            let (_, rec, _) = encoded(data);
+            assert!(payload_is(&rec, data));
+            let mut bad = rec.clone();
+            let mid = RECORD_HEADER_BYTES + (rec.len() - RECORD_HEADER_BYTES) / 2;
+            bad[mid] ^= 0x20;
+            assert!(!payload_is(&bad, data));
+        }
+    }
+
+    #[test]
+    fn an_lz4_flag_the_lengths_do_not_call_for_is_refused_where_payloads_are_placed() {
+        // A foreign encoder's record: lz4 although no shorter than the chunk.
+        let data = vec![7u8; 100];
+        let block = lz4_flex::block::compress(&data);
+        let mut payload = block.clone();
+        payload.resize(data.len() + 3, 0);
+        let digest = ChunkDigest::of(&data);
+        let mut rec = vec![0u8; RECORD_HEADER_BYTES];
+        rec[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        rec[4..8].copy_from_slice(&FLAG_LZ4.to_le_bytes());
+        rec[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        rec[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec[16..48].copy_from_slice(&digest.0);
+        rec.extend_from_slice(&payload);
+        let mut out = vec![0u8; data.len()];
+        assert_eq!(
+            verify_foreign_record(&rec, data.len() as u32, &digest, &mut out),
+            Err(ChunkError::HeaderMismatch)
+        );
+        let loc = ChunkLoc {
+            pack: 0,
+            offset: 0,
+            stored_len: payload.len() as u32,
+            raw_len: data.len() as u32,
+            leaves: None,
+            sum: None,
+        };
+        assert!(!loc.is_lz4());
+        let (h, p) = rec.split_at(RECORD_HEADER_BYTES);
+        assert_eq!(
+            verify_split(h, p, &loc, &digest, None, (0, 100), true),
+            Err(ChunkError::HeaderMismatch)
+        );
     }
 
     #[test]

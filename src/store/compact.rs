@@ -246,7 +246,8 @@ impl Store {
                 Ok(()) => {
                     // The chunk's leaves row, keyed by its digest, stays as it is; its sum
                     // is taken again from the copied payload (see commit_moves).
-                    ing.append_record(rec, digest, loc.raw_len, None)?;
+                    // Decoded and hashed just above: the payload is vouched for.
+                    ing.append_record(rec, digest, loc.raw_len, None, true)?;
                     moved.push((digest, loc));
                 }
                 Err(e) => {

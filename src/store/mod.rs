@@ -1034,20 +1034,27 @@ impl Ingest<'_> {
         }
         let mut record = std::mem::take(&mut self.record);
         chunk::encode_record(data, &digest, &mut record);
-        let put = self.append_record(&record, digest, data.len() as u32, leaves);
+        // The checksum vouches for the payload on every later read, so an lz4 payload
+        // gets one only once it is known to decode to the bytes just hashed.
+        let vouched = chunk::payload_is(&record, data);
+        let put = self.append_record(&record, digest, data.len() as u32, leaves, vouched);
         self.record = record;
         put
     }
 
     /// As [`Ingest::put_chunk`], with the record already encoded by
     /// [`chunk::encode_record`] and the digest and leaves from [`Leaves::digest_of`] (so
-    /// that callers can hash and compress on other threads).
+    /// that callers can hash and compress on other threads). `vouched`: the caller
+    /// checked that the payload is, or decodes to, the bytes it hashed
+    /// ([`chunk::payload_is`]); only then is an at-rest checksum kept for it, and reads
+    /// of a record without one verify it by digest.
     pub fn put_encoded(
         &mut self,
         digest: ChunkDigest,
         raw_len: u32,
         record: &[u8],
         leaves: Option<Leaves>,
+        vouched: bool,
     ) -> Result<Put> {
         assert!(
             record.len() >= chunk::RECORD_HEADER_BYTES
@@ -1058,27 +1065,32 @@ impl Ingest<'_> {
         if self.pending.contains_key(&digest) || self.store.locate(&digest)?.is_some() {
             return Ok(Put { digest, new: false });
         }
-        self.append_record(record, digest, raw_len, leaves)
+        self.append_record(record, digest, raw_len, leaves, vouched)
     }
 
-    fn append_record(
+    /// Appends `record`; `vouched`: its payload is known to be the chunk's bytes or to
+    /// decode to them (checked against the bytes hashed for `digest`), so it gets an
+    /// at-rest checksum. Without, reads verify it by digest.
+    pub(super) fn append_record(
         &mut self,
         record: &[u8],
         digest: ChunkDigest,
         raw_len: u32,
         leaves: Option<Leaves>,
+        vouched: bool,
     ) -> Result<Put> {
         self.file
             .write_all_at(record, self.len)
             .map_err(io_err(&self.pack_path))?;
         // Summed from the bytes in memory, not read back: they are the ones known good.
+        let sum = vouched.then(|| chunk::payload_sum(&record[chunk::RECORD_HEADER_BYTES..]));
         let loc = ChunkLoc {
             pack: self.pack,
             offset: self.len,
             stored_len: (record.len() - chunk::RECORD_HEADER_BYTES) as u32,
             raw_len,
             leaves,
-            sum: Some(chunk::payload_sum(&record[chunk::RECORD_HEADER_BYTES..])),
+            sum,
         };
         self.len += record.len() as u64;
         self.pending.insert(digest, loc);
