@@ -60,9 +60,12 @@ if [ -n "$flag" ]; then
   pid=$(daemon_pid)
   kill "$pid"
   i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
+  rm -f "$ROOT/run/stats.json"
   dedupd run --root "$ROOT" --front-end cachefiles --threads "$(nproc)" "$flag" >>/out/dedupd.log 2>&1 &
   echo $! >/run/dedupd.pid
-  sleep 2
+  # Serving once stats.json is back (a start first walks the root and loads the
+  # registry: seconds under emulation, so a fixed sleep raced it).
+  i=0; while ! stats_json >/dev/null 2>&1 && daemon_alive && [ $i -lt 120 ]; do sleep 0.5; i=$((i + 1)); done
   if daemon_alive; then
     for job in seq-128k rand-4k small-files; do fscache_run "$job" fscache-alt; done
   else
