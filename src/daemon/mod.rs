@@ -44,13 +44,8 @@ use crate::snapshotter::{
 };
 use crate::store::Store;
 
-/// How often `stats.json` is rewritten, at most.
+/// How often `stats.json` is rewritten.
 const STATS_PERIOD: Duration = Duration::from_millis(200);
-/// A rewrite of `stats.json` (the snapshotter's tables read, everything serialized)
-/// waits at least this many times its own duration before the next: under the VM
-/// suite's emulated CPU one took about 20 ms, and at 5 a second the status loop cost a
-/// fifth of what the fills it reported did. This keeps it under 2% of one CPU.
-const STATS_SPACING: u32 = 50;
 /// Tag given to the cachefiles cache.
 const CACHE_TAG: &str = "dedupd";
 /// Environment variable naming an inherited `/dev/cachefiles` fd (failover): the daemon
@@ -905,13 +900,8 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
     (r > 0).then_some(r)
 }
 
-/// The cache walk runs at most this often.
-const USAGE_PERIOD: Duration = Duration::from_secs(2);
-/// ... and waits at least this many times its own duration before it runs again. The
-/// walk seeks through every open cache file's extents, which after random reads are
-/// many: under the VM suite's emulated CPU it cost more CPU than the fills it counted.
-/// This keeps it under 2% of one CPU whatever the cache holds.
-const USAGE_SPACING: u32 = 50;
+/// The cache walk runs every this many status passes (2 s).
+const USAGE_EVERY_PASSES: u64 = 10;
 
 /// Makes the root (if it exists) root's alone: removes the group and other bits an
 /// earlier version left (0755 directories, 0644 packs, images and stats) and says so.
@@ -1138,25 +1128,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     };
     // Bounded by the signals: each pass waits at most STATS_PERIOD.
-    let (mut next_usage, mut next_status) = (Instant::now(), Instant::now());
-    loop {
+    for pass in 0u64.. {
         if let DataPlane::Fanotify(m) = &plane {
             // Layers committed since start grow the blob set the front end serves.
             registered = m.registered_blobs();
         }
         registered_now.store(registered, std::sync::atomic::Ordering::Relaxed);
-        if Instant::now() >= next_usage {
-            let t0 = Instant::now();
+        if pass % USAGE_EVERY_PASSES == 0 {
             let u = disk_usage(&config.root, front_end, &bound, &snap);
             *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
-            next_usage = t0 + USAGE_PERIOD.max(t0.elapsed() * USAGE_SPACING);
         }
-        if Instant::now() >= next_status {
-            let t0 = Instant::now();
-            if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
-                tracing::warn!("{}: {e}", path.display());
-            }
-            next_status = t0 + STATS_PERIOD.max(t0.elapsed() * STATS_SPACING);
+        if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
+            tracing::warn!("{}: {e}", path.display());
         }
         if !control.is_running() {
             tracing::error!("the snapshotter service stopped; stopping");
