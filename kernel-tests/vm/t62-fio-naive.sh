@@ -12,6 +12,11 @@
 # fio-naive.md. Only fio's and the mounts' success is
 # tested; the numbers are measurements, never asserted.
 #
+# With `perf` on PATH (vm/run stages it only when DEDUPD_VM_PERF=1), the first run of each
+# job on each server is also profiled system-wide (cpu-clock, 499 Hz) and the profile
+# written to /out/perf-JOB-SETUP.txt (by command, object and symbol; the kernel's named
+# through /proc/kallsyms). Those runs' numbers carry the sampling's cost.
+#
 # Every run is cold: caches dropped, a fresh server process, and fresh cache files (each
 # mount has a domain_id of its own; the naive server also binds a fresh cache dir, while
 # dedupd's is ROOT/cache). Both servers are mounted the same way (lib.sh's mount_layer,
@@ -134,11 +139,31 @@ server_stop() {
   srv=""
 }
 
+# profile_report PID OUT: stops the perf record PID and writes its report to OUT: the
+# share of each command, then each command's objects and symbols (down to 0.2%).
+profile_report() {
+  kill -INT "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  {
+    perf report -i /tmp/t62-perf.data --stdio --no-children --sort comm 2>&1 | grep -v '^$'
+    perf report -i /tmp/t62-perf.data --stdio --no-children --sort comm,dso,sym \
+      --percent-limit 0.2 2>&1 | grep -v '^$'
+  } >"$2"
+  cat /tmp/t62-perf.log >>"$2"
+  rm -f /tmp/t62-perf.data
+}
+
 # measure JOB SETUP RUN DIR: one cold fio run on DIR; with a server ($srv), its CPU
 # time over the run and its peak RSS.
 measure() {
-  local job=$1 setup=$2 run=$3 dir=$4 line t0="" t1="" cpu="" rss="" kib bw threads0=""
+  local job=$1 setup=$2 run=$3 dir=$4 line t0="" t1="" cpu="" rss="" kib bw threads0="" prof
   drop_caches
+  prof=""
+  if [ -n "$srv" ] && [ "$run" = 1 ] && command -v perf >/dev/null 2>&1; then
+    perf record -a -F 499 -e cpu-clock -o /tmp/t62-perf.data >/tmp/t62-perf.log 2>&1 &
+    prof=$!
+    sleep 2 # perf opens its events
+  fi
   [ -n "$srv" ] && t0=$(cpu_ticks "$srv") && threads0=$(thread_ticks "$srv")
   if line=$(FIO_DIR=$dir fio --readonly --output-format=terse --terse-version=3 "/bench/fio/$job.fio" 2>/tmp/fio-err); then
     if [ -n "$srv" ]; then
@@ -159,6 +184,7 @@ measure() {
   else
     bad "$job" "$setup" "run $run: fio failed: $(tail -n 2 /tmp/fio-err | tr '\n' ' ')"
   fi
+  [ -z "$prof" ] || profile_report "$prof" "/out/perf-$job-$setup.txt"
 }
 
 if [ -z "$naive" ]; then

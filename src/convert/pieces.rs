@@ -292,6 +292,7 @@ struct Hashed {
 
 /// Hashes pieces and encodes (compresses) the ones the store lacks.
 fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
+    let mut scratch = Vec::new(); // grows to the largest chunk decoded
     for batch in work.iter() {
         let results = batch
             .pieces
@@ -305,7 +306,7 @@ fn hash_worker(store: &Store, work: Receiver<Batch>, done: Sender<Hashed>) {
                     encode_record(data, &digest, &mut r);
                     // Checked here, on this worker, so the store may keep an at-rest
                     // checksum for the payload (see Ingest::put_encoded).
-                    let vouched = payload_is(&r, data);
+                    let vouched = payload_is(&r, data, &mut scratch);
                     (r, leaves, vouched)
                 });
                 Ok((digest, record))

@@ -124,17 +124,19 @@ pub fn encode_record(data: &[u8], digest: &ChunkDigest, out: &mut Vec<u8>) {
 }
 
 /// Whether the payload of `record` (from [`encode_record`]) is `data`, or decodes to it:
-/// what an at-rest checksum may then vouch for.
-pub fn payload_is(record: &[u8], data: &[u8]) -> bool {
+/// what an at-rest checksum may then vouch for. `scratch` takes the decoded bytes (kept
+/// by the caller, so that checking a chunk allocates nothing).
+pub fn payload_is(record: &[u8], data: &[u8], scratch: &mut Vec<u8>) -> bool {
     let Some(payload) = record.get(RECORD_HEADER_BYTES..) else {
         return false;
     };
     if payload.len() == data.len() {
         return payload == data;
     }
-    let mut out = vec![0u8; data.len()];
-    matches!(lz4_flex::block::decompress_into(payload, &mut out), Ok(n) if n == data.len())
-        && out == data
+    scratch.clear();
+    scratch.resize(data.len(), 0);
+    matches!(lz4_flex::block::decompress_into(payload, scratch), Ok(n) if n == data.len())
+        && scratch[..] == *data
 }
 
 /// Checks the record header against the index: magic, lengths and chunk digest.
@@ -519,11 +521,11 @@ mod tests {
             .collect();
         for data in [&text, &noise] {
             let (_, rec, _) = encoded(data);
-            assert!(payload_is(&rec, data));
+            assert!(payload_is(&rec, data, &mut Vec::new()));
             let mut bad = rec.clone();
             let mid = RECORD_HEADER_BYTES + (rec.len() - RECORD_HEADER_BYTES) / 2;
             bad[mid] ^= 0x20;
-            assert!(!payload_is(&bad, data));
+            assert!(!payload_is(&bad, data, &mut Vec::new()));
         }
     }
 

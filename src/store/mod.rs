@@ -927,6 +927,7 @@ impl Store {
             len: committed,
             pending: HashMap::new(),
             record: Vec::with_capacity(chunk::MAX_RECORD_BYTES),
+            scratch: Vec::new(),
             new_chunks: 0,
             new_bytes: 0,
             done: false,
@@ -1009,6 +1010,8 @@ pub struct Ingest<'s> {
     len: u64,
     pending: HashMap<ChunkDigest, ChunkLoc>,
     record: Vec<u8>,
+    /// Where [`chunk::payload_is`] decodes a compressed payload.
+    scratch: Vec<u8>,
     new_chunks: u64,
     new_bytes: u64,
     done: bool,
@@ -1036,7 +1039,7 @@ impl Ingest<'_> {
         chunk::encode_record(data, &digest, &mut record);
         // The checksum vouches for the payload on every later read, so an lz4 payload
         // gets one only once it is known to decode to the bytes just hashed.
-        let vouched = chunk::payload_is(&record, data);
+        let vouched = chunk::payload_is(&record, data, &mut self.scratch);
         let put = self.append_record(&record, digest, data.len() as u32, leaves, vouched);
         self.record = record;
         put
