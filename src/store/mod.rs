@@ -317,6 +317,12 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Memory redb may keep for the index's pages (its default is 1 GiB). The data plane
+/// never reads the database on its hot path (the registry is in memory), and the pages
+/// of a lookup are in the kernel's page cache anyway; left at the default, every page
+/// the registry load read stayed resident in the daemon for its whole life.
+const DB_CACHE_BYTES: usize = 4 << 20;
+
 impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
@@ -324,7 +330,10 @@ impl Store {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         let db_path = root.join("dedupd.redb");
-        let db = match redb::Database::create(&db_path) {
+        let db = match redb::Database::builder()
+            .set_cache_size(DB_CACHE_BYTES)
+            .create(&db_path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::InUse {

@@ -119,13 +119,16 @@ fn cull_on_own_cwd(
 /// Allocated bytes of the cache files under `cache_dir` whose cookie key `wanted`
 /// accepts, summed by key over every EROFS volume. Only files the kernel has linked into
 /// the directory are seen: the objects of a mounted layer are not, until it is
-/// unmounted (see `CachefilesFront::open_data_bytes`).
+/// unmounted (see `CachefilesFront::open_data_bytes`). `listings` keeps what the walk
+/// listed, so that the next one reads only the directories that changed.
 pub fn file_bytes_by_key(
     cache_dir: &Path,
     wanted: &dyn Fn(&str) -> bool,
+    listings: &mut Listings,
 ) -> io::Result<std::collections::HashMap<String, u64>> {
     use std::os::unix::fs::MetadataExt;
     let mut out = std::collections::HashMap::new();
+    let mut seen = Listings::default();
     for vol in entries(&cache_dir.join("cache"))? {
         let erofs = vol
             .file_name()
@@ -134,17 +137,17 @@ pub fn file_bytes_by_key(
         if !erofs {
             continue;
         }
-        for fan in entries(&vol)? {
-            for f in entries(&fan)? {
-                let Some(key) = f
-                    .file_name()
-                    .and_then(OsStr::to_str)
+        let fans = listings.list(&vol, &mut seen)?;
+        for fan in fans.iter().map(|n| vol.join(n)) {
+            for name in listings.list(&fan, &mut seen)?.iter() {
+                let Some(key) = name
+                    .to_str()
                     .and_then(|n| n.strip_prefix('D'))
                     .filter(|k| is_id(k) && wanted(k))
                 else {
                     continue;
                 };
-                let Ok(m) = fs::symlink_metadata(&f) else {
+                let Ok(m) = fs::symlink_metadata(fan.join(name)) else {
                     continue;
                 };
                 if m.is_file() {
@@ -153,7 +156,82 @@ pub fn file_bytes_by_key(
             }
         }
     }
+    // Directories gone since (a culled volume) are forgotten.
+    *listings = seen;
     Ok(out)
+}
+
+/// The names in directories a walk listed, each with the directory's change stamp: a
+/// directory whose stamp has not moved is not read again, only stat'ed. A cachefiles
+/// cache has 256 fan-out directories per volume, nearly all empty and unchanging, and
+/// reading each means four system calls where a stat is one.
+#[derive(Default)]
+pub struct Listings {
+    dirs: std::collections::HashMap<PathBuf, Listing>,
+}
+
+struct Listing {
+    /// Inode, mtime and ctime (seconds and nanoseconds) of the directory when listed.
+    stamp: [i64; 5],
+    names: std::sync::Arc<[std::ffi::OsString]>,
+}
+
+/// A listing is reused only when its directory had not changed for this long when it
+/// was read: an entry added within the same timestamp tick would leave the stamp as it
+/// was (the racy-timestamp rule).
+const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Listings {
+    /// The names in `dir` (sorted; none if it does not exist), from the last listing
+    /// when `dir` has not changed since; the listing is kept in `seen`.
+    fn list(
+        &self,
+        dir: &Path,
+        seen: &mut Listings,
+    ) -> io::Result<std::sync::Arc<[std::ffi::OsString]>> {
+        use std::os::unix::fs::MetadataExt;
+        let md = match fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new().into()),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        };
+        let stamp = [
+            md.ino() as i64,
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        ];
+        if let Some(l) = self.dirs.get(dir).filter(|l| l.stamp == stamp) {
+            seen.dirs.insert(
+                dir.to_path_buf(),
+                Listing {
+                    stamp,
+                    names: l.names.clone(),
+                },
+            );
+            return Ok(l.names.clone());
+        }
+        let names: std::sync::Arc<[std::ffi::OsString]> = entries(dir)?
+            .into_iter()
+            .filter_map(|p| p.file_name().map(OsStr::to_os_string))
+            .collect();
+        let settled = md
+            .modified()
+            .ok()
+            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= LISTING_SETTLED);
+        if settled {
+            seen.dirs.insert(
+                dir.to_path_buf(),
+                Listing {
+                    stamp,
+                    names: names.clone(),
+                },
+            );
+        }
+        Ok(names)
+    }
 }
 
 /// `cull name` from `dir`. Ok(false) when the kernel still uses it or it is already gone.
@@ -278,7 +356,12 @@ mod tests {
             log: Mutex::default(),
         };
         // Counted by key over the EROFS volumes only (b2 is also in a foreign one).
-        let bytes = file_bytes_by_key(d.path(), &|k: &str| k == b1 || k == b2).unwrap();
+        let bytes = file_bytes_by_key(
+            d.path(),
+            &|k: &str| k == b1 || k == b2,
+            &mut Listings::default(),
+        )
+        .unwrap();
         let one = fs::symlink_metadata(&v1).unwrap().blocks() * 512;
         assert_eq!(bytes.len(), 2, "{bytes:?}");
         assert_eq!((bytes[&b1], bytes[&b2]), (2 * one, one));
@@ -301,6 +384,49 @@ mod tests {
         // The process's current directory never moved.
         assert_eq!(std::env::current_dir().unwrap(), before);
         assert_eq!(k.log.lock().unwrap().len(), 2);
+    }
+
+    /// Sets the times of `p` to a minute ago: a directory the walk may trust unchanged.
+    fn age(p: &Path) {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let times = fs::FileTimes::new().set_accessed(t).set_modified(t);
+        fs::File::open(p).unwrap().set_times(times).unwrap();
+    }
+
+    #[test]
+    fn the_walk_reuses_unchanged_listings_and_sees_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = d.path().join("cache/Ierofs,dom");
+        let (b1, b2) = (id(0xb1), id(0xb2));
+        for fan in ["@01", "@02"] {
+            fs::create_dir_all(vol.join(fan)).unwrap();
+        }
+        fs::write(vol.join(format!("@01/D{b1}")), vec![1u8; 8192]).unwrap();
+        for p in [vol.join("@01"), vol.join("@02"), vol.clone()] {
+            age(&p);
+        }
+        let all = |_: &str| true;
+        let mut listings = Listings::default();
+        let first = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
+        assert!(first[&b1] >= 8192, "{first:?}");
+        // The volume and both fan-out directories were listed long after they changed.
+        assert_eq!(listings.dirs.len(), 3);
+        // A file linked into a listed directory changes its stamp: the walk reads it.
+        fs::write(vol.join(format!("@02/D{b2}")), b"x").unwrap();
+        let second = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
+        assert!(second.contains_key(&b2), "{second:?}");
+        // Just changed: not trusted for the next walk.
+        assert!(!listings.dirs.contains_key(&vol.join("@02")));
+        // A file's growth needs no listing: its size is read on every walk.
+        fs::write(vol.join(format!("@01/D{b1}")), vec![1u8; 65536]).unwrap();
+        let third = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
+        assert!(third[&b1] >= 65536, "{third:?}");
+        // A volume culled away is forgotten.
+        fs::remove_dir_all(&vol).unwrap();
+        assert!(file_bytes_by_key(d.path(), &all, &mut listings)
+            .unwrap()
+            .is_empty());
+        assert!(listings.dirs.is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::cull::{cull_dead, file_bytes_by_key};
+use super::cull::{cull_dead, file_bytes_by_key, Listings};
 use super::front::CachefilesFront;
 use super::Device;
 use crate::frontend::{
@@ -38,6 +38,8 @@ pub struct FscacheMounter {
     /// The data plane's front end, whose open objects are the cache files of mounted
     /// layers (counted by [`LayerMounter::copy_bytes`]).
     front: Option<Arc<CachefilesFront>>,
+    /// What the last walk of the cache directory listed (see [`Listings`]).
+    listings: Mutex<Listings>,
 }
 
 /// Passes of `cull` while dead entries are still busy: the kernel withdraws the objects
@@ -56,6 +58,7 @@ impl FscacheMounter {
             cull: None,
             continued: false,
             front: None,
+            listings: Mutex::default(),
         }
     }
 
@@ -108,13 +111,15 @@ impl FscacheMounter {
     /// (`None` without a cache directory).
     fn bytes_of(&self, wanted: &dyn Fn(&str) -> bool) -> Option<u64> {
         let (_, cache_dir) = self.cull.as_ref()?;
-        let linked = match file_bytes_by_key(cache_dir, wanted) {
+        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        let linked = match file_bytes_by_key(cache_dir, wanted, &mut listings) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(dir = %cache_dir.display(), "counting cache files: {e}");
                 Default::default()
             }
         };
+        drop(listings);
         let open = self
             .front
             .as_ref()
