@@ -672,14 +672,22 @@ fn metrics_status_and_root_only_permissions_on_a_running_daemon() {
     );
 
     // --- 4. status: front end, cache, mounted layer with its local bytes, slow requests -
-    std::thread::sleep(Duration::from_millis(2500)); // a cache walk (every 2 s)
-    let out = Command::new(env!("CARGO_BIN_EXE_dedupd"))
-        .args(["status", "--json", "--root"])
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The cache's bytes come from a walk that runs every 2 s or more: polled.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st: serde_json::Value = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_dedupd"))
+            .args(["status", "--json", "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let walked = st["cache"]["bytes"].as_u64().unwrap_or(0) >= big.len() as u64;
+        if walked || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(st["front_end"], "fanotify");
     assert!(st["front_end_reason"].as_str().unwrap().contains("forced"));
     assert!(

@@ -139,10 +139,12 @@ server_stop() {
   srv=""
 }
 
-# profile_report PID OUT: stops the perf record PID and writes its report to OUT: the
+# profile_report PID OUT: stops the perf record PID (busybox's timeout execs it) and writes its report to OUT: the
 # share of each command, then each command's objects and symbols (down to 0.2%).
 profile_report() {
-  kill -INT "$1" 2>/dev/null
+  # TERM, not INT: a background job of a script starts with SIGINT ignored, and perf
+  # stops (writing its data) on either once running.
+  kill -TERM "$1" 2>/dev/null
   wait "$1" 2>/dev/null
   {
     perf report -i /tmp/t62-perf.data --stdio --no-children --sort comm 2>&1 | grep -v '^$'
@@ -160,7 +162,9 @@ measure() {
   drop_caches
   prof=""
   if [ -n "$srv" ] && [ "$run" = 1 ] && command -v perf >/dev/null 2>&1; then
-    perf record -a -F 499 -e cpu-clock -o /tmp/t62-perf.data >/tmp/t62-perf.log 2>&1 &
+    # Bounded: a test killed mid-run must not leave it sampling the rest of the suite.
+    timeout -s TERM 600 perf record --no-buildid-cache -a -F 499 -e cpu-clock \
+      -o /tmp/t62-perf.data >/tmp/t62-perf.log 2>&1 &
     prof=$!
     sleep 2 # perf opens its events
   fi

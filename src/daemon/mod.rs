@@ -231,17 +231,7 @@ fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound, snap: &Snapshotter) -> (C
             .unwrap_or_else(|| disk_bytes(&cache_dir_of(root, f))),
         ..CacheUsage::default()
     };
-    if let Some((stats, marks)) = bound {
-        cache.limit_bytes = Some(marks.limit);
-        cache.evictions = stats.chunks.load(std::sync::atomic::Ordering::Relaxed);
-        cache.bounded_bytes = stats
-            .bounded_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        cache.copy_bytes = stats.copy_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        cache.layers_released = stats
-            .layers_released
-            .load(std::sync::atomic::Ordering::Relaxed);
-    }
+    bounded_counters(bound, &mut cache);
     let packs = fs::read_dir(root.join("chunks"))
         .map(|rd| {
             rd.flatten()
@@ -253,6 +243,18 @@ fn disk_usage(root: &Path, f: FrontEnd, bound: &Bound, snap: &Snapshotter) -> (C
         })
         .unwrap_or(0);
     (cache, packs)
+}
+
+/// Copies the bounded cache's limit and counters (the evictor's atomics) into `cache`.
+fn bounded_counters(bound: &Bound, cache: &mut CacheUsage) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Some((stats, marks)) = bound {
+        cache.limit_bytes = Some(marks.limit);
+        cache.evictions = stats.chunks.load(Relaxed);
+        cache.bounded_bytes = stats.bounded_bytes.load(Relaxed);
+        cache.copy_bytes = stats.copy_bytes.load(Relaxed);
+        cache.layers_released = stats.layers_released.load(Relaxed);
+    }
 }
 
 fn write_status(path: &Path, status: &DaemonStatus) -> std::io::Result<()> {
@@ -904,13 +906,15 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
 /// The cache walk (the bytes of the front end's cache files and of the packs) runs at
 /// most this often...
 const USAGE_PERIOD: Duration = Duration::from_secs(2);
-/// ...and waits at least this many times its own last duration before the next. A
-/// cachefiles cache holds 256 fan-out directories per volume, so after many mounts a
-/// walk takes thousands of system calls; its share of a core stays under 1/20 however
-/// large the cache grows. Its counts are for people and the metrics endpoint only (the
-/// bounded cache keeps its own), and `stats.json` is still rewritten every
-/// [`STATS_PERIOD`] with the counters that tests wait on.
+/// ...and waits this many times its own last duration before the next... A cachefiles
+/// cache holds 256 fan-out directories per volume, so after many mounts a walk takes
+/// thousands of system calls; its share of a core stays under 1/20 however large the
+/// cache grows. Only `cache.bytes` and `pack_bytes` come from the walk: the bounded
+/// cache's counters in `stats.json` are read on every rewrite (every [`STATS_PERIOD`]),
+/// and the metrics endpoint walks on each scrape.
 const USAGE_SPACING: u32 = 20;
+/// ...but never longer than this.
+const USAGE_MAX_GAP: Duration = Duration::from_secs(10);
 
 /// Makes the root (if it exists) root's alone: removes the group and other bits an
 /// earlier version left (0755 directories, 0644 packs, images and stats) and says so.
@@ -1117,7 +1121,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         tracing::warn!("sd_notify READY: {e}");
     }
     let status = |stats: StatsSnapshot, running: bool, registered: u64| {
-        let (cache, pack_bytes) = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (mut cache, pack_bytes) = usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        bounded_counters(&bound, &mut cache);
         DaemonStatus {
             pid: std::process::id(),
             front_end_reason: sel.reason.clone(),
@@ -1148,7 +1153,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             let t = Instant::now();
             let u = disk_usage(&config.root, front_end, &bound, &snap);
             *usage.lock().unwrap_or_else(|p| p.into_inner()) = u;
-            next_usage = Instant::now() + USAGE_PERIOD.max(t.elapsed() * USAGE_SPACING);
+            let gap = (t.elapsed() * USAGE_SPACING).clamp(USAGE_PERIOD, USAGE_MAX_GAP);
+            next_usage = Instant::now() + gap;
         }
         if let Err(e) = write_status(&path, &status(plane.stats(), true, registered)) {
             tracing::warn!("{}: {e}", path.display());

@@ -178,8 +178,8 @@ struct Listing {
 
 /// A listing is reused only when its directory had not changed for this long when it
 /// was read: an entry added within the same timestamp tick would leave the stamp as it
-/// was (the racy-timestamp rule).
-const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_secs(1);
+/// was (the racy-timestamp rule; 2 s covers filesystems that keep whole seconds).
+const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Listings {
     /// The names in `dir` (sorted; none if it does not exist), from the last listing
@@ -190,6 +190,9 @@ impl Listings {
         seen: &mut Listings,
     ) -> io::Result<std::sync::Arc<[std::ffi::OsString]>> {
         use std::os::unix::fs::MetadataExt;
+        // The directory's age is taken as of its stat: a listing read slowly after a
+        // change in the same tick must not pass for settled.
+        let now = std::time::SystemTime::now();
         let md = match fs::metadata(dir) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new().into()),
@@ -219,7 +222,7 @@ impl Listings {
         let settled = md
             .modified()
             .ok()
-            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+            .and_then(|m| now.duration_since(m).ok())
             .is_some_and(|age| age >= LISTING_SETTLED);
         if settled {
             seen.dirs.insert(
@@ -406,21 +409,28 @@ mod tests {
             age(&p);
         }
         let all = |_: &str| true;
+        let alloc = |p: PathBuf| fs::symlink_metadata(p).unwrap().blocks() * 512;
         let mut listings = Listings::default();
         let first = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
-        assert!(first[&b1] >= 8192, "{first:?}");
+        assert_eq!(
+            first[&b1],
+            alloc(vol.join(format!("@01/D{b1}"))),
+            "{first:?}"
+        );
         // The volume and both fan-out directories were listed long after they changed.
         assert_eq!(listings.dirs.len(), 3);
         // A file linked into a listed directory changes its stamp: the walk reads it.
         fs::write(vol.join(format!("@02/D{b2}")), b"x").unwrap();
         let second = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
         assert!(second.contains_key(&b2), "{second:?}");
-        // Just changed: not trusted for the next walk.
-        assert!(!listings.dirs.contains_key(&vol.join("@02")));
         // A file's growth needs no listing: its size is read on every walk.
         fs::write(vol.join(format!("@01/D{b1}")), vec![1u8; 65536]).unwrap();
         let third = file_bytes_by_key(d.path(), &all, &mut listings).unwrap();
-        assert!(third[&b1] >= 65536, "{third:?}");
+        assert_eq!(
+            third[&b1],
+            alloc(vol.join(format!("@01/D{b1}"))),
+            "{third:?}"
+        );
         // A volume culled away is forgotten.
         fs::remove_dir_all(&vol).unwrap();
         assert!(file_bytes_by_key(d.path(), &all, &mut listings)
