@@ -139,8 +139,9 @@ server_stop() {
   srv=""
 }
 
-# profile_report PID OUT: stops the perf record PID (busybox's timeout execs it) and writes its report to OUT: the
-# share of each command, then each command's objects and symbols (down to 0.2%).
+# profile_report PID OUT: stops the perf record PID (busybox's timeout execs it) and
+# writes its report to OUT: the share of each command, then each command's objects and
+# symbols (down to 0.2%).
 profile_report() {
   # TERM, not INT: a background job of a script starts with SIGINT ignored, and perf
   # stops (writing its data) on either once running.

@@ -183,9 +183,9 @@ const LISTING_SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Listings {
     /// The names in `dir` (sorted; none if it does not exist), from the last listing
-    /// when `dir` has not changed since; the listing is kept in `seen`.
+    /// when `dir` has not changed since; the listing moves (or goes) to `seen`.
     fn list(
-        &self,
+        &mut self,
         dir: &Path,
         seen: &mut Listings,
     ) -> io::Result<std::sync::Arc<[std::ffi::OsString]>> {
@@ -205,15 +205,12 @@ impl Listings {
             md.ctime(),
             md.ctime_nsec(),
         ];
-        if let Some(l) = self.dirs.get(dir).filter(|l| l.stamp == stamp) {
-            seen.dirs.insert(
-                dir.to_path_buf(),
-                Listing {
-                    stamp,
-                    names: l.names.clone(),
-                },
-            );
-            return Ok(l.names.clone());
+        if let Some((path, l)) = self.dirs.remove_entry(dir) {
+            if l.stamp == stamp {
+                let names = l.names.clone();
+                seen.dirs.insert(path, l);
+                return Ok(names);
+            }
         }
         let names: std::sync::Arc<[std::ffi::OsString]> = entries(dir)?
             .into_iter()
